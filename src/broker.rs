@@ -1,0 +1,166 @@
+//! Shared state of a running broker, and starting and stopping it.
+
+use crate::config::{Config, ListenerKind};
+use crate::protocol::{ByteStr, Protocol};
+use crate::router::Router;
+use crate::session::{Link, QueueLimits, Session};
+use crate::transport;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct Broker {
+    pub config: Config,
+    pub router: Router,
+    /// Sessions by client id, connected or not.
+    sessions: DashMap<ByteStr, Arc<Session>>,
+    next_id: AtomicU64,
+    /// Cancelled on shutdown: listeners stop accepting and connections close.
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Broker {
+    pub fn new(config: Config) -> Arc<Broker> {
+        Arc::new(Broker {
+            config,
+            router: Router::default(),
+            sessions: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// A fresh id for a connection or a session.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn queue_limits(&self) -> QueueLimits {
+        let s = &self.config.session;
+        QueueLimits {
+            max_inflight: s.max_inflight_messages,
+            max_queued: s.max_queued_messages,
+            queue_qos0: s.queue_qos0_messages,
+        }
+    }
+
+    /// Gives `client_id`'s session to a new connection. An existing session is resumed
+    /// (unless `clean_start`, which discards it) and its connection, if any, is told it
+    /// has been taken over. Returns the session and whether it was resumed.
+    pub fn open_session(
+        &self,
+        client_id: &ByteStr,
+        clean_start: bool,
+        protocol: Protocol,
+        link: Link,
+    ) -> (Arc<Session>, bool) {
+        let fresh = |broker: &Broker| {
+            let s = Arc::new(Session::new(broker.next_id(), client_id.clone(), broker.queue_limits()));
+            s.attach(link.clone(), protocol, clean_start);
+            s
+        };
+        match self.sessions.entry(client_id.clone()) {
+            Entry::Occupied(mut entry) => {
+                let old = entry.get().clone();
+                if clean_start {
+                    let (old_link, filters) = old.discard();
+                    self.unsubscribe_all(&old, &filters);
+                    wake(old_link);
+                    let session = fresh(self);
+                    entry.insert(session.clone());
+                    (session, false)
+                } else {
+                    wake(old.attach(link, protocol, false));
+                    (old, true)
+                }
+            }
+            Entry::Vacant(entry) => {
+                let session = fresh(self);
+                entry.insert(session.clone());
+                (session, false)
+            }
+        }
+    }
+
+    /// Removes a session that ended with its connection: its subscriptions and, if it is
+    /// still the registered one for its client id, its registry entry.
+    pub fn end_session(&self, session: &Arc<Session>, filters: &[ByteStr]) {
+        self.unsubscribe_all(session, filters);
+        self.sessions
+            .remove_if(&session.client_id, |_, s| Arc::ptr_eq(s, session));
+    }
+
+    fn unsubscribe_all(&self, session: &Session, filters: &[ByteStr]) {
+        for f in filters {
+            self.router.unsubscribe(f, session.id);
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions.get(&ByteStr::from(client_id)).map(|s| s.clone())
+    }
+}
+
+/// Tells a connection that its session has been taken from it.
+fn wake(link: Option<Link>) {
+    if let Some(link) = link {
+        link.wake.notify_one();
+    }
+}
+
+/// A running broker: its listeners' addresses and the handle to stop it.
+pub struct Server {
+    broker: Arc<Broker>,
+    addrs: Vec<(ListenerKind, SocketAddr)>,
+}
+
+impl Server {
+    /// Binds every configured listener and starts accepting connections.
+    pub async fn start(config: Config) -> std::io::Result<Server> {
+        let broker = Broker::new(config);
+        let mut addrs = Vec::new();
+        for listener in &broker.config.listeners {
+            let addr = match listener.kind {
+                ListenerKind::Tcp => transport::tcp::listen(&broker, listener.bind).await?,
+            };
+            tracing::info!(%addr, kind = ?listener.kind, "listening");
+            addrs.push((listener.kind, addr));
+        }
+        Ok(Server { broker, addrs })
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The bound address of the first listener of `kind` (useful with port 0).
+    pub fn local_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
+    }
+
+    /// Resolves when shutdown has been requested (e.g. by `shutdown` from another task).
+    pub async fn stopped(&self) {
+        self.broker.shutdown.cancelled().await
+    }
+
+    /// Stops accepting, closes every connection, and waits up to `grace` for them.
+    /// Returns false if some task was still running when the grace period ended.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.broker.shutdown.cancel();
+        self.broker.tasks.close();
+        tokio::time::timeout(grace, self.broker.tasks.wait())
+            .await
+            .is_ok()
+    }
+}

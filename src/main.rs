@@ -1,0 +1,98 @@
+//! The `ternmq` binary: configuration, logging, signals.
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use ternmq::config::{Config, ListenerKind};
+use ternmq::Server;
+use tracing_subscriber::EnvFilter;
+
+/// ternmq: a lightweight, fast MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Without it, every setting takes its default
+    /// (a TCP listener on 0.0.0.0:1883).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Address of the TCP listener, overriding the first `tcp` listener of the file.
+    #[arg(short, long, value_name = "ADDR:PORT")]
+    bind: Option<SocketAddr>,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides both).
+    #[arg(short, long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: Option<String>,
+}
+
+/// How long connections get to close after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ternmq: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("ternmq={}", config.log_level)));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ternmq: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(bind) = cli.bind {
+        match config.listeners.iter_mut().find(|l| l.kind == ListenerKind::Tcp) {
+            Some(l) => l.bind = bind,
+            None => anyhow::bail!("--bind given but the configuration has no tcp listener"),
+        }
+    }
+    if let Some(level) = &cli.log_level {
+        config.log_level = level.clone();
+    }
+    Ok(config)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await.context("cannot start listeners")?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ternmq started");
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    if !server.shutdown(SHUTDOWN_GRACE).await {
+        tracing::warn!("some connections did not close within {SHUTDOWN_GRACE:?}");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT"),
+        _ = term.recv() => Ok(()),
+    }
+}

@@ -1,0 +1,255 @@
+//! MQTT 5 properties (section 2.2.2): one field per property, decoded with the checks of
+//! the standard and encoded in a fixed order.
+
+use bytes::Bytes;
+
+use super::decode::Reader;
+use super::encode::{put_binary, put_string, put_varint, Count, Sink};
+use super::{ByteStr, Error, MAX_REMAINING_LENGTH};
+
+/// The properties of one packet (or of a will). Absent properties are `None` or empty.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Properties {
+    pub payload_format_indicator: Option<u8>,
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<ByteStr>,
+    pub response_topic: Option<ByteStr>,
+    pub correlation_data: Option<Bytes>,
+    /// Several in a PUBLISH (one per matching subscription), at most one in a SUBSCRIBE.
+    pub subscription_identifiers: Vec<u32>,
+    pub session_expiry_interval: Option<u32>,
+    pub assigned_client_identifier: Option<ByteStr>,
+    pub server_keep_alive: Option<u16>,
+    pub authentication_method: Option<ByteStr>,
+    pub authentication_data: Option<Bytes>,
+    pub request_problem_information: Option<u8>,
+    pub will_delay_interval: Option<u32>,
+    pub request_response_information: Option<u8>,
+    pub response_information: Option<ByteStr>,
+    pub server_reference: Option<ByteStr>,
+    pub reason_string: Option<ByteStr>,
+    pub receive_maximum: Option<u16>,
+    pub topic_alias_maximum: Option<u16>,
+    pub topic_alias: Option<u16>,
+    pub maximum_qos: Option<u8>,
+    pub retain_available: Option<u8>,
+    /// In the order received; names may repeat.
+    pub user_properties: Vec<(ByteStr, ByteStr)>,
+    pub maximum_packet_size: Option<u32>,
+    pub wildcard_subscription_available: Option<u8>,
+    pub subscription_identifiers_available: Option<u8>,
+    pub shared_subscription_available: Option<u8>,
+}
+
+/// Where a property list sits, which decides the properties it may hold (table 2-4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub(super) enum Context {
+    Connect = 1 << 0,
+    Will = 1 << 1,
+    ConnAck = 1 << 2,
+    Publish = 1 << 3,
+    /// PUBACK, PUBREC, PUBREL and PUBCOMP.
+    Ack = 1 << 4,
+    Subscribe = 1 << 5,
+    SubAck = 1 << 6,
+    Unsubscribe = 1 << 7,
+    UnsubAck = 1 << 8,
+    Disconnect = 1 << 9,
+    Auth = 1 << 10,
+}
+
+/// The contexts in which property `id` is allowed; 0 for an unknown property.
+fn allowed_in(id: u8) -> u16 {
+    use Context::*;
+    let contexts: &[Context] = match id {
+        0x01 | 0x02 | 0x03 | 0x08 | 0x09 => &[Publish, Will],
+        0x0B => &[Publish, Subscribe],
+        0x11 => &[Connect, ConnAck, Disconnect],
+        0x12 | 0x13 | 0x1A | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => &[ConnAck],
+        0x15 | 0x16 => &[Connect, ConnAck, Auth],
+        0x17 | 0x19 => &[Connect],
+        0x18 => &[Will],
+        0x1C => &[ConnAck, Disconnect],
+        0x1F => &[ConnAck, Ack, SubAck, UnsubAck, Disconnect, Auth],
+        0x21 | 0x22 | 0x27 => &[Connect, ConnAck],
+        0x23 => &[Publish],
+        0x26 => return u16::MAX,
+        _ => &[],
+    };
+    contexts.iter().fold(0, |mask, &c| mask | c as u16)
+}
+
+fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), Error> {
+    if slot.is_some() {
+        return Err(Error::Protocol("property included more than once"));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn zero_or_one(v: u8) -> Result<u8, Error> {
+    if v > 1 {
+        return Err(Error::Protocol("property value must be 0 or 1"));
+    }
+    Ok(v)
+}
+
+fn non_zero<T: Default + PartialEq>(v: T) -> Result<T, Error> {
+    if v == T::default() {
+        return Err(Error::Protocol("property value must not be 0"));
+    }
+    Ok(v)
+}
+
+impl Properties {
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
+    }
+
+    /// Reads a property length and the properties it covers, checking each one against
+    /// `context` and the value ranges of the standard.
+    pub(super) fn decode(r: &mut Reader, context: Context) -> Result<Properties, Error> {
+        let len = r.varint()? as usize;
+        let mut r = r.take(len)?;
+        let mut p = Properties::default();
+        while !r.is_empty() {
+            let id = r.u8()?;
+            let allowed = allowed_in(id);
+            if allowed == 0 {
+                return Err(Error::Malformed("unknown property"));
+            }
+            // 2.2.2.2: an identifier not valid for the packet type makes it malformed.
+            if allowed & context as u16 == 0 {
+                return Err(Error::Malformed("property not allowed in this packet"));
+            }
+            match id {
+                0x01 => set_once(&mut p.payload_format_indicator, zero_or_one(r.u8()?)?)?,
+                0x02 => set_once(&mut p.message_expiry_interval, r.u32()?)?,
+                0x03 => set_once(&mut p.content_type, r.string()?)?,
+                0x08 => set_once(&mut p.response_topic, r.string()?)?,
+                0x09 => set_once(&mut p.correlation_data, r.binary()?)?,
+                0x0B => {
+                    if context == Context::Subscribe && !p.subscription_identifiers.is_empty() {
+                        return Err(Error::Protocol("property included more than once"));
+                    }
+                    let id = non_zero(r.varint()?)?;
+                    p.subscription_identifiers.push(id);
+                }
+                0x11 => set_once(&mut p.session_expiry_interval, r.u32()?)?,
+                0x12 => set_once(&mut p.assigned_client_identifier, r.string()?)?,
+                0x13 => set_once(&mut p.server_keep_alive, r.u16()?)?,
+                0x15 => set_once(&mut p.authentication_method, r.string()?)?,
+                0x16 => set_once(&mut p.authentication_data, r.binary()?)?,
+                0x17 => set_once(&mut p.request_problem_information, zero_or_one(r.u8()?)?)?,
+                0x18 => set_once(&mut p.will_delay_interval, r.u32()?)?,
+                0x19 => set_once(&mut p.request_response_information, zero_or_one(r.u8()?)?)?,
+                0x1A => set_once(&mut p.response_information, r.string()?)?,
+                0x1C => set_once(&mut p.server_reference, r.string()?)?,
+                0x1F => set_once(&mut p.reason_string, r.string()?)?,
+                0x21 => set_once(&mut p.receive_maximum, non_zero(r.u16()?)?)?,
+                0x22 => set_once(&mut p.topic_alias_maximum, r.u16()?)?,
+                0x23 => set_once(&mut p.topic_alias, non_zero(r.u16()?)?)?,
+                0x24 => set_once(&mut p.maximum_qos, zero_or_one(r.u8()?)?)?,
+                0x25 => set_once(&mut p.retain_available, zero_or_one(r.u8()?)?)?,
+                0x26 => p.user_properties.push((r.string()?, r.string()?)),
+                0x27 => set_once(&mut p.maximum_packet_size, non_zero(r.u32()?)?)?,
+                0x28 => set_once(&mut p.wildcard_subscription_available, zero_or_one(r.u8()?)?)?,
+                0x29 => {
+                    set_once(&mut p.subscription_identifiers_available, zero_or_one(r.u8()?)?)?
+                }
+                0x2A => set_once(&mut p.shared_subscription_available, zero_or_one(r.u8()?)?)?,
+                _ => return Err(Error::Malformed("unknown property")),
+            }
+        }
+        Ok(p)
+    }
+
+    /// The encoded size of the properties, without the property length in front.
+    pub(super) fn encoded_len(&self) -> Result<usize, Error> {
+        let mut count = Count(0);
+        self.write(&mut count)?;
+        Ok(count.0)
+    }
+
+    /// Writes the property length and the properties.
+    pub(super) fn encode<S: Sink + ?Sized>(&self, s: &mut S) -> Result<(), Error> {
+        put_varint(s, self.encoded_len()?)?;
+        self.write(s)
+    }
+
+    /// Writes the properties (no length). Values are written as given: the encoder does
+    /// not police which properties a packet may carry.
+    pub(super) fn write<S: Sink + ?Sized>(&self, s: &mut S) -> Result<(), Error> {
+        fn byte<S: Sink + ?Sized>(s: &mut S, id: u8, v: Option<u8>) {
+            if let Some(v) = v {
+                s.put(&[id, v]);
+            }
+        }
+        fn two<S: Sink + ?Sized>(s: &mut S, id: u8, v: Option<u16>) {
+            if let Some(v) = v {
+                s.put(&[id]);
+                s.put(&v.to_be_bytes());
+            }
+        }
+        fn four<S: Sink + ?Sized>(s: &mut S, id: u8, v: Option<u32>) {
+            if let Some(v) = v {
+                s.put(&[id]);
+                s.put(&v.to_be_bytes());
+            }
+        }
+        fn string<S: Sink + ?Sized>(s: &mut S, id: u8, v: &Option<ByteStr>) -> Result<(), Error> {
+            if let Some(v) = v {
+                s.put(&[id]);
+                put_string(s, v)?;
+            }
+            Ok(())
+        }
+        fn binary<S: Sink + ?Sized>(s: &mut S, id: u8, v: &Option<Bytes>) -> Result<(), Error> {
+            if let Some(v) = v {
+                s.put(&[id]);
+                put_binary(s, v)?;
+            }
+            Ok(())
+        }
+
+        byte(s, 0x01, self.payload_format_indicator);
+        four(s, 0x02, self.message_expiry_interval);
+        string(s, 0x03, &self.content_type)?;
+        string(s, 0x08, &self.response_topic)?;
+        binary(s, 0x09, &self.correlation_data)?;
+        for &id in &self.subscription_identifiers {
+            if id == 0 || id as usize > MAX_REMAINING_LENGTH {
+                return Err(Error::Malformed("subscription identifier out of range"));
+            }
+            s.put(&[0x0B]);
+            put_varint(s, id as usize)?;
+        }
+        four(s, 0x11, self.session_expiry_interval);
+        string(s, 0x12, &self.assigned_client_identifier)?;
+        two(s, 0x13, self.server_keep_alive);
+        string(s, 0x15, &self.authentication_method)?;
+        binary(s, 0x16, &self.authentication_data)?;
+        byte(s, 0x17, self.request_problem_information);
+        four(s, 0x18, self.will_delay_interval);
+        byte(s, 0x19, self.request_response_information);
+        string(s, 0x1A, &self.response_information)?;
+        string(s, 0x1C, &self.server_reference)?;
+        string(s, 0x1F, &self.reason_string)?;
+        two(s, 0x21, self.receive_maximum);
+        two(s, 0x22, self.topic_alias_maximum);
+        two(s, 0x23, self.topic_alias);
+        byte(s, 0x24, self.maximum_qos);
+        byte(s, 0x25, self.retain_available);
+        for (name, value) in &self.user_properties {
+            s.put(&[0x26]);
+            put_string(s, name)?;
+            put_string(s, value)?;
+        }
+        four(s, 0x27, self.maximum_packet_size);
+        byte(s, 0x28, self.wildcard_subscription_available);
+        byte(s, 0x29, self.subscription_identifiers_available);
+        byte(s, 0x2A, self.shared_subscription_available);
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! Shared by the integration test binaries: an in-process broker on a free port.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use ternmq::config::{Config, Listener, ListenerKind};
+use ternmq::Server;
+
+/// A broker listening on 127.0.0.1 with an OS-chosen port; stopped when dropped.
+pub struct TestBroker {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+}
+
+impl TestBroker {
+    pub async fn start() -> TestBroker {
+        Self::with(|_| {}).await
+    }
+
+    /// Starts a broker after letting `tweak` change the default configuration.
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        init_logs();
+        let mut config = Config::default();
+        config.listeners = vec![Listener {
+            kind: ListenerKind::Tcp,
+            bind: "127.0.0.1:0".parse().unwrap(),
+        }];
+        tweak(&mut config);
+        let server = Server::start(config).await.expect("broker starts");
+        let addr = server.local_addr(ListenerKind::Tcp).expect("tcp listener");
+        TestBroker {
+            server: Some(server),
+            addr,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn broker(&self) -> &std::sync::Arc<ternmq::Broker> {
+        self.server.as_ref().expect("running").broker()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            assert!(s.shutdown(Duration::from_secs(5)).await, "broker stops in time");
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.broker().shutdown.cancel();
+        }
+    }
+}
+
+/// Logs to the test's captured output when RUST_LOG is set.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
