@@ -1,9 +1,9 @@
 //! Shared state of a running broker, and starting and stopping it.
 
 use crate::config::{Config, ListenerKind};
-use crate::protocol::{ByteStr, Protocol};
-use crate::router::Router;
-use crate::session::{Link, QueueLimits, Session};
+use crate::protocol::ByteStr;
+use crate::router::{Message, Router};
+use crate::session::{Detached, Link, QueueLimits, Session, NEVER_EXPIRE};
 use crate::transport;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -53,31 +53,39 @@ impl Broker {
 
     /// Gives `client_id`'s session to a new connection. An existing session is resumed
     /// (unless `clean_start`, which discards it) and its connection, if any, is told it
-    /// has been taken over. Returns the session and whether it was resumed.
+    /// has been taken over. `expiry` is the session's new expiry interval (see
+    /// `SessionState::expiry`). Returns the session and whether it was resumed.
     pub fn open_session(
         &self,
         client_id: &ByteStr,
         clean_start: bool,
-        protocol: Protocol,
+        expiry: u32,
         link: Link,
     ) -> (Arc<Session>, bool) {
         let fresh = |broker: &Broker| {
-            let s = Arc::new(Session::new(broker.next_id(), client_id.clone(), broker.queue_limits()));
-            s.attach(link.clone(), protocol, clean_start);
+            let s = Arc::new(Session::new(
+                broker.next_id(),
+                client_id.clone(),
+                broker.queue_limits(),
+            ));
+            s.attach(link.clone(), expiry);
             s
         };
         match self.sessions.entry(client_id.clone()) {
             Entry::Occupied(mut entry) => {
                 let old = entry.get().clone();
                 if clean_start {
-                    let (old_link, filters) = old.discard();
-                    self.unsubscribe_all(&old, &filters);
+                    let (old_link, ended) = old.discard();
+                    self.unsubscribe_all(&old, &ended.filters);
+                    if let Some(will) = ended.will {
+                        self.publish_will(&will);
+                    }
                     wake(old_link);
                     let session = fresh(self);
                     entry.insert(session.clone());
                     (session, false)
                 } else {
-                    wake(old.attach(link, protocol, false));
+                    wake(old.attach(link, expiry));
                     (old, true)
                 }
             }
@@ -89,8 +97,73 @@ impl Broker {
         }
     }
 
-    /// Removes a session that ended with its connection: its subscriptions and, if it is
-    /// still the registered one for its client id, its registry entry.
+    /// Finishes what a connection leaving its session started: shared-subscription
+    /// messages go to other members; an ended session is removed; a lasting one gets
+    /// timers for its delayed will and its expiry.
+    pub fn session_detached(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        detached: Detached,
+        will_delay: u32,
+    ) {
+        for orphan in detached.orphans {
+            self.router.redeliver_shared(orphan, session.id);
+        }
+        if let Some(filters) = detached.ended {
+            if let Some(will) = detached.will {
+                self.publish_will(&will);
+            }
+            self.end_session(session, &filters);
+            return;
+        }
+        let expiry = (detached.expiry != NEVER_EXPIRE)
+            .then(|| Duration::from_secs(u64::from(detached.expiry)));
+        let will_after = (will_delay > 0)
+            .then(|| Duration::from_secs(u64::from(will_delay)))
+            .filter(|w| expiry.is_none_or(|e| *w < e));
+        if expiry.is_none() && will_after.is_none() {
+            return;
+        }
+        let (broker, session) = (self.clone(), session.clone());
+        let start = tokio::time::Instant::now();
+        self.tasks.spawn(async move {
+            let timers = async {
+                if let Some(w) = will_after {
+                    tokio::time::sleep_until(start + w).await;
+                    if let Some(will) = session.take_pending_will(conn_id) {
+                        broker.publish_will(&will);
+                    }
+                }
+                if let Some(e) = expiry {
+                    tokio::time::sleep_until(start + e).await;
+                    if let Some(ended) = session.expire(conn_id) {
+                        tracing::debug!(client_id = %session.client_id, "session expired");
+                        if let Some(will) = ended.will {
+                            broker.publish_will(&will);
+                        }
+                        broker.end_session(&session, &ended.filters);
+                    }
+                }
+            };
+            tokio::select! {
+                _ = broker.shutdown.cancelled() => {}
+                _ = timers => {}
+            }
+        });
+    }
+
+    /// Publishes a will (or any broker-originated message), retaining it if asked.
+    pub fn publish_will(&self, will: &Arc<Message>) {
+        tracing::debug!(topic = %will.topic, "publishing will");
+        if will.retain {
+            self.router.retain(will);
+        }
+        self.router.publish(will);
+    }
+
+    /// Removes a session that has ended: its subscriptions and, if it is still the
+    /// registered one for its client id, its registry entry.
     pub fn end_session(&self, session: &Arc<Session>, filters: &[ByteStr]) {
         self.unsubscribe_all(session, filters);
         self.sessions
@@ -108,7 +181,9 @@ impl Broker {
     }
 
     pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.sessions.get(&ByteStr::from(client_id)).map(|s| s.clone())
+        self.sessions
+            .get(&ByteStr::from(client_id))
+            .map(|s| s.clone())
     }
 }
 
@@ -133,6 +208,7 @@ impl Server {
         for listener in &broker.config.listeners {
             let addr = match listener.kind {
                 ListenerKind::Tcp => transport::tcp::listen(&broker, listener.bind).await?,
+                ListenerKind::Ws => transport::ws::listen(&broker, listener).await?,
             };
             tracing::info!(%addr, kind = ?listener.kind, "listening");
             addrs.push((listener.kind, addr));

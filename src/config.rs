@@ -25,14 +25,78 @@ pub struct Config {
 #[serde(rename_all = "lowercase")]
 pub enum ListenerKind {
     Tcp,
+    /// MQTT over WebSocket (docs/websocket.md).
+    Ws,
 }
 
+/// The path a ws listener serves when none is configured (`/` is always served too).
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawListener")]
 pub struct Listener {
-    #[serde(rename = "type")]
     pub kind: ListenerKind,
     pub bind: SocketAddr,
+    /// ws only: the HTTP path served besides `/` (default `/mqtt`).
+    pub path: Option<String>,
+    /// ws only: `Origin` values allowed to upgrade; empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A listener as written, before the checks that involve several of its keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    #[serde(rename = "type")]
+    kind: ListenerKind,
+    bind: SocketAddr,
+    #[serde(default, deserialize_with = "ws_path")]
+    path: Option<String>,
+    #[serde(default, deserialize_with = "origins")]
+    allowed_origins: Vec<String>,
+}
+
+impl TryFrom<RawListener> for Listener {
+    type Error = String;
+
+    fn try_from(raw: RawListener) -> Result<Listener, String> {
+        if raw.kind != ListenerKind::Ws {
+            // toml points at the first [[listeners]] here, so name the listener by its bind.
+            let ws_only = [
+                ("path", raw.path.is_some()),
+                ("allowed_origins", !raw.allowed_origins.is_empty()),
+            ];
+            if let Some((key, _)) = ws_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "listener {}: `{key}` is only for type = \"ws\" listeners",
+                    raw.bind
+                ));
+            }
+        }
+        Ok(Listener {
+            kind: raw.kind,
+            bind: raw.bind,
+            path: raw.path,
+            allowed_origins: raw.allowed_origins,
+        })
+    }
+}
+
+impl Listener {
+    /// A listener of `kind` on `bind` with every other key at its default.
+    pub fn new(kind: ListenerKind, bind: SocketAddr) -> Listener {
+        Listener {
+            kind,
+            bind,
+            path: None,
+            allowed_origins: Vec::new(),
+        }
+    }
+
+    /// The path a ws listener serves besides `/`.
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_WS_PATH)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +112,24 @@ pub struct Mqtt {
     pub allow_zero_length_clientid: bool,
     /// Whether retained messages are stored (a retained PUBLISH is refused otherwise).
     pub retain_available: bool,
+    /// Highest QoS accepted and granted.
+    #[serde(deserialize_with = "qos")]
+    pub max_qos: u8,
+    pub wildcard_subscription_available: bool,
+    pub subscription_identifiers_available: bool,
+    pub shared_subscription_available: bool,
+    /// 5.0: a client asking for a longer keep-alive (or none) is told to use this one.
+    #[serde(deserialize_with = "u16_value")]
+    pub max_keepalive: u16,
+    /// 5.0: upper bound on the Session Expiry Interval a client may ask for, seconds.
+    #[serde(deserialize_with = "u32_value")]
+    pub max_session_expiry_interval: u32,
+    /// 5.0: how many topic aliases a client may set on this connection (0 = none).
+    #[serde(deserialize_with = "u16_value")]
+    pub topic_alias_maximum: u16,
+    /// 5.0: how many QoS 2 publishes a client may have unreleased at once.
+    #[serde(deserialize_with = "receive_maximum")]
+    pub receive_maximum: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,10 +149,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             log_level: "info".into(),
-            listeners: vec![Listener {
-                kind: ListenerKind::Tcp,
-                bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
-            }],
+            listeners: vec![Listener::new(
+                ListenerKind::Tcp,
+                SocketAddr::from(([0, 0, 0, 0], 1883)),
+            )],
             mqtt: Mqtt::default(),
             session: SessionLimits::default(),
         }
@@ -84,6 +166,14 @@ impl Default for Mqtt {
             max_packet_size: crate::protocol::MAX_REMAINING_LENGTH + 5,
             allow_zero_length_clientid: true,
             retain_available: true,
+            max_qos: 2,
+            wildcard_subscription_available: true,
+            subscription_identifiers_available: true,
+            shared_subscription_available: true,
+            max_keepalive: 65_535,
+            max_session_expiry_interval: u32::MAX,
+            topic_alias_maximum: 10,
+            receive_maximum: 20,
         }
     }
 }
@@ -149,7 +239,12 @@ fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     }
 }
 
-fn ranged<'de, D: Deserializer<'de>>(d: D, min: u64, max: u64, what: &str) -> Result<u64, D::Error> {
+fn ranged<'de, D: Deserializer<'de>>(
+    d: D,
+    min: u64,
+    max: u64,
+    what: &str,
+) -> Result<u64, D::Error> {
     let v = i64::deserialize(d)?;
     match u64::try_from(v) {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
@@ -171,6 +266,43 @@ fn pkid_window<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     ranged(d, 1, 65_535, "value").map(|v| v as usize)
 }
 
+fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    ranged(d, 0, 2, "value").map(|v| v as u8)
+}
+
+fn u16_value<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, 0, u64::from(u16::MAX), "value").map(|v| v as u16)
+}
+
+fn receive_maximum<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, 1, u64::from(u16::MAX), "value").map(|v| v as u16)
+}
+
+fn u32_value<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 0, u64::from(u32::MAX), "value").map(|v| v as u32)
+}
+
+fn ws_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let path = String::deserialize(d)?;
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(serde::de::Error::custom(format!(
+            "path must start with '/' and hold no '?', '#' or space (got {path:?})"
+        )));
+    }
+    Ok(Some(path))
+}
+
+/// Browsers send `scheme://host[:port]`, without a path or a trailing slash.
+fn origins<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let origins = Vec::<String>::deserialize(d)?;
+    match origins.iter().find(|o| !o.contains("://") || o.ends_with('/')) {
+        Some(bad) => Err(serde::de::Error::custom(format!(
+            "allowed_origins entries look like \"https://example.com\" or \"http://host:8080\", with no trailing '/' (got {bad:?})"
+        ))),
+        None => Ok(origins),
+    }
+}
+
 fn packet_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     // The smallest useful limit still admits a CONNECT with a short client id.
     let max = crate::protocol::MAX_REMAINING_LENGTH as u64 + 5;
@@ -188,10 +320,21 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.mqtt.connect_timeout, d.mqtt.connect_timeout);
         assert_eq!(c.mqtt.max_packet_size, d.mqtt.max_packet_size);
-        assert_eq!(c.session.max_inflight_messages, d.session.max_inflight_messages);
+        assert_eq!(
+            c.session.max_inflight_messages,
+            d.session.max_inflight_messages
+        );
         assert_eq!(c.session.max_queued_messages, d.session.max_queued_messages);
         assert_eq!(c.session.queue_qos0_messages, d.session.queue_qos0_messages);
         assert_eq!(c.mqtt.retain_available, d.mqtt.retain_available);
+        assert_eq!(c.mqtt.max_qos, d.mqtt.max_qos);
+        assert_eq!(c.mqtt.max_keepalive, d.mqtt.max_keepalive);
+        assert_eq!(
+            c.mqtt.max_session_expiry_interval,
+            d.mqtt.max_session_expiry_interval
+        );
+        assert_eq!(c.mqtt.topic_alias_maximum, d.mqtt.topic_alias_maximum);
+        assert_eq!(c.mqtt.receive_maximum, d.mqtt.receive_maximum);
         assert_eq!(c.log_level, d.log_level);
     }
 
@@ -215,5 +358,33 @@ mod tests {
     fn bad_bind_address_is_refused() {
         let err = Config::parse("[[listeners]]\ntype = \"tcp\"\nbind = \"nowhere\"\n").unwrap_err();
         assert!(err.contains("line 3") && err.contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn ws_listener_keys() {
+        let ok = "[[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:8083\"\n";
+        let c = Config::parse(ok).unwrap();
+        assert_eq!(c.listeners[0].kind, ListenerKind::Ws);
+        assert_eq!(c.listeners[0].ws_path(), "/mqtt");
+        assert!(c.listeners[0].allowed_origins.is_empty());
+
+        let c = Config::parse(&format!(
+            "{ok}path = \"/ws\"\nallowed_origins = [\"https://app.example.com\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listeners[0].ws_path(), "/ws");
+        assert_eq!(c.listeners[0].allowed_origins, ["https://app.example.com"]);
+
+        let err = Config::parse(&format!("{ok}path = \"mqtt\"\n")).unwrap_err();
+        assert!(err.contains("line 4") && err.contains("path") && err.contains("'/'"), "{err}");
+        let err = Config::parse(&format!("{ok}allowed_origins = [\"https://a.example/\"]\n")).unwrap_err();
+        assert!(err.contains("line 4") && err.contains("allowed_origins"), "{err}");
+
+        // A ws-only key on a tcp listener names the key and the listener.
+        let tcp = "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:1883\"\n";
+        let err = Config::parse(&format!("{ok}\n{tcp}path = \"/mqtt\"\n")).unwrap_err();
+        assert!(err.contains("127.0.0.1:1883") && err.contains("`path`"), "{err}");
+        let err = Config::parse(&format!("{tcp}allowed_origins = [\"http://a.example\"]\n")).unwrap_err();
+        assert!(err.contains("`allowed_origins`"), "{err}");
     }
 }

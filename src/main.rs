@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| EnvFilter::new(format!("ternmq={}", config.log_level)));
     tracing_subscriber::fmt().with_env_filter(filter).init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ternmq: cannot start the runtime: {e}");
@@ -66,7 +69,11 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         None => Config::default(),
     };
     if let Some(bind) = cli.bind {
-        match config.listeners.iter_mut().find(|l| l.kind == ListenerKind::Tcp) {
+        match config
+            .listeners
+            .iter_mut()
+            .find(|l| l.kind == ListenerKind::Tcp)
+        {
             Some(l) => l.bind = bind,
             None => anyhow::bail!("--bind given but the configuration has no tcp listener"),
         }
@@ -78,7 +85,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let server = Server::start(config).await.context("cannot start listeners")?;
+    let server = Server::start(config)
+        .await
+        .context("cannot start listeners")?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ternmq started");
     shutdown_signal().await?;
     tracing::info!("shutting down");

@@ -31,7 +31,9 @@ impl Sink for BytesMut {
 /// Variable Byte Integer (section 1.5.5).
 pub(super) fn put_varint<S: Sink + ?Sized>(s: &mut S, mut value: usize) -> Result<(), Error> {
     if value > MAX_REMAINING_LENGTH {
-        return Err(Error::Malformed("value too large for a variable byte integer"));
+        return Err(Error::Malformed(
+            "value too large for a variable byte integer",
+        ));
     }
     let mut buf = [0u8; 4];
     let mut len = 0;
@@ -321,10 +323,8 @@ pub fn encode_publish(
     if v5 {
         remaining += varint_len(properties_len) + properties_len;
     }
-    let byte1 = 0x30
-        | u8::from(header.dup) << 3
-        | (header.qos as u8) << 1
-        | u8::from(header.retain);
+    let byte1 =
+        0x30 | u8::from(header.dup) << 3 | (header.qos as u8) << 1 | u8::from(header.retain);
     fixed_header(out, byte1, remaining)?;
     out.put_u16(topic_len);
     out.put_slice(header.topic.as_bytes());
@@ -339,4 +339,296 @@ pub fn encode_publish(
     }
     out.put_slice(payload);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{
+        decode, Auth, ConnAck, Disconnect, Publish, SubAck, SubOptions, SubscribeFilter, UnsubAck,
+        Unsubscribe, Will,
+    };
+    use bytes::Bytes;
+    use Protocol::{V31, V311, V5};
+
+    fn bytes(packet: &Packet, protocol: Protocol) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(packet, protocol, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    /// Encoding fails and writes nothing.
+    fn fails(packet: &Packet, protocol: Protocol) {
+        let mut out = BytesMut::from(&b"xy"[..]);
+        assert!(matches!(
+            encode(packet, protocol, &mut out),
+            Err(Error::Malformed(_))
+        ));
+        assert_eq!(&out[..], b"xy");
+    }
+
+    fn connect(protocol: Protocol) -> Connect {
+        Connect {
+            protocol,
+            clean_start: true,
+            keep_alive: 10,
+            client_id: "id".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }
+    }
+
+    #[test]
+    fn varints() {
+        for (value, expected) in [
+            (0, &[0x00][..]),
+            (127, &[0x7F]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xFF, 0x7F]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (2_097_151, &[0xFF, 0xFF, 0x7F]),
+            (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+            (268_435_455, &[0xFF, 0xFF, 0xFF, 0x7F]),
+        ] {
+            let mut out = BytesMut::new();
+            put_varint(&mut out, value).unwrap();
+            assert_eq!(&out[..], expected);
+            assert_eq!(varint_len(value), expected.len());
+        }
+        assert!(put_varint(&mut BytesMut::new(), 268_435_456).is_err());
+    }
+
+    #[test]
+    fn known_bytes() {
+        let connect31 = Packet::Connect(Box::new(connect(V31)));
+        let expected = b"\x10\x10\x00\x06MQIsdp\x03\x02\x00\x0a\x00\x02id";
+        // The CONNECT's own protocol wins over the argument.
+        assert_eq!(bytes(&connect31, V5), expected);
+        let mut c = connect(V311);
+        c.will = Some(Will {
+            topic: "w".into(),
+            payload: Bytes::from_static(b"p"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties::default(),
+        });
+        c.username = Some("u".into());
+        c.password = Some(Bytes::from_static(b"\x00"));
+        let expected = b"\x10\x1a\x00\x04MQTT\x04\xee\x00\x0a\x00\x02id\x00\x01w\x00\x01p\x00\x01u\x00\x01\x00";
+        assert_eq!(bytes(&Packet::Connect(Box::new(c)), V311), expected);
+
+        let publish = Packet::Publish(Publish {
+            dup: true,
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            topic: "a/b".into(),
+            pkid: 10,
+            payload: Bytes::from_static(b"hi"),
+            properties: None,
+        });
+        assert_eq!(bytes(&publish, V311), b"\x3d\x09\x00\x03a/b\x00\x0ahi");
+        assert_eq!(bytes(&publish, V5), b"\x3d\x0a\x00\x03a/b\x00\x0a\x00hi");
+
+        let ack = Ack {
+            pkid: 1,
+            reason: 0,
+            properties: Properties::default(),
+        };
+        assert_eq!(bytes(&Packet::PubRel(ack.clone()), V5), [0x62, 2, 0, 1]);
+        let with_reason = Ack {
+            reason: 0x92,
+            ..ack.clone()
+        };
+        assert_eq!(
+            bytes(&Packet::PubComp(with_reason.clone()), V5),
+            [0x70, 3, 0, 1, 0x92]
+        );
+        assert_eq!(bytes(&Packet::PubComp(with_reason), V311), [0x70, 2, 0, 1]);
+        let with_properties = Ack {
+            properties: Properties {
+                reason_string: Some("r".into()),
+                ..Properties::default()
+            },
+            ..ack
+        };
+        assert_eq!(
+            bytes(&Packet::PubAck(with_properties), V5),
+            [0x40, 8, 0, 1, 0, 4, 0x1F, 0, 1, b'r']
+        );
+
+        let disconnect = Disconnect::default();
+        assert_eq!(
+            bytes(&Packet::Disconnect(disconnect.clone()), V5),
+            [0xE0, 0]
+        );
+        let d = Disconnect {
+            reason: 0x8E,
+            ..disconnect
+        };
+        assert_eq!(bytes(&Packet::Disconnect(d.clone()), V5), [0xE0, 1, 0x8E]);
+        assert_eq!(bytes(&Packet::Disconnect(d), V311), [0xE0, 0]);
+        assert_eq!(bytes(&Packet::Auth(Auth::default()), V5), [0xF0, 0]);
+        let auth = Auth {
+            reason: 0x18,
+            properties: Properties::default(),
+        };
+        assert_eq!(bytes(&Packet::Auth(auth), V5), [0xF0, 2, 0x18, 0]);
+        assert_eq!(bytes(&Packet::PingReq, V311), [0xC0, 0]);
+        assert_eq!(bytes(&Packet::PingResp, V311), [0xD0, 0]);
+        let connack = ConnAck {
+            session_present: true,
+            code: 0,
+            properties: Properties::default(),
+        };
+        assert_eq!(
+            bytes(&Packet::ConnAck(connack.clone()), V311),
+            [0x20, 2, 1, 0]
+        );
+        assert_eq!(bytes(&Packet::ConnAck(connack), V5), [0x20, 3, 1, 0, 0]);
+        let unsuback = UnsubAck {
+            pkid: 2,
+            codes: vec![0x11],
+            properties: Properties::default(),
+        };
+        assert_eq!(
+            bytes(&Packet::UnsubAck(unsuback.clone()), V311),
+            [0xB0, 2, 0, 2]
+        );
+        assert_eq!(
+            bytes(&Packet::UnsubAck(unsuback), V5),
+            [0xB0, 4, 0, 2, 0, 0x11]
+        );
+    }
+
+    #[test]
+    fn subscribe_options() {
+        let sub = Packet::Subscribe(Subscribe {
+            pkid: 3,
+            filters: vec![SubscribeFilter {
+                filter: "f".into(),
+                options: SubOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: 2,
+                },
+            }],
+            properties: Properties::default(),
+        });
+        assert_eq!(bytes(&sub, V5), [0x82, 7, 0, 3, 0, 0, 1, b'f', 0x2D]);
+        // 3.x has the QoS only.
+        assert_eq!(bytes(&sub, V311), [0x82, 6, 0, 3, 0, 1, b'f', 0x01]);
+    }
+
+    #[test]
+    fn unencodable_packets() {
+        let long: String = "x".repeat(65_536);
+        let publish = |topic: &str, qos, pkid| {
+            Packet::Publish(Publish {
+                topic: topic.into(),
+                qos,
+                pkid,
+                ..Publish::default()
+            })
+        };
+        fails(&publish(&long, QoS::AtMostOnce, 0), V311);
+        fails(&publish("t", QoS::AtLeastOnce, 0), V311);
+        fails(&publish("t", QoS::ExactlyOnce, 0), V5);
+        let mut c = connect(V5);
+        c.client_id = long.as_str().into();
+        fails(&Packet::Connect(Box::new(c)), V5);
+        for protocol in [V31, V311] {
+            let mut c = connect(protocol);
+            c.password = Some(Bytes::new());
+            fails(&Packet::Connect(Box::new(c)), protocol);
+        }
+        fails(&Packet::Auth(Auth::default()), V311);
+        fails(&Packet::Subscribe(Subscribe::default()), V5);
+        fails(
+            &Packet::Unsubscribe(Unsubscribe {
+                pkid: 1,
+                ..Unsubscribe::default()
+            }),
+            V311,
+        );
+        fails(
+            &Packet::SubAck(SubAck {
+                pkid: 1,
+                ..SubAck::default()
+            }),
+            V311,
+        );
+        fails(
+            &Packet::UnsubAck(UnsubAck {
+                pkid: 1,
+                ..UnsubAck::default()
+            }),
+            V5,
+        );
+        fails(&Packet::PubAck(Ack::default()), V311);
+        let bad_rh = Subscribe {
+            pkid: 1,
+            filters: vec![SubscribeFilter {
+                filter: "f".into(),
+                options: SubOptions {
+                    retain_handling: 3,
+                    ..SubOptions::default()
+                },
+            }],
+            properties: Properties::default(),
+        };
+        fails(&Packet::Subscribe(bad_rh), V5);
+
+        // Over the largest remaining length: refused before anything is reserved.
+        let payload = vec![0u8; MAX_REMAINING_LENGTH - 2];
+        let header = PublishHeader {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t",
+            pkid: 0,
+        };
+        let mut out = BytesMut::new();
+        assert!(encode_publish(&mut out, V311, &header, None, &payload).is_err());
+        assert_eq!(out.capacity(), 0);
+    }
+
+    #[test]
+    fn encode_publish_matches_encode() {
+        let properties = Properties {
+            topic_alias: Some(2),
+            subscription_identifiers: vec![1, 300],
+            user_properties: vec![("a".into(), "b".into())],
+            ..Properties::default()
+        };
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "t/1".into(),
+            pkid: 77,
+            payload: Bytes::from_static(b"payload"),
+            properties: Some(Box::new(properties.clone())),
+        };
+        for protocol in [V31, V311, V5] {
+            let header = PublishHeader {
+                dup: p.dup,
+                qos: p.qos,
+                retain: p.retain,
+                topic: &p.topic,
+                pkid: p.pkid,
+            };
+            let mut out = BytesMut::new();
+            encode_publish(&mut out, protocol, &header, Some(&properties), &p.payload).unwrap();
+            assert_eq!(&out[..], bytes(&Packet::Publish(p.clone()), protocol));
+            let decoded = decode(&mut out, protocol, 1024).unwrap().unwrap();
+            let expected = Publish {
+                properties: p.properties.clone().filter(|_| protocol.is_v5()),
+                ..p.clone()
+            };
+            assert_eq!(decoded, Packet::Publish(expected));
+        }
+    }
 }

@@ -154,10 +154,14 @@ impl Properties {
                 0x25 => set_once(&mut p.retain_available, zero_or_one(r.u8()?)?)?,
                 0x26 => p.user_properties.push((r.string()?, r.string()?)),
                 0x27 => set_once(&mut p.maximum_packet_size, non_zero(r.u32()?)?)?,
-                0x28 => set_once(&mut p.wildcard_subscription_available, zero_or_one(r.u8()?)?)?,
-                0x29 => {
-                    set_once(&mut p.subscription_identifiers_available, zero_or_one(r.u8()?)?)?
-                }
+                0x28 => set_once(
+                    &mut p.wildcard_subscription_available,
+                    zero_or_one(r.u8()?)?,
+                )?,
+                0x29 => set_once(
+                    &mut p.subscription_identifiers_available,
+                    zero_or_one(r.u8()?)?,
+                )?,
                 0x2A => set_once(&mut p.shared_subscription_available, zero_or_one(r.u8()?)?)?,
                 _ => return Err(Error::Malformed("unknown property")),
             }
@@ -251,5 +255,317 @@ impl Properties {
         byte(s, 0x29, self.subscription_identifiers_available);
         byte(s, 0x2A, self.shared_subscription_available);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode, encode, ConnAck, Packet, Protocol};
+    use bytes::BytesMut;
+
+    /// Decodes `props` as the properties of a 5.0 CONNACK or of a PUBLISH.
+    fn props(byte1: u8, props: &[u8]) -> Result<Properties, Error> {
+        let head: &[u8] = if byte1 == 0x20 {
+            &[0, 0]
+        } else {
+            &[0, 1, b't']
+        };
+        let mut body = head.to_vec();
+        body.push(props.len() as u8);
+        body.extend_from_slice(props);
+        let mut bytes = vec![byte1, body.len() as u8];
+        bytes.extend(body);
+        match decode(&mut BytesMut::from(&bytes[..]), Protocol::V5, 1024)? {
+            Some(Packet::ConnAck(c)) => Ok(c.properties),
+            Some(Packet::Publish(p)) => Ok(p.properties.map(|p| *p).unwrap_or_default()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn connack(p: &[u8]) -> Result<Properties, Error> {
+        props(0x20, p)
+    }
+
+    fn publish(p: &[u8]) -> Result<Properties, Error> {
+        props(0x30, p)
+    }
+
+    #[test]
+    fn decodes_every_connack_property() {
+        let bytes = [
+            &[0x11, 0, 0, 1, 0][..],
+            &[0x12, 0, 1, b'c'],
+            &[0x13, 0, 30],
+            &[0x15, 0, 1, b'm'],
+            &[0x16, 0, 2, 0, 0xFF],
+            &[0x1A, 0, 1, b'i'],
+            &[0x1C, 0, 1, b's'],
+            &[0x1F, 0, 1, b'r'],
+            &[0x21, 0, 5],
+            &[0x22, 0, 0],
+            &[0x24, 1],
+            &[0x25, 0],
+            &[0x26, 0, 1, b'k', 0, 1, b'2'],
+            &[0x26, 0, 1, b'k', 0, 1, b'1'],
+            &[0x27, 0, 0, 1, 0],
+            &[0x28, 1],
+            &[0x29, 0],
+            &[0x2A, 1],
+        ]
+        .concat();
+        let p = connack(&bytes).unwrap();
+        let expected = Properties {
+            session_expiry_interval: Some(256),
+            assigned_client_identifier: Some("c".into()),
+            server_keep_alive: Some(30),
+            authentication_method: Some("m".into()),
+            authentication_data: Some(Bytes::from_static(&[0, 0xFF])),
+            response_information: Some("i".into()),
+            server_reference: Some("s".into()),
+            reason_string: Some("r".into()),
+            receive_maximum: Some(5),
+            topic_alias_maximum: Some(0),
+            maximum_qos: Some(1),
+            retain_available: Some(0),
+            user_properties: vec![("k".into(), "2".into()), ("k".into(), "1".into())],
+            maximum_packet_size: Some(256),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(0),
+            shared_subscription_available: Some(1),
+            ..Properties::default()
+        };
+        assert_eq!(p, expected);
+        // And back: the encoder writes the same properties (in its own order).
+        let mut out = BytesMut::new();
+        let packet = Packet::ConnAck(ConnAck {
+            properties: expected.clone(),
+            ..ConnAck::default()
+        });
+        encode(&packet, Protocol::V5, &mut out).unwrap();
+        assert_eq!(decode(&mut out, Protocol::V5, 1024), Ok(Some(packet)));
+    }
+
+    #[test]
+    fn decodes_every_publish_property() {
+        let bytes = [
+            &[0x01, 1][..],
+            &[0x02, 0, 0, 0, 60],
+            &[0x03, 0, 1, b'j'],
+            &[0x08, 0, 1, b'r'],
+            &[0x09, 0, 1, 0],
+            &[0x0B, 0x80, 0x01],
+            &[0x0B, 0xFF, 0xFF, 0xFF, 0x7F],
+            &[0x23, 0, 3],
+        ]
+        .concat();
+        let p = publish(&bytes).unwrap();
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert_eq!(p.message_expiry_interval, Some(60));
+        assert_eq!(p.content_type, Some("j".into()));
+        assert_eq!(p.response_topic, Some("r".into()));
+        assert_eq!(p.correlation_data.as_deref(), Some(&[0][..]));
+        assert_eq!(p.subscription_identifiers, [128, 268_435_455]);
+        assert_eq!(p.topic_alias, Some(3));
+    }
+
+    #[test]
+    fn unknown_and_misplaced_properties_are_malformed() {
+        for id in [
+            0x00, 0x04, 0x0A, 0x10, 0x14, 0x1B, 0x20, 0x2B, 0x7F, 0x80, 0xFF,
+        ] {
+            assert!(
+                matches!(connack(&[id, 0]), Err(Error::Malformed(_))),
+                "{id:#x}"
+            );
+        }
+        // Valid properties in the wrong packet.
+        for p in [
+            &[0x23, 0, 1][..],
+            &[0x01, 0],
+            &[0x0B, 1],
+            &[0x17, 0],
+            &[0x18, 0, 0, 0, 0],
+        ] {
+            assert!(matches!(connack(p), Err(Error::Malformed(_))), "{p:?}");
+        }
+        for p in [
+            &[0x1F, 0, 0][..],
+            &[0x11, 0, 0, 0, 0],
+            &[0x21, 0, 1],
+            &[0x26, 0, 0, 0, 0],
+        ] {
+            let result = publish(p);
+            if p[0] == 0x26 {
+                assert!(result.is_ok());
+            } else {
+                assert!(matches!(result, Err(Error::Malformed(_))), "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_properties_are_protocol_errors() {
+        let singles: [&[u8]; 16] = [
+            &[0x11, 0, 0, 0, 0],
+            &[0x12, 0, 0],
+            &[0x13, 0, 0],
+            &[0x15, 0, 0],
+            &[0x16, 0, 0],
+            &[0x1A, 0, 0],
+            &[0x1C, 0, 0],
+            &[0x1F, 0, 0],
+            &[0x21, 0, 1],
+            &[0x22, 0, 0],
+            &[0x24, 0],
+            &[0x25, 0],
+            &[0x27, 0, 0, 0, 1],
+            &[0x28, 0],
+            &[0x29, 0],
+            &[0x2A, 0],
+        ];
+        for p in singles {
+            assert!(connack(p).is_ok(), "{p:?}");
+            assert!(
+                matches!(connack(&[p, p].concat()), Err(Error::Protocol(_))),
+                "{p:?}"
+            );
+        }
+        let singles: [&[u8]; 6] = [
+            &[0x01, 0],
+            &[0x02, 0, 0, 0, 0],
+            &[0x03, 0, 0],
+            &[0x08, 0, 0],
+            &[0x09, 0, 0],
+            &[0x23, 0, 1],
+        ];
+        for p in singles {
+            assert!(publish(p).is_ok(), "{p:?}");
+            assert!(
+                matches!(publish(&[p, p].concat()), Err(Error::Protocol(_))),
+                "{p:?}"
+            );
+        }
+        // These two may repeat.
+        assert!(publish(&[0x0B, 1, 0x0B, 1]).is_ok());
+        assert!(connack(&[0x26, 0, 0, 0, 0, 0x26, 0, 0, 0, 0]).is_ok());
+    }
+
+    #[test]
+    fn values_out_of_range_are_protocol_errors() {
+        let connack_cases: [&[u8]; 9] = [
+            &[0x21, 0, 0],
+            &[0x27, 0, 0, 0, 0],
+            &[0x24, 2],
+            &[0x25, 2],
+            &[0x28, 2],
+            &[0x29, 2],
+            &[0x2A, 2],
+            &[0x2A, 0xFF],
+            &[0x24, 0x80],
+        ];
+        for p in connack_cases {
+            assert!(matches!(connack(p), Err(Error::Protocol(_))), "{p:?}");
+        }
+        for p in [&[0x01, 2][..], &[0x0B, 0], &[0x23, 0, 0]] {
+            assert!(matches!(publish(p), Err(Error::Protocol(_))), "{p:?}");
+        }
+        // request_* are CONNECT properties.
+        for id in [0x17, 0x19] {
+            let mut bytes = vec![0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0];
+            bytes.extend_from_slice(&[2, id, 2, 0, 0]);
+            let e = decode(&mut BytesMut::from(&bytes[..]), Protocol::V5, 1024);
+            assert!(matches!(e, Err(Error::Protocol(_))), "{id:#x}");
+            bytes[14] = 1;
+            assert!(decode(&mut BytesMut::from(&bytes[..]), Protocol::V5, 1024).is_ok());
+        }
+    }
+
+    #[test]
+    fn truncated_properties_are_malformed() {
+        let cases: [&[u8]; 7] = [
+            &[0x21, 0],
+            &[0x11, 0, 0, 0],
+            &[0x1F, 0, 5, b'a'],
+            &[0x26, 0, 1, b'k'],
+            &[0x1F, 0, 1, 0xFF],
+            &[0x1F, 0, 1, 0],
+            &[0x16, 0],
+        ];
+        for p in cases {
+            assert!(matches!(connack(p), Err(Error::Malformed(_))), "{p:?}");
+        }
+        for p in [
+            &[0x0B][..],
+            &[0x0B, 0x80],
+            &[0x0B, 0x80, 0x00],
+            &[0x0B, 0x80, 0x80, 0x80, 0x80, 1],
+        ] {
+            assert!(matches!(publish(p), Err(Error::Malformed(_))), "{p:?}");
+        }
+        // A property length past the end of the packet.
+        let bytes = [0x20, 3, 0, 0, 5];
+        let e = decode(&mut BytesMut::from(&bytes[..]), Protocol::V5, 1024);
+        assert!(matches!(e, Err(Error::Malformed(_))));
+        // A property value running past the property length into what follows.
+        let bytes = [0x30, 8, 0, 1, b't', 2, 0x23, 0, 1, b'x'];
+        let e = decode(&mut BytesMut::from(&bytes[..]), Protocol::V5, 1024);
+        assert!(matches!(e, Err(Error::Malformed(_))));
+    }
+
+    #[test]
+    fn emptiness() {
+        assert!(Properties::default().is_empty());
+        for p in [
+            Properties {
+                topic_alias: Some(1),
+                ..Properties::default()
+            },
+            Properties {
+                subscription_identifiers: vec![1],
+                ..Properties::default()
+            },
+            Properties {
+                user_properties: vec![("".into(), "".into())],
+                ..Properties::default()
+            },
+        ] {
+            assert!(!p.is_empty());
+        }
+    }
+
+    #[test]
+    fn encoding_errors() {
+        let long: ByteStr = "x".repeat(65_536).into();
+        for p in [
+            Properties {
+                subscription_identifiers: vec![0],
+                ..Properties::default()
+            },
+            Properties {
+                subscription_identifiers: vec![268_435_456],
+                ..Properties::default()
+            },
+            Properties {
+                reason_string: Some(long.clone()),
+                ..Properties::default()
+            },
+            Properties {
+                user_properties: vec![("k".into(), long.clone())],
+                ..Properties::default()
+            },
+            Properties {
+                correlation_data: Some(long.clone().into_bytes()),
+                ..Properties::default()
+            },
+        ] {
+            assert!(matches!(p.encoded_len(), Err(Error::Malformed(_))));
+        }
+        let max: ByteStr = "x".repeat(65_535).into();
+        let p = Properties {
+            reason_string: Some(max),
+            ..Properties::default()
+        };
+        assert_eq!(p.encoded_len(), Ok(1 + 2 + 65_535));
     }
 }

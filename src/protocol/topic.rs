@@ -81,10 +81,14 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in ["a", "#", "+", "+/+", "a/#", "a/+/b", "/", "/#", "+/#", "$SYS/#", "a//b"] {
+        for ok in [
+            "a", "#", "+", "+/+", "a/#", "a/+/b", "/", "/#", "+/#", "$SYS/#", "a//b",
+        ] {
             assert!(valid_filter(ok), "{ok}");
         }
-        for bad in ["", "a#", "a/#/b", "#/a", "a+", "a/b+", "+a/b", "a/##", "##", "++"] {
+        for bad in [
+            "", "a#", "a/#/b", "#/a", "a+", "a/b+", "+a/b", "a/##", "##", "++",
+        ] {
             assert!(!valid_filter(bad), "{bad}");
         }
     }
@@ -139,7 +143,14 @@ mod tests {
         assert_eq!(parse_shared("$share/g/a/b"), Ok(Some(("g", "a/b"))));
         assert_eq!(parse_shared("$share/g/#"), Ok(Some(("g", "#"))));
         assert_eq!(parse_shared("$share/g//"), Ok(Some(("g", "/"))));
-        for bad in ["$share/", "$share/g", "$share//x", "$share/g/", "$share/g+/x", "$share/#/x"] {
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share//x",
+            "$share/g/",
+            "$share/g+/x",
+            "$share/#/x",
+        ] {
             assert_eq!(parse_shared(bad), Err(MalformedShare), "{bad}");
         }
     }

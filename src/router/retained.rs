@@ -40,6 +40,24 @@ impl Retained {
         }
     }
 
+    /// Clears `topic` only if it still holds `message` (not a newer one).
+    pub fn clear_if_same(&mut self, topic: &str, message: &Arc<Message>) {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        if node
+            .message
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, message))
+        {
+            self.set(topic, None);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }

@@ -8,12 +8,15 @@
 use crate::broker::Broker;
 use crate::metrics;
 use crate::protocol::{
-    self, connack_v3, reason, topic, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet,
-    Protocol, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    self, connack_v3, reason, topic, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Protocol,
+    Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{Delivery, DeliveryHeader, Message, MAX_TOPIC_LEVELS};
-use crate::session::{Link, NotOwner, Session, Stage};
+use crate::router::{
+    is_shared, valid_subscription, within_levels, Delivery, DeliveryHeader, Message,
+};
+use crate::session::{Link, NotOwner, Session, SessionState, Stage, NEVER_EXPIRE};
 use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +94,10 @@ struct Io<R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     /// Reads until the first packet is complete; it must be CONNECT.
-    async fn read_connect(&mut self, broker: &Broker) -> Result<Option<Box<Connect>>, protocol::Error> {
+    async fn read_connect(
+        &mut self,
+        broker: &Broker,
+    ) -> Result<Option<Box<Connect>>, protocol::Error> {
         let max = broker.config.mqtt.max_packet_size;
         loop {
             match protocol::decode(&mut self.rbuf, Protocol::V311, max)? {
@@ -148,7 +154,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 #[derive(Debug)]
 enum Exit {
     /// DISCONNECT from the client; `true` if it asked for its will anyway (5.0 0x04).
-    Disconnect { will: bool },
+    Disconnect {
+        will: bool,
+    },
     /// The socket closed or failed without a DISCONNECT.
     Closed,
     /// A protocol violation by the client; answered in 5.0 with this reason code.
@@ -166,6 +174,18 @@ struct Conn<'a> {
     protocol: Protocol,
     keep_alive: Option<Duration>,
     will: Option<Message>,
+    /// 5.0 Will Delay Interval, seconds.
+    will_delay: u32,
+    /// The session expiry asked for at CONNECT (a DISCONNECT may not raise it from 0).
+    connect_expiry: u32,
+    /// Outbound window: our limit, lowered to the client's Receive Maximum (5.0).
+    max_inflight: usize,
+    /// The client's Maximum Packet Size (5.0): larger messages are not sent to it.
+    client_max_packet: usize,
+    /// Inbound topic aliases set by the client on this connection (5.0).
+    aliases: HashMap<u16, ByteStr>,
+    /// The client wants reason strings (5.0 Request Problem Information).
+    problem_info: bool,
     wake: Arc<Notify>,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
@@ -174,13 +194,19 @@ struct Conn<'a> {
 impl<'a> Conn<'a> {
     /// Validates the CONNECT, opens the session and queues the CONNACK. On refusal,
     /// answers with the CONNACK code and returns None.
-    async fn accept<R, W>(broker: &'a Arc<Broker>, connect: Connect, io: &mut Io<R, W>) -> Option<Conn<'a>>
+    async fn accept<R, W>(
+        broker: &'a Arc<Broker>,
+        connect: Connect,
+        io: &mut Io<R, W>,
+    ) -> Option<Conn<'a>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let cfg = &broker.config.mqtt;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
+        let props = &connect.properties;
         let refuse = |v3: u8, v5code: u8| {
             Packet::ConnAck(ConnAck {
                 code: if v5 { v5code } else { v3 },
@@ -191,7 +217,7 @@ impl<'a> Conn<'a> {
         let mut client_id = ByteStr::from(connect.client_id.as_str());
         let refused = if client_id.is_empty() {
             // 3.1 requires an id; 3.1.1 allows an empty one only with clean session.
-            let allowed = broker.config.mqtt.allow_zero_length_clientid
+            let allowed = cfg.allow_zero_length_clientid
                 && protocol != Protocol::V31
                 && (connect.clean_start || v5);
             if allowed {
@@ -207,29 +233,42 @@ impl<'a> Conn<'a> {
         };
         if let Some(why) = refused {
             info!("refused: {why}");
-            let ack = refuse(connack_v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID);
+            let ack = refuse(
+                connack_v3::IDENTIFIER_REJECTED,
+                reason::CLIENT_IDENTIFIER_NOT_VALID,
+            );
             io.send_and_close(ack, protocol).await;
             return None;
         }
         tracing::Span::current().record("client_id", client_id.as_str());
 
-        if v5 && connect.properties.authentication_method.is_some() {
+        if v5 && props.authentication_method.is_some() {
             info!("refused: no enhanced authentication method is supported");
-            let ack = refuse(connack_v3::NOT_AUTHORIZED, reason::BAD_AUTHENTICATION_METHOD);
+            let ack = refuse(
+                connack_v3::NOT_AUTHORIZED,
+                reason::BAD_AUTHENTICATION_METHOD,
+            );
             io.send_and_close(ack, protocol).await;
             return None;
         }
 
+        let mut will_delay = 0;
         let will = match connect.will {
             None => None,
-            Some(w) if topic::valid_topic_name(&w.topic) && levels_ok(&w.topic) => Some(Message::new(
-                ByteStr::from(w.topic.as_str()),
-                Bytes::copy_from_slice(&w.payload),
-                w.qos,
-                w.retain,
-                None,
-                0,
-            )),
+            Some(w) if topic::valid_topic_name(&w.topic) && within_levels(&w.topic) => {
+                will_delay = w.properties.will_delay_interval.unwrap_or(0);
+                let mut wp = w.properties;
+                wp.will_delay_interval = None;
+                let wp = (!wp.is_empty()).then(|| Box::new(wp));
+                Some(Message::new(
+                    ByteStr::from(w.topic.as_str()),
+                    Bytes::copy_from_slice(&w.payload),
+                    w.qos,
+                    w.retain,
+                    wp,
+                    0,
+                ))
+            }
             Some(_) => {
                 info!("refused: invalid will topic");
                 let ack = refuse(connack_v3::NOT_AUTHORIZED, reason::TOPIC_NAME_INVALID);
@@ -237,10 +276,38 @@ impl<'a> Conn<'a> {
                 return None;
             }
         };
-        if will.as_ref().is_some_and(|w| w.retain) && !broker.config.mqtt.retain_available {
-            let ack = refuse(connack_v3::NOT_AUTHORIZED, reason::RETAIN_NOT_SUPPORTED);
-            io.send_and_close(ack, protocol).await;
-            return None;
+        if let Some(w) = &will {
+            let code = if w.retain && !cfg.retain_available {
+                Some(reason::RETAIN_NOT_SUPPORTED)
+            } else if w.qos as u8 > cfg.max_qos {
+                Some(reason::QOS_NOT_SUPPORTED)
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                info!("refused: will needs retain or a QoS the server does not offer");
+                io.send_and_close(refuse(connack_v3::NOT_AUTHORIZED, code), protocol)
+                    .await;
+                return None;
+            }
+        }
+
+        // 3.x: clean session means the session ends with the connection; otherwise it
+        // lasts until discarded. 5.0: the client says how long, within our maximum.
+        let asked_expiry = if v5 {
+            props.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            NEVER_EXPIRE
+        };
+        let expiry = asked_expiry.min(cfg.max_session_expiry_interval);
+        let mut keep_alive = connect.keep_alive;
+        let server_keep_alive =
+            (v5 && cfg.max_keepalive > 0 && (keep_alive == 0 || keep_alive > cfg.max_keepalive))
+                .then_some(cfg.max_keepalive);
+        if let Some(k) = server_keep_alive {
+            keep_alive = k;
         }
 
         let conn_id = broker.next_id();
@@ -249,23 +316,32 @@ impl<'a> Conn<'a> {
             conn_id,
             wake: wake.clone(),
         };
-        let (session, present) = broker.open_session(&client_id, connect.clean_start, protocol, link);
+        let (session, present) = broker.open_session(&client_id, connect.clean_start, expiry, link);
         info!(
             protocol = protocol.level(),
             clean = connect.clean_start,
-            keep_alive = connect.keep_alive,
+            keep_alive,
             resumed = present,
             "connected"
         );
 
+        let limits = session.limits();
         let mut conn = Conn {
             broker,
             session,
             conn_id,
             protocol,
-            keep_alive: (connect.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             will,
+            will_delay,
+            connect_expiry: expiry,
+            max_inflight: props.receive_maximum.map_or(limits.max_inflight, |r| {
+                limits.max_inflight.min(usize::from(r))
+            }),
+            client_max_packet: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+            aliases: HashMap::new(),
+            problem_info: props.request_problem_information != Some(0),
             wake,
             batch: Vec::new(),
         };
@@ -274,8 +350,26 @@ impl<'a> Conn<'a> {
             code: 0,
             ..ConnAck::default()
         };
-        if v5 && connect.client_id.is_empty() {
-            ack.properties.assigned_client_identifier = Some(client_id);
+        if v5 {
+            let p = &mut ack.properties;
+            if connect.client_id.is_empty() {
+                p.assigned_client_identifier = Some(client_id);
+            }
+            if expiry != asked_expiry {
+                p.session_expiry_interval = Some(expiry);
+            }
+            p.server_keep_alive = server_keep_alive;
+            p.receive_maximum = (cfg.receive_maximum != u16::MAX).then_some(cfg.receive_maximum);
+            p.maximum_packet_size = (cfg.max_packet_size < protocol::MAX_REMAINING_LENGTH + 5)
+                .then_some(cfg.max_packet_size as u32);
+            p.topic_alias_maximum =
+                (cfg.topic_alias_maximum > 0).then_some(cfg.topic_alias_maximum);
+            p.maximum_qos = (cfg.max_qos < 2).then_some(cfg.max_qos);
+            p.retain_available = Some(u8::from(cfg.retain_available));
+            p.wildcard_subscription_available = Some(u8::from(cfg.wildcard_subscription_available));
+            p.subscription_identifiers_available =
+                Some(u8::from(cfg.subscription_identifiers_available));
+            p.shared_subscription_available = Some(u8::from(cfg.shared_subscription_available));
         }
         conn.send(&mut io.wbuf, Packet::ConnAck(ack));
         if present {
@@ -309,7 +403,12 @@ impl<'a> Conn<'a> {
             tokio::select! {
                 biased;
                 _ = broker.shutdown.cancelled() => return Exit::Shutdown,
-                _ = wake.notified() => {}
+                _ = wake.notified() => {
+                    // Checked here too: with a full write buffer `pull` is not called.
+                    if !self.session.is_owned_by(self.conn_id) {
+                        return Exit::TakenOver;
+                    }
+                }
                 written = io.writer.write_buf(&mut io.wbuf), if !io.wbuf.is_empty() => {
                     match written {
                         Ok(0) | Err(_) => return Exit::Closed,
@@ -376,9 +475,7 @@ impl<'a> Conn<'a> {
                 self.send(out, Packet::PingResp);
                 Ok(())
             }
-            Packet::Disconnect(d) => Err(Exit::Disconnect {
-                will: d.reason == reason::DISCONNECT_WITH_WILL,
-            }),
+            Packet::Disconnect(d) => self.on_disconnect(d),
             Packet::Connect(_) => Err(violation(reason::PROTOCOL_ERROR, "second CONNECT")),
             Packet::Auth(_) => Err(violation(
                 reason::PROTOCOL_ERROR,
@@ -391,21 +488,94 @@ impl<'a> Conn<'a> {
         }
     }
 
-    fn on_publish(&mut self, p: Publish, out: &mut BytesMut) -> Result<(), Exit> {
+    fn on_publish(&mut self, mut p: Publish, out: &mut BytesMut) -> Result<(), Exit> {
         metrics::received();
-        if !levels_ok(&p.topic) {
-            return Err(violation(reason::TOPIC_NAME_INVALID, "topic has too many levels"));
+        let cfg = &self.broker.config.mqtt;
+        if let Some(props) = p.properties.as_deref_mut() {
+            self.resolve_alias(&mut p.topic, props)?;
+            if !props.subscription_identifiers.is_empty() {
+                return Err(violation(
+                    reason::PROTOCOL_ERROR,
+                    "PUBLISH from a client carries a subscription identifier",
+                ));
+            }
         }
-        if p.retain && !self.broker.config.mqtt.retain_available {
-            return Err(violation(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
+        if p.properties.as_ref().is_some_and(|props| props.is_empty()) {
+            p.properties = None;
+        }
+        if p.topic.is_empty() {
+            return Err(violation(reason::PROTOCOL_ERROR, "PUBLISH without a topic"));
+        }
+        if !within_levels(&p.topic) {
+            return Err(violation(
+                reason::TOPIC_NAME_INVALID,
+                "topic has too many levels",
+            ));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(violation(
+                reason::RETAIN_NOT_SUPPORTED,
+                "retain is not available",
+            ));
+        }
+        if p.qos as u8 > cfg.max_qos {
+            return Err(violation(
+                reason::QOS_NOT_SUPPORTED,
+                "QoS above the server maximum",
+            ));
+        }
+        let utf8_claimed = p
+            .properties
+            .as_ref()
+            .is_some_and(|props| props.payload_format_indicator == Some(1));
+        if utf8_claimed && std::str::from_utf8(&p.payload).is_err() {
+            // The standard lets the server refuse it [MQTT-3.3.2-4]: 0x99 in the ack, or
+            // a DISCONNECT for QoS 0 which has no ack.
+            if p.qos == QoS::AtMostOnce {
+                return Err(violation(
+                    reason::PAYLOAD_FORMAT_INVALID,
+                    "payload is not UTF-8",
+                ));
+            }
+            let ack = self.ack_with(
+                p.pkid,
+                reason::PAYLOAD_FORMAT_INVALID,
+                "payload is not UTF-8",
+            );
+            let packet = if p.qos == QoS::AtLeastOnce {
+                Packet::PubAck(ack)
+            } else {
+                Packet::PubRec(ack)
+            };
+            self.send(out, packet);
+            return Ok(());
         }
         if p.qos == QoS::ExactlyOnce {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
             // again: this is what makes it exactly once.
-            let first = self.owned(|s| s.inbound_qos2.insert(p.pkid))?;
-            if !first {
-                self.send(out, Packet::PubRec(self.ack(p.pkid, true)));
-                return Ok(());
+            let receive_max = usize::from(cfg.receive_maximum);
+            let first = self.owned(|s| {
+                if s.inbound_qos2.contains(&p.pkid) {
+                    Ok(false)
+                } else if s.inbound_qos2.len() >= receive_max {
+                    Err(())
+                } else {
+                    s.inbound_qos2.insert(p.pkid);
+                    Ok(true)
+                }
+            })?;
+            match first {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.send(out, Packet::PubRec(self.ack(p.pkid, true)));
+                    return Ok(());
+                }
+                Err(()) => {
+                    return Err(violation(
+                        reason::RECEIVE_MAXIMUM_EXCEEDED,
+                        "more unreleased QoS 2 publishes than Receive Maximum",
+                    ))
+                }
             }
         }
         let (qos, pkid) = (p.qos, p.pkid);
@@ -439,24 +609,76 @@ impl<'a> Conn<'a> {
         Ok(())
     }
 
+    /// 5.0 Topic Alias: a PUBLISH with a topic and an alias sets it; one with an empty
+    /// topic uses it. The alias itself never leaves this connection.
+    fn resolve_alias(
+        &mut self,
+        topic: &mut ByteStr,
+        props: &mut protocol::Properties,
+    ) -> Result<(), Exit> {
+        let Some(alias) = props.topic_alias.take() else {
+            return Ok(());
+        };
+        if alias == 0 || alias > self.broker.config.mqtt.topic_alias_maximum {
+            return Err(violation(
+                reason::TOPIC_ALIAS_INVALID,
+                "topic alias out of range",
+            ));
+        }
+        if topic.is_empty() {
+            match self.aliases.get(&alias) {
+                Some(t) => *topic = t.clone(),
+                None => return Err(violation(reason::PROTOCOL_ERROR, "unknown topic alias")),
+            }
+        } else {
+            // A copy, so the alias does not pin this packet's read buffer.
+            self.aliases.insert(alias, ByteStr::from(topic.as_str()));
+        }
+        Ok(())
+    }
+
     fn on_subscribe(&mut self, s: Subscribe, out: &mut BytesMut) -> Result<(), Exit> {
+        let cfg = &self.broker.config.mqtt;
+        let v5 = self.protocol.is_v5();
         let router = &self.broker.router;
+        let sub_id = s.properties.subscription_identifiers.first().copied();
+        if sub_id.is_some() && !cfg.subscription_identifiers_available {
+            return Err(violation(
+                reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+                "subscription identifiers are not available",
+            ));
+        }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut accepted = Vec::new();
         for f in &s.filters {
-            if !topic::valid_filter(&f.filter) || !levels_ok(&f.filter) {
-                debug!(filter = %f.filter, "refused invalid topic filter");
-                codes.push(if self.protocol.is_v5() {
-                    reason::TOPIC_FILTER_INVALID
-                } else {
-                    0x80
-                });
+            let shared = is_shared(&f.filter);
+            let refusal = if !valid_subscription(&f.filter) {
+                Some(reason::TOPIC_FILTER_INVALID)
+            } else if shared && !cfg.shared_subscription_available {
+                Some(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+            } else if !cfg.wildcard_subscription_available && f.filter.contains(['+', '#']) {
+                Some(reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
+            } else {
+                None
+            };
+            if let Some(code) = refusal {
+                debug!(filter = %f.filter, "refused topic filter");
+                codes.push(if v5 { code } else { 0x80 });
                 continue;
             }
-            let existed = router.subscribe(&f.filter, &self.session, f.options);
+            if shared && f.options.no_local {
+                return Err(violation(
+                    reason::PROTOCOL_ERROR,
+                    "No Local on a shared subscription",
+                ));
+            }
+            let mut options = f.options;
+            options.qos = options
+                .qos
+                .min(QoS::from_u8(cfg.max_qos).unwrap_or_default());
+            let existed = router.subscribe(&f.filter, &self.session, options, sub_id);
             // Record it in the session, or undo it if the session was taken meanwhile.
             let filter = f.filter.clone();
-            let options = f.options;
             if self
                 .owned(|st| st.subscriptions.insert(filter, options))
                 .is_err()
@@ -464,9 +686,12 @@ impl<'a> Conn<'a> {
                 router.unsubscribe(&f.filter, self.session.id);
                 return Err(Exit::TakenOver);
             }
-            debug!(filter = %f.filter, qos = ?f.options.qos, "subscribed");
-            codes.push(f.options.qos as u8);
-            accepted.push((f, existed));
+            debug!(filter = %f.filter, qos = ?options.qos, "subscribed");
+            codes.push(options.qos as u8);
+            // Retained messages are not sent for shared subscriptions (MQTT 5.0, 4.8.2).
+            if !shared {
+                accepted.push((&f.filter, options, existed));
+            }
         }
         self.send(
             out,
@@ -478,8 +703,8 @@ impl<'a> Conn<'a> {
         );
         // Retained messages follow the SUBACK: they go through the session queue, which is
         // written after it.
-        for (f, existed) in accepted {
-            let wanted = match f.options.retain_handling {
+        for (filter, options, existed) in accepted {
+            let wanted = match options.retain_handling {
                 0 => true,
                 1 => !existed,
                 _ => false,
@@ -487,13 +712,10 @@ impl<'a> Conn<'a> {
             if !wanted {
                 continue;
             }
-            for message in router.retained_matching(&f.filter) {
-                let qos = message.qos.min(f.options.qos);
-                self.session.deliver(Delivery {
-                    message,
-                    qos,
-                    retain: true,
-                });
+            for message in router.retained_matching(filter) {
+                let mut d = Delivery::new(message.clone(), message.qos.min(options.qos), true);
+                d.sub_ids.extend(sub_id);
+                self.session.deliver(d);
             }
         }
         Ok(())
@@ -524,26 +746,63 @@ impl<'a> Conn<'a> {
         Ok(())
     }
 
+    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), Exit> {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            // A session that was to end with the connection cannot be kept now [MQTT-3.14.2-2].
+            if self.connect_expiry == 0 && expiry != 0 {
+                return Err(violation(
+                    reason::PROTOCOL_ERROR,
+                    "DISCONNECT sets a session expiry after CONNECT set none",
+                ));
+            }
+            let expiry = expiry.min(self.broker.config.mqtt.max_session_expiry_interval);
+            self.session.set_expiry(self.conn_id, expiry);
+        }
+        Err(Exit::Disconnect {
+            will: d.reason == reason::DISCONNECT_WITH_WILL,
+        })
+    }
+
     /// Moves what the in-flight window allows from the session queue into `out`.
     fn pull(&mut self, out: &mut BytesMut) -> Result<(), NotOwner> {
-        let max_inflight = self.session.limits().max_inflight;
+        let max_inflight = self.max_inflight;
         loop {
             let mut batch = std::mem::take(&mut self.batch);
-            self.session
-                .with_state(self.conn_id, |s| s.take_sendable(max_inflight, BATCH, &mut batch))?;
+            self.session.with_state(self.conn_id, |s| {
+                s.take_sendable(max_inflight, BATCH, &mut batch)
+            })?;
             let n = batch.len();
+            let mut too_large = Vec::new();
             for (d, pkid) in batch.drain(..) {
+                let before = out.len();
                 let header = DeliveryHeader {
                     dup: false,
                     qos: d.qos,
                     retain: d.retain,
                     pkid,
+                    sub_ids: &d.sub_ids,
                 };
                 if let Err(e) = d.message.encode(out, self.protocol, &header) {
                     warn!(topic = %d.message.topic, "cannot encode PUBLISH: {e}");
                 }
+                if out.len() - before > self.client_max_packet {
+                    // Larger than the client accepts: dropped as if delivered [MQTT-3.1.2-25].
+                    out.truncate(before);
+                    too_large.push(pkid);
+                }
             }
             self.batch = batch;
+            if !too_large.is_empty() {
+                debug!(
+                    count = too_large.len(),
+                    "messages larger than the client's maximum packet size not sent"
+                );
+                self.session.with_state(self.conn_id, |s| {
+                    for pkid in too_large.iter().filter(|p| **p != 0) {
+                        s.forget(*pkid);
+                    }
+                })?;
+            }
             metrics::sent(n as u64);
             if n < BATCH || out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
@@ -552,7 +811,9 @@ impl<'a> Conn<'a> {
     }
 
     fn resend_inflight(&mut self, out: &mut BytesMut) -> Result<(), NotOwner> {
-        let inflight = self.owned_inflight()?;
+        let inflight = self.session.with_state(self.conn_id, |s| {
+            s.inflight.iter().cloned().collect::<Vec<_>>()
+        })?;
         for f in inflight {
             match f.stage {
                 Stage::Publish(d) => {
@@ -561,6 +822,7 @@ impl<'a> Conn<'a> {
                         qos: d.qos,
                         retain: d.retain,
                         pkid: f.pkid,
+                        sub_ids: &d.sub_ids,
                     };
                     if let Err(e) = d.message.encode(out, self.protocol, &header) {
                         warn!("cannot encode PUBLISH: {e}");
@@ -572,13 +834,8 @@ impl<'a> Conn<'a> {
         Ok(())
     }
 
-    fn owned_inflight(&self) -> Result<Vec<crate::session::Inflight>, NotOwner> {
-        self.session
-            .with_state(self.conn_id, |s| s.inflight.iter().cloned().collect())
-    }
-
     /// Runs `f` on the session state, or ends the connection if the session was taken.
-    fn owned<T>(&self, f: impl FnOnce(&mut crate::session::SessionState) -> T) -> Result<T, Exit> {
+    fn owned<T>(&self, f: impl FnOnce(&mut SessionState) -> T) -> Result<T, Exit> {
         self.session
             .with_state(self.conn_id, f)
             .map_err(|NotOwner| Exit::TakenOver)
@@ -586,15 +843,32 @@ impl<'a> Conn<'a> {
 
     /// An acknowledgement; in 5.0 an unknown packet id is reported as such.
     fn ack(&self, pkid: u16, known: bool) -> Ack {
-        Ack {
-            pkid,
-            reason: if known || !self.protocol.is_v5() {
-                reason::SUCCESS
-            } else {
-                reason::PACKET_IDENTIFIER_NOT_FOUND
-            },
-            ..Ack::default()
+        if known || !self.protocol.is_v5() {
+            Ack {
+                pkid,
+                ..Ack::default()
+            }
+        } else {
+            self.ack_with(
+                pkid,
+                reason::PACKET_IDENTIFIER_NOT_FOUND,
+                "unknown packet identifier",
+            )
         }
+    }
+
+    /// A 5.0 acknowledgement with a reason code, and a reason string if the client wants
+    /// them.
+    fn ack_with(&self, pkid: u16, code: u8, why: &'static str) -> Ack {
+        let mut ack = Ack {
+            pkid,
+            reason: code,
+            ..Ack::default()
+        };
+        if self.problem_info {
+            ack.properties.reason_string = Some(ByteStr::from_static(why));
+        }
+        ack
     }
 
     fn send(&self, out: &mut BytesMut, packet: Packet) {
@@ -620,42 +894,59 @@ impl<'a> Conn<'a> {
             }
             Exit::Violation(code, why) => {
                 warn!("protocol violation: {why}; closing");
-                (true, Some(*code))
+                (true, Some((*code, why.clone())))
             }
             Exit::KeepAliveTimeout => {
                 info!("keep-alive timeout; closing");
-                (true, Some(reason::KEEP_ALIVE_TIMEOUT))
+                (
+                    true,
+                    Some((reason::KEEP_ALIVE_TIMEOUT, "keep-alive timeout".into())),
+                )
             }
             Exit::TakenOver => {
                 info!("session taken over by a new connection; closing");
-                (true, Some(reason::SESSION_TAKEN_OVER))
+                (
+                    true,
+                    Some((reason::SESSION_TAKEN_OVER, "session taken over".into())),
+                )
             }
-            Exit::Shutdown => (false, Some(reason::SERVER_SHUTTING_DOWN)),
+            Exit::Shutdown => (
+                false,
+                Some((reason::SERVER_SHUTTING_DOWN, "server shutting down".into())),
+            ),
         };
-        if publish_will {
-            if let Some(will) = self.will.take() {
-                debug!(topic = %will.topic, "publishing will");
-                let will = Arc::new(will);
-                if will.retain {
-                    self.broker.router.retain(&will);
-                }
-                self.broker.router.publish(&will);
-            }
+        let will = self.will.take().filter(|_| publish_will).map(Arc::new);
+        // A delayed will waits in the session; it is cancelled if the session resumes.
+        let (will_now, will_later) = if self.will_delay > 0 {
+            (None, will)
+        } else {
+            (will, None)
+        };
+        if let Some(will) = &will_now {
+            self.broker.publish_will(will);
         }
-        if let Some(filters) = self.session.detach(self.conn_id) {
-            self.broker.end_session(&self.session, &filters);
+        if let Some(detached) = self.session.detach(self.conn_id, will_later) {
+            self.broker
+                .session_detached(&self.session, self.conn_id, detached, self.will_delay);
         }
         let dropped = self.session.dropped();
         if dropped > 0 {
-            info!(dropped, "messages dropped for this session because its queue was full");
+            info!(
+                dropped,
+                "messages dropped for this session because its queue was full"
+            );
         }
         match disconnect {
-            Some(code) if self.protocol.is_v5() => {
-                let packet = Packet::Disconnect(Disconnect {
+            Some((code, why)) if self.protocol.is_v5() => {
+                let mut d = Disconnect {
                     reason: code,
                     ..Disconnect::default()
-                });
-                io.send_and_close(packet, self.protocol).await;
+                };
+                if self.problem_info {
+                    d.properties.reason_string = Some(ByteStr::from(why));
+                }
+                io.send_and_close(Packet::Disconnect(d), self.protocol)
+                    .await;
             }
             _ => {
                 let _ = tokio::time::timeout(CLOSE_FLUSH, io.writer.shutdown()).await;
@@ -666,10 +957,6 @@ impl<'a> Conn<'a> {
 
 fn violation(code: u8, why: impl Into<String>) -> Exit {
     Exit::Violation(code, why.into())
-}
-
-fn levels_ok(topic: &str) -> bool {
-    topic.split('/').nth(MAX_TOPIC_LEVELS).is_none()
 }
 
 /// An id for a client that sent none, in mosquitto's style ("auto-" and random hex).

@@ -6,8 +6,8 @@
 
 pub mod connection;
 
-use crate::protocol::{ByteStr, Protocol, QoS, SubOptions};
-use crate::router::Delivery;
+use crate::protocol::{ByteStr, QoS, SubOptions};
+use crate::router::{Delivery, Message};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -43,9 +43,13 @@ pub struct Link {
 
 #[derive(Debug, Default)]
 pub struct SessionState {
-    /// The session ends when its connection does (3.x clean session).
-    pub clean: bool,
-    pub protocol: Option<Protocol>,
+    /// Seconds the session outlives its connection: 0 = it ends with it (3.x clean
+    /// session), `NEVER_EXPIRE` = kept until discarded (3.x persistent session).
+    pub expiry: u32,
+    /// The connection that last detached, so that a stale expiry timer does nothing.
+    pub detached_by: Option<u64>,
+    /// A 5.0 will waiting out its Will Delay Interval; cancelled if the session resumes.
+    pub pending_will: Option<Arc<Message>>,
     pub subscriptions: HashMap<ByteStr, SubOptions>,
     /// Messages waiting for the in-flight window or for the client to come back.
     pub queue: VecDeque<Delivery>,
@@ -56,6 +60,26 @@ pub struct SessionState {
     pub next_pkid: u16,
     /// Messages refused because the queue was full.
     pub dropped: u64,
+}
+
+pub const NEVER_EXPIRE: u32 = u32::MAX;
+
+/// What remains to do after a connection let go of its session.
+pub struct Detached {
+    /// The session ended with the connection: these subscriptions must be removed.
+    pub ended: Option<Vec<ByteStr>>,
+    /// The will handed to `detach`, when the session ended and so it cannot wait.
+    pub will: Option<Arc<Message>>,
+    /// Messages taken through shared subscriptions that the client never acknowledged,
+    /// for another member of the group.
+    pub orphans: Vec<Delivery>,
+    pub expiry: u32,
+}
+
+/// What is left of a session that ended while offline.
+pub struct Ended {
+    pub filters: Vec<ByteStr>,
+    pub will: Option<Arc<Message>>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,40 +143,89 @@ impl Session {
     }
 
     /// Attaches a new connection, returning the one it replaces (to be told it lost).
-    pub fn attach(&self, link: Link, protocol: Protocol, clean: bool) -> Option<Link> {
+    /// A will still waiting out its delay is cancelled [MQTT-3.1.3-9].
+    pub fn attach(&self, link: Link, expiry: u32) -> Option<Link> {
         let mut inner = self.inner.lock();
-        inner.state.protocol = Some(protocol);
-        inner.state.clean = clean;
+        inner.state.expiry = expiry;
+        inner.state.pending_will = None;
+        inner.state.detached_by = None;
         inner.link.replace(link)
     }
 
-    /// Detaches `conn_id` if it still owns the session, dropping queued QoS 0 messages
-    /// unless configured to keep them. Returns the session's subscriptions if it ends
-    /// with this connection (clean session), so the caller can remove them.
-    pub fn detach(&self, conn_id: u64) -> Option<Vec<ByteStr>> {
+    pub fn set_expiry(&self, conn_id: u64, expiry: u32) {
+        let _ = self.with_state(conn_id, |s| s.expiry = expiry);
+    }
+
+    /// Detaches `conn_id` if it still owns the session. Queued QoS 0 messages are dropped
+    /// unless configured to be kept; messages from shared subscriptions not yet
+    /// acknowledged are handed back for another member.
+    pub fn detach(&self, conn_id: u64, will: Option<Arc<Message>>) -> Option<Detached> {
         let mut inner = self.inner.lock();
         if inner.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
             return None;
         }
         inner.link = None;
-        if inner.state.clean {
-            return Some(inner.state.subscriptions.drain().map(|(f, _)| f).collect());
+        let state = &mut inner.state;
+        state.detached_by = Some(conn_id);
+        let mut orphans = Vec::new();
+        let queued = std::mem::take(&mut state.queue);
+        for d in queued {
+            if d.shared.is_some() {
+                orphans.push(d);
+            } else if state.expiry > 0 && (d.qos != QoS::AtMostOnce || self.limits.queue_qos0) {
+                state.queue.push_back(d);
+            }
         }
-        if !self.limits.queue_qos0 {
-            inner.state.queue.retain(|d| d.qos != QoS::AtMostOnce);
-        }
-        None
+        state.inflight.retain(|f| match &f.stage {
+            Stage::Publish(d) if d.shared.is_some() => {
+                orphans.push(d.clone());
+                false
+            }
+            _ => true,
+        });
+        let (ended, will) = if state.expiry == 0 {
+            (Some(take_subscriptions(state)), will)
+        } else {
+            state.pending_will = will;
+            (None, None)
+        };
+        Some(Detached {
+            ended,
+            will,
+            orphans,
+            expiry: state.expiry,
+        })
     }
 
-    /// Ends the session for good: detaches whoever owns it and returns the link (to
-    /// be told) and the subscriptions (to be removed from the router).
-    pub fn discard(&self) -> (Option<Link>, Vec<ByteStr>) {
+    /// Ends the session for good: detaches whoever owns it. Returns the link (to be
+    /// told), the subscriptions (to be removed from the router) and a pending will
+    /// (published now: its session is over).
+    pub fn discard(&self) -> (Option<Link>, Ended) {
         let mut inner = self.inner.lock();
         let link = inner.link.take();
-        let filters = inner.state.subscriptions.drain().map(|(f, _)| f).collect();
-        inner.state.queue.clear();
-        inner.state.inflight.clear();
-        (link, filters)
+        (link, end(&mut inner.state))
+    }
+
+    /// Ends the session if it is still offline since `conn_id` left it.
+    pub fn expire(&self, conn_id: u64) -> Option<Ended> {
+        let mut inner = self.inner.lock();
+        if inner.link.is_some() || inner.state.detached_by != Some(conn_id) {
+            return None;
+        }
+        Some(end(&mut inner.state))
+    }
+
+    /// Takes the delayed will if the session is still offline since `conn_id` left it.
+    pub fn take_pending_will(&self, conn_id: u64) -> Option<Arc<Message>> {
+        let mut inner = self.inner.lock();
+        if inner.link.is_some() || inner.state.detached_by != Some(conn_id) {
+            return None;
+        }
+        inner.state.pending_will.take()
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.inner.lock().link.is_some()
     }
 
     /// Runs `f` on the state if `conn_id` still owns the session.
@@ -168,12 +241,31 @@ impl Session {
         Ok(f(&mut inner.state))
     }
 
+    pub fn is_owned_by(&self, conn_id: u64) -> bool {
+        self.inner.lock().link.as_ref().map(|l| l.conn_id) == Some(conn_id)
+    }
+
     pub fn limits(&self) -> QueueLimits {
         self.limits
     }
 
     pub fn dropped(&self) -> u64 {
         self.inner.lock().state.dropped
+    }
+}
+
+fn take_subscriptions(state: &mut SessionState) -> Vec<ByteStr> {
+    state.subscriptions.drain().map(|(f, _)| f).collect()
+}
+
+fn end(state: &mut SessionState) -> Ended {
+    state.queue.clear();
+    state.inflight.clear();
+    state.inbound_qos2.clear();
+    state.detached_by = None;
+    Ended {
+        filters: take_subscriptions(state),
+        will: state.pending_will.take(),
     }
 }
 
@@ -191,7 +283,12 @@ impl SessionState {
 
     /// Moves queued messages into `out` for sending, as far as the in-flight window
     /// allows: QoS 1/2 ones get a packet id and are recorded as in flight.
-    pub fn take_sendable(&mut self, max_inflight: usize, limit: usize, out: &mut Vec<(Delivery, u16)>) {
+    pub fn take_sendable(
+        &mut self,
+        max_inflight: usize,
+        limit: usize,
+        out: &mut Vec<(Delivery, u16)>,
+    ) {
         while out.len() < limit {
             let Some(front) = self.queue.front() else {
                 break;
@@ -202,6 +299,9 @@ impl SessionState {
             let Some(delivery) = self.queue.pop_front() else {
                 break;
             };
+            if delivery.message.is_expired() {
+                continue;
+            }
             let pkid = if delivery.qos == QoS::AtMostOnce {
                 0
             } else {
@@ -226,6 +326,11 @@ impl SessionState {
                 }
         });
         pos.and_then(|p| self.inflight.remove(p)).is_some()
+    }
+
+    /// Drops `pkid` from the in-flight messages, as if acknowledged.
+    pub fn forget(&mut self, pkid: u16) {
+        self.inflight.retain(|f| f.pkid != pkid);
     }
 
     /// PUBREC: the QoS 2 message is received; the exchange moves on to PUBREL.

@@ -2,3 +2,4 @@
 //! `session::connection::serve`, which is the same for every transport.
 
 pub mod tcp;
+pub mod ws;

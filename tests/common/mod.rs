@@ -44,7 +44,10 @@ impl TestBroker {
 
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
-            assert!(s.shutdown(Duration::from_secs(5)).await, "broker stops in time");
+            assert!(
+                s.shutdown(Duration::from_secs(5)).await,
+                "broker stops in time"
+            );
         }
     }
 }

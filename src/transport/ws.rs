@@ -1,0 +1,315 @@
+//! MQTT over WebSocket, for browsers (mqtt.js, Paho JavaScript and the like).
+//!
+//! The HTTP upgrade is checked against the listener's policy (path, `Origin`, subprotocol),
+//! then the WebSocket is turned back into the byte stream MQTT expects: the payloads of
+//! binary messages, in order, with no alignment assumed between messages and packets.
+//! From there on it is the same `connection::serve` as TCP, so sessions, limits and
+//! timeouts are shared. See docs/websocket.md.
+
+use crate::broker::Broker;
+use crate::config::Listener;
+use crate::session::connection;
+use bytes::Bytes;
+use futures_util::{ready, Sink, Stream};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+
+/// The subprotocols MQTT clients offer: `mqtt` (MQTT 3.1.1 and 5.0 standards) and
+/// `mqttv3.1` (older clients). We answer with the first of them the client offered.
+pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// A WebSocket message may carry several packets, so its limit never goes below this even
+/// when `max_packet_size` is tiny.
+const MIN_MESSAGE_LIMIT: usize = 64 * 1024;
+
+/// Browser connections are many and mostly idle: a small read buffer keeps them cheap
+/// (tungstenite's default is 128 KiB, allocated up front).
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Binds the listener and spawns its accept loop; returns the bound address.
+pub async fn listen(broker: &Arc<Broker>, listener: &Listener) -> io::Result<SocketAddr> {
+    let socket = TcpListener::bind(listener.bind).await?;
+    let local = socket.local_addr()?;
+    let policy = Arc::new(Policy {
+        path: listener.ws_path().to_owned(),
+        allowed_origins: listener.allowed_origins.clone(),
+    });
+    let broker = broker.clone();
+    broker.tasks.clone().spawn(accept_loop(broker, socket, policy));
+    Ok(local)
+}
+
+async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, policy: Arc<Policy>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // MQTT packets are small and latency matters more than segment count.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(%peer, "set_nodelay: {e}");
+                }
+                let broker = broker.clone();
+                let policy = policy.clone();
+                broker
+                    .tasks
+                    .clone()
+                    .spawn(async move { upgrade_and_serve(&broker, stream, peer, &policy).await });
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning on the error.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
+/// cannot hold the socket), then serves MQTT over the WebSocket.
+async fn upgrade_and_serve(broker: &Arc<Broker>, stream: TcpStream, peer: SocketAddr, policy: &Policy) {
+    let config = ws_config(broker.config.mqtt.max_packet_size);
+    let check = |req: &Request, resp: Response| policy.check(req, resp, peer);
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let ws = tokio::select! {
+        _ = broker.shutdown.cancelled() => return,
+        r = tokio::time::timeout(broker.config.mqtt.connect_timeout(), upgrade) => r,
+    };
+    let ws = match ws {
+        Err(_) => return debug!(%peer, "no WebSocket upgrade within the connect timeout; closing"),
+        // Refusals by the policy were logged by `check`; the rest are not WebSocket requests.
+        Ok(Err(e)) => return debug!(%peer, "WebSocket upgrade failed: {e}"),
+        Ok(Ok(ws)) => ws,
+    };
+    let (reader, writer) = tokio::io::split(WsBytes::new(ws));
+    connection::serve(broker, reader, writer, peer).await;
+}
+
+fn ws_config(max_packet_size: usize) -> WebSocketConfig {
+    let limit = max_packet_size.max(MIN_MESSAGE_LIMIT);
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        // Each write is sent at once; `WsBytes` does the batching (one message per write).
+        .write_buffer_size(0)
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit))
+}
+
+/// What a listener accepts at the HTTP upgrade.
+struct Policy {
+    /// Served besides `/`.
+    path: String,
+    /// Empty: any origin.
+    allowed_origins: Vec<String>,
+}
+
+impl Policy {
+    /// Accepts the upgrade (echoing the chosen subprotocol) or answers with an HTTP error
+    /// whose body says why.
+    fn check(&self, req: &Request, mut resp: Response, peer: SocketAddr) -> Result<Response, ErrorResponse> {
+        let path = req.uri().path();
+        // mqtt.js sends exactly the URL's path: `ws://host:8083` asks for `/`.
+        if path != self.path && path != "/" {
+            let why = format!("no MQTT endpoint at {path}; use {} (or /)", self.path);
+            return Err(refuse(StatusCode::NOT_FOUND, why, peer));
+        }
+        // Browsers always send Origin; other clients usually do not and could forge it
+        // anyway, so a missing Origin is not refused.
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let allowed = self.allowed_origins.is_empty()
+                || origin
+                    .to_str()
+                    .is_ok_and(|o| self.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+            if !allowed {
+                let why = format!("origin {origin:?} is not allowed");
+                return Err(refuse(StatusCode::FORBIDDEN, why, peer));
+            }
+        }
+        match choose_subprotocol(req) {
+            // RFC 6455: no subprotocol offered, none in the answer.
+            Ok(None) => {}
+            Ok(Some(chosen)) => {
+                resp.headers_mut()
+                    .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(chosen));
+            }
+            Err(offered) => {
+                let why = format!(
+                    "unsupported WebSocket subprotocol {offered:?}: this broker speaks {}",
+                    SUBPROTOCOLS.join(", ")
+                );
+                return Err(refuse(StatusCode::BAD_REQUEST, why, peer));
+            }
+        }
+        Ok(resp)
+    }
+}
+
+/// The subprotocol to answer with: `Ok(None)` if the client offered none, `Err` with
+/// the offer if it offered only ones we do not speak.
+fn choose_subprotocol(req: &Request) -> Result<Option<&'static str>, String> {
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    // The client's order is its preference.
+    offered
+        .iter()
+        .find_map(|p| SUBPROTOCOLS.iter().find(|s| *s == p).copied())
+        .map(Some)
+        .ok_or_else(|| offered.join(", "))
+}
+
+fn refuse(status: StatusCode, why: String, peer: SocketAddr) -> ErrorResponse {
+    info!(%peer, status = status.as_u16(), "WebSocket upgrade refused: {why}");
+    let body = format!("{why}\n");
+    let mut resp = ErrorResponse::new(None);
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    *resp.body_mut() = Some(body);
+    resp
+}
+
+/// A WebSocket seen as a byte stream: reads return the payloads of binary messages in
+/// order, each write is sent as one binary message.
+///
+/// Writes go to the socket at once, but what it cannot take yet stays in tungstenite's
+/// buffer. A write first waits for that buffer to empty (which is the backpressure the
+/// connection relies on), and so does every read: `connection::serve` always has a read
+/// pending and flushes only when it closes, so without this a last message could wait for
+/// the next write.
+pub struct WsBytes<S> {
+    ws: WebSocketStream<S>,
+    /// The unread rest of the current binary message.
+    unread: Bytes,
+}
+
+impl<S> WsBytes<S> {
+    pub fn new(ws: WebSocketStream<S>) -> WsBytes<S> {
+        WsBytes {
+            ws,
+            unread: Bytes::new(),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // Pending means the socket is full; the waker is registered for when it drains.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut this.ws).poll_flush(cx) {
+            return Poll::Ready(Err(into_io(e)));
+        }
+        // An empty read means end of stream to the caller: skip empty messages.
+        while this.unread.is_empty() {
+            // tungstenite reassembles fragmented messages and answers pings and closes.
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => this.unread = data,
+                Some(Ok(Message::Text(_))) => {
+                    // Tell the client why (close code 1003) and end as on a network error,
+                    // so the will is published. Sent when the connection closes the writer.
+                    let close = CloseFrame {
+                        code: CloseCode::Unsupported,
+                        reason: "MQTT needs binary frames".into(),
+                    };
+                    let _ = Pin::new(&mut this.ws).start_send(Message::Close(Some(close)));
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text frame on an MQTT WebSocket",
+                    )));
+                }
+                // A close frame ends the stream like a TCP close: no DISCONNECT, so the will is sent.
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Err(e)) => return Poll::Ready(Err(into_io(e))),
+            }
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut ws = Pin::new(&mut self.ws);
+        // At most one message waits in tungstenite's buffer.
+        ready!(ws.as_mut().poll_flush(cx)).map_err(into_io)?;
+        ready!(ws.as_mut().poll_ready(cx)).map_err(into_io)?;
+        ws.as_mut()
+            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(into_io)?;
+        // Start sending now; what the socket does not take is flushed by the next read or write.
+        if let Poll::Ready(Err(e)) = ws.poll_flush(cx) {
+            return Poll::Ready(Err(into_io(e)));
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.ws).poll_flush(cx).map_err(into_io)
+    }
+
+    /// Sends a close frame (if none was sent yet) and flushes.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.ws).poll_close(cx).map_err(into_io)
+    }
+}
+
+fn into_io(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        e => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(protocols: &[&str]) -> Request {
+        let mut req = Request::new(());
+        for p in protocols {
+            req.headers_mut()
+                .append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn subprotocol_is_the_first_known_one_offered() {
+        assert_eq!(choose_subprotocol(&request(&[])), Ok(None));
+        assert_eq!(choose_subprotocol(&request(&["mqtt"])), Ok(Some("mqtt")));
+        assert_eq!(choose_subprotocol(&request(&["mqttv3.1"])), Ok(Some("mqttv3.1")));
+        assert_eq!(choose_subprotocol(&request(&["wamp, mqttv3.1 , mqtt"])), Ok(Some("mqttv3.1")));
+        assert_eq!(choose_subprotocol(&request(&["wamp", "mqtt"])), Ok(Some("mqtt")));
+        assert_eq!(choose_subprotocol(&request(&["wamp, soap"])), Err("wamp, soap".into()));
+    }
+}

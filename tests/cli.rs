@@ -1,0 +1,375 @@
+//! The `ternmq` binary as a user runs it: flags, configuration errors (exit code 2 with
+//! the file, line and key named), serving the sample `broker.toml`, and a clean exit (0)
+//! on SIGTERM and SIGINT.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bound of every wait: start-up, a log line, an exit.
+const WAIT: Duration = Duration::from_secs(10);
+/// The broker gives its connections 3 s to close after a signal; it should need far less.
+const EXIT_AFTER_SIGNAL: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(10);
+
+fn ternmq() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternmq"));
+    // The log checks below need the configured level, in plain text.
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd
+}
+
+/// The running binary, its stdout and stderr collected by threads; killed when dropped.
+struct Broker {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    fn spawn(mut cmd: Command) -> Broker {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run the ternmq binary");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
+        Broker {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        strip_ansi(&self.stdout.lock().unwrap())
+    }
+
+    fn stderr(&self) -> String {
+        strip_ansi(&self.stderr.lock().unwrap())
+    }
+
+    /// Everything logged so far: the logs go to stdout, errors to stderr.
+    fn log(&self) -> String {
+        self.stdout() + &self.stderr()
+    }
+
+    /// Waits (bounded) until `find` finds something in the log; fails if the process
+    /// exits first.
+    fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(found) = find(&self.log()) {
+                return found;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "ternmq exited ({status}) before logging {what}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} in the log after {WAIT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits up to `within` for the process to exit, then for the rest of its output.
+    fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ternmq still running after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// Sends `signal` (e.g. "TERM") with kill(1), to this process only.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+}
+
+/// Removes terminal colour sequences (ESC [ ... m), in case the logger emits them anyway.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs the binary with `args`, waits (bounded) for it to exit, and returns its exit
+/// status, stdout and stderr.
+fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut cmd = ternmq();
+    cmd.args(args);
+    let mut broker = Broker::spawn(cmd);
+    let status = broker.wait(WAIT);
+    (status, broker.stdout(), broker.stderr())
+}
+
+/// Writes `text` to a config file in a fresh temporary directory.
+fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, text).expect("write the config file");
+    (dir, path)
+}
+
+/// Runs with `--config` set to a file holding `text`, which must be refused with exit
+/// code 2 and a message naming the file, `line` and `key`.
+fn assert_config_refused(text: &str, line: usize, key: &str) {
+    let (_dir, path) = config_file(text);
+    let path = path.to_str().expect("utf-8 path");
+    // --bind keeps a wrongly accepted config from taking port 1883 (and from hanging).
+    let (status, _, stderr) = run(&["--config", path, "--bind", "127.0.0.1:0"]);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "exit code for {text:?}; stderr:\n{stderr}"
+    );
+    assert!(stderr.contains(path), "the file is named:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("line {line}")),
+        "line {line} is named:\n{stderr}"
+    );
+    assert!(stderr.contains(key), "`{key}` is named:\n{stderr}");
+}
+
+#[test]
+fn help_describes_the_flags() {
+    let (status, stdout, _) = run(&["--help"]);
+    assert!(status.success(), "--help exits 0: {status}\n{stdout}");
+    for flag in ["--config", "--bind", "--log-level"] {
+        assert!(stdout.contains(flag), "--help mentions {flag}:\n{stdout}");
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let (status, stdout, _) = run(&["--version"]);
+    assert!(status.success(), "--version exits 0: {status}");
+    assert!(
+        stdout.contains(env!("CARGO_PKG_VERSION")),
+        "version in:\n{stdout}"
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let (status, _, stderr) = run(&["--no-such-flag"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
+
+#[test]
+fn bad_log_level_flag_is_a_usage_error() {
+    let (status, _, stderr) = run(&["--log-level", "loud"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("loud"), "{stderr}");
+}
+
+#[test]
+fn unknown_config_key_names_file_line_and_key() {
+    assert_config_refused(
+        "log_level = \"info\"\n\n[mqtt]\nconect_timeout = 5\n",
+        4,
+        "conect_timeout",
+    );
+}
+
+#[test]
+fn zero_max_inflight_messages_is_refused() {
+    assert_config_refused(
+        "[session]\nmax_queued_messages = 10\nmax_inflight_messages = 0\n",
+        3,
+        "max_inflight_messages",
+    );
+}
+
+#[test]
+fn bad_bind_address_is_refused() {
+    assert_config_refused(
+        "[[listeners]]\ntype = \"tcp\"\nbind = \"nope\"\n",
+        3,
+        "bind",
+    );
+}
+
+#[test]
+fn bad_log_level_is_refused() {
+    assert_config_refused("log_level = \"loud\"\n", 1, "log_level");
+}
+
+#[test]
+fn value_of_the_wrong_type_is_refused() {
+    assert_config_refused(
+        "[session]\nmax_queued_messages = \"many\"\n",
+        2,
+        "max_queued_messages",
+    );
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("does-not-exist.toml");
+    let path = path.to_str().expect("utf-8 path");
+    let (status, _, stderr) = run(&["--config", path]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(path), "the path is named:\n{stderr}");
+}
+
+/// The repository's sample configuration.
+fn sample_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.toml")
+}
+
+/// Starts the binary with the sample config on an OS-chosen port (`--bind
+/// 127.0.0.1:0`, which never collides) and returns it with the address it logged.
+fn start_sample() -> (Broker, SocketAddr) {
+    let mut cmd = ternmq();
+    cmd.arg("--config")
+        .arg(sample_config())
+        .args(["--bind", "127.0.0.1:0"]);
+    let mut broker = Broker::spawn(cmd);
+    let addr = broker.wait_for_log("the listening address", |log| {
+        log.lines()
+            .filter(|l| l.contains("listening"))
+            .find_map(|l| {
+                l.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    });
+    (broker, addr)
+}
+
+/// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// Connects as `client_id` and checks the CONNACK; returns the open connection.
+fn mqtt_connect(addr: SocketAddr, client_id: &str) -> TcpStream {
+    let mut stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect to ternmq");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(&connect_packet(client_id))
+        .expect("send CONNECT");
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).expect("read CONNACK");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 0],
+        "CONNACK: accepted, no session present"
+    );
+    stream
+}
+
+/// Serves an MQTT client, logs its client id, then exits 0 on `signal` while the client
+/// is still connected (and closes that connection).
+fn serves_and_exits_cleanly_on(signal: &str) {
+    let (mut broker, addr) = start_sample();
+    let client_id = format!("cli-probe-{}", signal.to_lowercase());
+    let mut client = mqtt_connect(addr, &client_id);
+    broker.wait_for_log("the client id of the connection", |log| {
+        log.lines()
+            .find(|l| l.contains("connected") && l.contains(&format!("client_id=\"{client_id}\"")))
+            .map(str::to_owned)
+    });
+
+    broker.signal(signal);
+    let status = broker.wait(EXIT_AFTER_SIGNAL);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIG{signal}:\n{}",
+        broker.log()
+    );
+    let mut rest = Vec::new();
+    let closed = client.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok(),
+        "the broker closed the client's connection: {closed:?}"
+    );
+}
+
+#[test]
+fn sample_config_serves_mqtt_and_exits_cleanly_on_sigterm() {
+    serves_and_exits_cleanly_on("TERM");
+}
+
+#[test]
+fn sample_config_serves_mqtt_and_exits_cleanly_on_sigint() {
+    serves_and_exits_cleanly_on("INT");
+}

@@ -1,0 +1,2003 @@
+//! MQTT 3.1 and 3.1.1 behaviour of the broker, end to end over TCP.
+//!
+//! Most tests drive the broker with a raw client (`Client` below) built on the crate's own
+//! codec, so that every packet sent and received is explicit; malformed input is written
+//! as hand-made bytes. A few scripted flows use `rumqttc`. Each test starts its own
+//! broker, so tests run in parallel.
+//!
+//! Waiting for "nothing more": a client sends PINGREQ and collects what arrives before the
+//! PINGRESP (`Client::ping`). The broker handles one connection's packets in order and
+//! writes what its session queue holds before it reads the next bytes, so when the
+//! messages in question were routed before the PINGREQ was sent (the publisher got its
+//! PUBACK, or the subscriber's own earlier packet was answered), anything the broker
+//! would send arrives before the PINGRESP.
+
+mod common;
+
+use bytes::{Bytes, BytesMut};
+use common::TestBroker;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use ternmq::config::Config;
+use ternmq::protocol::{
+    self, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    SubOptions, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe, Will,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long to wait for something that should happen.
+const WAIT: Duration = Duration::from_secs(3);
+/// Accept whatever size the broker sends.
+const ANY_SIZE: usize = protocol::MAX_REMAINING_LENGTH + 5;
+const QOS: [QoS; 3] = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+
+// ---------------------------------------------------------------------------------------
+// Packet builders
+// ---------------------------------------------------------------------------------------
+
+/// A 3.1.1 CONNECT with clean session, a 60 s keep-alive and no will.
+fn connect_packet(client_id: &str) -> Connect {
+    Connect {
+        protocol: Protocol::V311,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: ByteStr::from(client_id),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+fn persistent(client_id: &str) -> Connect {
+    Connect {
+        clean_start: false,
+        ..connect_packet(client_id)
+    }
+}
+
+fn with_will(client_id: &str, topic: &str, payload: &str, qos: QoS, retain: bool) -> Connect {
+    Connect {
+        will: Some(Will {
+            topic: ByteStr::from(topic),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            qos,
+            retain,
+            properties: Properties::default(),
+        }),
+        ..connect_packet(client_id)
+    }
+}
+
+fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool, pkid: u16) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: ByteStr::from(topic),
+        pkid,
+        payload: Bytes::copy_from_slice(payload),
+        properties: None,
+    }
+}
+
+fn ack(pkid: u16) -> Ack {
+    Ack {
+        pkid,
+        ..Ack::default()
+    }
+}
+
+fn encode(packet: &Packet) -> BytesMut {
+    let mut buf = BytesMut::new();
+    protocol::encode(packet, Protocol::V311, &mut buf).expect("test packet encodes");
+    buf
+}
+
+fn text(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// The raw client
+// ---------------------------------------------------------------------------------------
+
+enum Event {
+    Packet(Packet),
+    Timeout,
+    Closed(String),
+}
+
+/// A test client on a raw socket: sends packets or bytes, decodes what comes back.
+struct Client {
+    name: String,
+    stream: TcpStream,
+    rbuf: BytesMut,
+    /// Packets read while waiting for another one, returned first by the next reads.
+    pending: VecDeque<Packet>,
+    next_pkid: u16,
+}
+
+impl Client {
+    /// Opens a TCP connection and sends nothing.
+    async fn open(addr: SocketAddr, name: &str) -> Client {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
+            .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
+        stream.set_nodelay(true).expect("set_nodelay");
+        Client {
+            name: name.to_string(),
+            stream,
+            rbuf: BytesMut::new(),
+            pending: VecDeque::new(),
+            next_pkid: 1,
+        }
+    }
+
+    /// Sends `connect` and returns the CONNACK, whatever its code.
+    async fn connect_with(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
+        let mut c = Client::open(addr, &connect.client_id.to_string()).await;
+        c.send(Packet::Connect(Box::new(connect))).await;
+        let ack = match c.expect("CONNACK").await {
+            Packet::ConnAck(ack) => ack,
+            other => panic!("{}: expected CONNACK, got {other:?}", c.name),
+        };
+        (c, ack)
+    }
+
+    /// Connects and asserts acceptance; returns the session present flag.
+    async fn connect_accepted(addr: SocketAddr, connect: Connect) -> (Client, bool) {
+        let (c, ack) = Client::connect_with(addr, connect).await;
+        assert_eq!(ack.code, 0, "{}: CONNACK return code", c.name);
+        (c, ack.session_present)
+    }
+
+    /// A 3.1.1 clean-session client, accepted with session present 0.
+    async fn connect(addr: SocketAddr, client_id: &str) -> Client {
+        let (c, present) = Client::connect_accepted(addr, connect_packet(client_id)).await;
+        assert!(
+            !present,
+            "{client_id}: a clean session has no session present"
+        );
+        c
+    }
+
+    fn pkid(&mut self) -> u16 {
+        let id = self.next_pkid;
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    async fn send(&mut self, packet: Packet) {
+        self.send_raw(&encode(&packet)).await;
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.stream.write_all(bytes).await {
+            panic!("{}: write failed: {e}", self.name);
+        }
+    }
+
+    /// The next packet from the socket (not from `pending`), a timeout, or the end.
+    async fn read_event(&mut self, timeout: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match protocol::decode(&mut self.rbuf, Protocol::V311, ANY_SIZE) {
+                Ok(Some(p)) => return Event::Packet(p),
+                Ok(None) => {}
+                Err(e) => panic!("{}: the broker sent undecodable bytes: {e}", self.name),
+            }
+            self.rbuf.reserve(16 * 1024);
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
+                Err(_) => return Event::Timeout,
+                Ok(Ok(0)) if self.rbuf.is_empty() => return Event::Closed("EOF".into()),
+                Ok(Ok(0)) => {
+                    return Event::Closed(format!("EOF inside a packet: {:?}", &self.rbuf[..]))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Event::Closed(e.to_string()),
+            }
+        }
+    }
+
+    async fn next_event(&mut self, timeout: Duration) -> Event {
+        match self.pending.pop_front() {
+            Some(p) => Event::Packet(p),
+            None => self.read_event(timeout).await,
+        }
+    }
+
+    /// The next packet, or None if none arrives within `timeout`. Panics if the broker
+    /// closes the connection.
+    async fn recv(&mut self, timeout: Duration) -> Option<Packet> {
+        match self.next_event(timeout).await {
+            Event::Packet(p) => Some(p),
+            Event::Timeout => None,
+            Event::Closed(why) => panic!("{}: connection closed unexpectedly ({why})", self.name),
+        }
+    }
+
+    async fn expect(&mut self, what: &str) -> Packet {
+        match self.recv(WAIT).await {
+            Some(p) => p,
+            None => panic!(
+                "{}: expected {what} within {WAIT:?}, got nothing",
+                self.name
+            ),
+        }
+    }
+
+    async fn expect_publish(&mut self) -> Publish {
+        match self.expect("PUBLISH").await {
+            Packet::Publish(p) => p,
+            other => panic!("{}: expected PUBLISH, got {other:?}", self.name),
+        }
+    }
+
+    /// Reads exactly `expected.len()` bytes and compares them.
+    async fn expect_bytes(&mut self, expected: &[u8], what: &str) {
+        assert!(self.pending.is_empty(), "{}: packets pending", self.name);
+        while self.rbuf.len() < expected.len() {
+            self.rbuf.reserve(1024);
+            match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                other => panic!(
+                    "{}: expected the bytes of {what}, got {:?} then {other:?}",
+                    self.name,
+                    &self.rbuf[..]
+                ),
+            }
+        }
+        let got = self.rbuf.split_to(expected.len());
+        assert_eq!(&got[..], expected, "{}: bytes of {what}", self.name);
+    }
+
+    /// Waits for a packet matching `wanted`, keeping the others for later reads.
+    async fn wait_for(&mut self, what: &str, wanted: impl Fn(&Packet) -> bool) -> Packet {
+        if let Some(i) = self.pending.iter().position(&wanted) {
+            return self.pending.remove(i).expect("index is valid");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_event(left).await {
+                Event::Packet(p) if wanted(&p) => return p,
+                Event::Packet(p) => self.pending.push_back(p),
+                Event::Timeout => panic!(
+                    "{}: expected {what} within {WAIT:?}; got only {:?}",
+                    self.name, self.pending
+                ),
+                Event::Closed(why) => {
+                    panic!("{}: closed ({why}) while waiting for {what}", self.name)
+                }
+            }
+        }
+    }
+
+    /// Asserts that the broker closes the connection within `timeout` and sends nothing
+    /// before; returns how long it took.
+    async fn expect_closed(&mut self, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        match self.next_event(timeout).await {
+            Event::Closed(_) => start.elapsed(),
+            Event::Timeout => panic!(
+                "{}: the broker did not close the connection within {timeout:?}",
+                self.name
+            ),
+            Event::Packet(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
+        }
+    }
+
+    /// PINGREQ, and everything the broker sends before the PINGRESP.
+    async fn ping(&mut self) -> Vec<Packet> {
+        let mut before: Vec<Packet> = self.pending.drain(..).collect();
+        self.send(Packet::PingReq).await;
+        loop {
+            match self.read_event(WAIT).await {
+                Event::Packet(Packet::PingResp) => return before,
+                Event::Packet(p) => before.push(p),
+                Event::Timeout => panic!("{}: no PINGRESP within {WAIT:?}", self.name),
+                Event::Closed(why) => panic!("{}: closed ({why}) waiting for PINGRESP", self.name),
+            }
+        }
+    }
+
+    /// Asserts that the broker has nothing (more) to send to this client.
+    async fn expect_quiet(&mut self, context: &str) {
+        let extra = self.ping().await;
+        assert!(
+            extra.is_empty(),
+            "{}: expected nothing more {context}, got {extra:?}",
+            self.name
+        );
+    }
+
+    /// A ping round trip: the broker has handled everything sent before.
+    async fn barrier(&mut self) {
+        let got = self.ping().await;
+        self.pending.extend(got);
+    }
+
+    /// SUBSCRIBE; returns the SUBACK's return codes.
+    async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<u8> {
+        let pkid = self.pkid();
+        let filters = filters
+            .iter()
+            .map(|&(f, qos)| SubscribeFilter {
+                filter: ByteStr::from(f),
+                options: SubOptions {
+                    qos,
+                    ..SubOptions::default()
+                },
+            })
+            .collect();
+        self.send(Packet::Subscribe(Subscribe {
+            pkid,
+            filters,
+            properties: Properties::default(),
+        }))
+        .await;
+        match self
+            .wait_for(
+                "SUBACK",
+                |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid),
+            )
+            .await
+        {
+            Packet::SubAck(a) => a.codes,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Subscribes and asserts that every filter is granted the QoS asked for.
+    async fn subscribe_ok(&mut self, filters: &[(&str, QoS)]) {
+        let codes = self.subscribe(filters).await;
+        let wanted: Vec<u8> = filters.iter().map(|(_, q)| *q as u8).collect();
+        assert_eq!(codes, wanted, "{}: SUBACK codes for {filters:?}", self.name);
+    }
+
+    /// Publishes and completes the QoS flow (for QoS 0, a ping round trip, so that the
+    /// broker has routed the message when this returns).
+    async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) {
+        let pkid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            self.pkid()
+        };
+        let packet = publish_packet(topic, payload, qos, retain, pkid);
+        self.send(Packet::Publish(packet)).await;
+        match qos {
+            QoS::AtMostOnce => self.barrier().await,
+            QoS::AtLeastOnce => {
+                let puback = self
+                    .wait_for("PUBACK", |p| matches!(p, Packet::PubAck(_)))
+                    .await;
+                assert_eq!(puback, Packet::PubAck(ack(pkid)), "{}: PUBACK", self.name);
+            }
+            QoS::ExactlyOnce => {
+                let pubrec = self
+                    .wait_for("PUBREC", |p| matches!(p, Packet::PubRec(_)))
+                    .await;
+                assert_eq!(pubrec, Packet::PubRec(ack(pkid)), "{}: PUBREC", self.name);
+                self.send(Packet::PubRel(ack(pkid))).await;
+                let pubcomp = self
+                    .wait_for("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
+                    .await;
+                assert_eq!(
+                    pubcomp,
+                    Packet::PubComp(ack(pkid)),
+                    "{}: PUBCOMP",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// Acknowledges a received PUBLISH, completing the QoS 2 flow.
+    async fn acknowledge(&mut self, p: &Publish) {
+        match p.qos {
+            QoS::AtMostOnce => assert_eq!(p.pkid, 0, "{}: QoS 0 has no packet id", self.name),
+            QoS::AtLeastOnce => self.send(Packet::PubAck(ack(p.pkid))).await,
+            QoS::ExactlyOnce => {
+                self.send(Packet::PubRec(ack(p.pkid))).await;
+                let pubrel = self
+                    .wait_for("PUBREL", |p| matches!(p, Packet::PubRel(_)))
+                    .await;
+                assert_eq!(pubrel, Packet::PubRel(ack(p.pkid)), "{}: PUBREL", self.name);
+                self.send(Packet::PubComp(ack(p.pkid))).await;
+            }
+        }
+    }
+
+    /// The next PUBLISH, acknowledged.
+    async fn receive(&mut self) -> Publish {
+        let p = self.expect_publish().await;
+        self.acknowledge(&p).await;
+        p
+    }
+
+    /// DISCONNECT, then waits for the broker to close the socket.
+    async fn disconnect(mut self) {
+        self.send(Packet::Disconnect(Disconnect::default())).await;
+        self.expect_closed(WAIT).await;
+    }
+}
+
+/// Asserts the parts of a received PUBLISH that the tests choose.
+#[track_caller]
+fn assert_publish(p: &Publish, topic: &str, payload: &str, qos: QoS, retain: bool) {
+    assert_eq!(
+        (p.topic.as_str(), text(&p.payload).as_str(), p.qos, p.retain),
+        (topic, payload, qos, retain),
+        "PUBLISH (topic, payload, qos, retain); full packet: {p:?}"
+    );
+    assert!(!p.dup, "first delivery has DUP 0: {p:?}");
+    assert_eq!(
+        p.pkid == 0,
+        qos == QoS::AtMostOnce,
+        "packet id only for QoS > 0: {p:?}"
+    );
+}
+
+/// A client subscribed before another connection misbehaves, and checked afterwards.
+struct Bystander(Client);
+
+impl Bystander {
+    async fn new(addr: SocketAddr) -> Bystander {
+        let mut c = Client::connect(addr, "bystander").await;
+        c.subscribe_ok(&[("bystander/t", QoS::AtLeastOnce)]).await;
+        Bystander(c)
+    }
+
+    /// A new client publishes to the bystander, which must receive it.
+    async fn assert_still_served(&mut self, addr: SocketAddr) {
+        let mut publisher = Client::connect(addr, "bystander-check").await;
+        publisher
+            .publish("bystander/t", b"still here", QoS::AtLeastOnce, false)
+            .await;
+        let p = self.0.receive().await;
+        assert_publish(&p, "bystander/t", "still here", QoS::AtLeastOnce, false);
+    }
+}
+
+/// Connects a client, sends `bytes`, and asserts that the broker closes that connection
+/// (sending nothing) while another client keeps being served.
+async fn assert_closes_only_that_connection(bytes: &[u8], tweak: impl FnOnce(&mut Config)) {
+    let broker = TestBroker::with(tweak).await;
+    let mut bystander = Bystander::new(broker.addr).await;
+    let mut bad = Client::connect(broker.addr, "bad").await;
+    bad.send_raw(bytes).await;
+    bad.expect_closed(Duration::from_secs(2)).await;
+    bystander.assert_still_served(broker.addr).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// CONNECT / CONNACK
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn connect_is_accepted_with_code_0_and_no_session_present() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::open(broker.addr, "new").await;
+    c.send(Packet::Connect(Box::new(connect_packet("new"))))
+        .await;
+    c.expect_bytes(
+        &[0x20, 0x02, 0x00, 0x00],
+        "CONNACK accepted, session present 0",
+    )
+    .await;
+    c.expect_quiet("after CONNACK").await;
+    assert!(
+        broker.broker().session("new").is_some(),
+        "session registered"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_1_then_close() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::open(broker.addr, "level9").await;
+    // "MQTT", level 9, clean session, keep-alive 60, client id "c".
+    c.send_raw(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'c',
+    ])
+    .await;
+    c.expect_bytes(
+        &[0x20, 0x02, 0x00, 0x01],
+        "CONNACK unacceptable protocol version",
+    )
+    .await;
+    c.expect_closed(WAIT).await;
+    assert_eq!(
+        broker.broker().session_count(),
+        0,
+        "no session for a refused client"
+    );
+}
+
+#[tokio::test]
+async fn mqtt31_connect_is_accepted_and_works() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::open(broker.addr, "v31").await;
+    // MQIsdp, level 3, clean session, keep-alive 60, client id "v31": written by hand.
+    let connect = [
+        0x10, 17, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 3, b'v', b'3', b'1',
+    ];
+    assert_eq!(
+        &encode(&Packet::Connect(Box::new(Connect {
+            protocol: Protocol::V31,
+            ..connect_packet("v31")
+        })))[..],
+        &connect[..],
+        "the codec writes the same 3.1 CONNECT"
+    );
+    c.send_raw(&connect).await;
+    c.expect_bytes(&[0x20, 0x02, 0x00, 0x00], "CONNACK accepted")
+        .await;
+    c.subscribe_ok(&[("v31/t", QoS::AtLeastOnce)]).await;
+    c.publish("v31/t", b"hello 3.1", QoS::AtLeastOnce, false)
+        .await;
+    let p = c.receive().await;
+    assert_publish(&p, "v31/t", "hello 3.1", QoS::AtLeastOnce, false);
+}
+
+#[tokio::test]
+async fn mqtt31_empty_client_id_is_rejected_with_code_2() {
+    let broker = TestBroker::start().await;
+    let connect = Connect {
+        protocol: Protocol::V31,
+        ..connect_packet("")
+    };
+    let (mut c, ack) = Client::connect_with(broker.addr, connect).await;
+    assert_eq!(
+        (ack.code, ack.session_present),
+        (2, false),
+        "CONNACK identifier rejected"
+    );
+    c.expect_closed(WAIT).await;
+}
+
+#[tokio::test]
+async fn mqtt31_client_id_over_23_characters_is_rejected_with_code_2() {
+    let broker = TestBroker::start().await;
+    let id23 = "a".repeat(23);
+    let (_ok, present) = Client::connect_accepted(
+        broker.addr,
+        Connect {
+            protocol: Protocol::V31,
+            ..connect_packet(&id23)
+        },
+    )
+    .await;
+    assert!(!present);
+    let id24 = "b".repeat(24);
+    let (mut c, ack) = Client::connect_with(
+        broker.addr,
+        Connect {
+            protocol: Protocol::V31,
+            ..connect_packet(&id24)
+        },
+    )
+    .await;
+    assert_eq!(
+        ack.code, 2,
+        "3.1 client id of 24 characters: identifier rejected"
+    );
+    c.expect_closed(WAIT).await;
+    assert!(broker.broker().session(&id24).is_none());
+}
+
+#[tokio::test]
+async fn empty_client_id_with_clean_session_gets_an_assigned_id() {
+    let broker = TestBroker::start().await;
+    let mut a = Client::connect(broker.addr, "").await;
+    let mut b = Client::connect(broker.addr, "").await;
+    assert_eq!(
+        broker.broker().session_count(),
+        2,
+        "each empty-id client gets a session of its own"
+    );
+    a.subscribe_ok(&[("anon/t", QoS::AtLeastOnce)]).await;
+    b.publish("anon/t", b"to a", QoS::AtLeastOnce, false).await;
+    let p = a.receive().await;
+    assert_publish(&p, "anon/t", "to a", QoS::AtLeastOnce, false);
+}
+
+#[tokio::test]
+async fn empty_client_id_without_clean_session_is_rejected_with_code_2() {
+    let broker = TestBroker::start().await;
+    let (mut c, ack) = Client::connect_with(broker.addr, persistent("")).await;
+    assert_eq!(
+        (ack.code, ack.session_present),
+        (2, false),
+        "CONNACK identifier rejected"
+    );
+    c.expect_closed(WAIT).await;
+    assert_eq!(broker.broker().session_count(), 0);
+}
+
+#[tokio::test]
+async fn empty_client_id_is_rejected_when_the_config_forbids_it() {
+    let broker = TestBroker::with(|cfg| cfg.mqtt.allow_zero_length_clientid = false).await;
+    let (mut c, ack) = Client::connect_with(broker.addr, connect_packet("")).await;
+    assert_eq!(ack.code, 2, "CONNACK identifier rejected");
+    c.expect_closed(WAIT).await;
+    assert_eq!(broker.broker().session_count(), 0);
+}
+
+#[tokio::test]
+async fn session_present_is_set_when_resuming_a_persistent_session() {
+    let broker = TestBroker::start().await;
+    let (mut c, present) = Client::connect_accepted(broker.addr, persistent("p")).await;
+    assert!(!present, "a new persistent session: session present 0");
+    c.subscribe_ok(&[("p/t", QoS::AtLeastOnce)]).await;
+    c.disconnect().await;
+    assert!(broker.broker().session("p").is_some(), "kept while offline");
+
+    let (mut c, present) = Client::connect_accepted(broker.addr, persistent("p")).await;
+    assert!(present, "resumed session: session present 1");
+    // The subscription came back with the session.
+    c.publish("p/t", b"mine", QoS::AtLeastOnce, false).await;
+    let p = c.receive().await;
+    assert_publish(&p, "p/t", "mine", QoS::AtLeastOnce, false);
+}
+
+#[tokio::test]
+async fn clean_session_discards_the_previous_session() {
+    let broker = TestBroker::start().await;
+    let (mut c, _) = Client::connect_accepted(broker.addr, persistent("p")).await;
+    c.subscribe_ok(&[("p/t", QoS::AtLeastOnce)]).await;
+    c.disconnect().await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("p/t", b"queued", QoS::AtLeastOnce, false)
+        .await;
+
+    let (mut c, present) = Client::connect_accepted(broker.addr, connect_packet("p")).await;
+    assert!(
+        !present,
+        "clean session: session present 0 even though one existed"
+    );
+    c.expect_quiet("from the discarded session (queued message)")
+        .await;
+    assert_eq!(
+        broker.broker().router.subscription_count(),
+        0,
+        "the old session's subscriptions are gone"
+    );
+    publisher
+        .publish("p/t", b"after", QoS::AtLeastOnce, false)
+        .await;
+    c.expect_quiet("for a subscription of the discarded session")
+        .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The first packet, and takeover
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn first_packet_other_than_connect_closes_the_connection() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::open(broker.addr, "pinger").await;
+    c.send(Packet::PingReq).await;
+    c.expect_closed(WAIT).await;
+}
+
+#[tokio::test]
+async fn no_connect_within_connect_timeout_closes_the_connection() {
+    let broker = TestBroker::with(|cfg| cfg.mqtt.connect_timeout = 1).await;
+    let mut c = Client::open(broker.addr, "silent").await;
+    let took = c.expect_closed(Duration::from_secs(3)).await;
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
+        "closed after {took:?}, expected about 1 s"
+    );
+}
+
+#[tokio::test]
+async fn second_connect_closes_the_connection() {
+    let broker = TestBroker::start().await;
+    let mut bystander = Bystander::new(broker.addr).await;
+    let mut c = Client::connect(broker.addr, "twice").await;
+    c.send(Packet::Connect(Box::new(connect_packet("twice"))))
+        .await;
+    c.expect_closed(WAIT).await;
+    bystander.assert_still_served(broker.addr).await;
+}
+
+#[tokio::test]
+async fn takeover_closes_the_first_connection_and_publishes_its_will() {
+    let broker = TestBroker::start().await;
+    let mut watcher = Client::connect(broker.addr, "watcher").await;
+    watcher
+        .subscribe_ok(&[("will/twin", QoS::AtLeastOnce)])
+        .await;
+    let (mut first, _) = Client::connect_accepted(
+        broker.addr,
+        with_will("twin", "will/twin", "first gone", QoS::AtLeastOnce, false),
+    )
+    .await;
+
+    let mut second = Client::connect(broker.addr, "twin").await;
+    first.expect_closed(WAIT).await;
+    let will = watcher.receive().await;
+    assert_publish(&will, "will/twin", "first gone", QoS::AtLeastOnce, false);
+
+    second.subscribe_ok(&[("twin/t", QoS::AtLeastOnce)]).await;
+    second
+        .publish("twin/t", b"second", QoS::AtLeastOnce, false)
+        .await;
+    let p = second.receive().await;
+    assert_publish(&p, "twin/t", "second", QoS::AtLeastOnce, false);
+    assert_eq!(broker.broker().session_count(), 2, "watcher and twin");
+}
+
+#[tokio::test]
+async fn takeover_of_a_persistent_session_keeps_its_subscriptions() {
+    let broker = TestBroker::start().await;
+    let (mut first, _) = Client::connect_accepted(broker.addr, persistent("twin")).await;
+    first.subscribe_ok(&[("twin/t", QoS::AtLeastOnce)]).await;
+    let (mut second, present) = Client::connect_accepted(broker.addr, persistent("twin")).await;
+    assert!(present, "the live session is resumed: session present 1");
+    first.expect_closed(WAIT).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("twin/t", b"to the new one", QoS::AtLeastOnce, false)
+        .await;
+    let p = second.receive().await;
+    assert_publish(&p, "twin/t", "to the new one", QoS::AtLeastOnce, false);
+}
+
+// ---------------------------------------------------------------------------------------
+// Inbound PUBLISH
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn qos0_publish_is_delivered_and_not_acknowledged() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .send(Packet::Publish(publish_packet(
+            "t",
+            b"zero",
+            QoS::AtMostOnce,
+            false,
+            0,
+        )))
+        .await;
+    publisher.expect_quiet("after a QoS 0 PUBLISH").await;
+    let p = sub.expect_publish().await;
+    assert_publish(&p, "t", "zero", QoS::AtMostOnce, false);
+}
+
+#[tokio::test]
+async fn qos1_publish_is_acknowledged_with_its_packet_id() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .send(Packet::Publish(publish_packet(
+            "t",
+            b"one",
+            QoS::AtLeastOnce,
+            false,
+            0x1234,
+        )))
+        .await;
+    publisher
+        .expect_bytes(&[0x40, 0x02, 0x12, 0x34], "PUBACK 0x1234")
+        .await;
+    publisher.expect_quiet("after the PUBACK").await;
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
+}
+
+#[tokio::test]
+async fn qos2_publish_flow_is_pubrec_pubrel_pubcomp() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .send(Packet::Publish(publish_packet(
+            "t",
+            b"two",
+            QoS::ExactlyOnce,
+            false,
+            77,
+        )))
+        .await;
+    publisher
+        .expect_bytes(&[0x50, 0x02, 0x00, 77], "PUBREC 77")
+        .await;
+    publisher.send(Packet::PubRel(ack(77))).await;
+    publisher
+        .expect_bytes(&[0x70, 0x02, 0x00, 77], "PUBCOMP 77")
+        .await;
+    publisher.expect_quiet("after the PUBCOMP").await;
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "two", QoS::ExactlyOnce, false);
+}
+
+#[tokio::test]
+async fn qos2_publish_resent_before_pubrel_is_delivered_once() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut packet = publish_packet("t", b"once", QoS::ExactlyOnce, false, 9);
+    publisher.send(Packet::Publish(packet.clone())).await;
+    assert_eq!(publisher.expect("PUBREC").await, Packet::PubRec(ack(9)));
+    packet.dup = true;
+    publisher.send(Packet::Publish(packet.clone())).await;
+    assert_eq!(
+        publisher.expect("PUBREC").await,
+        Packet::PubRec(ack(9)),
+        "the resent PUBLISH is acknowledged again"
+    );
+    publisher.send(Packet::PubRel(ack(9))).await;
+    assert_eq!(publisher.expect("PUBCOMP").await, Packet::PubComp(ack(9)));
+
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "once", QoS::ExactlyOnce, false);
+    sub.expect_quiet("after the one copy of a resent QoS 2 message")
+        .await;
+
+    // After PUBCOMP the packet id is free: the same id is a new message.
+    packet.dup = false;
+    packet.payload = Bytes::from_static(b"again");
+    publisher.send(Packet::Publish(packet)).await;
+    assert_eq!(publisher.expect("PUBREC").await, Packet::PubRec(ack(9)));
+    publisher.send(Packet::PubRel(ack(9))).await;
+    assert_eq!(publisher.expect("PUBCOMP").await, Packet::PubComp(ack(9)));
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "again", QoS::ExactlyOnce, false);
+}
+
+#[tokio::test]
+async fn pubrel_for_an_unknown_packet_id_gets_pubcomp() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::connect(broker.addr, "c").await;
+    c.send(Packet::PubRel(ack(0x1092))).await;
+    c.expect_bytes(&[0x70, 0x02, 0x10, 0x92], "PUBCOMP 0x1092")
+        .await;
+    c.expect_quiet("after the PUBCOMP").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbound flows
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn outbound_qos1_has_a_packet_id_and_ends_with_puback() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher.publish("t", b"m", QoS::AtLeastOnce, false).await;
+    let p = sub.expect_publish().await;
+    assert_publish(&p, "t", "m", QoS::AtLeastOnce, false);
+    sub.send(Packet::PubAck(ack(p.pkid))).await;
+    sub.expect_quiet("after the PUBACK").await;
+}
+
+#[tokio::test]
+async fn outbound_qos2_flow_is_publish_pubrec_pubrel_pubcomp() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher.publish("t", b"m", QoS::ExactlyOnce, false).await;
+    let p = sub.expect_publish().await;
+    assert_publish(&p, "t", "m", QoS::ExactlyOnce, false);
+    sub.expect_quiet("before PUBREC (no resend on a live connection)")
+        .await;
+    sub.send(Packet::PubRec(ack(p.pkid))).await;
+    assert_eq!(
+        sub.expect("PUBREL").await,
+        Packet::PubRel(ack(p.pkid)),
+        "PUBREL with the PUBLISH's id"
+    );
+    sub.send(Packet::PubComp(ack(p.pkid))).await;
+    sub.expect_quiet("after the PUBCOMP").await;
+}
+
+#[tokio::test]
+async fn delivered_qos_is_the_minimum_of_publish_and_subscription_qos() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[
+        ("qos/0", QoS::AtMostOnce),
+        ("qos/1", QoS::AtLeastOnce),
+        ("qos/2", QoS::ExactlyOnce),
+    ])
+    .await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    for sub_qos in QOS {
+        for pub_qos in QOS {
+            let topic = format!("qos/{}", sub_qos as u8);
+            let payload = format!("published at {pub_qos:?}");
+            publisher
+                .publish(&topic, payload.as_bytes(), pub_qos, false)
+                .await;
+            let p = sub.receive().await;
+            assert_publish(&p, &topic, &payload, pub_qos.min(sub_qos), false);
+        }
+    }
+    sub.expect_quiet("after the 9 messages").await;
+}
+
+#[tokio::test]
+async fn inflight_window_holds_back_unacknowledged_qos1_messages() {
+    let broker = TestBroker::with(|cfg| cfg.session.max_inflight_messages = 2).await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    for i in 0..5 {
+        publisher
+            .publish("t", format!("m{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+    let mut inflight = VecDeque::new();
+    for i in 0..2 {
+        let p = sub.expect_publish().await;
+        assert_publish(&p, "t", &format!("m{i}"), QoS::AtLeastOnce, false);
+        inflight.push_back(p.pkid);
+    }
+    sub.expect_quiet("while 2 messages are unacknowledged")
+        .await;
+    for i in 2..5 {
+        let pkid = inflight.pop_front().expect("one in flight");
+        sub.send(Packet::PubAck(ack(pkid))).await;
+        let p = sub.expect_publish().await;
+        assert_publish(&p, "t", &format!("m{i}"), QoS::AtLeastOnce, false);
+        inflight.push_back(p.pkid);
+        sub.expect_quiet("until the next PUBACK").await;
+    }
+    for pkid in inflight {
+        sub.send(Packet::PubAck(ack(pkid))).await;
+    }
+    sub.expect_quiet("after all PUBACKs").await;
+}
+
+#[tokio::test]
+async fn unacknowledged_qos1_message_is_resent_with_dup_after_reconnect() {
+    let broker = TestBroker::start().await;
+    let (mut sub, _) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("t", b"first", QoS::AtLeastOnce, false)
+        .await;
+    let first = sub.expect_publish().await;
+    assert_publish(&first, "t", "first", QoS::AtLeastOnce, false);
+    sub.disconnect().await; // without PUBACK
+
+    publisher
+        .publish("t", b"second", QoS::AtLeastOnce, false)
+        .await;
+    let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    assert!(present, "session present 1");
+    let again = sub.expect_publish().await;
+    assert_eq!(
+        again,
+        Publish {
+            dup: true,
+            ..first.clone()
+        },
+        "the unacknowledged message again, DUP 1, same packet id, first"
+    );
+    sub.acknowledge(&again).await;
+    let second = sub.receive().await;
+    assert_publish(&second, "t", "second", QoS::AtLeastOnce, false);
+    assert_ne!(
+        second.pkid, first.pkid,
+        "a new packet id for the queued message"
+    );
+    sub.expect_quiet("after both messages").await;
+}
+
+#[tokio::test]
+async fn qos2_message_in_pubrel_stage_gets_pubrel_resent_after_reconnect() {
+    let broker = TestBroker::start().await;
+    let (mut sub, _) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("t", b"two", QoS::ExactlyOnce, false)
+        .await;
+    let p = sub.expect_publish().await;
+    assert_publish(&p, "t", "two", QoS::ExactlyOnce, false);
+    sub.send(Packet::PubRec(ack(p.pkid))).await;
+    assert_eq!(sub.expect("PUBREL").await, Packet::PubRel(ack(p.pkid)));
+    sub.disconnect().await; // without PUBCOMP
+
+    let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    assert!(present, "session present 1");
+    assert_eq!(
+        sub.expect("PUBREL").await,
+        Packet::PubRel(ack(p.pkid)),
+        "PUBREL resent (not the PUBLISH)"
+    );
+    sub.send(Packet::PubComp(ack(p.pkid))).await;
+    sub.expect_quiet("after the PUBCOMP").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Persistent sessions while offline
+// ---------------------------------------------------------------------------------------
+
+/// Creates a persistent session subscribed to `t` at `qos` and leaves it offline.
+async fn offline_subscriber(addr: SocketAddr, qos: QoS) {
+    let (mut sub, _) = Client::connect_accepted(addr, persistent("sub")).await;
+    sub.subscribe_ok(&[("t", qos)]).await;
+    sub.disconnect().await;
+}
+
+#[tokio::test]
+async fn offline_qos1_and_qos2_messages_are_queued_up_to_the_limit() {
+    let broker = TestBroker::with(|cfg| cfg.session.max_queued_messages = 3).await;
+    offline_subscriber(broker.addr, QoS::ExactlyOnce).await;
+    assert_eq!(
+        broker.broker().router.subscription_count(),
+        1,
+        "kept offline"
+    );
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    for i in 0..5 {
+        let qos = if i % 2 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::ExactlyOnce
+        };
+        publisher
+            .publish("t", format!("m{i}").as_bytes(), qos, false)
+            .await;
+    }
+    let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    assert!(present);
+    for (i, qos) in [QoS::AtLeastOnce, QoS::ExactlyOnce, QoS::AtLeastOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let p = sub.receive().await;
+        assert_publish(&p, "t", &format!("m{i}"), qos, false);
+    }
+    sub.expect_quiet("beyond max_queued_messages = 3").await;
+    let session = broker.broker().session("sub").expect("session");
+    assert_eq!(
+        session.dropped(),
+        2,
+        "two messages dropped for a full queue"
+    );
+}
+
+#[tokio::test]
+async fn offline_qos0_messages_are_not_queued_by_default() {
+    let broker = TestBroker::start().await;
+    offline_subscriber(broker.addr, QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("t", b"zero", QoS::AtMostOnce, false)
+        .await;
+    publisher
+        .publish("t", b"one", QoS::AtLeastOnce, false)
+        .await;
+    let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    assert!(present);
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
+    sub.expect_quiet("(the QoS 0 message is not queued offline)")
+        .await;
+}
+
+#[tokio::test]
+async fn offline_qos0_messages_are_queued_when_configured() {
+    let broker = TestBroker::with(|cfg| cfg.session.queue_qos0_messages = true).await;
+    offline_subscriber(broker.addr, QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("t", b"zero", QoS::AtMostOnce, false)
+        .await;
+    publisher
+        .publish("t", b"one", QoS::AtLeastOnce, false)
+        .await;
+    let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
+    assert!(present);
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "zero", QoS::AtMostOnce, false);
+    let p = sub.receive().await;
+    assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
+    sub.expect_quiet("after the two queued messages").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// SUBSCRIBE / UNSUBSCRIBE and matching
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn suback_grants_each_filter_its_qos_in_order() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::connect(broker.addr, "c").await;
+    let packet = Packet::Subscribe(Subscribe {
+        pkid: 0x0102,
+        filters: [
+            ("a", QoS::ExactlyOnce),
+            ("b", QoS::AtMostOnce),
+            ("c", QoS::AtLeastOnce),
+        ]
+        .into_iter()
+        .map(|(f, qos)| SubscribeFilter {
+            filter: ByteStr::from(f),
+            options: SubOptions {
+                qos,
+                ..SubOptions::default()
+            },
+        })
+        .collect(),
+        properties: Properties::default(),
+    });
+    c.send(packet).await;
+    c.expect_bytes(&[0x90, 0x05, 0x01, 0x02, 2, 0, 1], "SUBACK")
+        .await;
+    assert_eq!(broker.broker().router.subscription_count(), 3);
+}
+
+#[tokio::test]
+async fn invalid_filters_get_0x80_while_the_others_are_granted() {
+    let broker = TestBroker::start().await;
+    let mut c = Client::connect(broker.addr, "c").await;
+    let codes = c
+        .subscribe(&[
+            ("ok/1", QoS::AtLeastOnce),
+            ("a/#/b", QoS::AtMostOnce),
+            ("ok/+", QoS::ExactlyOnce),
+            ("a+", QoS::AtLeastOnce),
+            ("#x", QoS::AtMostOnce),
+            ("ok/#", QoS::AtMostOnce),
+        ])
+        .await;
+    assert_eq!(codes, [1, 0x80, 2, 0x80, 0x80, 0], "SUBACK return codes");
+    assert_eq!(broker.broker().router.subscription_count(), 3);
+    c.publish("ok/1", b"x", QoS::ExactlyOnce, false).await;
+    // `ok/1` (QoS 1), `ok/+` (QoS 2) and `ok/#` (QoS 0) all match: one copy at QoS 2.
+    let p = c.receive().await;
+    assert_publish(&p, "ok/1", "x", QoS::ExactlyOnce, false);
+    c.expect_quiet("after the one copy").await;
+}
+
+#[tokio::test]
+async fn unsubscribe_is_acknowledged_and_stops_delivery() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("t", QoS::AtLeastOnce), ("keep", QoS::AtLeastOnce)])
+        .await;
+    sub.send(Packet::Unsubscribe(Unsubscribe {
+        pkid: 0x0A0B,
+        filters: vec![ByteStr::from("t")],
+        properties: Properties::default(),
+    }))
+    .await;
+    assert_eq!(
+        sub.expect("UNSUBACK").await,
+        Packet::UnsubAck(UnsubAck {
+            pkid: 0x0A0B,
+            ..UnsubAck::default()
+        })
+    );
+    assert_eq!(broker.broker().router.subscription_count(), 1);
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("t", b"gone", QoS::AtLeastOnce, false)
+        .await;
+    publisher
+        .publish("keep", b"kept", QoS::AtLeastOnce, false)
+        .await;
+    let p = sub.receive().await;
+    assert_publish(&p, "keep", "kept", QoS::AtLeastOnce, false);
+    sub.expect_quiet("for the unsubscribed topic").await;
+
+    // Unsubscribing from a filter never subscribed is acknowledged too.
+    sub.send(Packet::Unsubscribe(Unsubscribe {
+        pkid: 7,
+        filters: vec![ByteStr::from("never")],
+        properties: Properties::default(),
+    }))
+    .await;
+    sub.expect_bytes(&[0xB0, 0x02, 0x00, 0x07], "UNSUBACK 7")
+        .await;
+}
+
+/// Which of `topics` a new subscription to `filter` receives, in publication order.
+async fn topics_matched(broker: &TestBroker, filter: &str, topics: &[&str]) -> Vec<String> {
+    let mut sub = Client::connect(broker.addr, "matcher").await;
+    sub.subscribe_ok(&[(filter, QoS::AtMostOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "matcher-pub").await;
+    for topic in topics {
+        publisher
+            .publish(topic, b"x", QoS::AtLeastOnce, false)
+            .await;
+    }
+    let got = sub
+        .ping()
+        .await
+        .into_iter()
+        .map(|p| match p {
+            Packet::Publish(p) => p.topic.to_string(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    sub.disconnect().await;
+    publisher.disconnect().await;
+    got
+}
+
+#[tokio::test]
+async fn wildcards_match_as_specified() {
+    let broker = TestBroker::start().await;
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            "a/#",
+            &["a", "a/b", "a/b/c", "b", "ab", "b/a"],
+            &["a", "a/b", "a/b/c"],
+        ),
+        (
+            "a/+/c",
+            &["a/b/c", "a//c", "a/b/d", "a/c", "a/b/c/d"],
+            &["a/b/c", "a//c"],
+        ),
+        ("+/b", &["/b", "a/b", "a/b/c", "b"], &["/b", "a/b"]),
+        ("a/+", &["a/", "a/x", "a", "a/x/y"], &["a/", "a/x"]),
+        ("+", &["a", "/a", "a/b"], &["a"]),
+        ("#", &["a", "/", "a/b/c"], &["a", "/", "a/b/c"]),
+        ("a/b", &["a/b", "a/B", "a/b/", "a"], &["a/b"]),
+    ];
+    for (filter, topics, expected) in cases {
+        assert_eq!(
+            topics_matched(&broker, filter, topics).await,
+            *expected,
+            "topics matched by {filter}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dollar_topics_are_not_matched_by_leading_wildcards() {
+    let broker = TestBroker::start().await;
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("#", &["$foo/bar", "foo/bar"], &["foo/bar"]),
+        ("+/bar", &["$foo/bar", "x/bar"], &["x/bar"]),
+        (
+            "$foo/#",
+            &["$foo/bar", "$foo", "foo/bar"],
+            &["$foo/bar", "$foo"],
+        ),
+        ("$foo/+", &["$foo/bar", "$foo/bar/baz"], &["$foo/bar"]),
+    ];
+    for (filter, topics, expected) in cases {
+        assert_eq!(
+            topics_matched(&broker, filter, topics).await,
+            *expected,
+            "topics matched by {filter}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
+    let broker = TestBroker::start().await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("a/#", QoS::AtMostOnce), ("a/b", QoS::ExactlyOnce)])
+        .await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("a/b", b"both", QoS::ExactlyOnce, false)
+        .await;
+    let p = sub.receive().await;
+    assert_publish(&p, "a/b", "both", QoS::ExactlyOnce, false);
+    sub.expect_quiet("after the one copy").await;
+    publisher
+        .publish("a/c", b"one", QoS::ExactlyOnce, false)
+        .await;
+    let p = sub.receive().await;
+    assert_publish(&p, "a/c", "one", QoS::AtMostOnce, false);
+    sub.expect_quiet("after the one copy").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Retained messages
+// ---------------------------------------------------------------------------------------
+
+/// Subscribes a new client to `filter` and returns the retained messages it gets.
+async fn retained_for(addr: SocketAddr, id: &str, filter: &str, qos: QoS) -> Vec<Publish> {
+    let mut sub = Client::connect(addr, id).await;
+    sub.subscribe_ok(&[(filter, qos)]).await;
+    let mut got = Vec::new();
+    for p in sub.ping().await {
+        match p {
+            Packet::Publish(p) => {
+                sub.acknowledge(&p).await;
+                got.push(p);
+            }
+            other => panic!("{id}: unexpected {other:?}"),
+        }
+    }
+    sub.expect_quiet("after the retained messages").await;
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    got
+}
+
+#[tokio::test]
+async fn retained_message_goes_to_new_subscribers_with_retain_1() {
+    let broker = TestBroker::start().await;
+    let mut existing = Client::connect(broker.addr, "existing").await;
+    existing.subscribe_ok(&[("r/#", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("r/1", b"one", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish("r/2", b"two", QoS::AtLeastOnce, true)
+        .await;
+    assert_eq!(broker.broker().router.retained_count(), 2);
+
+    for i in ["1", "2"] {
+        let p = existing.receive().await;
+        let payload = if i == "1" { "one" } else { "two" };
+        assert_publish(&p, &format!("r/{i}"), payload, QoS::AtLeastOnce, false);
+    }
+
+    let exact = retained_for(broker.addr, "exact", "r/1", QoS::AtLeastOnce).await;
+    assert_eq!(exact.len(), 1, "one retained message for r/1: {exact:?}");
+    assert_publish(&exact[0], "r/1", "one", QoS::AtLeastOnce, true);
+
+    let wild = retained_for(broker.addr, "wild", "r/+", QoS::AtLeastOnce).await;
+    assert_eq!(wild.len(), 2, "two retained messages for r/+: {wild:?}");
+    assert_publish(&wild[0], "r/1", "one", QoS::AtLeastOnce, true);
+    assert_publish(&wild[1], "r/2", "two", QoS::AtLeastOnce, true);
+
+    let none = retained_for(broker.addr, "none", "q/+", QoS::AtLeastOnce).await;
+    assert!(none.is_empty(), "no retained message for q/+: {none:?}");
+}
+
+#[tokio::test]
+async fn retained_message_is_replaced_by_a_newer_one() {
+    let broker = TestBroker::start().await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher.publish("r", b"old", QoS::AtLeastOnce, true).await;
+    publisher.publish("r", b"new", QoS::AtLeastOnce, true).await;
+    // A non-retained message leaves the retained one alone.
+    publisher
+        .publish("r", b"live", QoS::AtLeastOnce, false)
+        .await;
+    assert_eq!(broker.broker().router.retained_count(), 1);
+    let got = retained_for(broker.addr, "sub", "r", QoS::AtLeastOnce).await;
+    assert_eq!(got.len(), 1, "only the newest retained message: {got:?}");
+    assert_publish(&got[0], "r", "new", QoS::AtLeastOnce, true);
+}
+
+#[tokio::test]
+async fn empty_retained_message_clears_the_topic() {
+    let broker = TestBroker::start().await;
+    let mut existing = Client::connect(broker.addr, "existing").await;
+    existing.subscribe_ok(&[("r", QoS::AtMostOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("r", b"kept", QoS::AtLeastOnce, true)
+        .await;
+    publisher.publish("r", b"", QoS::AtLeastOnce, true).await;
+    assert_eq!(broker.broker().router.retained_count(), 0);
+
+    // Existing subscribers get both as normal messages.
+    let p = existing.receive().await;
+    assert_publish(&p, "r", "kept", QoS::AtMostOnce, false);
+    let p = existing.receive().await;
+    assert_publish(&p, "r", "", QoS::AtMostOnce, false);
+
+    let got = retained_for(broker.addr, "sub", "r", QoS::AtLeastOnce).await;
+    assert!(
+        got.is_empty(),
+        "nothing retained after an empty retained message: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn retained_message_is_delivered_at_the_lower_qos() {
+    let broker = TestBroker::start().await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    publisher
+        .publish("m/2", b"two", QoS::ExactlyOnce, true)
+        .await;
+    publisher
+        .publish("m/1", b"one", QoS::AtLeastOnce, true)
+        .await;
+    for (filter, sub_qos, topic, payload, delivered) in [
+        ("m/2", QoS::AtLeastOnce, "m/2", "two", QoS::AtLeastOnce),
+        ("m/2", QoS::AtMostOnce, "m/2", "two", QoS::AtMostOnce),
+        ("m/2", QoS::ExactlyOnce, "m/2", "two", QoS::ExactlyOnce),
+        ("m/1", QoS::ExactlyOnce, "m/1", "one", QoS::AtLeastOnce),
+    ] {
+        let got = retained_for(broker.addr, "sub", filter, sub_qos).await;
+        assert_eq!(got.len(), 1, "{filter} at {sub_qos:?}: {got:?}");
+        assert_publish(&got[0], topic, payload, delivered, true);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Will
+// ---------------------------------------------------------------------------------------
+
+/// A client subscribed to `will/#` at QoS 2.
+async fn will_watcher(addr: SocketAddr) -> Client {
+    let mut watcher = Client::connect(addr, "watcher").await;
+    watcher.subscribe_ok(&[("will/#", QoS::ExactlyOnce)]).await;
+    watcher
+}
+
+#[tokio::test]
+async fn will_is_published_when_the_socket_closes_without_disconnect() {
+    let broker = TestBroker::start().await;
+    let mut watcher = will_watcher(broker.addr).await;
+    let (c, _) = Client::connect_accepted(
+        broker.addr,
+        with_will("w", "will/w", "lost", QoS::AtLeastOnce, false),
+    )
+    .await;
+    drop(c);
+    let will = watcher.receive().await;
+    assert_publish(&will, "will/w", "lost", QoS::AtLeastOnce, false);
+}
+
+#[tokio::test]
+async fn will_is_published_on_keep_alive_timeout() {
+    let broker = TestBroker::start().await;
+    let mut watcher = will_watcher(broker.addr).await;
+    let (mut c, _) = Client::connect_accepted(
+        broker.addr,
+        Connect {
+            keep_alive: 1,
+            ..with_will("w", "will/w", "timed out", QoS::AtLeastOnce, false)
+        },
+    )
+    .await;
+    let start = Instant::now();
+    let will = watcher.receive().await;
+    assert_publish(&will, "will/w", "timed out", QoS::AtLeastOnce, false);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1000),
+        "will published after {:?}, before the keep-alive expired",
+        start.elapsed()
+    );
+    c.expect_closed(WAIT).await;
+}
+
+#[tokio::test]
+async fn will_is_published_on_a_protocol_violation() {
+    let broker = TestBroker::start().await;
+    let mut watcher = will_watcher(broker.addr).await;
+    let (mut c, _) = Client::connect_accepted(
+        broker.addr,
+        with_will("w", "will/w", "violated", QoS::AtMostOnce, false),
+    )
+    .await;
+    c.send_raw(&[0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01])
+        .await; // PUBLISH QoS 3
+    c.expect_closed(WAIT).await;
+    let will = watcher.receive().await;
+    assert_publish(&will, "will/w", "violated", QoS::AtMostOnce, false);
+}
+
+#[tokio::test]
+async fn will_is_not_published_after_disconnect() {
+    let broker = TestBroker::start().await;
+    let mut watcher = will_watcher(broker.addr).await;
+    let (c, _) = Client::connect_accepted(
+        broker.addr,
+        with_will("w", "will/w", "unwanted", QoS::AtLeastOnce, true),
+    )
+    .await;
+    c.disconnect().await;
+    watcher.expect_quiet("after a DISCONNECT (no will)").await;
+    assert_eq!(
+        broker.broker().router.retained_count(),
+        0,
+        "no retained will"
+    );
+}
+
+#[tokio::test]
+async fn will_qos_and_retain_are_honoured() {
+    let broker = TestBroker::start().await;
+    let mut watcher = will_watcher(broker.addr).await;
+    let (c, _) = Client::connect_accepted(
+        broker.addr,
+        with_will("w", "will/r", "retained will", QoS::ExactlyOnce, true),
+    )
+    .await;
+    drop(c);
+    let will = watcher.receive().await;
+    assert_publish(&will, "will/r", "retained will", QoS::ExactlyOnce, false);
+    assert_eq!(broker.broker().router.retained_count(), 1);
+
+    let later = retained_for(broker.addr, "later", "will/+", QoS::AtLeastOnce).await;
+    assert_eq!(later.len(), 1, "the retained will: {later:?}");
+    assert_publish(&later[0], "will/r", "retained will", QoS::AtLeastOnce, true);
+}
+
+// ---------------------------------------------------------------------------------------
+// Keep-alive
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn keep_alive_timeout_closes_a_silent_connection() {
+    let broker = TestBroker::start().await;
+    let (mut c, _) = Client::connect_accepted(
+        broker.addr,
+        Connect {
+            keep_alive: 1,
+            ..connect_packet("silent")
+        },
+    )
+    .await;
+    let took = c.expect_closed(Duration::from_secs(4)).await;
+    assert!(
+        took >= Duration::from_millis(1000) && took <= Duration::from_millis(3000),
+        "closed after {took:?}; expected 1.5 times the 1 s keep-alive"
+    );
+}
+
+#[tokio::test]
+async fn pingreq_keeps_the_connection_alive() {
+    let broker = TestBroker::start().await;
+    let (mut c, _) = Client::connect_accepted(
+        broker.addr,
+        Connect {
+            keep_alive: 1,
+            ..connect_packet("pinger")
+        },
+    )
+    .await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.send(Packet::PingReq).await;
+        c.expect_bytes(&[0xD0, 0x00], "PINGRESP").await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Malformed input and protocol violations
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn subscribe_with_flags_0_closes_the_connection() {
+    // SUBSCRIBE must have flags 0b0010.
+    assert_closes_only_that_connection(&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00], |_| {})
+        .await;
+}
+
+#[tokio::test]
+async fn publish_with_qos_3_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01], |_| {}).await;
+}
+
+#[tokio::test]
+async fn remaining_length_of_5_bytes_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x01], |_| {}).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_topic_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x30, 0x05, 0x00, 0x02, 0xC3, 0x28, b'x'], |_| {}).await;
+}
+
+#[tokio::test]
+async fn nul_character_in_a_topic_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x30, 0x05, 0x00, 0x02, b'a', 0x00, b'x'], |_| {}).await;
+}
+
+#[tokio::test]
+async fn wildcard_in_a_publish_topic_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'+', b'x'], |_| {})
+        .await;
+    assert_closes_only_that_connection(&[0x30, 0x06, 0x00, 0x03, b'a', b'/', b'#', b'x'], |_| {})
+        .await;
+}
+
+#[tokio::test]
+async fn packet_id_0_on_a_qos1_publish_closes_the_connection() {
+    assert_closes_only_that_connection(&[0x32, 0x06, 0x00, 0x01, b'a', 0x00, 0x00, b'x'], |_| {})
+        .await;
+}
+
+#[tokio::test]
+async fn oversized_packet_is_refused_from_its_fixed_header() {
+    // PUBLISH announcing 10,000 bytes (remaining length 0x90 0x4E); the body never comes.
+    assert_closes_only_that_connection(&[0x30, 0x90, 0x4E], |cfg| cfg.mqtt.max_packet_size = 1024)
+        .await;
+}
+
+#[tokio::test]
+async fn max_packet_size_counts_the_whole_packet() {
+    let broker = TestBroker::with(|cfg| cfg.mqtt.max_packet_size = 1024).await;
+    let mut sub = Client::connect(broker.addr, "sub").await;
+    sub.subscribe_ok(&[("big", QoS::AtMostOnce)]).await;
+    let mut publisher = Client::connect(broker.addr, "pub").await;
+    // 1 + 2 (remaining length) + 2 + 3 ("big") + payload.
+    let payload = vec![b'x'; 1024 - 8];
+    let packet = Packet::Publish(publish_packet("big", &payload, QoS::AtMostOnce, false, 0));
+    assert_eq!(encode(&packet).len(), 1024);
+    publisher.send(packet).await;
+    let p = sub.expect_publish().await;
+    assert_eq!(
+        p.payload.len(),
+        payload.len(),
+        "a 1024-byte packet is accepted"
+    );
+
+    let payload = vec![b'x'; 1024 - 7];
+    publisher
+        .send(Packet::Publish(publish_packet(
+            "big",
+            &payload,
+            QoS::AtMostOnce,
+            false,
+            0,
+        )))
+        .await;
+    publisher.expect_closed(WAIT).await;
+    sub.expect_quiet("after a refused 1025-byte packet").await;
+}
+
+#[tokio::test]
+async fn client_sending_connack_is_disconnected() {
+    assert_closes_only_that_connection(&[0x20, 0x02, 0x00, 0x00], |_| {}).await;
+}
+
+#[tokio::test]
+async fn client_sending_suback_is_disconnected() {
+    assert_closes_only_that_connection(&[0x90, 0x03, 0x00, 0x01, 0x00], |_| {}).await;
+}
+
+/// xorshift64*: reproducible noise without a dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// What one garbage connection sends: noise, sometimes after a valid start.
+fn garbage(i: u64) -> Vec<u8> {
+    let mut noise = Noise(0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0xFF51_AFD7_ED55_8CCD));
+    let len = 1 + (noise.next() % 300) as usize;
+    let mut out = match i % 4 {
+        0 => Vec::new(),
+        // A valid CONNECT first, so the noise reaches the connected state.
+        1 => encode(&Packet::Connect(Box::new(connect_packet(&format!("g{i}"))))).to_vec(),
+        // A plausible packet type with random flags and length.
+        2 => vec![((1 + noise.next() % 14) << 4) as u8 | (noise.next() % 16) as u8],
+        _ => {
+            let mut v = encode(&Packet::Connect(Box::new(persistent(&format!("g{i}"))))).to_vec();
+            v.extend_from_slice(&encode(&Packet::Subscribe(Subscribe {
+                pkid: 1,
+                filters: vec![SubscribeFilter {
+                    filter: ByteStr::from("#"),
+                    options: SubOptions::default(),
+                }],
+                properties: Properties::default(),
+            })));
+            v
+        }
+    };
+    out.extend(noise.bytes(len));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_garbage_connections_do_not_disturb_others() {
+    let broker = TestBroker::with(|cfg| cfg.mqtt.connect_timeout = 1).await;
+    let addr = broker.addr;
+    let mut sub = Client::connect(addr, "live-sub").await;
+    sub.subscribe_ok(&[("live/t", QoS::AtLeastOnce)]).await;
+    let mut publisher = Client::connect(addr, "live-pub").await;
+
+    let attackers: Vec<_> = (0..200u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let Ok(mut stream) = TcpStream::connect(addr).await else {
+                    panic!("garbage connection {i} refused");
+                };
+                let _ = stream.write_all(&garbage(i)).await;
+                // Read whatever comes until the broker closes, or give up and drop.
+                let mut sink = [0u8; 1024];
+                let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+                while let Ok(Ok(n)) = tokio::time::timeout_at(until, stream.read(&mut sink)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for i in 0..50 {
+        let payload = format!("live {i}");
+        publisher
+            .publish("live/t", payload.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        let p = sub.receive().await;
+        assert_publish(&p, "live/t", &payload, QoS::AtLeastOnce, false);
+    }
+    for a in attackers {
+        a.await.expect("garbage connection task");
+    }
+
+    let mut newcomer = Client::connect(addr, "newcomer").await;
+    newcomer
+        .publish("live/t", b"after", QoS::AtLeastOnce, false)
+        .await;
+    let p = sub.receive().await;
+    assert_publish(&p, "live/t", "after", QoS::AtLeastOnce, false);
+    sub.expect_quiet("after the garbage").await;
+
+    // The clean sessions of the closed garbage connections end; the 50 persistent ones
+    // (every fourth connection made one before its noise) stay, beside the 3 live ones.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sessions = broker.broker().session_count();
+        if sessions == 3 + 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sessions} sessions left after the garbage connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Slow subscriber
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers() {
+    const MESSAGES: usize = 20_000;
+    const SIZE: usize = 1024;
+    let broker = TestBroker::start().await;
+    let addr = broker.addr;
+
+    let mut slow = Client::connect(addr, "slow").await;
+    slow.subscribe_ok(&[("flood", QoS::AtMostOnce)]).await;
+    // `slow` is never read again.
+
+    let mut fast = Client::connect(addr, "fast").await;
+    fast.subscribe_ok(&[("flood", QoS::AtMostOnce)]).await;
+    let fast_reader = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let Some(packet) = fast.recv(Duration::from_secs(10)).await else {
+                return Err(format!("fast subscriber got only {i} messages"));
+            };
+            let Packet::Publish(p) = packet else {
+                return Err(format!("unexpected {packet:?}"));
+            };
+            let index = u64::from_be_bytes(p.payload[..8].try_into().expect("8 bytes"));
+            if index != i as u64 || p.payload.len() != SIZE {
+                return Err(format!(
+                    "message {i}: got index {index}, {} bytes",
+                    p.payload.len()
+                ));
+            }
+        }
+        Ok(fast)
+    });
+
+    let mut publisher = Client::connect(addr, "pub").await;
+    let mut flood = BytesMut::new();
+    let mut payload = vec![0u8; SIZE];
+    for i in 0..MESSAGES {
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let packet = publish_packet("flood", &payload, QoS::AtMostOnce, false, 0);
+        protocol::encode(&Packet::Publish(packet), Protocol::V311, &mut flood).unwrap();
+    }
+    let start = Instant::now();
+    publisher.send_raw(&flood).await;
+    publisher.barrier().await;
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the publisher was held up for {took:?} by a slow subscriber"
+    );
+
+    let mut fast = tokio::time::timeout(Duration::from_secs(20), fast_reader)
+        .await
+        .expect("fast subscriber finished in time")
+        .expect("fast subscriber task")
+        .unwrap_or_else(|e| panic!("fast subscriber: {e}"));
+    fast.expect_quiet("after all messages").await;
+
+    let b = broker.broker();
+    let slow_session = b.session("slow").expect("slow session");
+    let fast_session = b.session("fast").expect("fast session");
+    assert!(
+        slow_session.dropped() > 0,
+        "the slow subscriber's queue overflowed"
+    );
+    assert_eq!(
+        fast_session.dropped(),
+        0,
+        "nothing dropped for the fast subscriber"
+    );
+    drop(slow);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scripted flows with rumqttc (MQTT 3.1.1)
+// ---------------------------------------------------------------------------------------
+
+/// A rumqttc client whose event loop runs in a task, forwarding incoming packets.
+struct Rumqtt {
+    client: rumqttc::AsyncClient,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Rumqtt {
+    async fn connect(port: u16, id: &str, tweak: impl FnOnce(&mut rumqttc::MqttOptions)) -> Rumqtt {
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(5));
+        tweak(&mut options);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+        let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            // No reconnection: the first error ends the client.
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::Event::Incoming(packet) = event {
+                    if tx.send(packet).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(WAIT, incoming.recv()).await {
+            Ok(Some(rumqttc::Packet::ConnAck(ack))) => {
+                assert_eq!(
+                    ack.code,
+                    rumqttc::ConnectReturnCode::Success,
+                    "{id}: CONNACK"
+                )
+            }
+            other => panic!("{id}: expected CONNACK, got {other:?}"),
+        }
+        Rumqtt {
+            client,
+            incoming,
+            task,
+        }
+    }
+
+    async fn next(&mut self, what: &str) -> rumqttc::Packet {
+        match tokio::time::timeout(WAIT, self.incoming.recv()).await {
+            Ok(Some(p)) => p,
+            other => panic!("expected {what}, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
+        match self.next("SUBACK").await {
+            rumqttc::Packet::SubAck(a) => assert_eq!(
+                a.return_codes,
+                [rumqttc::SubscribeReasonCode::Success(qos)],
+                "SUBACK"
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    async fn next_publish(&mut self) -> rumqttc::Publish {
+        loop {
+            match self.next("PUBLISH").await {
+                rumqttc::Packet::Publish(p) => return p,
+                rumqttc::Packet::PingResp => {}
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn rumqttc_qos1_and_qos2_messages_arrive_in_order() {
+    let broker = TestBroker::start().await;
+    let mut sub = Rumqtt::connect(broker.port(), "rsub", |_| {}).await;
+    sub.subscribe("rq/#", rumqttc::QoS::ExactlyOnce).await;
+    let publisher = Rumqtt::connect(broker.port(), "rpub", |_| {}).await;
+    for i in 0..20 {
+        let qos = if i % 2 == 0 {
+            rumqttc::QoS::AtLeastOnce
+        } else {
+            rumqttc::QoS::ExactlyOnce
+        };
+        publisher
+            .client
+            .publish(format!("rq/{}", i % 2), qos, false, format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+    let mut seen = [Vec::new(), Vec::new()];
+    for _ in 0..20 {
+        let p = sub.next_publish().await;
+        let i: usize = text(&p.payload)[1..].parse().expect("payload m<i>");
+        assert_eq!(p.topic, format!("rq/{}", i % 2));
+        let expected_qos = if i % 2 == 0 {
+            rumqttc::QoS::AtLeastOnce
+        } else {
+            rumqttc::QoS::ExactlyOnce
+        };
+        assert_eq!(
+            (p.qos, p.retain, p.dup),
+            (expected_qos, false, false),
+            "{p:?}"
+        );
+        seen[i % 2].push(i);
+    }
+    assert_eq!(
+        seen[0],
+        (0..20).step_by(2).collect::<Vec<_>>(),
+        "QoS 1 order"
+    );
+    assert_eq!(
+        seen[1],
+        (1..20).step_by(2).collect::<Vec<_>>(),
+        "QoS 2 order"
+    );
+    publisher.task.abort();
+    sub.task.abort();
+}
+
+#[tokio::test]
+async fn rumqttc_last_will_is_published_when_a_client_vanishes() {
+    let broker = TestBroker::start().await;
+    let mut watcher = Rumqtt::connect(broker.port(), "rwatch", |_| {}).await;
+    watcher
+        .subscribe("rwill/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let doomed = Rumqtt::connect(broker.port(), "rdoomed", |o| {
+        o.set_last_will(rumqttc::LastWill::new(
+            "rwill/doomed",
+            "vanished",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ));
+    })
+    .await;
+    // Dropping the event loop drops the socket without a DISCONNECT.
+    doomed.task.abort();
+    let will = watcher.next_publish().await;
+    assert_eq!(
+        (
+            will.topic.as_str(),
+            text(&will.payload).as_str(),
+            will.qos,
+            will.retain
+        ),
+        ("rwill/doomed", "vanished", rumqttc::QoS::AtLeastOnce, false)
+    );
+    watcher.task.abort();
+}
