@@ -1,5 +1,6 @@
 //! Shared state of a running broker, and starting and stopping it.
 
+use crate::auth::AuthMethod;
 use crate::config::{Config, ListenerKind};
 use crate::protocol::ByteStr;
 use crate::router::{Message, Router};
@@ -16,6 +17,8 @@ use tokio_util::task::TaskTracker;
 
 pub struct Broker {
     pub config: Config,
+    /// MQTT 5 enhanced authentication methods, by name.
+    pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     pub router: Router,
     /// Sessions by client id, connected or not.
     sessions: DashMap<ByteStr, Arc<Session>>,
@@ -26,9 +29,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Config) -> Arc<Broker> {
+    pub fn new(config: Config, auth_methods: Vec<Arc<dyn AuthMethod>>) -> Arc<Broker> {
         Arc::new(Broker {
             config,
+            auth_methods,
             router: Router::default(),
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
@@ -203,7 +207,15 @@ pub struct Server {
 impl Server {
     /// Binds every configured listener and starts accepting connections.
     pub async fn start(config: Config) -> std::io::Result<Server> {
-        let broker = Broker::new(config);
+        Server::start_with(config, Vec::new()).await
+    }
+
+    /// `start`, with MQTT 5 enhanced authentication methods.
+    pub async fn start_with(
+        config: Config,
+        auth_methods: Vec<Arc<dyn AuthMethod>>,
+    ) -> std::io::Result<Server> {
+        let broker = Broker::new(config, auth_methods);
         let mut addrs = Vec::new();
         for listener in &broker.config.listeners {
             let addr = match listener.kind {

@@ -362,6 +362,14 @@ mod tests {
 
     #[test]
     fn ws_listener_keys() {
+        let sample = Config::parse(include_str!("../broker.toml")).unwrap();
+        let ws = sample
+            .listeners
+            .iter()
+            .find(|l| l.kind == ListenerKind::Ws)
+            .unwrap();
+        assert_eq!((ws.bind.port(), ws.ws_path()), (8083, "/mqtt"));
+
         let ok = "[[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:8083\"\n";
         let c = Config::parse(ok).unwrap();
         assert_eq!(c.listeners[0].kind, ListenerKind::Ws);
@@ -376,15 +384,26 @@ mod tests {
         assert_eq!(c.listeners[0].allowed_origins, ["https://app.example.com"]);
 
         let err = Config::parse(&format!("{ok}path = \"mqtt\"\n")).unwrap_err();
-        assert!(err.contains("line 4") && err.contains("path") && err.contains("'/'"), "{err}");
-        let err = Config::parse(&format!("{ok}allowed_origins = [\"https://a.example/\"]\n")).unwrap_err();
-        assert!(err.contains("line 4") && err.contains("allowed_origins"), "{err}");
+        assert!(
+            err.contains("line 4") && err.contains("path") && err.contains("'/'"),
+            "{err}"
+        );
+        let err = Config::parse(&format!("{ok}allowed_origins = [\"https://a.example/\"]\n"))
+            .unwrap_err();
+        assert!(
+            err.contains("line 4") && err.contains("allowed_origins"),
+            "{err}"
+        );
 
         // A ws-only key on a tcp listener names the key and the listener.
         let tcp = "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:1883\"\n";
         let err = Config::parse(&format!("{ok}\n{tcp}path = \"/mqtt\"\n")).unwrap_err();
-        assert!(err.contains("127.0.0.1:1883") && err.contains("`path`"), "{err}");
-        let err = Config::parse(&format!("{tcp}allowed_origins = [\"http://a.example\"]\n")).unwrap_err();
+        assert!(
+            err.contains("127.0.0.1:1883") && err.contains("`path`"),
+            "{err}"
+        );
+        let err =
+            Config::parse(&format!("{tcp}allowed_origins = [\"http://a.example\"]\n")).unwrap_err();
         assert!(err.contains("`allowed_origins`"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //! connection and session (`session`) -> subscribers (`router`) -> their sessions' queues
 //! -> bytes. `broker` holds the shared state and starts the listeners.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod metrics;

@@ -182,7 +182,7 @@ fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
 fn assert_config_refused(text: &str, line: usize, key: &str) {
     let (_dir, path) = config_file(text);
     let path = path.to_str().expect("utf-8 path");
-    // --bind keeps a wrongly accepted config from taking port 1883 (and from hanging).
+    // --bind keeps a wrongly accepted config off port 1883 (`run` bounds the wait).
     let (status, _, stderr) = run(&["--config", path, "--bind", "127.0.0.1:0"]);
     assert_eq!(
         status.code(),
@@ -268,6 +268,18 @@ fn value_of_the_wrong_type_is_refused() {
         "[session]\nmax_queued_messages = \"many\"\n",
         2,
         "max_queued_messages",
+    );
+}
+
+#[test]
+fn config_without_listeners_is_refused() {
+    let (_dir, path) = config_file("listeners = []\n");
+    let path = path.to_str().expect("utf-8 path");
+    let (status, _, stderr) = run(&["--config", path]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(path) && stderr.contains("listeners"),
+        "the file and the key are named:\n{stderr}"
     );
 }
 

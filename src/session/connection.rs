@@ -5,11 +5,12 @@
 //! single `select!` waits for bytes to read, room to write, a wake-up from a publisher,
 //! the keep-alive deadline and shutdown.
 
+use crate::auth::AuthStep;
 use crate::broker::Broker;
 use crate::metrics;
 use crate::protocol::{
-    self, connack_v3, reason, topic, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Protocol,
-    Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    self, connack_v3, reason, topic, Ack, Auth, ByteStr, ConnAck, Connect, Disconnect, Packet,
+    Protocol, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::router::{
     is_shared, valid_subscription, within_levels, Delivery, DeliveryHeader, Message,
@@ -98,12 +99,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         &mut self,
         broker: &Broker,
     ) -> Result<Option<Box<Connect>>, protocol::Error> {
-        let max = broker.config.mqtt.max_packet_size;
+        match self
+            .read_packet(Protocol::V311, broker.config.mqtt.max_packet_size)
+            .await?
+        {
+            Some(Packet::Connect(c)) => Ok(Some(c)),
+            Some(_) => Err(protocol::Error::Protocol("first packet is not CONNECT")),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads one whole packet (None if the peer closed), for the handshake phase.
+    async fn read_packet(
+        &mut self,
+        protocol: Protocol,
+        max: usize,
+    ) -> Result<Option<Packet>, protocol::Error> {
         loop {
-            match protocol::decode(&mut self.rbuf, Protocol::V311, max)? {
-                Some(Packet::Connect(c)) => return Ok(Some(c)),
-                Some(_) => return Err(protocol::Error::Protocol("first packet is not CONNECT")),
-                None => {}
+            if let Some(packet) = protocol::decode(&mut self.rbuf, protocol, max)? {
+                return Ok(Some(packet));
             }
             self.rbuf.reserve(MIN_READ);
             match self.reader.read_buf(&mut self.rbuf).await {
@@ -242,14 +256,18 @@ impl<'a> Conn<'a> {
         }
         tracing::Span::current().record("client_id", client_id.as_str());
 
-        if v5 && props.authentication_method.is_some() {
-            info!("refused: no enhanced authentication method is supported");
-            let ack = refuse(
-                connack_v3::NOT_AUTHORIZED,
-                reason::BAD_AUTHENTICATION_METHOD,
-            );
-            io.send_and_close(ack, protocol).await;
-            return None;
+        let mut auth_done = None;
+        if let Some(method) = &props.authentication_method {
+            let data = props.authentication_data.clone();
+            match authenticate(broker, method, &client_id, data, io).await {
+                Ok(data) => auth_done = Some((method.clone(), data)),
+                Err(code) => {
+                    info!(method = %method, code, "refused: enhanced authentication");
+                    io.send_and_close(refuse(connack_v3::NOT_AUTHORIZED, code), protocol)
+                        .await;
+                    return None;
+                }
+            }
         }
 
         let mut will_delay = 0;
@@ -370,6 +388,10 @@ impl<'a> Conn<'a> {
             p.subscription_identifiers_available =
                 Some(u8::from(cfg.subscription_identifiers_available));
             p.shared_subscription_available = Some(u8::from(cfg.shared_subscription_available));
+            if let Some((method, data)) = auth_done {
+                p.authentication_method = Some(method);
+                p.authentication_data = data;
+            }
         }
         conn.send(&mut io.wbuf, Packet::ConnAck(ack));
         if present {
@@ -951,6 +973,62 @@ impl<'a> Conn<'a> {
             _ => {
                 let _ = tokio::time::timeout(CLOSE_FLUSH, io.writer.shutdown()).await;
             }
+        }
+    }
+}
+
+/// Runs an MQTT 5 enhanced authentication exchange during CONNECT. Returns the data
+/// for the CONNACK, or the CONNACK reason code of the refusal.
+async fn authenticate<R, W>(
+    broker: &Broker,
+    method: &ByteStr,
+    client_id: &str,
+    mut data: Option<Bytes>,
+    io: &mut Io<R, W>,
+) -> Result<Option<Bytes>, u8>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(m) = broker
+        .auth_methods
+        .iter()
+        .find(|m| m.name() == method.as_str())
+    else {
+        return Err(reason::BAD_AUTHENTICATION_METHOD);
+    };
+    let mut exchange = m.begin(client_id);
+    loop {
+        let challenge = match exchange.step(data.as_deref()) {
+            AuthStep::Success(data) => return Ok(data),
+            AuthStep::Failure => return Err(reason::NOT_AUTHORIZED),
+            AuthStep::Continue(challenge) => challenge,
+        };
+        let mut auth = Auth {
+            reason: reason::CONTINUE_AUTHENTICATION,
+            ..Auth::default()
+        };
+        auth.properties.authentication_method = Some(method.clone());
+        auth.properties.authentication_data = Some(challenge);
+        if protocol::encode(&Packet::Auth(auth), Protocol::V5, &mut io.wbuf).is_err()
+            || io.writer.write_all_buf(&mut io.wbuf).await.is_err()
+        {
+            return Err(reason::UNSPECIFIED_ERROR);
+        }
+        let max = broker.config.mqtt.max_packet_size;
+        let answer = tokio::time::timeout(
+            broker.config.mqtt.connect_timeout(),
+            io.read_packet(Protocol::V5, max),
+        )
+        .await;
+        match answer {
+            Ok(Ok(Some(Packet::Auth(a))))
+                if a.reason == reason::CONTINUE_AUTHENTICATION
+                    && a.properties.authentication_method.as_ref() == Some(method) =>
+            {
+                data = a.properties.authentication_data;
+            }
+            _ => return Err(reason::PROTOCOL_ERROR),
         }
     }
 }

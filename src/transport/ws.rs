@@ -48,7 +48,10 @@ pub async fn listen(broker: &Arc<Broker>, listener: &Listener) -> io::Result<Soc
         allowed_origins: listener.allowed_origins.clone(),
     });
     let broker = broker.clone();
-    broker.tasks.clone().spawn(accept_loop(broker, socket, policy));
+    broker
+        .tasks
+        .clone()
+        .spawn(accept_loop(broker, socket, policy));
     Ok(local)
 }
 
@@ -82,7 +85,12 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, policy: Arc<Pol
 
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
-async fn upgrade_and_serve(broker: &Arc<Broker>, stream: TcpStream, peer: SocketAddr, policy: &Policy) {
+async fn upgrade_and_serve(
+    broker: &Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    policy: &Policy,
+) {
     let config = ws_config(broker.config.mqtt.max_packet_size);
     let check = |req: &Request, resp: Response| policy.check(req, resp, peer);
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
@@ -121,7 +129,12 @@ struct Policy {
 impl Policy {
     /// Accepts the upgrade (echoing the chosen subprotocol) or answers with an HTTP error
     /// whose body says why.
-    fn check(&self, req: &Request, mut resp: Response, peer: SocketAddr) -> Result<Response, ErrorResponse> {
+    fn check(
+        &self,
+        req: &Request,
+        mut resp: Response,
+        peer: SocketAddr,
+    ) -> Result<Response, ErrorResponse> {
         let path = req.uri().path();
         // mqtt.js sends exactly the URL's path: `ws://host:8083` asks for `/`.
         if path != self.path && path != "/" {
@@ -132,9 +145,11 @@ impl Policy {
         // anyway, so a missing Origin is not refused.
         if let Some(origin) = req.headers().get(header::ORIGIN) {
             let allowed = self.allowed_origins.is_empty()
-                || origin
-                    .to_str()
-                    .is_ok_and(|o| self.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+                || origin.to_str().is_ok_and(|o| {
+                    self.allowed_origins
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(o))
+                });
             if !allowed {
                 let why = format!("origin {origin:?} is not allowed");
                 return Err(refuse(StatusCode::FORBIDDEN, why, peer));
@@ -144,8 +159,10 @@ impl Policy {
             // RFC 6455: no subprotocol offered, none in the answer.
             Ok(None) => {}
             Ok(Some(chosen)) => {
-                resp.headers_mut()
-                    .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(chosen));
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    HeaderValue::from_static(chosen),
+                );
             }
             Err(offered) => {
                 let why = format!(
@@ -187,7 +204,10 @@ fn refuse(status: StatusCode, why: String, peer: SocketAddr) -> ErrorResponse {
     let mut resp = ErrorResponse::new(None);
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     *resp.body_mut() = Some(body);
@@ -218,7 +238,11 @@ impl<S> WsBytes<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // Pending means the socket is full; the waker is registered for when it drains.
         if let Poll::Ready(Err(e)) = Pin::new(&mut this.ws).poll_flush(cx) {
@@ -255,7 +279,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -297,8 +325,10 @@ mod tests {
     fn request(protocols: &[&str]) -> Request {
         let mut req = Request::new(());
         for p in protocols {
-            req.headers_mut()
-                .append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).unwrap());
+            req.headers_mut().append(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(p).unwrap(),
+            );
         }
         req
     }
@@ -307,9 +337,21 @@ mod tests {
     fn subprotocol_is_the_first_known_one_offered() {
         assert_eq!(choose_subprotocol(&request(&[])), Ok(None));
         assert_eq!(choose_subprotocol(&request(&["mqtt"])), Ok(Some("mqtt")));
-        assert_eq!(choose_subprotocol(&request(&["mqttv3.1"])), Ok(Some("mqttv3.1")));
-        assert_eq!(choose_subprotocol(&request(&["wamp, mqttv3.1 , mqtt"])), Ok(Some("mqttv3.1")));
-        assert_eq!(choose_subprotocol(&request(&["wamp", "mqtt"])), Ok(Some("mqtt")));
-        assert_eq!(choose_subprotocol(&request(&["wamp, soap"])), Err("wamp, soap".into()));
+        assert_eq!(
+            choose_subprotocol(&request(&["mqttv3.1"])),
+            Ok(Some("mqttv3.1"))
+        );
+        assert_eq!(
+            choose_subprotocol(&request(&["wamp, mqttv3.1 , mqtt"])),
+            Ok(Some("mqttv3.1"))
+        );
+        assert_eq!(
+            choose_subprotocol(&request(&["wamp", "mqtt"])),
+            Ok(Some("mqtt"))
+        );
+        assert_eq!(
+            choose_subprotocol(&request(&["wamp, soap"])),
+            Err("wamp, soap".into())
+        );
     }
 }

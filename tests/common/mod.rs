@@ -21,10 +21,10 @@ impl TestBroker {
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         init_logs();
         let mut config = Config::default();
-        config.listeners = vec![Listener {
-            kind: ListenerKind::Tcp,
-            bind: "127.0.0.1:0".parse().unwrap(),
-        }];
+        config.listeners = vec![Listener::new(
+            ListenerKind::Tcp,
+            "127.0.0.1:0".parse().unwrap(),
+        )];
         tweak(&mut config);
         let server = Server::start(config).await.expect("broker starts");
         let addr = server.local_addr(ListenerKind::Tcp).expect("tcp listener");
@@ -32,6 +32,23 @@ impl TestBroker {
             server: Some(server),
             addr,
         }
+    }
+
+    /// A broker with a tcp and a ws listener (default path `/mqtt`); `tweak` may change
+    /// both, the ws one being `config.listeners[1]`.
+    pub async fn with_ws(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        Self::with(|config| {
+            let bind = "127.0.0.1:0".parse().unwrap();
+            config.listeners.push(Listener::new(ListenerKind::Ws, bind));
+            tweak(config);
+        })
+        .await
+    }
+
+    /// The address of the ws listener (see `with_ws`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        let server = self.server.as_ref().expect("running");
+        server.local_addr(ListenerKind::Ws).expect("ws listener")
     }
 
     pub fn port(&self) -> u16 {
