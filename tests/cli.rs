@@ -59,17 +59,18 @@ impl Broker {
         strip_ansi(&self.stderr.lock().unwrap())
     }
 
-    /// Everything logged so far: the logs go to stdout, errors to stderr.
+    /// Everything printed so far: logs go to stdout, configuration errors to stderr.
     fn log(&self) -> String {
         self.stdout() + &self.stderr()
     }
 
-    /// Waits (bounded) until `find` finds something in the log; fails if the process
-    /// exits first.
+    /// Waits (bounded) until `find` finds something in the complete lines of the log
+    /// (a line still being written could be read half); fails if the process exits first.
     fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(found) = find(&self.log()) {
+            let (out, err) = (self.stdout(), self.stderr());
+            if let Some(found) = find(complete_lines(&out)).or_else(|| find(complete_lines(&err))) {
                 return found;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -139,6 +140,11 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> Jo
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     })
+}
+
+/// `text` up to its last newline.
+fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |end| end + 1)]
 }
 
 /// Removes terminal colour sequences (ESC [ ... m), in case the logger emits them anyway.
@@ -293,22 +299,42 @@ fn missing_config_file_is_named() {
     assert!(stderr.contains(path), "the path is named:\n{stderr}");
 }
 
-/// The repository's sample configuration.
-fn sample_config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.toml")
+/// The repository's sample configuration, with every listener's `bind` moved to
+/// 127.0.0.1 on an OS-chosen port: its fixed ports (1883, and any other listener's) may
+/// be taken on the machine, or by the other test of this file running at the same time.
+/// Everything else is the sample's.
+fn sample_config_on_free_ports() -> (tempfile::TempDir, PathBuf) {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.toml");
+    let text = std::fs::read_to_string(&sample).expect("read broker.toml");
+    let mut moved = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            if key == "bind" {
+                moved += 1;
+                "bind = \"127.0.0.1:0\"".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    assert!(moved > 0, "broker.toml has a listener `bind`");
+    config_file(&(lines.join("\n") + "\n"))
 }
 
-/// Starts the binary with the sample config on an OS-chosen port (`--bind
-/// 127.0.0.1:0`, which never collides) and returns it with the address it logged.
-fn start_sample() -> (Broker, SocketAddr) {
+/// Starts the binary with the sample config and `--bind 127.0.0.1:0` (a free port, which
+/// never collides), and returns it with the TCP listener's address, read from the log.
+fn start_sample() -> (Broker, SocketAddr, tempfile::TempDir) {
+    let (dir, config) = sample_config_on_free_ports();
     let mut cmd = ternmq();
     cmd.arg("--config")
-        .arg(sample_config())
+        .arg(config)
         .args(["--bind", "127.0.0.1:0"]);
     let mut broker = Broker::spawn(cmd);
-    let addr = broker.wait_for_log("the listening address", |log| {
+    let addr = broker.wait_for_log("the TCP listening address", |log| {
         log.lines()
-            .filter(|l| l.contains("listening"))
+            .filter(|l| l.contains("listening") && l.contains("kind=Tcp"))
             .find_map(|l| {
                 l.split("addr=")
                     .nth(1)?
@@ -318,7 +344,7 @@ fn start_sample() -> (Broker, SocketAddr) {
                     .ok()
             })
     });
-    (broker, addr)
+    (broker, addr, dir)
 }
 
 /// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`.
@@ -333,7 +359,8 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
 
 /// Connects as `client_id` and checks the CONNACK; returns the open connection.
 fn mqtt_connect(addr: SocketAddr, client_id: &str) -> TcpStream {
-    let mut stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect to ternmq");
+    let mut stream = TcpStream::connect_timeout(&addr, WAIT)
+        .unwrap_or_else(|e| panic!("cannot connect to ternmq at {addr}: {e}"));
     stream.set_read_timeout(Some(WAIT)).unwrap();
     stream
         .write_all(&connect_packet(client_id))
@@ -351,7 +378,7 @@ fn mqtt_connect(addr: SocketAddr, client_id: &str) -> TcpStream {
 /// Serves an MQTT client, logs its client id, then exits 0 on `signal` while the client
 /// is still connected (and closes that connection).
 fn serves_and_exits_cleanly_on(signal: &str) {
-    let (mut broker, addr) = start_sample();
+    let (mut broker, addr, _config) = start_sample();
     let client_id = format!("cli-probe-{}", signal.to_lowercase());
     let mut client = mqtt_connect(addr, &client_id);
     broker.wait_for_log("the client id of the connection", |log| {

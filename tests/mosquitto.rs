@@ -235,13 +235,16 @@ async fn wait_until(what: &str, mut ready: impl FnMut() -> bool, watched: &mut [
                 );
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let clients: Vec<String> = watched.iter().map(|p| p.describe()).collect();
+            panic!("timed out waiting for {what}; clients: {clients:#?}");
+        }
         tokio::time::sleep(POLL).await;
     }
 }
 
-/// Waits until the broker holds `count` subscriptions in all: the subscriber that made
-/// the last of them has been answered, and receives whatever is published from now on.
+/// Waits until the broker holds `count` subscriptions in all: the last subscriber's
+/// subscription is in place, so it receives whatever is published from now on.
 async fn wait_subscriptions(broker: &TestBroker, count: usize, subscriber: &mut Proc) {
     let router = &broker.broker().router;
     wait_until(
@@ -252,12 +255,18 @@ async fn wait_subscriptions(broker: &TestBroker, count: usize, subscriber: &mut 
     .await;
 }
 
-/// Waits until the broker serves no connection. Its task tracker holds the listener's
-/// accept loop and one task per connection, which ends only after the connection's will
+/// Waits until the broker serves no connection. Its task tracker holds one accept loop
+/// per listener and one task per connection, which ends only after the connection's will
 /// and session bookkeeping are done.
 async fn wait_no_connections(broker: &TestBroker) {
-    let tasks = &broker.broker().tasks;
-    wait_until("every connection to close", || tasks.len() <= 1, &mut []).await;
+    let b = broker.broker();
+    let listeners = b.config.listeners.len();
+    wait_until(
+        "every connection to close",
+        || b.tasks.len() <= listeners,
+        &mut [],
+    )
+    .await;
 }
 
 /// `mosquitto_sub -t '#' -v` sees, in order, what `mosquitto_pub` sends at `qos`.

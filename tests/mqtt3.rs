@@ -104,9 +104,10 @@ fn text(payload: &[u8]) -> String {
 // The raw client
 // ---------------------------------------------------------------------------------------
 
-enum Event {
-    Packet(Packet),
+/// Why a read returned no packet.
+enum NoPacket {
     Timeout,
+    /// EOF or a socket error (a reset counts: the broker closed with unread input).
     Closed(String),
 }
 
@@ -182,30 +183,33 @@ impl Client {
     }
 
     /// The next packet from the socket (not from `pending`), a timeout, or the end.
-    async fn read_event(&mut self, timeout: Duration) -> Event {
+    async fn read_event(&mut self, timeout: Duration) -> Result<Packet, NoPacket> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match protocol::decode(&mut self.rbuf, Protocol::V311, ANY_SIZE) {
-                Ok(Some(p)) => return Event::Packet(p),
+                Ok(Some(p)) => return Ok(p),
                 Ok(None) => {}
                 Err(e) => panic!("{}: the broker sent undecodable bytes: {e}", self.name),
             }
             self.rbuf.reserve(16 * 1024);
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
-                Err(_) => return Event::Timeout,
-                Ok(Ok(0)) if self.rbuf.is_empty() => return Event::Closed("EOF".into()),
+                Err(_) => return Err(NoPacket::Timeout),
+                Ok(Ok(0)) if self.rbuf.is_empty() => return Err(NoPacket::Closed("EOF".into())),
                 Ok(Ok(0)) => {
-                    return Event::Closed(format!("EOF inside a packet: {:?}", &self.rbuf[..]))
+                    return Err(NoPacket::Closed(format!(
+                        "EOF inside a packet: {:?}",
+                        &self.rbuf[..]
+                    )))
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Event::Closed(e.to_string()),
+                Ok(Err(e)) => return Err(NoPacket::Closed(e.to_string())),
             }
         }
     }
 
-    async fn next_event(&mut self, timeout: Duration) -> Event {
+    async fn next_event(&mut self, timeout: Duration) -> Result<Packet, NoPacket> {
         match self.pending.pop_front() {
-            Some(p) => Event::Packet(p),
+            Some(p) => Ok(p),
             None => self.read_event(timeout).await,
         }
     }
@@ -214,9 +218,11 @@ impl Client {
     /// closes the connection.
     async fn recv(&mut self, timeout: Duration) -> Option<Packet> {
         match self.next_event(timeout).await {
-            Event::Packet(p) => Some(p),
-            Event::Timeout => None,
-            Event::Closed(why) => panic!("{}: connection closed unexpectedly ({why})", self.name),
+            Ok(p) => Some(p),
+            Err(NoPacket::Timeout) => None,
+            Err(NoPacket::Closed(why)) => {
+                panic!("{}: connection closed unexpectedly ({why})", self.name)
+            }
         }
     }
 
@@ -264,13 +270,13 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.read_event(left).await {
-                Event::Packet(p) if wanted(&p) => return p,
-                Event::Packet(p) => self.pending.push_back(p),
-                Event::Timeout => panic!(
+                Ok(p) if wanted(&p) => return p,
+                Ok(p) => self.pending.push_back(p),
+                Err(NoPacket::Timeout) => panic!(
                     "{}: expected {what} within {WAIT:?}; got only {:?}",
                     self.name, self.pending
                 ),
-                Event::Closed(why) => {
+                Err(NoPacket::Closed(why)) => {
                     panic!("{}: closed ({why}) while waiting for {what}", self.name)
                 }
             }
@@ -282,12 +288,12 @@ impl Client {
     async fn expect_closed(&mut self, timeout: Duration) -> Duration {
         let start = Instant::now();
         match self.next_event(timeout).await {
-            Event::Closed(_) => start.elapsed(),
-            Event::Timeout => panic!(
+            Err(NoPacket::Closed(_)) => start.elapsed(),
+            Err(NoPacket::Timeout) => panic!(
                 "{}: the broker did not close the connection within {timeout:?}",
                 self.name
             ),
-            Event::Packet(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
+            Ok(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
         }
     }
 
@@ -297,10 +303,12 @@ impl Client {
         self.send(Packet::PingReq).await;
         loop {
             match self.read_event(WAIT).await {
-                Event::Packet(Packet::PingResp) => return before,
-                Event::Packet(p) => before.push(p),
-                Event::Timeout => panic!("{}: no PINGRESP within {WAIT:?}", self.name),
-                Event::Closed(why) => panic!("{}: closed ({why}) waiting for PINGRESP", self.name),
+                Ok(Packet::PingResp) => return before,
+                Ok(p) => before.push(p),
+                Err(NoPacket::Timeout) => panic!("{}: no PINGRESP within {WAIT:?}", self.name),
+                Err(NoPacket::Closed(why)) => {
+                    panic!("{}: closed ({why}) waiting for PINGRESP", self.name)
+                }
             }
         }
     }
@@ -1838,12 +1846,13 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
     let b = broker.broker();
     let slow_session = b.session("slow").expect("slow session");
     let fast_session = b.session("fast").expect("fast session");
+    let gap = first_gap.map_or(String::new(), |(expected, got)| {
+        format!(" (first gap: #{got} after #{})", expected.wrapping_sub(1))
+    });
     assert!(
         received == MESSAGES && first_gap.is_none(),
-        "the fast subscriber received {received} of {MESSAGES} messages (first gap: \
-         expected #{:?}); the broker dropped {} for it and {} for the slow one; \
-         the publisher took {took:?}",
-        first_gap,
+        "the fast subscriber received {received} of {MESSAGES} messages{gap}; the broker \
+         dropped {} for it ({} for the slow one) while the publisher's burst took {took:?}",
         fast_session.dropped(),
         slow_session.dropped()
     );

@@ -2,8 +2,8 @@
 # ternmq's test suite, as the README gives it: installs the tools the tests drive (when
 # missing), then runs every test target.
 #
-#   tests/run.sh                 # everything
-#   tests/run.sh --test cli      # extra arguments go to `cargo test`
+#   tests/run.sh                     # everything: cargo test --all-targets
+#   tests/run.sh --test mosquitto    # with arguments: cargo test <arguments>
 #
 # Installing uses apt-get (Debian/Ubuntu), through sudo when not root. A tool that cannot
 # be installed stops the run with a non-zero exit. The tests check for the tools too: under
@@ -64,5 +64,7 @@ install_missing
 
 # --all-targets: unit tests, integration tests (tests/*.rs), benches and examples built
 # and run as tests. The library has no doc examples yet: add `cargo test --doc` with them.
-echo "+ cargo test --all-targets $*"
-cargo test --all-targets "$@"
+args=("$@")
+((${#args[@]})) || args=(--all-targets)
+echo "+ cargo test ${args[*]}"
+cargo test "${args[@]}"

@@ -59,7 +59,8 @@ pub fn decode(
         12 => Packet::PingReq,
         13 => Packet::PingResp,
         14 => Packet::Disconnect(disconnect(&mut r, v5)?),
-        _ => Packet::Auth(auth(&mut r)?),
+        15 => Packet::Auth(auth(&mut r)?),
+        _ => return Err(Error::Malformed("reserved packet type 0")),
     };
     r.end()?;
     Ok(Some(packet))
@@ -70,7 +71,7 @@ fn check_fixed_header_flags(byte1: u8, protocol: Protocol) -> Result<(), Error> 
     let flags = byte1 & 0x0F;
     let expected = match byte1 >> 4 {
         0 => return Err(Error::Malformed("reserved packet type 0")),
-        15 if !protocol.is_v5() => return Err(Error::Malformed("AUTH packet before MQTT 5")),
+        15 if !protocol.is_v5() => return Err(Error::Malformed("AUTH packet in MQTT 3")),
         3 => {
             let qos = (flags >> 1) & 0b11;
             if qos == 3 {

@@ -447,6 +447,11 @@ impl<'a> Conn<'a> {
                         return exit;
                     }
                     io.after_read(n, spare);
+                    // The subscribers just woken may sit in this worker's run queue
+                    // (tokio's LIFO slot cannot be stolen): let them drain their queues
+                    // before this publisher routes its next read, or a burst overflows
+                    // even fast subscribers' queues.
+                    tokio::task::yield_now().await;
                 }
                 _ = &mut deadline => {
                     let Some(k) = keep_alive else { continue };

@@ -85,6 +85,7 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, policy: Arc<Pol
 
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
+#[allow(clippy::result_large_err)] // `check`'s result type is tungstenite's `Callback`.
 async fn upgrade_and_serve(
     broker: &Arc<Broker>,
     stream: TcpStream,
@@ -128,7 +129,8 @@ struct Policy {
 
 impl Policy {
     /// Accepts the upgrade (echoing the chosen subprotocol) or answers with an HTTP error
-    /// whose body says why.
+    /// whose body says why. The signature is tungstenite's `Callback`.
+    #[allow(clippy::result_large_err)]
     fn check(
         &self,
         req: &Request,

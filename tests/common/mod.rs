@@ -20,11 +20,13 @@ impl TestBroker {
     /// Starts a broker after letting `tweak` change the default configuration.
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         init_logs();
-        let mut config = Config::default();
-        config.listeners = vec![Listener::new(
-            ListenerKind::Tcp,
-            "127.0.0.1:0".parse().unwrap(),
-        )];
+        let mut config = Config {
+            listeners: vec![Listener::new(
+                ListenerKind::Tcp,
+                "127.0.0.1:0".parse().unwrap(),
+            )],
+            ..Config::default()
+        };
         tweak(&mut config);
         let server = Server::start(config).await.expect("broker starts");
         let addr = server.local_addr(ListenerKind::Tcp).expect("tcp listener");

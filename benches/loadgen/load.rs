@@ -1,0 +1,914 @@
+//! The message scenarios: fan-in, fan-out, p2p and latency.
+//!
+//! Every connection is one task. Tasks run on `--threads` OS threads, each a
+//! current-thread runtime, so that the generator stays lean on a small machine; what
+//! the threads share is atomics (progress, counts) and the start signal.
+//!
+//! Publishers stamp every payload (run, publisher, sequence, send time) and keep at most
+//! `--window` messages outstanding: unacknowledged (QoS 1/2) and, unless `--open-loop`,
+//! not yet seen by their subscribers, so that the broker is driven at its own pace
+//! rather than overrun. Subscribers count every message exactly per publisher.
+
+use crate::mqtt;
+use crate::procfs::{self, RssSampler};
+use crate::stats::{self, Latency, SeqTracker, Stamp, STAMP_LEN};
+use crate::{Args, Scenario};
+use anyhow::{bail, Context};
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::{sleep_until, Instant};
+
+/// Messages encoded per write.
+const BATCH: u32 = 64;
+/// A subscriber gives up waiting this long after the last message, once every
+/// publisher is done: what has not arrived by then is lost.
+const QUIET: Duration = Duration::from_secs(2);
+/// A publisher waiting for acknowledgements gives up after this long without one.
+const ACK_PATIENCE: Duration = Duration::from_secs(5);
+/// An end-to-end window that does not move for this long is given up on (QoS 0 loss
+/// at the tail of the window would otherwise block the publisher for good).
+const STALL: Duration = Duration::from_secs(1);
+/// How often waiting tasks look at the shared state.
+const TICK: Duration = Duration::from_millis(50);
+/// Connections get this long to CONNECT and SUBSCRIBE before the run is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who publishes to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// N publishers, one subscriber on a `+` filter.
+    FanIn,
+    /// One publisher, N subscribers of its topic.
+    FanOut,
+    /// N publishers, each with its own subscriber on its own topic.
+    Pairs,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Topology {
+    pub shape: Shape,
+    pub n: usize,
+}
+
+impl Topology {
+    pub fn publishers(&self) -> usize {
+        match self.shape {
+            Shape::FanOut => 1,
+            Shape::FanIn | Shape::Pairs => self.n,
+        }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        match self.shape {
+            Shape::FanIn => 1,
+            Shape::FanOut | Shape::Pairs => self.n,
+        }
+    }
+
+    /// The subscribers that receive publisher `p`'s messages.
+    pub fn subs_of(&self, p: usize) -> Range<usize> {
+        match self.shape {
+            Shape::FanIn => 0..1,
+            Shape::FanOut => 0..self.n,
+            Shape::Pairs => p..p + 1,
+        }
+    }
+
+    /// The publishers whose messages subscriber `s` receives.
+    pub fn pubs_of(&self, s: usize) -> Range<usize> {
+        match self.shape {
+            Shape::FanIn => 0..self.n,
+            Shape::FanOut => 0..1,
+            Shape::Pairs => s..s + 1,
+        }
+    }
+
+    pub fn topic(&self, prefix: &str, p: usize) -> String {
+        match self.shape {
+            Shape::FanIn => format!("{prefix}/in/{p}"),
+            Shape::FanOut => format!("{prefix}/out"),
+            Shape::Pairs => format!("{prefix}/p2p/{p}"),
+        }
+    }
+
+    pub fn filter(&self, prefix: &str, s: usize) -> String {
+        match self.shape {
+            Shape::FanIn => format!("{prefix}/in/+"),
+            Shape::FanOut => format!("{prefix}/out"),
+            Shape::Pairs => format!("{prefix}/p2p/{s}"),
+        }
+    }
+}
+
+/// Everything the threads share.
+struct Shared {
+    addr: SocketAddr,
+    topology: Topology,
+    qos: u8,
+    payload: usize,
+    window: u32,
+    open_loop: bool,
+    /// Per publisher, messages per second (0: as fast as the window allows).
+    rate: f64,
+    count: u32,
+    duration: Duration,
+    keep_alive: u16,
+    prefix: String,
+    run: u32,
+    /// Time base of the stamps.
+    base: Instant,
+    pubs: Vec<PubState>,
+    ready: AtomicUsize,
+    published: AtomicUsize,
+    start: watch::Sender<Start>,
+    errors: Mutex<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Start {
+    Waiting,
+    Go(Instant),
+    Abort,
+}
+
+struct PubState {
+    /// Messages written so far; final once `done`.
+    sent: AtomicU32,
+    done: AtomicBool,
+    /// Per subscriber of this publisher: the sequence numbers it has settled.
+    progress: Box<[AtomicU32]>,
+    wake: Notify,
+}
+
+impl PubState {
+    fn min_progress(&self) -> u32 {
+        let min = self.progress.iter().map(|p| p.load(Ordering::Acquire)).min();
+        min.unwrap_or(u32::MAX)
+    }
+}
+
+impl Shared {
+    fn error(&self, e: String) {
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.push(e);
+        }
+    }
+
+    fn all_published(&self) -> bool {
+        self.published.load(Ordering::Acquire) == self.topology.publishers()
+    }
+
+    /// Waits for the controller's go; the instant the run starts.
+    async fn wait_start(&self) -> anyhow::Result<Instant> {
+        let mut rx = self.start.subscribe();
+        let start = *rx
+            .wait_for(|s| *s != Start::Waiting)
+            .await
+            .context("controller gone")?;
+        match start {
+            Start::Go(t0) => Ok(t0),
+            _ => bail!("run abandoned"),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+}
+
+/// What one thread counted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub sent: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    /// Messages of this run received, repeats included.
+    pub received: u64,
+    pub unique: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Messages not of this run (or not stamped).
+    pub foreign: u64,
+    /// Times a publisher gave up on its end-to-end window.
+    pub stalls: u64,
+    /// Time base offset of the last message received.
+    pub last_receive_ns: u64,
+    /// Time base offset of the last message published.
+    pub last_send_ns: u64,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Counters) {
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.unacked += o.unacked;
+        self.received += o.received;
+        self.unique += o.unique;
+        self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
+        self.foreign += o.foreign;
+        self.stalls += o.stalls;
+        self.last_receive_ns = self.last_receive_ns.max(o.last_receive_ns);
+        self.last_send_ns = self.last_send_ns.max(o.last_send_ns);
+    }
+}
+
+/// Per thread: what its tasks count.
+struct Local {
+    counters: RefCell<Counters>,
+    latency: RefCell<Histogram<u64>>,
+}
+
+/// The broker's resources during the run (with `--pid`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerUsage {
+    pub rss_before_kb: u64,
+    pub rss_peak_kb: u64,
+    /// After the clients left and a second passed.
+    pub rss_after_kb: u64,
+    pub hwm_kb: u64,
+    pub cpu_s: f64,
+}
+
+pub struct Report {
+    pub topology: Topology,
+    pub counters: Counters,
+    /// Messages that should have arrived: each publisher's sent times its subscribers.
+    pub expected: u64,
+    pub lost: u64,
+    /// Seconds from the start to the last publish, and to the last receipt.
+    pub publish_s: f64,
+    pub receive_s: f64,
+    pub latency: Latency,
+    pub broker: Option<BrokerUsage>,
+    pub loadgen_cpu_s: f64,
+    pub errors: Vec<String>,
+    /// Why the run failed; empty if it passed.
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn publish_rate(&self) -> f64 {
+        self.counters.sent as f64 / self.publish_s
+    }
+
+    pub fn receive_rate(&self) -> f64 {
+        self.counters.unique as f64 / self.receive_s
+    }
+}
+
+pub fn shape(scenario: Scenario) -> Shape {
+    match scenario {
+        Scenario::FanIn => Shape::FanIn,
+        Scenario::FanOut => Shape::FanOut,
+        Scenario::P2p | Scenario::Latency | Scenario::Idle => Shape::Pairs,
+    }
+}
+
+/// Runs one scenario to the end and counts. Errors are for setup failures (nothing
+/// measured); problems during the run are in the report's `failures`.
+pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
+    let topology = Topology {
+        shape: shape(args.scenario),
+        n: args.clients,
+    };
+    let (publishers, subscribers) = (topology.publishers(), topology.subscribers());
+    let total_rate = match (args.scenario, args.rate) {
+        (Scenario::Latency, 0) => 5000,
+        (_, r) => r,
+    };
+    let pubs = (0..publishers)
+        .map(|p| PubState {
+            sent: AtomicU32::new(0),
+            done: AtomicBool::new(false),
+            progress: topology.subs_of(p).map(|_| AtomicU32::new(0)).collect(),
+            wake: Notify::new(),
+        })
+        .collect();
+    let base = Instant::now();
+    let shared = Arc::new(Shared {
+        addr,
+        topology,
+        qos: args.qos,
+        payload: args.payload,
+        window: args.window,
+        open_loop: args.open_loop,
+        rate: total_rate as f64 / publishers as f64,
+        count: args.count.unwrap_or(u32::MAX),
+        duration: Duration::from_secs_f64(args.duration),
+        keep_alive: keep_alive(args.duration),
+        prefix: args.topic_prefix.clone(),
+        run: run_id(),
+        base,
+        pubs,
+        ready: AtomicUsize::new(0),
+        published: AtomicUsize::new(0),
+        start: watch::Sender::new(Start::Waiting),
+        errors: Mutex::new(Vec::new()),
+    });
+
+    let threads = args.threads.max(1);
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("loadgen-{t}"))
+                .spawn(move || worker(shared, t, threads))
+        })
+        .collect::<Result<_, _>>()
+        .context("cannot start worker threads")?;
+
+    // Setup: every connection connected and subscribed, or the run is abandoned.
+    let setup_deadline = std::time::Instant::now() + SETUP_TIMEOUT;
+    let abandon = |why: String| {
+        shared.start.send_replace(Start::Abort);
+        why
+    };
+    let setup = loop {
+        if let Some(e) = shared.errors.lock().ok().and_then(|e| e.first().cloned()) {
+            break Err(abandon(e));
+        }
+        if shared.ready.load(Ordering::Acquire) == publishers + subscribers {
+            break Ok(());
+        }
+        if std::time::Instant::now() > setup_deadline {
+            break Err(abandon(format!(
+                "setup timed out: {} of {} connections ready",
+                shared.ready.load(Ordering::Acquire),
+                publishers + subscribers
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let Err(why) = setup {
+        for w in workers {
+            let _ = w.join();
+        }
+        bail!("{why}");
+    }
+
+    let pid = args.pid;
+    let rss_before = pid.and_then(procfs::memory);
+    let broker_cpu_before = pid.and_then(procfs::cpu_seconds);
+    let own_cpu_before = procfs::own_cpu_seconds();
+    let sampler = pid.map(|p| RssSampler::start(p, Duration::from_millis(50)));
+
+    let t0 = Instant::now();
+    shared.start.send_replace(Start::Go(t0));
+
+    let mut counters = Counters::default();
+    let mut latency = stats::new_histogram();
+    for w in workers {
+        let (c, h) = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
+        counters.add(&c);
+        latency.add(&h).context("merging latency histograms")?;
+    }
+    let loadgen_cpu_s = procfs::own_cpu_seconds() - own_cpu_before;
+    let broker_cpu = pid.and_then(procfs::cpu_seconds);
+    let rss_peak = sampler.map(|s| s.finish());
+    let broker = pid.map(|pid| {
+        // Let the broker finish closing the connections before looking again.
+        std::thread::sleep(Duration::from_secs(1));
+        let after = procfs::memory(pid).unwrap_or_default();
+        BrokerUsage {
+            rss_before_kb: rss_before.map_or(0, |m| m.rss_kb),
+            rss_peak_kb: rss_peak.unwrap_or(0),
+            rss_after_kb: after.rss_kb,
+            hwm_kb: after.hwm_kb,
+            cpu_s: broker_cpu.zip(broker_cpu_before).map_or(f64::NAN, |(a, b)| a - b),
+        }
+    });
+
+    let expected: u64 = (0..publishers)
+        .map(|p| {
+            let sent = u64::from(shared.pubs[p].sent.load(Ordering::Acquire));
+            sent * topology.subs_of(p).len() as u64
+        })
+        .sum();
+    let lost = expected.saturating_sub(counters.unique);
+    let offset = t0.duration_since(base).as_nanos() as u64;
+    let secs = |ns: u64| (ns.saturating_sub(offset) as f64 / 1e9).max(1e-9);
+    let errors = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    let mut report = Report {
+        topology,
+        counters,
+        expected,
+        lost,
+        publish_s: secs(counters.last_send_ns),
+        receive_s: secs(counters.last_receive_ns),
+        latency: Latency::of(&latency),
+        broker,
+        loadgen_cpu_s,
+        errors,
+        failures: Vec::new(),
+    };
+    report.failures = failures(&report, args.qos);
+    Ok(report)
+}
+
+/// The run's verdict: at QoS 1/2 nothing may be lost or left unacknowledged, and at
+/// QoS 2 nothing may arrive twice. QoS 0 loss is reported, not failed.
+fn failures(r: &Report, qos: u8) -> Vec<String> {
+    let mut f: Vec<String> = r.errors.iter().map(|e| format!("error: {e}")).collect();
+    let c = &r.counters;
+    if c.unique == 0 {
+        f.push("no message was received".into());
+    }
+    if qos > 0 && r.lost > 0 {
+        f.push(format!("QoS {qos}: {} of {} messages lost", r.lost, r.expected));
+    }
+    if qos > 0 && c.unacked > 0 {
+        f.push(format!(
+            "QoS {qos}: {} of {} publishes never acknowledged",
+            c.unacked, c.sent
+        ));
+    }
+    if qos == 2 && c.duplicates > 0 {
+        f.push(format!("QoS 2: {} duplicate deliveries", c.duplicates));
+    }
+    f
+}
+
+/// Long enough that no connection needs to ping during the run.
+fn keep_alive(duration: f64) -> u16 {
+    (duration * 2.0 + 120.0).min(65535.0) as u16
+}
+
+/// A run id that differs between runs and processes.
+fn run_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// One worker thread: the connections `t, t + threads, ...` of each role.
+fn worker(shared: Arc<Shared>, t: usize, threads: usize) -> (Counters, Histogram<u64>) {
+    let local = Rc::new(Local {
+        counters: RefCell::new(Counters::default()),
+        latency: RefCell::new(stats::new_histogram()),
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            shared.error(format!("cannot start a runtime: {e}"));
+            return (Counters::default(), stats::new_histogram());
+        }
+    };
+    let tasks = tokio::task::LocalSet::new();
+    tasks.block_on(&runtime, async {
+        let mut handles = Vec::new();
+        let topology = shared.topology;
+        for s in (t..topology.subscribers()).step_by(threads) {
+            let (sh, l) = (shared.clone(), local.clone());
+            handles.push(tokio::task::spawn_local(async move {
+                if let Err(e) = subscriber(&sh, &l, s).await {
+                    sh.error(format!("subscriber {s}: {e:#}"));
+                }
+            }));
+        }
+        for p in (t..topology.publishers()).step_by(threads) {
+            let (sh, l) = (shared.clone(), local.clone());
+            handles.push(tokio::task::spawn_local(async move {
+                let result = publisher(&sh, &l, p).await;
+                // Done even after an error, so that subscribers do not wait for more.
+                sh.pubs[p].done.store(true, Ordering::Release);
+                sh.published.fetch_add(1, Ordering::AcqRel);
+                if let Err(e) = result {
+                    sh.error(format!("publisher {p}: {e:#}"));
+                }
+            }));
+        }
+        for h in handles {
+            if let Err(e) = h.await {
+                shared.error(format!("task failed: {e}"));
+            }
+        }
+    });
+    let counters = *local.counters.borrow();
+    let latency = local.latency.replace(stats::new_histogram());
+    (counters, latency)
+}
+
+/// A connection after CONNACK, with whatever bytes followed it.
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, client_id: &str, keep_alive: u16) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut conn = Conn {
+            rd,
+            wr,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: Vec::with_capacity(4096),
+        };
+        mqtt::connect(&mut conn.wbuf, client_id, keep_alive);
+        conn.flush().await?;
+        loop {
+            if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
+                if frame.kind != mqtt::CONNACK {
+                    bail!("expected CONNACK, got packet type {}", frame.kind);
+                }
+                let code = mqtt::connack_code(&frame)?;
+                if code != 0 {
+                    bail!("connection refused with CONNACK code {code}");
+                }
+                conn.rbuf.advance(used);
+                return Ok(conn);
+            }
+            conn.read().await?;
+        }
+    }
+
+    /// Reads what is available (at least one byte).
+    async fn read(&mut self) -> anyhow::Result<()> {
+        self.rbuf.reserve(64 * 1024);
+        let n = self.rd.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            bail!("the broker closed the connection");
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.wr.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        mqtt::disconnect(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.wr.shutdown().await;
+    }
+}
+
+/// Publisher state for the acknowledgement flows.
+struct Acks {
+    /// Per packet id (1..=window): 0 free, 1 waiting PUBACK/PUBREC, 2 waiting PUBCOMP.
+    slots: Vec<u8>,
+    acked: u32,
+}
+
+impl Acks {
+    fn slot(&self, seq: u32) -> usize {
+        (seq % (self.slots.len() as u32 - 1)) as usize + 1
+    }
+
+    /// Handles the acknowledgements in `rbuf`; queues PUBRELs into `wbuf`.
+    fn handle(&mut self, rbuf: &mut BytesMut, wbuf: &mut Vec<u8>) -> anyhow::Result<()> {
+        while let Some((frame, used)) = mqtt::next_frame(rbuf)? {
+            let pkid = usize::from(mqtt::pkid(&frame).unwrap_or(0));
+            let state = self.slots.get(pkid).copied().unwrap_or(0);
+            match (frame.kind, state) {
+                (mqtt::PUBACK, 1) | (mqtt::PUBCOMP, 2) => {
+                    self.slots[pkid] = 0;
+                    self.acked += 1;
+                }
+                (mqtt::PUBREC, 1) => {
+                    self.slots[pkid] = 2;
+                    mqtt::ack(wbuf, mqtt::PUBREL, pkid as u16);
+                }
+                // A repeated PUBREC is answered again.
+                (mqtt::PUBREC, 2) => mqtt::ack(wbuf, mqtt::PUBREL, pkid as u16),
+                (mqtt::PINGRESP, _) => {}
+                (kind, _) => bail!("unexpected packet type {kind} (packet id {pkid})"),
+            }
+            rbuf.advance(used);
+        }
+        Ok(())
+    }
+}
+
+async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
+    let client_id = format!("lg{:08x}p{p}", sh.run);
+    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
+    sh.ready.fetch_add(1, Ordering::AcqRel);
+    let t0 = sh.wait_start().await?;
+    let deadline = t0 + sh.duration;
+    let state = &sh.pubs[p];
+    let topic = sh.topology.topic(&sh.prefix, p);
+    let filler = vec![0x5A; sh.payload - STAMP_LEN];
+    let qos = sh.qos;
+    let mut acks = Acks {
+        slots: vec![0; sh.window as usize + 1],
+        acked: 0,
+    };
+    let mut sent: u32 = 0;
+    // The end-to-end window counts from here at least (raised after a stall).
+    let mut floor: u32 = 0;
+    let mut progress = (0u32, Instant::now());
+    let mut stalls = 0u64;
+    let mut last_send_ns = 0;
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+
+    loop {
+        let now = Instant::now();
+        if now >= deadline || sent >= sh.count {
+            break;
+        }
+        let mut allowed = BATCH.min(sh.count - sent);
+        if qos > 0 {
+            allowed = allowed.min(sh.window - (sent - acks.acked));
+        }
+        let mut e2e_blocked = false;
+        if !sh.open_loop {
+            let settled = state.min_progress().max(floor);
+            if settled != progress.0 {
+                progress = (settled, now);
+            }
+            let room = sh.window.saturating_sub(sent.saturating_sub(settled));
+            e2e_blocked = room == 0;
+            allowed = allowed.min(room);
+        }
+        let mut wake_at = deadline;
+        if sh.rate > 0.0 {
+            let elapsed = now.duration_since(t0).as_secs_f64();
+            let due = (elapsed * sh.rate) as u64 + 1;
+            allowed = allowed.min(due.saturating_sub(u64::from(sent)) as u32);
+            let next = Duration::from_secs_f64(f64::from(sent) / sh.rate);
+            wake_at = wake_at.min(t0 + next);
+        }
+        if allowed > 0 {
+            let mut batch = 0;
+            for _ in 0..allowed {
+                let mut pkid = 0;
+                if qos > 0 {
+                    let slot = acks.slot(sent);
+                    if acks.slots[slot] != 0 {
+                        break; // still in flight: wait for its ack
+                    }
+                    acks.slots[slot] = 1;
+                    pkid = slot as u16;
+                }
+                last_send_ns = sh.now_ns();
+                let stamp = Stamp {
+                    run: sh.run,
+                    publisher: p as u32,
+                    seq: sent,
+                    sent_ns: last_send_ns,
+                };
+                mqtt::publish(&mut conn.wbuf, &topic, qos, pkid, &stamp.to_bytes(), &filler);
+                sent += 1;
+                batch += 1;
+            }
+            if batch > 0 {
+                conn.flush().await?;
+                state.sent.store(sent, Ordering::Release);
+                // Let the thread's other connections run between batches.
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
+        if e2e_blocked {
+            if now.duration_since(progress.1) >= STALL {
+                floor = sent;
+                stalls += 1;
+                continue;
+            }
+            wake_at = wake_at.min(progress.1 + STALL);
+        }
+        timer.as_mut().reset(wake_at.min(now + TICK * 20));
+        tokio::select! {
+            r = conn.read() => {
+                r?;
+                acks.handle(&mut conn.rbuf, &mut conn.wbuf)?;
+                conn.flush().await?;
+            }
+            _ = state.wake.notified(), if !sh.open_loop => {}
+            _ = &mut timer => {}
+        }
+    }
+    state.sent.store(sent, Ordering::Release);
+
+    // Collect the outstanding acknowledgements.
+    let mut last_ack = Instant::now();
+    while qos > 0 && acks.acked < sent && last_ack.elapsed() < ACK_PATIENCE {
+        let before = acks.acked;
+        match tokio::time::timeout(TICK, conn.read()).await {
+            Ok(r) => r?,
+            Err(_) => continue,
+        }
+        acks.handle(&mut conn.rbuf, &mut conn.wbuf)?;
+        conn.flush().await?;
+        if acks.acked != before {
+            last_ack = Instant::now();
+        }
+    }
+    conn.close().await;
+
+    let mut c = local.counters.borrow_mut();
+    c.sent += u64::from(sent);
+    if qos > 0 {
+        c.acked += u64::from(acks.acked);
+        c.unacked += u64::from(sent - acks.acked);
+    }
+    c.stalls += stalls;
+    c.last_send_ns = c.last_send_ns.max(last_send_ns);
+    Ok(())
+}
+
+async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> {
+    let client_id = format!("lg{:08x}s{s}", sh.run);
+    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
+    let filter = sh.topology.filter(&sh.prefix, s);
+    mqtt::subscribe(&mut conn.wbuf, 1, &filter, sh.qos);
+    conn.flush().await?;
+    loop {
+        if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
+            if frame.kind != mqtt::SUBACK {
+                bail!("expected SUBACK, got packet type {}", frame.kind);
+            }
+            let code = mqtt::suback_code(&frame)?;
+            if code != sh.qos {
+                bail!("subscription to {filter} at QoS {} answered {code:#04x}", sh.qos);
+            }
+            conn.rbuf.advance(used);
+            break;
+        }
+        conn.read().await?;
+    }
+    sh.ready.fetch_add(1, Ordering::AcqRel);
+    sh.wait_start().await?;
+
+    let pubs = sh.topology.pubs_of(s);
+    let slot = |p: usize| s - sh.topology.subs_of(p).start;
+    let mut trackers = vec![SeqTracker::default(); pubs.len()];
+    let mut touched: Vec<usize> = Vec::new();
+    let mut is_touched = vec![false; pubs.len()];
+    let mut counts = Counters::default();
+    let mut last_message = Instant::now();
+    let timer = tokio::time::sleep(TICK);
+    tokio::pin!(timer);
+
+    loop {
+        tokio::select! {
+            r = conn.read() => {
+                r?;
+                let now_ns = sh.now_ns();
+                let mut latency = local.latency.borrow_mut();
+                while let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
+                    match frame.kind {
+                        mqtt::PUBLISH => {
+                            let msg = mqtt::parse_publish(&frame)?;
+                            match msg.qos {
+                                1 => mqtt::ack(&mut conn.wbuf, mqtt::PUBACK, msg.pkid),
+                                2 => mqtt::ack(&mut conn.wbuf, mqtt::PUBREC, msg.pkid),
+                                _ => {}
+                            }
+                            let stamp = Stamp::read(msg.payload).filter(|st| st.run == sh.run);
+                            let index = stamp.and_then(|st| {
+                                let p = st.publisher as usize;
+                                pubs.contains(&p).then(|| p - pubs.start)
+                            });
+                            match (stamp, index) {
+                                (Some(st), Some(i)) => {
+                                    counts.received += 1;
+                                    trackers[i].record(st.seq);
+                                    stats::record_latency(&mut latency, now_ns.saturating_sub(st.sent_ns));
+                                    if !is_touched[i] {
+                                        is_touched[i] = true;
+                                        touched.push(i);
+                                    }
+                                }
+                                _ => counts.foreign += 1,
+                            }
+                        }
+                        mqtt::PUBREL => {
+                            let pkid = mqtt::pkid(&frame)?;
+                            mqtt::ack(&mut conn.wbuf, mqtt::PUBCOMP, pkid);
+                        }
+                        mqtt::PINGRESP => {}
+                        kind => bail!("unexpected packet type {kind}"),
+                    }
+                    conn.rbuf.advance(used);
+                }
+                drop(latency);
+                conn.flush().await?;
+                for i in touched.drain(..) {
+                    is_touched[i] = false;
+                    let p = pubs.start + i;
+                    let state = &sh.pubs[p];
+                    state.progress[slot(p)].store(trackers[i].progress(), Ordering::Release);
+                    state.wake.notify_one();
+                }
+                counts.last_receive_ns = now_ns;
+                last_message = Instant::now();
+            }
+            _ = &mut timer => {
+                timer.as_mut().reset(Instant::now() + TICK);
+            }
+        }
+        if sh.all_published() {
+            let complete = pubs.clone().zip(&trackers).all(|(p, t)| {
+                t.unique >= u64::from(sh.pubs[p].sent.load(Ordering::Acquire))
+            });
+            if complete || last_message.elapsed() >= QUIET {
+                break;
+            }
+        }
+    }
+    conn.close().await;
+
+    counts.unique = trackers.iter().map(|t| t.unique).sum();
+    counts.duplicates = trackers.iter().map(|t| t.duplicates).sum();
+    counts.reordered = trackers.iter().map(|t| t.reordered).sum();
+    local.counters.borrow_mut().add(&counts);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topologies_pair_publishers_and_subscribers() {
+        let t = |shape| Topology { shape, n: 3 };
+        let fan_in = t(Shape::FanIn);
+        assert_eq!((fan_in.publishers(), fan_in.subscribers()), (3, 1));
+        assert_eq!((fan_in.subs_of(2), fan_in.pubs_of(0)), (0..1, 0..3));
+        assert_eq!(fan_in.topic("b", 2), "b/in/2");
+        assert_eq!(fan_in.filter("b", 0), "b/in/+");
+
+        let fan_out = t(Shape::FanOut);
+        assert_eq!((fan_out.publishers(), fan_out.subscribers()), (1, 3));
+        assert_eq!((fan_out.subs_of(0), fan_out.pubs_of(2)), (0..3, 0..1));
+        assert_eq!(fan_out.topic("b", 0), fan_out.filter("b", 2));
+
+        let pairs = t(Shape::Pairs);
+        assert_eq!((pairs.publishers(), pairs.subscribers()), (3, 3));
+        assert_eq!((pairs.subs_of(1), pairs.pubs_of(1)), (1..2, 1..2));
+        assert_eq!(pairs.topic("b", 1), pairs.filter("b", 1));
+        assert_ne!(pairs.topic("b", 1), pairs.filter("b", 2));
+    }
+
+    #[test]
+    fn ack_slots_follow_the_qos_flows() {
+        let mut acks = Acks {
+            slots: vec![0; 4],
+            acked: 0,
+        };
+        assert_eq!((acks.slot(0), acks.slot(2), acks.slot(3)), (1, 3, 1));
+        acks.slots[1] = 1;
+        acks.slots[2] = 1;
+        let mut rbuf = BytesMut::new();
+        let mut wire = Vec::new();
+        mqtt::ack(&mut wire, mqtt::PUBACK, 1);
+        mqtt::ack(&mut wire, mqtt::PUBREC, 2);
+        mqtt::ack(&mut wire, mqtt::PUBREC, 2);
+        rbuf.extend_from_slice(&wire);
+        let mut wbuf = Vec::new();
+        acks.handle(&mut rbuf, &mut wbuf).expect("valid acks");
+        assert_eq!((acks.acked, acks.slots.as_slice()), (1, &[0, 0, 2, 0][..]));
+        let mut pubrels = Vec::new();
+        mqtt::ack(&mut pubrels, mqtt::PUBREL, 2);
+        mqtt::ack(&mut pubrels, mqtt::PUBREL, 2);
+        assert_eq!(wbuf, pubrels, "one PUBREL per PUBREC");
+        assert!(rbuf.is_empty());
+
+        // PUBCOMP completes; an ack for a packet id not in flight is an error.
+        let mut wire = Vec::new();
+        mqtt::ack(&mut wire, mqtt::PUBCOMP, 2);
+        rbuf.extend_from_slice(&wire);
+        acks.handle(&mut rbuf, &mut wbuf).expect("valid");
+        assert_eq!(acks.acked, 2);
+        let mut wire = Vec::new();
+        mqtt::ack(&mut wire, mqtt::PUBACK, 3);
+        rbuf.extend_from_slice(&wire);
+        assert!(acks.handle(&mut rbuf, &mut wbuf).is_err());
+    }
+
+    #[test]
+    fn keep_alive_outlasts_the_run() {
+        assert_eq!(keep_alive(10.0), 140);
+        assert_eq!(keep_alive(1e9), 65535);
+    }
+}

@@ -1,0 +1,186 @@
+//! Routing through `ternmq::router::Router`, without sockets: topic matching among
+//! 100,000 subscriptions, and one message fanned out to 1,000 sessions.
+//!
+//!     cargo bench --bench router
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ternmq::protocol::{QoS, SubOptions};
+use ternmq::router::{Message, Router};
+use ternmq::session::{Link, QueueLimits, Session};
+use tokio::sync::Notify;
+
+const SITES: usize = 100;
+const DEVICES: usize = 1000;
+
+fn options(qos: QoS) -> SubOptions {
+    SubOptions {
+        qos,
+        ..SubOptions::default()
+    }
+}
+
+fn session(id: u64, limits: QueueLimits) -> Arc<Session> {
+    Arc::new(Session::new(id, format!("c{id}").as_str().into(), limits))
+}
+
+fn message(topic: &str, qos: QoS) -> Arc<Message> {
+    Arc::new(Message::new(
+        topic.into(),
+        Bytes::from_static(&[0xA5; 64]),
+        qos,
+        false,
+        None,
+        0,
+    ))
+}
+
+/// 100,000 subscriptions, one session each, over topics `s{site}/d{device}/{metric}`:
+/// 70% exact (`s3/d17/temp`), 20% with `+` (`s3/d17/+`, `s3/+/temp`), 10% with `#`
+/// (`s3/d17/#`, `s3/#`). Sessions are offline and receive QoS 0: a delivery is refused
+/// cheaply (no queueing), so what is measured is finding the subscribers.
+fn populated_router() -> Router {
+    let router = Router::default();
+    let limits = QueueLimits {
+        max_inflight: 20,
+        max_queued: 1000,
+        queue_qos0: false,
+    };
+    let metrics = ["temp", "hum", "volt", "load"];
+    for i in 0..100_000usize {
+        let (site, device) = (i % SITES, (i / SITES) % DEVICES);
+        let metric = metrics[i % metrics.len()];
+        let filter = match i % 10 {
+            0..=6 => format!("s{site}/d{device}/{metric}"),
+            7 => format!("s{site}/d{device}/+"),
+            8 if i % 20 == 8 => format!("s{site}/+/{metric}"),
+            8 => format!("+/d{device}/{metric}"),
+            _ if i % 100 == 9 => format!("s{site}/#"),
+            _ => format!("s{site}/d{device}/#"),
+        };
+        router.subscribe(&filter, &session(i as u64, limits), options(QoS::AtMostOnce), None);
+    }
+    router
+}
+
+fn matching(c: &mut Criterion) {
+    let router = populated_router();
+    let mut group = c.benchmark_group("match_100k_subscriptions");
+    group.throughput(Throughput::Elements(1));
+    // A device topic: its exact, `+` and `#` subscribers (a dozen or so).
+    let hit = message("s42/d420/temp", QoS::AtMostOnce);
+    let matches = router.publish(&hit);
+    eprintln!("s42/d420/temp reaches {matches} offline sessions (all refused at QoS 0)");
+    group.bench_function("publish_device_topic", |b| {
+        b.iter(|| router.publish(black_box(&hit)))
+    });
+    // A topic under a site with no device match: only the site's `#` and `+` levels.
+    let miss = message("s42/d99999/temp", QoS::AtMostOnce);
+    group.bench_function("publish_unmatched_device", |b| {
+        b.iter(|| router.publish(black_box(&miss)))
+    });
+    let nowhere = message("other/tree/entirely", QoS::AtMostOnce);
+    group.bench_function("publish_no_subscriber", |b| {
+        b.iter(|| router.publish(black_box(&nowhere)))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("subscribe");
+    group.throughput(Throughput::Elements(1));
+    let limits = QueueLimits {
+        max_inflight: 20,
+        max_queued: 1000,
+        queue_qos0: false,
+    };
+    let extra = session(1_000_000, limits);
+    let mut n = 0u64;
+    group.bench_function("subscribe_unsubscribe_into_100k", |b| {
+        b.iter(|| {
+            n += 1;
+            let filter = format!("s{}/d{}/new{}", n % 100, n % 1000, n % 7);
+            router.subscribe(&filter, &extra, options(QoS::AtLeastOnce), None);
+            router.unsubscribe(&filter, extra.id);
+        })
+    });
+    group.finish();
+}
+
+/// One message to 1,000 online sessions subscribed to its topic: the router's share of
+/// a fan-out (finding them, one `Delivery` each, queueing, waking the connection).
+/// Queues are emptied between batches, outside the measured time.
+fn fan_out(c: &mut Criterion) {
+    const SUBSCRIBERS: usize = 1000;
+    const PER_BATCH: u64 = 100;
+    let mut group = c.benchmark_group("fan_out_1000");
+    group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
+    for (name, qos) in [("qos0", QoS::AtMostOnce), ("qos1", QoS::AtLeastOnce)] {
+        let router = Router::default();
+        let limits = QueueLimits {
+            max_inflight: 20,
+            max_queued: PER_BATCH as usize + 1,
+            queue_qos0: false,
+        };
+        let sessions: Vec<(Arc<Session>, Link)> = (0..SUBSCRIBERS as u64)
+            .map(|id| {
+                let s = session(id, limits);
+                let link = Link {
+                    conn_id: id,
+                    wake: Arc::new(Notify::new()),
+                };
+                s.attach(link.clone(), 0);
+                router.subscribe("fan/out", &s, options(qos), None);
+                (s, link)
+            })
+            .collect();
+        let msg = message("fan/out", qos);
+        assert_eq!(router.publish(&msg), SUBSCRIBERS, "every session queues it");
+        let drain = || {
+            for (s, link) in &sessions {
+                let _ = s.discard();
+                s.attach(link.clone(), 0);
+            }
+        };
+        drain();
+        group.bench_function(format!("publish_{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(PER_BATCH);
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        black_box(router.publish(black_box(&msg)));
+                    }
+                    total += start.elapsed();
+                    left -= n;
+                    drain();
+                }
+                total
+            })
+        });
+    }
+    // For scale: cloning the `Arc<Message>` 1,000 times, the floor of any fan-out.
+    let msg = message("fan/out", QoS::AtLeastOnce);
+    group.bench_function("arc_clone_floor", |b| {
+        b.iter_batched_ref(
+            || Vec::with_capacity(SUBSCRIBERS),
+            |v| {
+                for _ in 0..SUBSCRIBERS {
+                    v.push(black_box(&msg).clone());
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = matching, fan_out
+}
+criterion_main!(benches);
