@@ -104,10 +104,16 @@ fn message(topic: &str, payload: &[u8], qos: QoS, properties: Properties) -> Pub
     }
 }
 
-fn retained(topic: &str, payload: &[u8], qos: QoS, properties: Properties) -> Publish {
+/// An application message without properties.
+fn plain(topic: &str, payload: &[u8], qos: QoS) -> Publish {
+    message(topic, payload, qos, Properties::default())
+}
+
+/// A retained application message without properties.
+fn retained(topic: &str, payload: &[u8], qos: QoS) -> Publish {
     Publish {
         retain: true,
-        ..message(topic, payload, qos, properties)
+        ..plain(topic, payload, qos)
     }
 }
 
@@ -180,6 +186,8 @@ async fn eventually(what: &str, timeout: Duration, mut ready: impl FnMut() -> bo
 // The raw client
 // ---------------------------------------------------------------------------------------
 
+/// What a read brought. Short-lived, so the size of a packet inline does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Packet(Packet),
     Timeout,
@@ -654,25 +662,33 @@ async fn connack_announces_configured_capabilities() {
 }
 
 /// Retain Available 0: a retained PUBLISH is a 0x9A (Retain not supported) DISCONNECT
-/// [MQTT-3.2.2-13], and nothing is stored.
+/// [MQTT-3.2.2-14], and nothing is stored.
 #[tokio::test]
 async fn retain_unavailable_refuses_retained_publish() {
     let b = TestBroker::with(|cfg| cfg.mqtt.retain_available = false).await;
     let mut c = Client::connect(b.addr, "no-retain").await;
     c.publish_expect(
-        message("r/t", b"plain", QoS::AtLeastOnce, Properties::default()),
+        plain("r/t", b"plain", QoS::AtLeastOnce),
         reason::NO_MATCHING_SUBSCRIBERS,
     )
     .await;
-    c.send(Packet::Publish(retained(
-        "r/t",
-        b"kept",
-        QoS::AtMostOnce,
-        Properties::default(),
-    )))
-    .await;
+    c.send(Packet::Publish(retained("r/t", b"kept", QoS::AtMostOnce)))
+        .await;
     c.expect_disconnect(reason::RETAIN_NOT_SUPPORTED).await;
     assert_eq!(b.broker().router.retained_count(), 0, "nothing retained");
+
+    // A will with Will Retain 1 is refused in the CONNACK [MQTT-3.2.2-13].
+    let mut will = connect_with_will("no-retain-will", "r/w", "bye", Properties::default());
+    if let Some(w) = will.will.as_mut() {
+        w.retain = true;
+    }
+    let (mut c, ack) = Client::connect_with(b.addr, will).await;
+    assert_eq!(
+        ack.code,
+        reason::RETAIN_NOT_SUPPORTED,
+        "CONNACK for a retained will"
+    );
+    c.expect_closed(WAIT).await;
 }
 
 /// Wildcard Subscription Available 0: wildcard filters get SUBACK 0xA2, the others are
@@ -763,10 +779,7 @@ async fn maximum_qos_1_is_announced_and_enforced() {
 
     let mut publisher = Client::connect(b.addr, "mq-pub").await;
     publisher
-        .publish_expect(
-            message("mq/t", b"one", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("mq/t", b"one", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let p = sub.receive().await;
     assert_eq!((p.qos, text(&p.payload)), (QoS::AtLeastOnce, "one".into()));
@@ -774,7 +787,7 @@ async fn maximum_qos_1_is_announced_and_enforced() {
     publisher
         .send(Packet::Publish(Publish {
             pkid: 77,
-            ..message("mq/t", b"two", QoS::ExactlyOnce, Properties::default())
+            ..plain("mq/t", b"two", QoS::ExactlyOnce)
         }))
         .await;
     publisher.expect_disconnect(reason::QOS_NOT_SUPPORTED).await;
@@ -807,20 +820,14 @@ async fn maximum_packet_size_is_announced_and_enforced() {
         "CONNACK Maximum Packet Size"
     );
     c.publish_expect(
-        message(
-            "big/small",
-            &[b'x'; 64],
-            QoS::AtLeastOnce,
-            Properties::default(),
-        ),
+        plain("big/small", &[b'x'; 64], QoS::AtLeastOnce),
         reason::SUCCESS,
     )
     .await;
-    c.send(Packet::Publish(message(
+    c.send(Packet::Publish(plain(
         "big/large",
         &[b'x'; 200],
         QoS::AtMostOnce,
-        Properties::default(),
     )))
     .await;
     c.expect_disconnect(reason::PACKET_TOO_LARGE).await;
@@ -900,27 +907,21 @@ async fn ack_reports_no_matching_subscribers() {
     let b = TestBroker::start().await;
     let mut c = Client::connect(b.addr, "nms").await;
     c.publish_expect(
-        message("nobody", b"x", QoS::AtLeastOnce, Properties::default()),
+        plain("nobody", b"x", QoS::AtLeastOnce),
         reason::NO_MATCHING_SUBSCRIBERS,
     )
     .await;
     c.publish_expect(
-        message("nobody", b"x", QoS::ExactlyOnce, Properties::default()),
+        plain("nobody", b"x", QoS::ExactlyOnce),
         reason::NO_MATCHING_SUBSCRIBERS,
     )
     .await;
     let mut sub = Client::connect(b.addr, "nms-sub").await;
     sub.subscribe("somebody", QoS::AtMostOnce).await;
-    c.publish_expect(
-        message("somebody", b"x", QoS::AtLeastOnce, Properties::default()),
-        reason::SUCCESS,
-    )
-    .await;
-    c.publish_expect(
-        message("somebody", b"x", QoS::ExactlyOnce, Properties::default()),
-        reason::SUCCESS,
-    )
-    .await;
+    c.publish_expect(plain("somebody", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+        .await;
+    c.publish_expect(plain("somebody", b"x", QoS::ExactlyOnce), reason::SUCCESS)
+        .await;
 }
 
 /// PUBREL for a packet id the broker does not know: PUBCOMP 0x92, with a reason string.
@@ -998,10 +999,7 @@ async fn suback_refuses_only_the_invalid_filter() {
     );
     let mut publisher = Client::connect(b.addr, "suback-pub").await;
     publisher
-        .publish_expect(
-            message("f/1", b"x", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("f/1", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let p = c.receive().await;
     assert_eq!(p.topic.as_str(), "f/1");
@@ -1016,6 +1014,77 @@ async fn takeover_disconnects_the_old_connection_with_0x8e() {
     let (_new, ack) = Client::accepted(b.addr, connect_v5("twin")).await;
     assert!(!ack.session_present);
     old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+
+    // Resuming a persistent session that is still connected: the same, with the session.
+    let (mut old, _) = Client::accepted(b.addr, connect_expiry("twin-kept", true, 60)).await;
+    old.subscribe("twin/t", QoS::AtLeastOnce).await;
+    let (_new, ack) = Client::accepted(b.addr, connect_expiry("twin-kept", false, 60)).await;
+    assert!(
+        ack.session_present,
+        "the session is taken over, not discarded"
+    );
+    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    assert_eq!(
+        b.broker().router.subscription_count(),
+        1,
+        "its subscription stays"
+    );
+}
+
+/// The connection taken over is closed without DISCONNECT from its client, so its will
+/// (without delay) is published [MQTT-3.1.4-3].
+#[tokio::test]
+async fn takeover_publishes_the_will_of_the_old_connection() {
+    let b = TestBroker::start().await;
+    let mut sub = Client::connect(b.addr, "tw-sub").await;
+    sub.subscribe("tw/t", QoS::AtLeastOnce).await;
+    let (mut old, _) = Client::accepted(
+        b.addr,
+        connect_with_will("tw", "tw/t", "taken", Properties::default()),
+    )
+    .await;
+    let (_new, _) = Client::accepted(b.addr, connect_v5("tw")).await;
+    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    let p = sub.receive().await;
+    assert_eq!(text(&p.payload), "taken");
+}
+
+/// Takeover with Clean Start 1 ends the old session, so a delayed will is published then:
+/// a will waits for "the Will Delay Interval ... or the Session ends, whichever happens
+/// first" (3.1.3.2.2), and the new connection is not to that session.
+#[tokio::test]
+async fn takeover_with_clean_start_publishes_the_delayed_will() {
+    let b = TestBroker::start().await;
+    let mut sub = Client::connect(b.addr, "twd-sub").await;
+    sub.subscribe("twd/t", QoS::AtLeastOnce).await;
+    let mut connect = connect_with_will("twd", "twd/t", "ended", will_delay(30));
+    connect.properties.session_expiry_interval = Some(60);
+    let (mut old, _) = Client::accepted(b.addr, connect).await;
+    let (_new, ack) = Client::accepted(b.addr, connect_v5("twd")).await;
+    assert!(!ack.session_present, "Clean Start 1: a new session");
+    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    match sub.recv(WAIT).await {
+        Some(Packet::Publish(p)) => assert_eq!(text(&p.payload), "ended"),
+        other => panic!("expected the will of the ended session, got {other:?}"),
+    }
+}
+
+/// Takeover with Clean Start 0 resumes the session before the Will Delay Interval has
+/// passed: the will is not published [MQTT-3.1.3-9].
+#[tokio::test]
+async fn takeover_resuming_the_session_cancels_the_delayed_will() {
+    let b = TestBroker::start().await;
+    let mut sub = Client::connect(b.addr, "twr-sub").await;
+    sub.subscribe("twr/t", QoS::AtLeastOnce).await;
+    let mut connect = connect_with_will("twr", "twr/t", "resumed", will_delay(1));
+    connect.properties.session_expiry_interval = Some(60);
+    let (mut old, _) = Client::accepted(b.addr, connect).await;
+    let (_new, ack) = Client::accepted(b.addr, connect_expiry("twr", false, 60)).await;
+    assert!(ack.session_present);
+    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sub.expect_quiet("past the will delay of a session taken over")
+        .await;
 }
 
 /// Keep-alive 1 s and silence: DISCONNECT 0x8D after one and a half times the keep-alive
@@ -1186,12 +1255,7 @@ async fn session_expiry_keeps_session_for_its_interval() {
     for payload in ["m1", "m2"] {
         publisher
             .publish_expect(
-                message(
-                    "lasting/t",
-                    payload.as_bytes(),
-                    QoS::AtLeastOnce,
-                    Properties::default(),
-                ),
+                plain("lasting/t", payload.as_bytes(), QoS::AtLeastOnce),
                 reason::SUCCESS,
             )
             .await;
@@ -1216,7 +1280,7 @@ async fn session_expiry_keeps_session_for_its_interval() {
     assert!(!ack.session_present, "the expired session is not resumed");
     publisher
         .publish_expect(
-            message("lasting/t", b"m3", QoS::AtLeastOnce, Properties::default()),
+            plain("lasting/t", b"m3", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
@@ -1276,7 +1340,7 @@ fn expiry_session(secs: u32) -> Properties {
 }
 
 /// CONNECT with Session Expiry 0, then DISCONNECT setting a non-zero one: Protocol Error
-/// [MQTT-3.14.2-2], answered with DISCONNECT 0x82.
+/// (3.14.2.2.2), answered with DISCONNECT 0x82.
 #[tokio::test]
 async fn disconnect_cannot_set_expiry_after_connect_set_zero() {
     let b = TestBroker::start().await;
@@ -1294,8 +1358,8 @@ async fn disconnect_cannot_set_expiry_after_connect_set_zero() {
     .await;
 }
 
-/// max_session_expiry_interval caps the asked interval, and the CONNACK says so
-/// [MQTT-3.2.2-?: Session Expiry Interval in CONNACK].
+/// max_session_expiry_interval caps the asked interval, and the CONNACK's Session Expiry
+/// Interval tells the client the value in use (3.2.2.3.2).
 #[tokio::test]
 async fn max_session_expiry_interval_caps_the_interval() {
     let b = TestBroker::with(|cfg| cfg.mqtt.max_session_expiry_interval = 1).await;
@@ -1374,7 +1438,7 @@ async fn expired_queued_message_is_not_delivered() {
         .await;
     publisher
         .publish_expect(
-            message("exp/t", b"durable", QoS::AtLeastOnce, Properties::default()),
+            plain("exp/t", b"durable", QoS::AtLeastOnce),
             reason::SUCCESS,
         )
         .await;
@@ -1436,13 +1500,16 @@ async fn retained_message_expires() {
     let mut publisher = Client::connect(b.addr, "ret-exp-pub").await;
     publisher
         .publish_expect(
-            retained("rx/short", b"short", QoS::AtLeastOnce, expiry_props(1)),
+            Publish {
+                retain: true,
+                ..message("rx/short", b"short", QoS::AtLeastOnce, expiry_props(1))
+            },
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
     publisher
         .publish_expect(
-            retained("rx/long", b"long", QoS::AtLeastOnce, Properties::default()),
+            retained("rx/long", b"long", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
@@ -1515,15 +1582,17 @@ async fn topic_alias_sets_and_resolves_topics() {
             props_of(&p).user_properties,
         ));
     }
-    let no_user = Vec::new;
-    let expected = vec![
-        ("alias/a".to_string(), "1".to_string(), no_user()),
-        ("alias/a".into(), "2".into(), no_user()),
-        ("alias/b".into(), "3".into(), no_user()),
-        ("alias/b".into(), "4".into(), no_user()),
-        ("alias/c".into(), "5".into(), user_props(&[("k", "v")])),
-        ("alias/c".into(), "6".into(), user_props(&[("k", "v")])),
-    ];
+    let expected: Vec<(String, String, _)> = [
+        ("alias/a", "1", user_props(&[])),
+        ("alias/a", "2", user_props(&[])),
+        ("alias/b", "3", user_props(&[])),
+        ("alias/b", "4", user_props(&[])),
+        ("alias/c", "5", user_props(&[("k", "v")])),
+        ("alias/c", "6", user_props(&[("k", "v")])),
+    ]
+    .into_iter()
+    .map(|(topic, payload, user)| (topic.to_string(), payload.to_string(), user))
+    .collect();
     assert_eq!(got, expected, "topics resolved from the aliases");
 }
 
@@ -1643,43 +1712,43 @@ async fn client_receive_maximum_limits_unacknowledged_publishes() {
     for i in 0..5 {
         publisher
             .publish_expect(
-                message(
-                    "rm/t",
-                    format!("m{i}").as_bytes(),
-                    QoS::AtLeastOnce,
-                    Properties::default(),
-                ),
+                plain("rm/t", format!("m{i}").as_bytes(), QoS::AtLeastOnce),
                 reason::SUCCESS,
             )
             .await;
     }
-    let take = |packets: Vec<Packet>| -> Vec<Publish> {
-        packets
-            .into_iter()
-            .map(|p| match p {
-                Packet::Publish(p) => p,
-                other => panic!("expected PUBLISH, got {other:?}"),
-            })
-            .collect()
-    };
-    let first = take(sub.ping().await);
-    let payloads: Vec<String> = first.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(payloads, ["m0", "m1"], "two in flight, no more");
-
-    sub.send(Packet::PubAck(ack(first[0].pkid))).await;
-    let next = take(sub.ping().await);
-    let payloads: Vec<String> = next.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(payloads, ["m2"], "one PUBACK, one more PUBLISH");
-
-    sub.send(Packet::PubAck(ack(first[1].pkid))).await;
-    sub.send(Packet::PubAck(ack(next[0].pkid))).await;
-    let rest = take(sub.ping().await);
-    let payloads: Vec<String> = rest.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(payloads, ["m3", "m4"], "the rest after two more PUBACKs");
+    // The window is full once two are out: a ping round trip shows nothing more comes.
+    let first = [sub.expect_publish().await, sub.expect_publish().await];
+    sub.expect_quiet("with 2 PUBLISHes unacknowledged").await;
+    // Each PUBACK frees one slot: exactly one more PUBLISH, then the window is full again.
+    let mut next = Vec::new();
+    for acked in [&first[0], &first[1]] {
+        sub.send(Packet::PubAck(ack(acked.pkid))).await;
+        next.push(sub.expect_publish().await);
+        sub.expect_quiet("after one PUBACK and one more PUBLISH")
+            .await;
+    }
+    for acked in &next {
+        sub.send(Packet::PubAck(ack(acked.pkid))).await;
+    }
+    let last = sub.expect_publish().await;
+    sub.send(Packet::PubAck(ack(last.pkid))).await;
+    sub.expect_quiet("after the last PUBLISH").await;
+    let payloads: Vec<String> = first
+        .iter()
+        .chain(&next)
+        .chain([&last])
+        .map(|p| text(&p.payload))
+        .collect();
+    assert_eq!(
+        payloads,
+        ["m0", "m1", "m2", "m3", "m4"],
+        "all delivered, in order"
+    );
 }
 
 /// The broker's Receive Maximum (2): a third unreleased QoS 2 PUBLISH is a 0x93
-/// DISCONNECT [MQTT-3.3.4-8]; released ones free their slot.
+/// DISCONNECT (3.2.2.3.3); released ones free their slot.
 #[tokio::test]
 async fn broker_receive_maximum_exceeded_disconnects_with_0x93() {
     let b = TestBroker::with(|cfg| cfg.mqtt.receive_maximum = 2).await;
@@ -1691,7 +1760,7 @@ async fn broker_receive_maximum_exceeded_disconnects_with_0x93() {
     );
     let qos2 = |pkid| Publish {
         pkid,
-        ..message("rmi/t", b"x", QoS::ExactlyOnce, Properties::default())
+        ..plain("rmi/t", b"x", QoS::ExactlyOnce)
     };
     for pkid in [1, 2] {
         c.send(Packet::Publish(qos2(pkid))).await;
@@ -1737,16 +1806,10 @@ async fn client_maximum_packet_size_skips_larger_messages() {
     let mut publisher = Client::connect(b.addr, "mpc-pub").await;
     let large = vec![b'L'; 200];
     publisher
-        .publish_expect(
-            message("mpc/t", &large, QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("mpc/t", &large, QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     publisher
-        .publish_expect(
-            message("mpc/t", b"fits", QoS::AtMostOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("mpc/t", b"fits", QoS::AtMostOnce), reason::SUCCESS)
         .await;
 
     let got = small.drain_publishes().await;
@@ -1757,13 +1820,48 @@ async fn client_maximum_packet_size_skips_larger_messages() {
     assert_eq!(got[0].payload.len(), 200);
 
     publisher
-        .publish_expect(
-            message("mpc/t", b"later", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("mpc/t", b"later", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let p = small.receive().await;
     assert_eq!(text(&p.payload), "later", "the small client still receives");
+}
+
+/// A reason string that would make a packet larger than the client's Maximum Packet Size
+/// is left out [MQTT-3.7.2-2]: the client gets the PUBCOMP 0x92, within its limit.
+#[tokio::test]
+async fn reason_string_is_left_out_beyond_client_maximum_packet_size() {
+    const MAX: usize = 24;
+    let b = TestBroker::start().await;
+    let connect = Connect {
+        properties: Properties {
+            maximum_packet_size: Some(MAX as u32),
+            ..Properties::default()
+        },
+        ..connect_v5("tiny")
+    };
+    let (mut c, connack) = Client::accepted(b.addr, connect).await;
+    assert!(
+        encoded_len(&Packet::ConnAck(connack)) <= MAX,
+        "the CONNACK fits in {MAX} bytes"
+    );
+    c.send(Packet::PubRel(ack(5))).await;
+    let comp = c.expect("PUBCOMP").await;
+    assert!(
+        matches!(&comp, Packet::PubComp(a) if a.pkid == 5 && a.reason == reason::PACKET_IDENTIFIER_NOT_FOUND),
+        "PUBCOMP 0x92: {comp:?}"
+    );
+    let size = encoded_len(&comp);
+    assert!(
+        size <= MAX,
+        "a {size}-byte PUBCOMP sent to a client accepting {MAX}: {comp:?}"
+    );
+}
+
+/// The size of `packet` as the broker would have sent it (5.0).
+fn encoded_len(packet: &Packet) -> usize {
+    let mut buf = BytesMut::new();
+    protocol::encode(packet, Protocol::V5, &mut buf).expect("encodes");
+    buf.len()
 }
 
 // =======================================================================================
@@ -1783,12 +1881,7 @@ async fn shared_subscription_spreads_messages_over_members() {
     for i in 0..10 {
         publisher
             .publish_expect(
-                message(
-                    "rr/t",
-                    format!("{i}").as_bytes(),
-                    QoS::AtLeastOnce,
-                    Properties::default(),
-                ),
+                plain("rr/t", format!("{i}").as_bytes(), QoS::AtLeastOnce),
                 reason::SUCCESS,
             )
             .await;
@@ -1827,10 +1920,7 @@ async fn shared_message_unacknowledged_by_a_leaving_member_goes_to_another() {
     first.subscribe("$share/g/rd/t", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect(b.addr, "rd-pub").await;
     publisher
-        .publish_expect(
-            message("rd/t", b"orphan", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("rd/t", b"orphan", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let p = first.expect_publish().await;
     assert_eq!(text(&p.payload), "orphan");
@@ -1860,10 +1950,7 @@ async fn shared_and_plain_subscriptions_each_deliver() {
         .await;
     let mut publisher = Client::connect(b.addr, "sp-pub").await;
     publisher
-        .publish_expect(
-            message("sp/t", b"x", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("sp/t", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let got = c.drain_publishes().await;
     let mut ids: Vec<Vec<u32>> = got
@@ -1886,7 +1973,7 @@ async fn retained_messages_are_not_sent_on_shared_subscriptions() {
     let mut publisher = Client::connect(b.addr, "rs-pub").await;
     publisher
         .publish_expect(
-            retained("rs/t", b"kept", QoS::AtLeastOnce, Properties::default()),
+            retained("rs/t", b"kept", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
@@ -1910,7 +1997,7 @@ async fn subscription_identifier_returned_on_delivery() {
     let mut publisher = Client::connect(b.addr, "sid-pub").await;
     publisher
         .publish_expect(
-            retained("sid/r", b"old", QoS::AtLeastOnce, Properties::default()),
+            retained("sid/r", b"old", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
@@ -1925,10 +2012,7 @@ async fn subscription_identifier_returned_on_delivery() {
     c.subscribe("plain/t", QoS::AtLeastOnce).await;
     for (topic, want) in [("sid/a", vec![7]), ("sid/b", vec![7]), ("plain/t", vec![])] {
         publisher
-            .publish_expect(
-                message(topic, b"x", QoS::AtLeastOnce, Properties::default()),
-                reason::SUCCESS,
-            )
+            .publish_expect(plain(topic, b"x", QoS::AtLeastOnce), reason::SUCCESS)
             .await;
         let p = c.receive().await;
         assert_eq!(p.topic.as_str(), topic);
@@ -1936,6 +2020,28 @@ async fn subscription_identifier_returned_on_delivery() {
             props_of(&p).subscription_identifiers,
             want,
             "identifiers on {topic}"
+        );
+    }
+    // The identifier belongs to the subscription as last (re)made: a new one replaces
+    // it, none removes it (3.8.2.1.2).
+    for (id, want) in [(Some(8), vec![8]), (None, vec![])] {
+        let props = id.map_or_else(Properties::default, sub_id);
+        c.subscribe_opts("sid/+", opts(QoS::AtLeastOnce), props)
+            .await;
+        let retained = c.receive().await;
+        assert_eq!(
+            props_of(&retained).subscription_identifiers,
+            want,
+            "retained, id {id:?}"
+        );
+        publisher
+            .publish_expect(plain("sid/c", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+            .await;
+        let p = c.receive().await;
+        assert_eq!(
+            props_of(&p).subscription_identifiers,
+            want,
+            "after re-subscribing with {id:?}"
         );
     }
 }
@@ -1952,10 +2058,7 @@ async fn overlapping_subscriptions_give_one_delivery_with_both_identifiers() {
         .await;
     let mut publisher = Client::connect(b.addr, "ov-pub").await;
     publisher
-        .publish_expect(
-            message("ov/x", b"x", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("ov/x", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let got = c.drain_publishes().await;
     assert_eq!(got.len(), 1, "one copy: {got:?}");
@@ -1980,21 +2083,24 @@ async fn no_local_suppresses_own_publications() {
     let mut other = Client::connect(b.addr, "nl-other").await;
     other.subscribe("nl/t", QoS::AtLeastOnce).await;
 
-    c.publish_expect(
-        message("nl/t", b"mine", QoS::AtLeastOnce, Properties::default()),
-        reason::SUCCESS,
-    )
-    .await;
+    c.publish_expect(plain("nl/t", b"mine", QoS::AtLeastOnce), reason::SUCCESS)
+        .await;
     c.expect_quiet("after its own PUBLISH").await;
     assert_eq!(text(&other.receive().await.payload), "mine");
 
     other
-        .publish_expect(
-            message("nl/t", b"theirs", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("nl/t", b"theirs", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     assert_eq!(text(&c.receive().await.payload), "theirs");
+
+    // No Local on a shared subscription is a Protocol Error [MQTT-3.8.3-4].
+    c.send(Packet::Subscribe(Subscribe {
+        pkid: 99,
+        filters: vec![filter("$share/g/nl/t", no_local)],
+        properties: Properties::default(),
+    }))
+    .await;
+    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
 }
 
 /// Retain As Published keeps the RETAIN flag on normal delivery; without it the flag is
@@ -2009,20 +2115,14 @@ async fn retain_as_published_keeps_the_retain_flag() {
     };
     rap.subscribe_opts("rap/t", keep, Properties::default())
         .await;
-    let mut plain = Client::connect(b.addr, "rap-plain").await;
-    plain.subscribe("rap/t", QoS::AtLeastOnce).await;
+    let mut cleared = Client::connect(b.addr, "rap-plain").await;
+    cleared.subscribe("rap/t", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect(b.addr, "rap-pub").await;
     publisher
-        .publish_expect(
-            retained("rap/t", b"r", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(retained("rap/t", b"r", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     publisher
-        .publish_expect(
-            message("rap/t", b"n", QoS::AtLeastOnce, Properties::default()),
-            reason::SUCCESS,
-        )
+        .publish_expect(plain("rap/t", b"n", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let flags = |got: Vec<Publish>| -> Vec<(String, bool)> {
         got.iter().map(|p| (text(&p.payload), p.retain)).collect()
@@ -2033,7 +2133,7 @@ async fn retain_as_published_keeps_the_retain_flag() {
         "Retain As Published"
     );
     assert_eq!(
-        flags(plain.drain_publishes().await),
+        flags(cleared.drain_publishes().await),
         [("r".to_string(), false), ("n".to_string(), false)],
         "without Retain As Published"
     );
@@ -2047,7 +2147,7 @@ async fn retain_handling_options() {
     let mut publisher = Client::connect(b.addr, "rh-pub").await;
     publisher
         .publish_expect(
-            retained("rh/t", b"kept", QoS::AtLeastOnce, Properties::default()),
+            retained("rh/t", b"kept", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
@@ -2070,10 +2170,7 @@ async fn retain_handling_options() {
             assert!(got.iter().all(|p| p.retain && text(&p.payload) == "kept"));
         }
         publisher
-            .publish_expect(
-                message("rh/t", b"live", QoS::AtLeastOnce, Properties::default()),
-                reason::SUCCESS,
-            )
+            .publish_expect(plain("rh/t", b"live", QoS::AtLeastOnce), reason::SUCCESS)
             .await;
         let p = c.receive().await;
         assert_eq!(
@@ -2090,7 +2187,7 @@ async fn retain_handling_options() {
 
 /// Response Topic, Correlation Data, User Properties (in order, repeated names), Payload
 /// Format Indicator and Content Type reach the subscriber unchanged [MQTT-3.3.2-4, -15,
-/// -16, -17, -20].
+/// -16, -17, -18, -20].
 #[tokio::test]
 async fn application_properties_pass_through_unchanged() {
     let b = TestBroker::start().await;
@@ -2371,7 +2468,7 @@ async fn will_is_published_when_the_session_ends_first() {
 }
 
 /// Will properties (Content Type, User Properties, Response Topic, Correlation Data,
-/// Payload Format Indicator) are forwarded with the will [MQTT-3.1.3-?].
+/// Payload Format Indicator) are forwarded with the will (3.1.3.2).
 #[tokio::test]
 async fn will_properties_are_forwarded() {
     let b = TestBroker::start().await;
@@ -2486,7 +2583,7 @@ async fn unsupported_authentication_method_gets_connack_0x8c() {
 }
 
 /// AUTH on a connection whose CONNECT had no Authentication Method: Protocol Error,
-/// DISCONNECT 0x82 [MQTT-4.12.0-5].
+/// DISCONNECT 0x82 (4.12).
 #[tokio::test]
 async fn auth_without_authentication_method_is_a_protocol_error() {
     let b = TestBroker::start().await;
@@ -2547,12 +2644,7 @@ async fn v311_publisher_to_v5_subscriber() {
         .await;
     let (mut old, _) = Client::accepted(b.addr, connect_v311("v311-pub")).await;
     old.publish_expect(
-        message(
-            "mix/t",
-            b"from 3.1.1",
-            QoS::AtLeastOnce,
-            Properties::default(),
-        ),
+        plain("mix/t", b"from 3.1.1", QoS::AtLeastOnce),
         reason::SUCCESS,
     )
     .await;
@@ -2721,6 +2813,15 @@ mod mosquitto {
         Proc::spawn(cmd).output().await;
     }
 
+    /// `-D command name value...` for each property: `properties("publish",
+    /// &[&["content-type", "text/plain"]])`.
+    pub fn properties<'a>(command: &'a str, props: &[&[&'a str]]) -> Vec<&'a str> {
+        props
+            .iter()
+            .flat_map(|p| ["-D", command].into_iter().chain(p.iter().copied()))
+            .collect()
+    }
+
     /// Waits until the broker holds `count` subscriptions; fails early if `p` exits.
     pub async fn wait_subscribed(b: &TestBroker, count: usize, p: &mut Proc) {
         let router = &b.broker().router;
@@ -2760,50 +2861,20 @@ async fn mosquitto_v5_properties_round_trip() {
         ],
     );
     mosquitto::wait_subscribed(&b, 1, &mut sub).await;
-    mosquitto::publish(
-        &b,
+    let mut args = vec!["-V", "mqttv5", "-q", "1", "-t", "mq/props", "-m", "hello"];
+    args.extend(mosquitto::properties(
+        "publish",
         &[
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            "mq/props",
-            "-m",
-            "hello",
-            "-D",
-            "publish",
-            "user-property",
-            "k",
-            "v1",
-            "-D",
-            "publish",
-            "user-property",
-            "k",
-            "v2",
-            "-D",
-            "publish",
-            "message-expiry-interval",
-            "60",
-            "-D",
-            "publish",
-            "response-topic",
-            "mq/reply",
-            "-D",
-            "publish",
-            "correlation-data",
-            "corr-7",
-            "-D",
-            "publish",
-            "content-type",
-            "text/plain",
-            "-D",
-            "publish",
-            "payload-format-indicator",
-            "1",
+            &["user-property", "k", "v1"],
+            &["user-property", "k", "v2"],
+            &["message-expiry-interval", "60"],
+            &["response-topic", "mq/reply"],
+            &["correlation-data", "corr-7"],
+            &["content-type", "text/plain"],
+            &["payload-format-indicator", "1"],
         ],
-    )
-    .await;
+    ));
+    mosquitto::publish(&b, &args).await;
     let lines = sub.output().await;
     assert_eq!(lines.len(), 1, "one message: {lines:?}");
     let fields: Vec<&str> = lines[0].split('|').collect();
@@ -2830,25 +2901,13 @@ async fn mosquitto_v5_properties_round_trip() {
 async fn mosquitto_sub_sees_identifiers_and_v311_gets_plain_messages() {
     require_mosquitto!();
     let b = TestBroker::start().await;
-    let mut v5 = mosquitto::sub(
-        &b,
-        &[
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            "ms/#",
-            "-C",
-            "1",
-            "-D",
-            "subscribe",
-            "subscription-identifier",
-            "42",
-            "-F",
-            "%t|%p|%S|%P|%C",
-        ],
-    );
+    let mut args = vec!["-V", "mqttv5", "-q", "1", "-t", "ms/#", "-C", "1"];
+    args.extend(["-F", "%t|%p|%S|%P|%C"]);
+    args.extend(mosquitto::properties(
+        "subscribe",
+        &[&["subscription-identifier", "42"]],
+    ));
+    let mut v5 = mosquitto::sub(&b, &args);
     mosquitto::wait_subscribed(&b, 1, &mut v5).await;
     let mut v311 = mosquitto::sub(
         &b,

@@ -26,6 +26,9 @@ need() {
 need mosquitto_pub mosquitto-clients # tests/mosquitto.rs
 need mosquitto_sub mosquitto-clients
 need stdbuf coreutils # line-buffers mosquitto_sub's output
+need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
+need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)
+need npm npm
 
 install_missing() {
   ((${#missing_packages[@]})) || return 0
@@ -61,6 +64,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 install_missing
+
+# The browser test's npm packages (playwright-core, mqtt.js), as tests/browser/package-lock.json pins them.
+echo "+ (cd tests/browser && npm ci)"
+(cd tests/browser && npm ci --no-audit --no-fund)
 
 # --all-targets: unit tests, integration tests (tests/*.rs), benches and examples built
 # and run as tests. The library has no doc examples yet: add `cargo test --doc` with them.

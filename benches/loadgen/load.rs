@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 /// Messages encoded per write.
 const BATCH: u32 = 64;
@@ -828,9 +828,10 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
             }
         }
         if sh.all_published() {
-            let complete = pubs.clone().zip(&trackers).all(|(p, t)| {
-                t.unique >= u64::from(sh.pubs[p].sent.load(Ordering::Acquire))
-            });
+            let complete = pubs
+                .clone()
+                .zip(&trackers)
+                .all(|(p, t)| t.lost(sh.pubs[p].sent.load(Ordering::Acquire)) == 0);
             if complete || last_message.elapsed() >= QUIET {
                 break;
             }

@@ -140,7 +140,7 @@ pub struct Publish<'a> {
     pub payload: &'a [u8],
 }
 
-pub fn parse_publish(frame: &Frame<'_>) -> Result<Publish<'_>, Malformed> {
+pub fn parse_publish<'a>(frame: &Frame<'a>) -> Result<Publish<'a>, Malformed> {
     let qos = (frame.flags >> 1) & 0x03;
     if qos == 3 {
         return Err(Malformed("PUBLISH with QoS 3"));

@@ -416,6 +416,11 @@ impl<'a> Conn<'a> {
         let deadline = sleep_until(keep_alive.map_or(far_future, |k| last_packet + k));
         tokio::pin!(deadline);
         let wake = self.wake.clone();
+        // Clients may send packets right behind CONNECT, before the CONNACK: they are
+        // in the buffer already.
+        if let Some(exit) = self.on_bytes(io) {
+            return exit;
+        }
         loop {
             if io.wbuf.len() < WRITE_HIGH_WATER && self.pull(&mut io.wbuf).is_err() {
                 return Exit::TakenOver;

@@ -221,9 +221,9 @@ fn refuse(status: StatusCode, why: String, peer: SocketAddr) -> ErrorResponse {
 ///
 /// Writes go to the socket at once, but what it cannot take yet stays in tungstenite's
 /// buffer. A write first waits for that buffer to empty (which is the backpressure the
-/// connection relies on), and so does every read: `connection::serve` always has a read
-/// pending and flushes only when it closes, so without this a last message could wait for
-/// the next write.
+/// connection relies on), and every read pushes it on too: `connection::serve` always has
+/// a read pending and flushes only when it closes, so without this the last message
+/// before a pause could wait in the buffer for the next write.
 pub struct WsBytes<S> {
     ws: WebSocketStream<S>,
     /// The unread rest of the current binary message.
