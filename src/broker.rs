@@ -157,9 +157,18 @@ impl Broker {
         });
     }
 
-    /// Publishes a will (or any broker-originated message), retaining it if asked.
-    pub fn publish_will(&self, will: &Arc<Message>) {
+    /// Publishes a will, retaining it if asked. Its Message Expiry Interval counts from
+    /// now, not from the CONNECT that carried it (MQTT 5.0, 3.1.3.2.4).
+    pub fn publish_will(&self, will: &Message) {
         tracing::debug!(topic = %will.topic, "publishing will");
+        let will = &Arc::new(Message::new(
+            will.topic.clone(),
+            will.payload.clone(),
+            will.qos,
+            will.retain,
+            will.properties.clone(),
+            will.origin,
+        ));
         if will.retain {
             self.router.retain(will);
         }

@@ -156,6 +156,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         if let Err(e) = protocol::encode(&packet, protocol, &mut self.wbuf) {
             warn!("cannot encode {}: {e}", packet.name());
         }
+        self.flush_and_close().await;
+    }
+
+    /// Best effort: flush what is pending and shut the write side down.
+    async fn flush_and_close(&mut self) {
         let flush = async {
             self.writer.write_all_buf(&mut self.wbuf).await?;
             self.writer.shutdown().await
@@ -353,7 +358,7 @@ impl<'a> Conn<'a> {
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             will,
             will_delay,
-            connect_expiry: expiry,
+            connect_expiry: asked_expiry,
             max_inflight: props.receive_maximum.map_or(limits.max_inflight, |r| {
                 limits.max_inflight.min(usize::from(r))
             }),
@@ -903,10 +908,33 @@ impl<'a> Conn<'a> {
         ack
     }
 
-    fn send(&self, out: &mut BytesMut, packet: Packet) {
+    /// Appends `packet` to `out`. A packet over the client's Maximum Packet Size loses
+    /// its reason string and user properties [MQTT-3.4.2-2 and alike]; if it is still
+    /// too large, it is not sent [MQTT-3.1.2-24].
+    fn send(&self, out: &mut BytesMut, mut packet: Packet) {
+        let before = out.len();
         if let Err(e) = protocol::encode(&packet, self.protocol, out) {
             warn!("cannot encode {}: {e}", packet.name());
+            return;
         }
+        if out.len() - before <= self.client_max_packet {
+            return;
+        }
+        out.truncate(before);
+        if let Some(props) = properties_mut(&mut packet) {
+            props.reason_string = None;
+            props.user_properties.clear();
+            if protocol::encode(&packet, self.protocol, out).is_ok()
+                && out.len() - before <= self.client_max_packet
+            {
+                return;
+            }
+            out.truncate(before);
+        }
+        debug!(
+            "{} larger than the client's maximum packet size; not sent",
+            packet.name()
+        );
     }
 
     /// Ends the connection: will, session bookkeeping, a last DISCONNECT in 5.0.
@@ -957,9 +985,19 @@ impl<'a> Conn<'a> {
         if let Some(will) = &will_now {
             self.broker.publish_will(will);
         }
-        if let Some(detached) = self.session.detach(self.conn_id, will_later) {
-            self.broker
-                .session_detached(&self.session, self.conn_id, detached, self.will_delay);
+        match self.session.detach(self.conn_id, will_later.clone()) {
+            Some(detached) => {
+                self.broker
+                    .session_detached(&self.session, self.conn_id, detached, self.will_delay)
+            }
+            // Taken over. If the session ended with it (Clean Start), so does the delay
+            // of the will; if it was resumed, the will is cancelled [MQTT-3.1.3-9].
+            None if self.session.has_ended() => {
+                if let Some(will) = &will_later {
+                    self.broker.publish_will(will);
+                }
+            }
+            None => {}
         }
         let dropped = self.session.dropped();
         if dropped > 0 {
@@ -977,8 +1015,8 @@ impl<'a> Conn<'a> {
                 if self.problem_info {
                     d.properties.reason_string = Some(ByteStr::from(why));
                 }
-                io.send_and_close(Packet::Disconnect(d), self.protocol)
-                    .await;
+                self.send(&mut io.wbuf, Packet::Disconnect(d));
+                io.flush_and_close().await;
             }
             _ => {
                 let _ = tokio::time::timeout(CLOSE_FLUSH, io.writer.shutdown()).await;
@@ -1040,6 +1078,19 @@ where
             }
             _ => return Err(reason::PROTOCOL_ERROR),
         }
+    }
+}
+
+/// The properties of a packet the server sends with a reason code.
+fn properties_mut(packet: &mut Packet) -> Option<&mut protocol::Properties> {
+    match packet {
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            Some(&mut a.properties)
+        }
+        Packet::SubAck(a) => Some(&mut a.properties),
+        Packet::UnsubAck(a) => Some(&mut a.properties),
+        Packet::Disconnect(d) => Some(&mut d.properties),
+        _ => None,
     }
 }
 

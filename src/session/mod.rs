@@ -60,6 +60,8 @@ pub struct SessionState {
     pub next_pkid: u16,
     /// Messages refused because the queue was full.
     pub dropped: u64,
+    /// Discarded or expired: no connection will ever resume it.
+    pub ended: bool,
 }
 
 pub const NEVER_EXPIRE: u32 = u32::MAX;
@@ -224,6 +226,10 @@ impl Session {
         inner.state.pending_will.take()
     }
 
+    pub fn has_ended(&self) -> bool {
+        self.inner.lock().state.ended
+    }
+
     pub fn is_online(&self) -> bool {
         self.inner.lock().link.is_some()
     }
@@ -259,6 +265,7 @@ fn take_subscriptions(state: &mut SessionState) -> Vec<ByteStr> {
 }
 
 fn end(state: &mut SessionState) -> Ended {
+    state.ended = true;
     state.queue.clear();
     state.inflight.clear();
     state.inbound_qos2.clear();
