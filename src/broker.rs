@@ -23,7 +23,8 @@ pub struct Broker {
     /// Sessions by client id, connected or not.
     sessions: DashMap<ByteStr, Arc<Session>>,
     next_id: AtomicU64,
-    /// Cancelled on shutdown: listeners stop accepting and connections close.
+    /// Cancelled on shutdown (`begin_shutdown`): listeners stop accepting and
+    /// connections close.
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -189,6 +190,15 @@ impl Broker {
         }
     }
 
+    /// Stops the listeners and tells every connection to close (5.0: DISCONNECT 0x8B).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        // Connections see the token when woken; sessions without one ignore the wake.
+        for entry in self.sessions.iter() {
+            entry.value().wake();
+        }
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -254,7 +264,7 @@ impl Server {
     /// Stops accepting, closes every connection, and waits up to `grace` for them.
     /// Returns false if some task was still running when the grace period ended.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        self.broker.shutdown.cancel();
+        self.broker.begin_shutdown();
         self.broker.tasks.close();
         tokio::time::timeout(grace, self.broker.tasks.wait())
             .await

@@ -18,6 +18,7 @@ use crate::router::{
 use crate::session::{Link, NotOwner, Session, SessionState, Stage, NEVER_EXPIRE};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,20 +33,27 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Messages taken from the session queue per lock.
 const BATCH: usize = 64;
 /// Read buffers start small so that idle connections cost little, and grow under load.
-const MIN_READ: usize = 256;
+const MIN_READ: usize = 64;
 const MAX_READ: usize = 64 * 1024;
 /// How long a closing connection may spend flushing its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Serves one connection until it ends. Never fails: every problem closes this
 /// connection only, and is logged with its reason.
-pub async fn serve<R, W>(broker: &Arc<Broker>, reader: R, writer: W, peer: SocketAddr)
+///
+/// The returned future is the connection task's state for its whole life, so it is
+/// kept small: the handshake and the close, large and short-lived, are boxed.
+pub fn serve<'a, R, W>(
+    broker: &'a Arc<Broker>,
+    reader: R,
+    writer: W,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send + 'a
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Send + 'a,
+    W: AsyncWrite + Unpin + Send + 'a,
 {
     let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    let _count = metrics::connection();
     let mut io = Io {
         reader,
         writer,
@@ -53,35 +61,50 @@ where
         wbuf: BytesMut::new(),
         read_size: MIN_READ,
     };
-    async {
-        let connect = tokio::select! {
-            _ = broker.shutdown.cancelled() => return,
-            r = tokio::time::timeout(broker.config.mqtt.connect_timeout(), io.read_connect(broker)) => r,
+    async move {
+        let _count = metrics::connection();
+        let Some(connect) = Box::pin(read_connect(broker, &mut io)).await else {
+            return;
         };
-        let connect = match connect {
-            Err(_) => return debug!("no CONNECT within the connect timeout; closing"),
-            Ok(Ok(Some(c))) => c,
-            Ok(Ok(None)) => return debug!("closed before CONNECT"),
-            Ok(Err(e)) => {
-                warn!("bad CONNECT: {e}");
-                if let protocol::Error::UnsupportedProtocol { .. } = e {
-                    // Both 3.x and 5.0 clients understand a 3.1.1 CONNACK with code 1 here.
-                    let ack = ConnAck {
-                        code: connack_v3::UNACCEPTABLE_PROTOCOL_VERSION,
-                        ..ConnAck::default()
-                    };
-                    io.send_and_close(Packet::ConnAck(ack), Protocol::V311).await;
-                }
-                return;
-            }
+        let Some(mut conn) = Box::pin(Conn::accept(broker, connect, &mut io)).await else {
+            return;
         };
-        if let Some(mut conn) = Conn::accept(broker, *connect, &mut io).await {
-            let exit = conn.run(&mut io).await;
-            conn.close(exit, &mut io).await;
-        }
+        let exit = conn.run(&mut io).await;
+        Box::pin(conn.close(exit, &mut io)).await;
     }
     .instrument(span)
-    .await
+}
+
+/// Waits for the CONNECT (within the connect timeout); answers a bad one and returns None.
+async fn read_connect<R, W>(broker: &Broker, io: &mut Io<R, W>) -> Option<Box<Connect>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = broker.config.mqtt.max_packet_size;
+    let first = tokio::select! {
+        _ = broker.shutdown.cancelled() => return None,
+        r = tokio::time::timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
+    };
+    match first {
+        Err(_) => debug!("no CONNECT within the connect timeout; closing"),
+        Ok(Ok(Some(Packet::Connect(c)))) => return Some(c),
+        Ok(Ok(Some(_))) => warn!("first packet is not CONNECT; closing"),
+        Ok(Ok(None)) => debug!("closed before CONNECT"),
+        Ok(Err(e)) => {
+            warn!("bad CONNECT: {e}");
+            if let protocol::Error::UnsupportedProtocol { .. } = e {
+                // Both 3.x and 5.0 clients understand a 3.1.1 CONNACK with code 1 here.
+                let ack = ConnAck {
+                    code: connack_v3::UNACCEPTABLE_PROTOCOL_VERSION,
+                    ..ConnAck::default()
+                };
+                io.send_and_close(Packet::ConnAck(ack), Protocol::V311)
+                    .await;
+            }
+        }
+    }
+    None
 }
 
 /// The byte side of a connection: the socket halves and their buffers.
@@ -94,21 +117,6 @@ struct Io<R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
-    /// Reads until the first packet is complete; it must be CONNECT.
-    async fn read_connect(
-        &mut self,
-        broker: &Broker,
-    ) -> Result<Option<Box<Connect>>, protocol::Error> {
-        match self
-            .read_packet(Protocol::V311, broker.config.mqtt.max_packet_size)
-            .await?
-        {
-            Some(Packet::Connect(c)) => Ok(Some(c)),
-            Some(_) => Err(protocol::Error::Protocol("first packet is not CONNECT")),
-            None => Ok(None),
-        }
-    }
-
     /// Reads one whole packet (None if the peer closed), for the handshake phase.
     async fn read_packet(
         &mut self,
@@ -192,7 +200,8 @@ struct Conn<'a> {
     conn_id: u64,
     protocol: Protocol,
     keep_alive: Option<Duration>,
-    will: Option<Message>,
+    /// Kept behind a pointer: most connections have none, and this struct lives as long.
+    will: Option<Arc<Message>>,
     /// 5.0 Will Delay Interval, seconds.
     will_delay: u32,
     /// The session expiry asked for at CONNECT (a DISCONNECT may not raise it from 0).
@@ -215,13 +224,15 @@ impl<'a> Conn<'a> {
     /// answers with the CONNACK code and returns None.
     async fn accept<R, W>(
         broker: &'a Arc<Broker>,
-        connect: Connect,
+        connect: Box<Connect>,
         io: &mut Io<R, W>,
     ) -> Option<Conn<'a>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // Unboxed here, inside this short-lived future: the box must not outlive accept.
+        let connect = *connect;
         let cfg = &broker.config.mqtt;
         let protocol = connect.protocol;
         let v5 = protocol.is_v5();
@@ -283,14 +294,14 @@ impl<'a> Conn<'a> {
                 let mut wp = w.properties;
                 wp.will_delay_interval = None;
                 let wp = (!wp.is_empty()).then(|| Box::new(wp));
-                Some(Message::new(
+                Some(Arc::new(Message::new(
                     ByteStr::from(w.topic.as_str()),
                     Bytes::copy_from_slice(&w.payload),
                     w.qos,
                     w.retain,
                     wp,
                     0,
-                ))
+                )))
             }
             Some(_) => {
                 info!("refused: invalid will topic");
@@ -427,6 +438,12 @@ impl<'a> Conn<'a> {
             return exit;
         }
         loop {
+            // Shutdown wakes every connection (`Broker::begin_shutdown`) rather than
+            // being one more future in the select: this future lives as long as the
+            // connection, and each byte of it counts per idle client.
+            if broker.shutdown.is_cancelled() {
+                return Exit::Shutdown;
+            }
             if io.wbuf.len() < WRITE_HIGH_WATER && self.pull(&mut io.wbuf).is_err() {
                 return Exit::TakenOver;
             }
@@ -434,7 +451,6 @@ impl<'a> Conn<'a> {
             let spare = io.rbuf.capacity() - io.rbuf.len();
             tokio::select! {
                 biased;
-                _ = broker.shutdown.cancelled() => return Exit::Shutdown,
                 _ = wake.notified() => {
                     // Checked here too: with a full write buffer `pull` is not called.
                     if !self.session.is_owned_by(self.conn_id) {
@@ -975,7 +991,7 @@ impl<'a> Conn<'a> {
                 Some((reason::SERVER_SHUTTING_DOWN, "server shutting down".into())),
             ),
         };
-        let will = self.will.take().filter(|_| publish_will).map(Arc::new);
+        let will = self.will.take().filter(|_| publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.
         let (will_now, will_later) = if self.will_delay > 0 {
             (None, will)

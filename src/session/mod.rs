@@ -226,6 +226,13 @@ impl Session {
         inner.state.pending_will.take()
     }
 
+    /// Wakes the connection serving this session, if any.
+    pub fn wake(&self) {
+        if let Some(link) = &self.inner.lock().link {
+            link.wake.notify_one();
+        }
+    }
+
     pub fn has_ended(&self) -> bool {
         self.inner.lock().state.ended
     }

@@ -74,7 +74,7 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         if let Some(s) = &self.server {
-            s.broker().shutdown.cancel();
+            s.broker().begin_shutdown();
         }
     }
 }
