@@ -1,60 +1,40 @@
 //! MQTT 3.1 and 3.1.1 behaviour of the broker, end to end over TCP.
 //!
-//! Most tests drive the broker with a raw client (`Client` below) built on the crate's own
-//! codec, so that every packet sent and received is explicit; malformed input is written
-//! as hand-made bytes. A few scripted flows use `rumqttc`. Each test starts its own
+//! Most tests drive the broker with the raw client of `common::client`, built on the
+//! crate's own codec, so that every packet sent and received is explicit; malformed input
+//! is written as hand-made bytes. Its `_v311` publish flows assert that every ack is
+//! exactly the 3.1.1 one. A few scripted flows use `rumqttc`. Each test starts its own
 //! broker, so tests run in parallel.
 //!
-//! Waiting for "nothing more": a client sends PINGREQ and collects what arrives before the
-//! PINGRESP (`Client::ping`). The broker handles one connection's packets in order and
-//! writes what its session queue holds before it reads the next bytes, so when the
-//! messages in question were routed before the PINGREQ was sent (the publisher got its
-//! PUBACK, or the subscriber's own earlier packet was answered), anything the broker
-//! would send arrives before the PINGRESP.
+//! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`); the
+//! module doc of `common::client` says why that is enough.
 
 mod common;
 
 use bytes::{Bytes, BytesMut};
+use common::client::{ack, connect_v311, publish_packet, text, Client, WAIT};
 use common::TestBroker;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use ternmq::config::Config;
 use ternmq::protocol::{
-    self, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    SubOptions, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe, Will,
+    self, ByteStr, Connect, Packet, Properties, Protocol, Publish, QoS, SubOptions, Subscribe,
+    SubscribeFilter, UnsubAck, Unsubscribe, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// How long to wait for something that should happen.
-const WAIT: Duration = Duration::from_secs(3);
-/// Accept whatever size the broker sends.
-const ANY_SIZE: usize = protocol::MAX_REMAINING_LENGTH + 5;
 const QOS: [QoS; 3] = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
 
 // ---------------------------------------------------------------------------------------
-// Packet builders
+// Packet builders (the shared ones, and the raw client, are in `common::client`)
 // ---------------------------------------------------------------------------------------
-
-/// A 3.1.1 CONNECT with clean session, a 60 s keep-alive and no will.
-fn connect_packet(client_id: &str) -> Connect {
-    Connect {
-        protocol: Protocol::V311,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: ByteStr::from(client_id),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }
-}
 
 fn persistent(client_id: &str) -> Connect {
     Connect {
         clean_start: false,
-        ..connect_packet(client_id)
+        ..connect_v311(client_id)
     }
 }
 
@@ -67,371 +47,13 @@ fn with_will(client_id: &str, topic: &str, payload: &str, qos: QoS, retain: bool
             retain,
             properties: Properties::default(),
         }),
-        ..connect_packet(client_id)
+        ..connect_v311(client_id)
     }
 }
 
-fn publish_packet(topic: &str, payload: &[u8], qos: QoS, retain: bool, pkid: u16) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: ByteStr::from(topic),
-        pkid,
-        payload: Bytes::copy_from_slice(payload),
-        properties: None,
-    }
-}
-
-fn ack(pkid: u16) -> Ack {
-    Ack {
-        pkid,
-        ..Ack::default()
-    }
-}
-
+/// A packet as 3.1.1 bytes.
 fn encode(packet: &Packet) -> BytesMut {
-    let mut buf = BytesMut::new();
-    protocol::encode(packet, Protocol::V311, &mut buf).expect("test packet encodes");
-    buf
-}
-
-fn text(payload: &[u8]) -> String {
-    String::from_utf8_lossy(payload).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------
-// The raw client
-// ---------------------------------------------------------------------------------------
-
-/// Why a read returned no packet.
-enum NoPacket {
-    Timeout,
-    /// EOF or a socket error (a reset counts: the broker closed with unread input).
-    Closed(String),
-}
-
-/// A test client on a raw socket: sends packets or bytes, decodes what comes back.
-struct Client {
-    name: String,
-    stream: TcpStream,
-    rbuf: BytesMut,
-    /// Packets read while waiting for another one, returned first by the next reads.
-    pending: VecDeque<Packet>,
-    next_pkid: u16,
-}
-
-impl Client {
-    /// Opens a TCP connection and sends nothing.
-    async fn open(addr: SocketAddr, name: &str) -> Client {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
-            .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
-        stream.set_nodelay(true).expect("set_nodelay");
-        Client {
-            name: name.to_string(),
-            stream,
-            rbuf: BytesMut::new(),
-            pending: VecDeque::new(),
-            next_pkid: 1,
-        }
-    }
-
-    /// Sends `connect` and returns the CONNACK, whatever its code.
-    async fn connect_with(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
-        let mut c = Client::open(addr, &connect.client_id.to_string()).await;
-        c.send(Packet::Connect(Box::new(connect))).await;
-        let ack = match c.expect("CONNACK").await {
-            Packet::ConnAck(ack) => ack,
-            other => panic!("{}: expected CONNACK, got {other:?}", c.name),
-        };
-        (c, ack)
-    }
-
-    /// Connects and asserts acceptance; returns the session present flag.
-    async fn connect_accepted(addr: SocketAddr, connect: Connect) -> (Client, bool) {
-        let (c, ack) = Client::connect_with(addr, connect).await;
-        assert_eq!(ack.code, 0, "{}: CONNACK return code", c.name);
-        (c, ack.session_present)
-    }
-
-    /// A 3.1.1 clean-session client, accepted with session present 0.
-    async fn connect(addr: SocketAddr, client_id: &str) -> Client {
-        let (c, present) = Client::connect_accepted(addr, connect_packet(client_id)).await;
-        assert!(
-            !present,
-            "{client_id}: a clean session has no session present"
-        );
-        c
-    }
-
-    fn pkid(&mut self) -> u16 {
-        let id = self.next_pkid;
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        id
-    }
-
-    async fn send(&mut self, packet: Packet) {
-        self.send_raw(&encode(&packet)).await;
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        if let Err(e) = self.stream.write_all(bytes).await {
-            panic!("{}: write failed: {e}", self.name);
-        }
-    }
-
-    /// The next packet from the socket (not from `pending`), a timeout, or the end.
-    async fn read_event(&mut self, timeout: Duration) -> Result<Packet, NoPacket> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match protocol::decode(&mut self.rbuf, Protocol::V311, ANY_SIZE) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => panic!("{}: the broker sent undecodable bytes: {e}", self.name),
-            }
-            self.rbuf.reserve(16 * 1024);
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
-                Err(_) => return Err(NoPacket::Timeout),
-                Ok(Ok(0)) if self.rbuf.is_empty() => return Err(NoPacket::Closed("EOF".into())),
-                Ok(Ok(0)) => {
-                    return Err(NoPacket::Closed(format!(
-                        "EOF inside a packet: {:?}",
-                        &self.rbuf[..]
-                    )))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(NoPacket::Closed(e.to_string())),
-            }
-        }
-    }
-
-    async fn next_event(&mut self, timeout: Duration) -> Result<Packet, NoPacket> {
-        match self.pending.pop_front() {
-            Some(p) => Ok(p),
-            None => self.read_event(timeout).await,
-        }
-    }
-
-    /// The next packet, or None if none arrives within `timeout`. Panics if the broker
-    /// closes the connection.
-    async fn recv(&mut self, timeout: Duration) -> Option<Packet> {
-        match self.next_event(timeout).await {
-            Ok(p) => Some(p),
-            Err(NoPacket::Timeout) => None,
-            Err(NoPacket::Closed(why)) => {
-                panic!("{}: connection closed unexpectedly ({why})", self.name)
-            }
-        }
-    }
-
-    async fn expect(&mut self, what: &str) -> Packet {
-        match self.recv(WAIT).await {
-            Some(p) => p,
-            None => panic!(
-                "{}: expected {what} within {WAIT:?}, got nothing",
-                self.name
-            ),
-        }
-    }
-
-    async fn expect_publish(&mut self) -> Publish {
-        match self.expect("PUBLISH").await {
-            Packet::Publish(p) => p,
-            other => panic!("{}: expected PUBLISH, got {other:?}", self.name),
-        }
-    }
-
-    /// Reads exactly `expected.len()` bytes and compares them.
-    async fn expect_bytes(&mut self, expected: &[u8], what: &str) {
-        assert!(self.pending.is_empty(), "{}: packets pending", self.name);
-        while self.rbuf.len() < expected.len() {
-            self.rbuf.reserve(1024);
-            match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.rbuf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                other => panic!(
-                    "{}: expected the bytes of {what}, got {:?} then {other:?}",
-                    self.name,
-                    &self.rbuf[..]
-                ),
-            }
-        }
-        let got = self.rbuf.split_to(expected.len());
-        assert_eq!(&got[..], expected, "{}: bytes of {what}", self.name);
-    }
-
-    /// Waits for a packet matching `wanted`, keeping the others for later reads.
-    async fn wait_for(&mut self, what: &str, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        if let Some(i) = self.pending.iter().position(&wanted) {
-            return self.pending.remove(i).expect("index is valid");
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.read_event(left).await {
-                Ok(p) if wanted(&p) => return p,
-                Ok(p) => self.pending.push_back(p),
-                Err(NoPacket::Timeout) => panic!(
-                    "{}: expected {what} within {WAIT:?}; got only {:?}",
-                    self.name, self.pending
-                ),
-                Err(NoPacket::Closed(why)) => {
-                    panic!("{}: closed ({why}) while waiting for {what}", self.name)
-                }
-            }
-        }
-    }
-
-    /// Asserts that the broker closes the connection within `timeout` and sends nothing
-    /// before; returns how long it took.
-    async fn expect_closed(&mut self, timeout: Duration) -> Duration {
-        let start = Instant::now();
-        match self.next_event(timeout).await {
-            Err(NoPacket::Closed(_)) => start.elapsed(),
-            Err(NoPacket::Timeout) => panic!(
-                "{}: the broker did not close the connection within {timeout:?}",
-                self.name
-            ),
-            Ok(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
-        }
-    }
-
-    /// PINGREQ, and everything the broker sends before the PINGRESP.
-    async fn ping(&mut self) -> Vec<Packet> {
-        let mut before: Vec<Packet> = self.pending.drain(..).collect();
-        self.send(Packet::PingReq).await;
-        loop {
-            match self.read_event(WAIT).await {
-                Ok(Packet::PingResp) => return before,
-                Ok(p) => before.push(p),
-                Err(NoPacket::Timeout) => panic!("{}: no PINGRESP within {WAIT:?}", self.name),
-                Err(NoPacket::Closed(why)) => {
-                    panic!("{}: closed ({why}) waiting for PINGRESP", self.name)
-                }
-            }
-        }
-    }
-
-    /// Asserts that the broker has nothing (more) to send to this client.
-    async fn expect_quiet(&mut self, context: &str) {
-        let extra = self.ping().await;
-        assert!(
-            extra.is_empty(),
-            "{}: expected nothing more {context}, got {extra:?}",
-            self.name
-        );
-    }
-
-    /// A ping round trip: the broker has handled everything sent before.
-    async fn barrier(&mut self) {
-        let got = self.ping().await;
-        self.pending.extend(got);
-    }
-
-    /// SUBSCRIBE; returns the SUBACK's return codes.
-    async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<u8> {
-        let pkid = self.pkid();
-        let filters = filters
-            .iter()
-            .map(|&(f, qos)| SubscribeFilter {
-                filter: ByteStr::from(f),
-                options: SubOptions {
-                    qos,
-                    ..SubOptions::default()
-                },
-            })
-            .collect();
-        self.send(Packet::Subscribe(Subscribe {
-            pkid,
-            filters,
-            properties: Properties::default(),
-        }))
-        .await;
-        match self
-            .wait_for(
-                "SUBACK",
-                |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid),
-            )
-            .await
-        {
-            Packet::SubAck(a) => a.codes,
-            _ => unreachable!(),
-        }
-    }
-
-    /// Subscribes and asserts that every filter is granted the QoS asked for.
-    async fn subscribe_ok(&mut self, filters: &[(&str, QoS)]) {
-        let codes = self.subscribe(filters).await;
-        let wanted: Vec<u8> = filters.iter().map(|(_, q)| *q as u8).collect();
-        assert_eq!(codes, wanted, "{}: SUBACK codes for {filters:?}", self.name);
-    }
-
-    /// Publishes and completes the QoS flow (for QoS 0, a ping round trip, so that the
-    /// broker has routed the message when this returns).
-    async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) {
-        let pkid = if qos == QoS::AtMostOnce {
-            0
-        } else {
-            self.pkid()
-        };
-        let packet = publish_packet(topic, payload, qos, retain, pkid);
-        self.send(Packet::Publish(packet)).await;
-        match qos {
-            QoS::AtMostOnce => self.barrier().await,
-            QoS::AtLeastOnce => {
-                let puback = self
-                    .wait_for("PUBACK", |p| matches!(p, Packet::PubAck(_)))
-                    .await;
-                assert_eq!(puback, Packet::PubAck(ack(pkid)), "{}: PUBACK", self.name);
-            }
-            QoS::ExactlyOnce => {
-                let pubrec = self
-                    .wait_for("PUBREC", |p| matches!(p, Packet::PubRec(_)))
-                    .await;
-                assert_eq!(pubrec, Packet::PubRec(ack(pkid)), "{}: PUBREC", self.name);
-                self.send(Packet::PubRel(ack(pkid))).await;
-                let pubcomp = self
-                    .wait_for("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
-                    .await;
-                assert_eq!(
-                    pubcomp,
-                    Packet::PubComp(ack(pkid)),
-                    "{}: PUBCOMP",
-                    self.name
-                );
-            }
-        }
-    }
-
-    /// Acknowledges a received PUBLISH, completing the QoS 2 flow.
-    async fn acknowledge(&mut self, p: &Publish) {
-        match p.qos {
-            QoS::AtMostOnce => assert_eq!(p.pkid, 0, "{}: QoS 0 has no packet id", self.name),
-            QoS::AtLeastOnce => self.send(Packet::PubAck(ack(p.pkid))).await,
-            QoS::ExactlyOnce => {
-                self.send(Packet::PubRec(ack(p.pkid))).await;
-                let pubrel = self
-                    .wait_for("PUBREL", |p| matches!(p, Packet::PubRel(_)))
-                    .await;
-                assert_eq!(pubrel, Packet::PubRel(ack(p.pkid)), "{}: PUBREL", self.name);
-                self.send(Packet::PubComp(ack(p.pkid))).await;
-            }
-        }
-    }
-
-    /// The next PUBLISH, acknowledged.
-    async fn receive(&mut self) -> Publish {
-        let p = self.expect_publish().await;
-        self.acknowledge(&p).await;
-        p
-    }
-
-    /// DISCONNECT, then waits for the broker to close the socket.
-    async fn disconnect(mut self) {
-        self.send(Packet::Disconnect(Disconnect::default())).await;
-        self.expect_closed(WAIT).await;
-    }
+    common::client::encode(packet, Protocol::V311)
 }
 
 /// Asserts the parts of a received PUBLISH that the tests choose.
@@ -455,18 +77,18 @@ struct Bystander(Client);
 
 impl Bystander {
     async fn new(addr: SocketAddr) -> Bystander {
-        let mut c = Client::connect(addr, "bystander").await;
+        let mut c = Client::connect_v311(addr, "bystander").await;
         c.subscribe_ok(&[("bystander/t", QoS::AtLeastOnce)]).await;
         Bystander(c)
     }
 
     /// A new client publishes to the bystander, which must receive it.
     async fn assert_still_served(&mut self, addr: SocketAddr) {
-        let mut publisher = Client::connect(addr, "bystander-check").await;
+        let mut publisher = Client::connect_v311(addr, "bystander-check").await;
         publisher
-            .publish("bystander/t", b"still here", QoS::AtLeastOnce, false)
+            .publish_v311("bystander/t", b"still here", QoS::AtLeastOnce, false)
             .await;
-        let p = self.0.receive().await;
+        let p = self.0.receive_v311().await;
         assert_publish(&p, "bystander/t", "still here", QoS::AtLeastOnce, false);
     }
 }
@@ -476,7 +98,7 @@ impl Bystander {
 async fn assert_closes_only_that_connection(bytes: &[u8], tweak: impl FnOnce(&mut Config)) {
     let broker = TestBroker::with(tweak).await;
     let mut bystander = Bystander::new(broker.addr).await;
-    let mut bad = Client::connect(broker.addr, "bad").await;
+    let mut bad = Client::connect_v311(broker.addr, "bad").await;
     bad.send_raw(bytes).await;
     bad.expect_closed(Duration::from_secs(2)).await;
     bystander.assert_still_served(broker.addr).await;
@@ -489,9 +111,8 @@ async fn assert_closes_only_that_connection(bytes: &[u8], tweak: impl FnOnce(&mu
 #[tokio::test]
 async fn connect_is_accepted_with_code_0_and_no_session_present() {
     let broker = TestBroker::start().await;
-    let mut c = Client::open(broker.addr, "new").await;
-    c.send(Packet::Connect(Box::new(connect_packet("new"))))
-        .await;
+    let mut c = Client::open(broker.addr, "new", Protocol::V311).await;
+    c.send(Packet::Connect(Box::new(connect_v311("new")))).await;
     c.expect_bytes(
         &[0x20, 0x02, 0x00, 0x00],
         "CONNACK accepted, session present 0",
@@ -507,7 +128,7 @@ async fn connect_is_accepted_with_code_0_and_no_session_present() {
 #[tokio::test]
 async fn unsupported_protocol_level_gets_connack_1_then_close() {
     let broker = TestBroker::start().await;
-    let mut c = Client::open(broker.addr, "level9").await;
+    let mut c = Client::open(broker.addr, "level9", Protocol::V311).await;
     // "MQTT", level 9, clean session, keep-alive 60, client id "c".
     c.send_raw(&[
         0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'c',
@@ -529,7 +150,7 @@ async fn unsupported_protocol_level_gets_connack_1_then_close() {
 #[tokio::test]
 async fn mqtt31_connect_is_accepted_and_works() {
     let broker = TestBroker::start().await;
-    let mut c = Client::open(broker.addr, "v31").await;
+    let mut c = Client::open(broker.addr, "v31", Protocol::V311).await;
     // MQIsdp, level 3, clean session, keep-alive 60, client id "v31": written by hand.
     let connect = [
         0x10, 17, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 3, b'v', b'3', b'1',
@@ -537,7 +158,7 @@ async fn mqtt31_connect_is_accepted_and_works() {
     assert_eq!(
         &encode(&Packet::Connect(Box::new(Connect {
             protocol: Protocol::V31,
-            ..connect_packet("v31")
+            ..connect_v311("v31")
         })))[..],
         &connect[..],
         "the codec writes the same 3.1 CONNECT"
@@ -546,9 +167,9 @@ async fn mqtt31_connect_is_accepted_and_works() {
     c.expect_bytes(&[0x20, 0x02, 0x00, 0x00], "CONNACK accepted")
         .await;
     c.subscribe_ok(&[("v31/t", QoS::AtLeastOnce)]).await;
-    c.publish("v31/t", b"hello 3.1", QoS::AtLeastOnce, false)
+    c.publish_v311("v31/t", b"hello 3.1", QoS::AtLeastOnce, false)
         .await;
-    let p = c.receive().await;
+    let p = c.receive_v311().await;
     assert_publish(&p, "v31/t", "hello 3.1", QoS::AtLeastOnce, false);
 }
 
@@ -557,7 +178,7 @@ async fn mqtt31_empty_client_id_is_rejected_with_code_2() {
     let broker = TestBroker::start().await;
     let connect = Connect {
         protocol: Protocol::V31,
-        ..connect_packet("")
+        ..connect_v311("")
     };
     let (mut c, ack) = Client::connect_with(broker.addr, connect).await;
     assert_eq!(
@@ -576,7 +197,7 @@ async fn mqtt31_client_id_over_23_characters_is_rejected_with_code_2() {
         broker.addr,
         Connect {
             protocol: Protocol::V31,
-            ..connect_packet(&id23)
+            ..connect_v311(&id23)
         },
     )
     .await;
@@ -586,7 +207,7 @@ async fn mqtt31_client_id_over_23_characters_is_rejected_with_code_2() {
         broker.addr,
         Connect {
             protocol: Protocol::V31,
-            ..connect_packet(&id24)
+            ..connect_v311(&id24)
         },
     )
     .await;
@@ -601,16 +222,17 @@ async fn mqtt31_client_id_over_23_characters_is_rejected_with_code_2() {
 #[tokio::test]
 async fn empty_client_id_with_clean_session_gets_an_assigned_id() {
     let broker = TestBroker::start().await;
-    let mut a = Client::connect(broker.addr, "").await;
-    let mut b = Client::connect(broker.addr, "").await;
+    let mut a = Client::connect_v311(broker.addr, "").await;
+    let mut b = Client::connect_v311(broker.addr, "").await;
     assert_eq!(
         broker.broker().session_count(),
         2,
         "each empty-id client gets a session of its own"
     );
     a.subscribe_ok(&[("anon/t", QoS::AtLeastOnce)]).await;
-    b.publish("anon/t", b"to a", QoS::AtLeastOnce, false).await;
-    let p = a.receive().await;
+    b.publish_v311("anon/t", b"to a", QoS::AtLeastOnce, false)
+        .await;
+    let p = a.receive_v311().await;
     assert_publish(&p, "anon/t", "to a", QoS::AtLeastOnce, false);
 }
 
@@ -630,7 +252,7 @@ async fn empty_client_id_without_clean_session_is_rejected_with_code_2() {
 #[tokio::test]
 async fn empty_client_id_is_rejected_when_the_config_forbids_it() {
     let broker = TestBroker::with(|cfg| cfg.mqtt.allow_zero_length_clientid = false).await;
-    let (mut c, ack) = Client::connect_with(broker.addr, connect_packet("")).await;
+    let (mut c, ack) = Client::connect_with(broker.addr, connect_v311("")).await;
     assert_eq!(ack.code, 2, "CONNACK identifier rejected");
     c.expect_closed(WAIT).await;
     assert_eq!(broker.broker().session_count(), 0);
@@ -648,8 +270,9 @@ async fn session_present_is_set_when_resuming_a_persistent_session() {
     let (mut c, present) = Client::connect_accepted(broker.addr, persistent("p")).await;
     assert!(present, "resumed session: session present 1");
     // The subscription came back with the session.
-    c.publish("p/t", b"mine", QoS::AtLeastOnce, false).await;
-    let p = c.receive().await;
+    c.publish_v311("p/t", b"mine", QoS::AtLeastOnce, false)
+        .await;
+    let p = c.receive_v311().await;
     assert_publish(&p, "p/t", "mine", QoS::AtLeastOnce, false);
 }
 
@@ -659,12 +282,12 @@ async fn clean_session_discards_the_previous_session() {
     let (mut c, _) = Client::connect_accepted(broker.addr, persistent("p")).await;
     c.subscribe_ok(&[("p/t", QoS::AtLeastOnce)]).await;
     c.disconnect().await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("p/t", b"queued", QoS::AtLeastOnce, false)
+        .publish_v311("p/t", b"queued", QoS::AtLeastOnce, false)
         .await;
 
-    let (mut c, present) = Client::connect_accepted(broker.addr, connect_packet("p")).await;
+    let (mut c, present) = Client::connect_accepted(broker.addr, connect_v311("p")).await;
     assert!(
         !present,
         "clean session: session present 0 even though one existed"
@@ -677,7 +300,7 @@ async fn clean_session_discards_the_previous_session() {
         "the old session's subscriptions are gone"
     );
     publisher
-        .publish("p/t", b"after", QoS::AtLeastOnce, false)
+        .publish_v311("p/t", b"after", QoS::AtLeastOnce, false)
         .await;
     c.expect_quiet("for a subscription of the discarded session")
         .await;
@@ -690,7 +313,7 @@ async fn clean_session_discards_the_previous_session() {
 #[tokio::test]
 async fn first_packet_other_than_connect_closes_the_connection() {
     let broker = TestBroker::start().await;
-    let mut c = Client::open(broker.addr, "pinger").await;
+    let mut c = Client::open(broker.addr, "pinger", Protocol::V311).await;
     c.send(Packet::PingReq).await;
     c.expect_closed(WAIT).await;
 }
@@ -698,7 +321,7 @@ async fn first_packet_other_than_connect_closes_the_connection() {
 #[tokio::test]
 async fn no_connect_within_connect_timeout_closes_the_connection() {
     let broker = TestBroker::with(|cfg| cfg.mqtt.connect_timeout = 1).await;
-    let mut c = Client::open(broker.addr, "silent").await;
+    let mut c = Client::open(broker.addr, "silent", Protocol::V311).await;
     let took = c.expect_closed(Duration::from_secs(3)).await;
     assert!(
         took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
@@ -710,8 +333,8 @@ async fn no_connect_within_connect_timeout_closes_the_connection() {
 async fn second_connect_closes_the_connection() {
     let broker = TestBroker::start().await;
     let mut bystander = Bystander::new(broker.addr).await;
-    let mut c = Client::connect(broker.addr, "twice").await;
-    c.send(Packet::Connect(Box::new(connect_packet("twice"))))
+    let mut c = Client::connect_v311(broker.addr, "twice").await;
+    c.send(Packet::Connect(Box::new(connect_v311("twice"))))
         .await;
     c.expect_closed(WAIT).await;
     bystander.assert_still_served(broker.addr).await;
@@ -720,7 +343,7 @@ async fn second_connect_closes_the_connection() {
 #[tokio::test]
 async fn takeover_closes_the_first_connection_and_publishes_its_will() {
     let broker = TestBroker::start().await;
-    let mut watcher = Client::connect(broker.addr, "watcher").await;
+    let mut watcher = Client::connect_v311(broker.addr, "watcher").await;
     watcher
         .subscribe_ok(&[("will/twin", QoS::AtLeastOnce)])
         .await;
@@ -730,16 +353,16 @@ async fn takeover_closes_the_first_connection_and_publishes_its_will() {
     )
     .await;
 
-    let mut second = Client::connect(broker.addr, "twin").await;
+    let mut second = Client::connect_v311(broker.addr, "twin").await;
     first.expect_closed(WAIT).await;
-    let will = watcher.receive().await;
+    let will = watcher.receive_v311().await;
     assert_publish(&will, "will/twin", "first gone", QoS::AtLeastOnce, false);
 
     second.subscribe_ok(&[("twin/t", QoS::AtLeastOnce)]).await;
     second
-        .publish("twin/t", b"second", QoS::AtLeastOnce, false)
+        .publish_v311("twin/t", b"second", QoS::AtLeastOnce, false)
         .await;
-    let p = second.receive().await;
+    let p = second.receive_v311().await;
     assert_publish(&p, "twin/t", "second", QoS::AtLeastOnce, false);
     assert_eq!(broker.broker().session_count(), 2, "watcher and twin");
 }
@@ -752,11 +375,11 @@ async fn takeover_of_a_persistent_session_keeps_its_subscriptions() {
     let (mut second, present) = Client::connect_accepted(broker.addr, persistent("twin")).await;
     assert!(present, "the live session is resumed: session present 1");
     first.expect_closed(WAIT).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("twin/t", b"to the new one", QoS::AtLeastOnce, false)
+        .publish_v311("twin/t", b"to the new one", QoS::AtLeastOnce, false)
         .await;
-    let p = second.receive().await;
+    let p = second.receive_v311().await;
     assert_publish(&p, "twin/t", "to the new one", QoS::AtLeastOnce, false);
 }
 
@@ -767,9 +390,9 @@ async fn takeover_of_a_persistent_session_keeps_its_subscriptions() {
 #[tokio::test]
 async fn qos0_publish_is_delivered_and_not_acknowledged() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
         .send(Packet::Publish(publish_packet(
             "t",
@@ -787,9 +410,9 @@ async fn qos0_publish_is_delivered_and_not_acknowledged() {
 #[tokio::test]
 async fn qos1_publish_is_acknowledged_with_its_packet_id() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
         .send(Packet::Publish(publish_packet(
             "t",
@@ -803,16 +426,16 @@ async fn qos1_publish_is_acknowledged_with_its_packet_id() {
         .expect_bytes(&[0x40, 0x02, 0x12, 0x34], "PUBACK 0x1234")
         .await;
     publisher.expect_quiet("after the PUBACK").await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
 }
 
 #[tokio::test]
 async fn qos2_publish_flow_is_pubrec_pubrel_pubcomp() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
         .send(Packet::Publish(publish_packet(
             "t",
@@ -830,16 +453,16 @@ async fn qos2_publish_flow_is_pubrec_pubrel_pubcomp() {
         .expect_bytes(&[0x70, 0x02, 0x00, 77], "PUBCOMP 77")
         .await;
     publisher.expect_quiet("after the PUBCOMP").await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "two", QoS::ExactlyOnce, false);
 }
 
 #[tokio::test]
 async fn qos2_publish_resent_before_pubrel_is_delivered_once() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     let mut packet = publish_packet("t", b"once", QoS::ExactlyOnce, false, 9);
     publisher.send(Packet::Publish(packet.clone())).await;
     assert_eq!(publisher.expect("PUBREC").await, Packet::PubRec(ack(9)));
@@ -853,7 +476,7 @@ async fn qos2_publish_resent_before_pubrel_is_delivered_once() {
     publisher.send(Packet::PubRel(ack(9))).await;
     assert_eq!(publisher.expect("PUBCOMP").await, Packet::PubComp(ack(9)));
 
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "once", QoS::ExactlyOnce, false);
     sub.expect_quiet("after the one copy of a resent QoS 2 message")
         .await;
@@ -865,14 +488,14 @@ async fn qos2_publish_resent_before_pubrel_is_delivered_once() {
     assert_eq!(publisher.expect("PUBREC").await, Packet::PubRec(ack(9)));
     publisher.send(Packet::PubRel(ack(9))).await;
     assert_eq!(publisher.expect("PUBCOMP").await, Packet::PubComp(ack(9)));
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "again", QoS::ExactlyOnce, false);
 }
 
 #[tokio::test]
 async fn pubrel_for_an_unknown_packet_id_gets_pubcomp() {
     let broker = TestBroker::start().await;
-    let mut c = Client::connect(broker.addr, "c").await;
+    let mut c = Client::connect_v311(broker.addr, "c").await;
     c.send(Packet::PubRel(ack(0x1092))).await;
     c.expect_bytes(&[0x70, 0x02, 0x10, 0x92], "PUBCOMP 0x1092")
         .await;
@@ -886,10 +509,12 @@ async fn pubrel_for_an_unknown_packet_id_gets_pubcomp() {
 #[tokio::test]
 async fn outbound_qos1_has_a_packet_id_and_ends_with_puback() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
-    publisher.publish("t", b"m", QoS::AtLeastOnce, false).await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
+    publisher
+        .publish_v311("t", b"m", QoS::AtLeastOnce, false)
+        .await;
     let p = sub.expect_publish().await;
     assert_publish(&p, "t", "m", QoS::AtLeastOnce, false);
     sub.send(Packet::PubAck(ack(p.pkid))).await;
@@ -899,10 +524,12 @@ async fn outbound_qos1_has_a_packet_id_and_ends_with_puback() {
 #[tokio::test]
 async fn outbound_qos2_flow_is_publish_pubrec_pubrel_pubcomp() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
-    publisher.publish("t", b"m", QoS::ExactlyOnce, false).await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
+    publisher
+        .publish_v311("t", b"m", QoS::ExactlyOnce, false)
+        .await;
     let p = sub.expect_publish().await;
     assert_publish(&p, "t", "m", QoS::ExactlyOnce, false);
     sub.expect_quiet("before PUBREC (no resend on a live connection)")
@@ -920,22 +547,22 @@ async fn outbound_qos2_flow_is_publish_pubrec_pubrel_pubcomp() {
 #[tokio::test]
 async fn delivered_qos_is_the_minimum_of_publish_and_subscription_qos() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[
         ("qos/0", QoS::AtMostOnce),
         ("qos/1", QoS::AtLeastOnce),
         ("qos/2", QoS::ExactlyOnce),
     ])
     .await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     for sub_qos in QOS {
         for pub_qos in QOS {
             let topic = format!("qos/{}", sub_qos as u8);
             let payload = format!("published at {pub_qos:?}");
             publisher
-                .publish(&topic, payload.as_bytes(), pub_qos, false)
+                .publish_v311(&topic, payload.as_bytes(), pub_qos, false)
                 .await;
-            let p = sub.receive().await;
+            let p = sub.receive_v311().await;
             assert_publish(&p, &topic, &payload, pub_qos.min(sub_qos), false);
         }
     }
@@ -945,12 +572,12 @@ async fn delivered_qos_is_the_minimum_of_publish_and_subscription_qos() {
 #[tokio::test]
 async fn inflight_window_holds_back_unacknowledged_qos1_messages() {
     let broker = TestBroker::with(|cfg| cfg.session.max_inflight_messages = 2).await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     for i in 0..5 {
         publisher
-            .publish("t", format!("m{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .publish_v311("t", format!("m{i}").as_bytes(), QoS::AtLeastOnce, false)
             .await;
     }
     let mut inflight = VecDeque::new();
@@ -980,16 +607,16 @@ async fn unacknowledged_qos1_message_is_resent_with_dup_after_reconnect() {
     let broker = TestBroker::start().await;
     let (mut sub, _) = Client::connect_accepted(broker.addr, persistent("sub")).await;
     sub.subscribe_ok(&[("t", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("t", b"first", QoS::AtLeastOnce, false)
+        .publish_v311("t", b"first", QoS::AtLeastOnce, false)
         .await;
     let first = sub.expect_publish().await;
     assert_publish(&first, "t", "first", QoS::AtLeastOnce, false);
     sub.disconnect().await; // without PUBACK
 
     publisher
-        .publish("t", b"second", QoS::AtLeastOnce, false)
+        .publish_v311("t", b"second", QoS::AtLeastOnce, false)
         .await;
     let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
     assert!(present, "session present 1");
@@ -1002,8 +629,8 @@ async fn unacknowledged_qos1_message_is_resent_with_dup_after_reconnect() {
         },
         "the unacknowledged message again, DUP 1, same packet id, first"
     );
-    sub.acknowledge(&again).await;
-    let second = sub.receive().await;
+    sub.acknowledge_v311(&again).await;
+    let second = sub.receive_v311().await;
     assert_publish(&second, "t", "second", QoS::AtLeastOnce, false);
     assert_ne!(
         second.pkid, first.pkid,
@@ -1017,9 +644,9 @@ async fn qos2_message_in_pubrel_stage_gets_pubrel_resent_after_reconnect() {
     let broker = TestBroker::start().await;
     let (mut sub, _) = Client::connect_accepted(broker.addr, persistent("sub")).await;
     sub.subscribe_ok(&[("t", QoS::ExactlyOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("t", b"two", QoS::ExactlyOnce, false)
+        .publish_v311("t", b"two", QoS::ExactlyOnce, false)
         .await;
     let p = sub.expect_publish().await;
     assert_publish(&p, "t", "two", QoS::ExactlyOnce, false);
@@ -1058,7 +685,7 @@ async fn offline_qos1_and_qos2_messages_are_queued_up_to_the_limit() {
         1,
         "kept offline"
     );
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     for i in 0..5 {
         let qos = if i % 2 == 0 {
             QoS::AtLeastOnce
@@ -1066,7 +693,7 @@ async fn offline_qos1_and_qos2_messages_are_queued_up_to_the_limit() {
             QoS::ExactlyOnce
         };
         publisher
-            .publish("t", format!("m{i}").as_bytes(), qos, false)
+            .publish_v311("t", format!("m{i}").as_bytes(), qos, false)
             .await;
     }
     let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
@@ -1075,7 +702,7 @@ async fn offline_qos1_and_qos2_messages_are_queued_up_to_the_limit() {
         .into_iter()
         .enumerate()
     {
-        let p = sub.receive().await;
+        let p = sub.receive_v311().await;
         assert_publish(&p, "t", &format!("m{i}"), qos, false);
     }
     sub.expect_quiet("beyond max_queued_messages = 3").await;
@@ -1091,16 +718,16 @@ async fn offline_qos1_and_qos2_messages_are_queued_up_to_the_limit() {
 async fn offline_qos0_messages_are_not_queued_by_default() {
     let broker = TestBroker::start().await;
     offline_subscriber(broker.addr, QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("t", b"zero", QoS::AtMostOnce, false)
+        .publish_v311("t", b"zero", QoS::AtMostOnce, false)
         .await;
     publisher
-        .publish("t", b"one", QoS::AtLeastOnce, false)
+        .publish_v311("t", b"one", QoS::AtLeastOnce, false)
         .await;
     let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
     assert!(present);
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
     sub.expect_quiet("(the QoS 0 message is not queued offline)")
         .await;
@@ -1110,18 +737,18 @@ async fn offline_qos0_messages_are_not_queued_by_default() {
 async fn offline_qos0_messages_are_queued_when_configured() {
     let broker = TestBroker::with(|cfg| cfg.session.queue_qos0_messages = true).await;
     offline_subscriber(broker.addr, QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("t", b"zero", QoS::AtMostOnce, false)
+        .publish_v311("t", b"zero", QoS::AtMostOnce, false)
         .await;
     publisher
-        .publish("t", b"one", QoS::AtLeastOnce, false)
+        .publish_v311("t", b"one", QoS::AtLeastOnce, false)
         .await;
     let (mut sub, present) = Client::connect_accepted(broker.addr, persistent("sub")).await;
     assert!(present);
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "zero", QoS::AtMostOnce, false);
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "t", "one", QoS::AtLeastOnce, false);
     sub.expect_quiet("after the two queued messages").await;
 }
@@ -1133,7 +760,7 @@ async fn offline_qos0_messages_are_queued_when_configured() {
 #[tokio::test]
 async fn suback_grants_each_filter_its_qos_in_order() {
     let broker = TestBroker::start().await;
-    let mut c = Client::connect(broker.addr, "c").await;
+    let mut c = Client::connect_v311(broker.addr, "c").await;
     let packet = Packet::Subscribe(Subscribe {
         pkid: 0x0102,
         filters: [
@@ -1161,9 +788,9 @@ async fn suback_grants_each_filter_its_qos_in_order() {
 #[tokio::test]
 async fn invalid_filters_get_0x80_while_the_others_are_granted() {
     let broker = TestBroker::start().await;
-    let mut c = Client::connect(broker.addr, "c").await;
+    let mut c = Client::connect_v311(broker.addr, "c").await;
     let codes = c
-        .subscribe(&[
+        .subscribe_qos(&[
             ("ok/1", QoS::AtLeastOnce),
             ("a/#/b", QoS::AtMostOnce),
             ("ok/+", QoS::ExactlyOnce),
@@ -1174,9 +801,9 @@ async fn invalid_filters_get_0x80_while_the_others_are_granted() {
         .await;
     assert_eq!(codes, [1, 0x80, 2, 0x80, 0x80, 0], "SUBACK return codes");
     assert_eq!(broker.broker().router.subscription_count(), 3);
-    c.publish("ok/1", b"x", QoS::ExactlyOnce, false).await;
+    c.publish_v311("ok/1", b"x", QoS::ExactlyOnce, false).await;
     // `ok/1` (QoS 1), `ok/+` (QoS 2) and `ok/#` (QoS 0) all match: one copy at QoS 2.
-    let p = c.receive().await;
+    let p = c.receive_v311().await;
     assert_publish(&p, "ok/1", "x", QoS::ExactlyOnce, false);
     c.expect_quiet("after the one copy").await;
 }
@@ -1184,7 +811,7 @@ async fn invalid_filters_get_0x80_while_the_others_are_granted() {
 #[tokio::test]
 async fn unsubscribe_is_acknowledged_and_stops_delivery() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("t", QoS::AtLeastOnce), ("keep", QoS::AtLeastOnce)])
         .await;
     sub.send(Packet::Unsubscribe(Unsubscribe {
@@ -1201,14 +828,14 @@ async fn unsubscribe_is_acknowledged_and_stops_delivery() {
         })
     );
     assert_eq!(broker.broker().router.subscription_count(), 1);
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("t", b"gone", QoS::AtLeastOnce, false)
+        .publish_v311("t", b"gone", QoS::AtLeastOnce, false)
         .await;
     publisher
-        .publish("keep", b"kept", QoS::AtLeastOnce, false)
+        .publish_v311("keep", b"kept", QoS::AtLeastOnce, false)
         .await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "keep", "kept", QoS::AtLeastOnce, false);
     sub.expect_quiet("for the unsubscribed topic").await;
 
@@ -1225,12 +852,12 @@ async fn unsubscribe_is_acknowledged_and_stops_delivery() {
 
 /// Which of `topics` a new subscription to `filter` receives, in publication order.
 async fn topics_matched(broker: &TestBroker, filter: &str, topics: &[&str]) -> Vec<String> {
-    let mut sub = Client::connect(broker.addr, "matcher").await;
+    let mut sub = Client::connect_v311(broker.addr, "matcher").await;
     sub.subscribe_ok(&[(filter, QoS::AtMostOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "matcher-pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "matcher-pub").await;
     for topic in topics {
         publisher
-            .publish(topic, b"x", QoS::AtLeastOnce, false)
+            .publish_v311(topic, b"x", QoS::AtLeastOnce, false)
             .await;
     }
     let got = sub
@@ -1301,20 +928,20 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
 #[tokio::test]
 async fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
     let broker = TestBroker::start().await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("a/#", QoS::AtMostOnce), ("a/b", QoS::ExactlyOnce)])
         .await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("a/b", b"both", QoS::ExactlyOnce, false)
+        .publish_v311("a/b", b"both", QoS::ExactlyOnce, false)
         .await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "a/b", "both", QoS::ExactlyOnce, false);
     sub.expect_quiet("after the one copy").await;
     publisher
-        .publish("a/c", b"one", QoS::ExactlyOnce, false)
+        .publish_v311("a/c", b"one", QoS::ExactlyOnce, false)
         .await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "a/c", "one", QoS::AtMostOnce, false);
     sub.expect_quiet("after the one copy").await;
 }
@@ -1325,13 +952,13 @@ async fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
 
 /// Subscribes a new client to `filter` and returns the retained messages it gets.
 async fn retained_for(addr: SocketAddr, id: &str, filter: &str, qos: QoS) -> Vec<Publish> {
-    let mut sub = Client::connect(addr, id).await;
+    let mut sub = Client::connect_v311(addr, id).await;
     sub.subscribe_ok(&[(filter, qos)]).await;
     let mut got = Vec::new();
     for p in sub.ping().await {
         match p {
             Packet::Publish(p) => {
-                sub.acknowledge(&p).await;
+                sub.acknowledge_v311(&p).await;
                 got.push(p);
             }
             other => panic!("{id}: unexpected {other:?}"),
@@ -1345,19 +972,19 @@ async fn retained_for(addr: SocketAddr, id: &str, filter: &str, qos: QoS) -> Vec
 #[tokio::test]
 async fn retained_message_goes_to_new_subscribers_with_retain_1() {
     let broker = TestBroker::start().await;
-    let mut existing = Client::connect(broker.addr, "existing").await;
+    let mut existing = Client::connect_v311(broker.addr, "existing").await;
     existing.subscribe_ok(&[("r/#", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("r/1", b"one", QoS::AtLeastOnce, true)
+        .publish_v311("r/1", b"one", QoS::AtLeastOnce, true)
         .await;
     publisher
-        .publish("r/2", b"two", QoS::AtLeastOnce, true)
+        .publish_v311("r/2", b"two", QoS::AtLeastOnce, true)
         .await;
     assert_eq!(broker.broker().router.retained_count(), 2);
 
     for i in ["1", "2"] {
-        let p = existing.receive().await;
+        let p = existing.receive_v311().await;
         let payload = if i == "1" { "one" } else { "two" };
         assert_publish(&p, &format!("r/{i}"), payload, QoS::AtLeastOnce, false);
     }
@@ -1378,12 +1005,16 @@ async fn retained_message_goes_to_new_subscribers_with_retain_1() {
 #[tokio::test]
 async fn retained_message_is_replaced_by_a_newer_one() {
     let broker = TestBroker::start().await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
-    publisher.publish("r", b"old", QoS::AtLeastOnce, true).await;
-    publisher.publish("r", b"new", QoS::AtLeastOnce, true).await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
+    publisher
+        .publish_v311("r", b"old", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish_v311("r", b"new", QoS::AtLeastOnce, true)
+        .await;
     // A non-retained message leaves the retained one alone.
     publisher
-        .publish("r", b"live", QoS::AtLeastOnce, false)
+        .publish_v311("r", b"live", QoS::AtLeastOnce, false)
         .await;
     assert_eq!(broker.broker().router.retained_count(), 1);
     let got = retained_for(broker.addr, "sub", "r", QoS::AtLeastOnce).await;
@@ -1394,19 +1025,21 @@ async fn retained_message_is_replaced_by_a_newer_one() {
 #[tokio::test]
 async fn empty_retained_message_clears_the_topic() {
     let broker = TestBroker::start().await;
-    let mut existing = Client::connect(broker.addr, "existing").await;
+    let mut existing = Client::connect_v311(broker.addr, "existing").await;
     existing.subscribe_ok(&[("r", QoS::AtMostOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("r", b"kept", QoS::AtLeastOnce, true)
+        .publish_v311("r", b"kept", QoS::AtLeastOnce, true)
         .await;
-    publisher.publish("r", b"", QoS::AtLeastOnce, true).await;
+    publisher
+        .publish_v311("r", b"", QoS::AtLeastOnce, true)
+        .await;
     assert_eq!(broker.broker().router.retained_count(), 0);
 
     // Existing subscribers get both as normal messages.
-    let p = existing.receive().await;
+    let p = existing.receive_v311().await;
     assert_publish(&p, "r", "kept", QoS::AtMostOnce, false);
-    let p = existing.receive().await;
+    let p = existing.receive_v311().await;
     assert_publish(&p, "r", "", QoS::AtMostOnce, false);
 
     let got = retained_for(broker.addr, "sub", "r", QoS::AtLeastOnce).await;
@@ -1419,12 +1052,12 @@ async fn empty_retained_message_clears_the_topic() {
 #[tokio::test]
 async fn retained_message_is_delivered_at_the_lower_qos() {
     let broker = TestBroker::start().await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     publisher
-        .publish("m/2", b"two", QoS::ExactlyOnce, true)
+        .publish_v311("m/2", b"two", QoS::ExactlyOnce, true)
         .await;
     publisher
-        .publish("m/1", b"one", QoS::AtLeastOnce, true)
+        .publish_v311("m/1", b"one", QoS::AtLeastOnce, true)
         .await;
     for (filter, sub_qos, topic, payload, delivered) in [
         ("m/2", QoS::AtLeastOnce, "m/2", "two", QoS::AtLeastOnce),
@@ -1444,7 +1077,7 @@ async fn retained_message_is_delivered_at_the_lower_qos() {
 
 /// A client subscribed to `will/#` at QoS 2.
 async fn will_watcher(addr: SocketAddr) -> Client {
-    let mut watcher = Client::connect(addr, "watcher").await;
+    let mut watcher = Client::connect_v311(addr, "watcher").await;
     watcher.subscribe_ok(&[("will/#", QoS::ExactlyOnce)]).await;
     watcher
 }
@@ -1459,7 +1092,7 @@ async fn will_is_published_when_the_socket_closes_without_disconnect() {
     )
     .await;
     drop(c);
-    let will = watcher.receive().await;
+    let will = watcher.receive_v311().await;
     assert_publish(&will, "will/w", "lost", QoS::AtLeastOnce, false);
 }
 
@@ -1476,7 +1109,7 @@ async fn will_is_published_on_keep_alive_timeout() {
     )
     .await;
     let start = Instant::now();
-    let will = watcher.receive().await;
+    let will = watcher.receive_v311().await;
     assert_publish(&will, "will/w", "timed out", QoS::AtLeastOnce, false);
     assert!(
         start.elapsed() >= Duration::from_millis(1000),
@@ -1498,7 +1131,7 @@ async fn will_is_published_on_a_protocol_violation() {
     c.send_raw(&[0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01])
         .await; // PUBLISH QoS 3
     c.expect_closed(WAIT).await;
-    let will = watcher.receive().await;
+    let will = watcher.receive_v311().await;
     assert_publish(&will, "will/w", "violated", QoS::AtMostOnce, false);
 }
 
@@ -1530,7 +1163,7 @@ async fn will_qos_and_retain_are_honoured() {
     )
     .await;
     drop(c);
-    let will = watcher.receive().await;
+    let will = watcher.receive_v311().await;
     assert_publish(&will, "will/r", "retained will", QoS::ExactlyOnce, false);
     assert_eq!(broker.broker().router.retained_count(), 1);
 
@@ -1550,7 +1183,7 @@ async fn keep_alive_timeout_closes_a_silent_connection() {
         broker.addr,
         Connect {
             keep_alive: 1,
-            ..connect_packet("silent")
+            ..connect_v311("silent")
         },
     )
     .await;
@@ -1568,7 +1201,7 @@ async fn pingreq_keeps_the_connection_alive() {
         broker.addr,
         Connect {
             keep_alive: 1,
-            ..connect_packet("pinger")
+            ..connect_v311("pinger")
         },
     )
     .await;
@@ -1635,9 +1268,9 @@ async fn oversized_packet_is_refused_from_its_fixed_header() {
 #[tokio::test]
 async fn max_packet_size_counts_the_whole_packet() {
     let broker = TestBroker::with(|cfg| cfg.mqtt.max_packet_size = 1024).await;
-    let mut sub = Client::connect(broker.addr, "sub").await;
+    let mut sub = Client::connect_v311(broker.addr, "sub").await;
     sub.subscribe_ok(&[("big", QoS::AtMostOnce)]).await;
-    let mut publisher = Client::connect(broker.addr, "pub").await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
     // 1 + 2 (remaining length) + 2 + 3 ("big") + payload.
     let payload = vec![b'x'; 1024 - 8];
     let packet = Packet::Publish(publish_packet("big", &payload, QoS::AtMostOnce, false, 0));
@@ -1697,7 +1330,7 @@ fn garbage(i: u64) -> Vec<u8> {
     let mut out = match i % 4 {
         0 => Vec::new(),
         // A valid CONNECT first, so the noise reaches the connected state.
-        1 => encode(&Packet::Connect(Box::new(connect_packet(&format!("g{i}"))))).to_vec(),
+        1 => encode(&Packet::Connect(Box::new(connect_v311(&format!("g{i}"))))).to_vec(),
         // A plausible packet type with random flags and length.
         2 => vec![((1 + noise.next() % 14) << 4) as u8 | (noise.next() % 16) as u8],
         _ => {
@@ -1721,9 +1354,9 @@ fn garbage(i: u64) -> Vec<u8> {
 async fn random_garbage_connections_do_not_disturb_others() {
     let broker = TestBroker::with(|cfg| cfg.mqtt.connect_timeout = 1).await;
     let addr = broker.addr;
-    let mut sub = Client::connect(addr, "live-sub").await;
+    let mut sub = Client::connect_v311(addr, "live-sub").await;
     sub.subscribe_ok(&[("live/t", QoS::AtLeastOnce)]).await;
-    let mut publisher = Client::connect(addr, "live-pub").await;
+    let mut publisher = Client::connect_v311(addr, "live-pub").await;
 
     let attackers: Vec<_> = (0..200u64)
         .map(|i| {
@@ -1747,20 +1380,20 @@ async fn random_garbage_connections_do_not_disturb_others() {
     for i in 0..50 {
         let payload = format!("live {i}");
         publisher
-            .publish("live/t", payload.as_bytes(), QoS::AtLeastOnce, false)
+            .publish_v311("live/t", payload.as_bytes(), QoS::AtLeastOnce, false)
             .await;
-        let p = sub.receive().await;
+        let p = sub.receive_v311().await;
         assert_publish(&p, "live/t", &payload, QoS::AtLeastOnce, false);
     }
     for a in attackers {
         a.await.expect("garbage connection task");
     }
 
-    let mut newcomer = Client::connect(addr, "newcomer").await;
+    let mut newcomer = Client::connect_v311(addr, "newcomer").await;
     newcomer
-        .publish("live/t", b"after", QoS::AtLeastOnce, false)
+        .publish_v311("live/t", b"after", QoS::AtLeastOnce, false)
         .await;
-    let p = sub.receive().await;
+    let p = sub.receive_v311().await;
     assert_publish(&p, "live/t", "after", QoS::AtLeastOnce, false);
     sub.expect_quiet("after the garbage").await;
 
@@ -1791,11 +1424,11 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
     let broker = TestBroker::start().await;
     let addr = broker.addr;
 
-    let mut slow = Client::connect(addr, "slow").await;
+    let mut slow = Client::connect_v311(addr, "slow").await;
     slow.subscribe_ok(&[("flood", QoS::AtMostOnce)]).await;
     // `slow` is never read again.
 
-    let mut fast = Client::connect(addr, "fast").await;
+    let mut fast = Client::connect_v311(addr, "fast").await;
     fast.subscribe_ok(&[("flood", QoS::AtMostOnce)]).await;
     // Reads until the last message or until the stream dries up; returns how many
     // arrived and the first gap in the sequence, if any.
@@ -1821,7 +1454,7 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
         (received, first_gap, fast)
     });
 
-    let mut publisher = Client::connect(addr, "pub").await;
+    let mut publisher = Client::connect_v311(addr, "pub").await;
     let mut flood = BytesMut::new();
     let mut payload = vec![0u8; SIZE];
     for i in 0..MESSAGES {

@@ -1,56 +1,32 @@
 //! MQTT 5.0 behaviour of the broker, end to end over TCP, checked against the OASIS MQTT
 //! 5.0 standard.
 //!
-//! Most tests drive the broker with a raw client (`Client` below) built on the crate's own
-//! codec, so that every packet, reason code and property sent and received is explicit.
+//! Most tests drive the broker with the raw client of `common::client`, built on the
+//! crate's own codec, so that every packet, reason code and property sent and received is
+//! explicit.
 //! A request/response flow uses `rumqttc`'s v5 client, and a few tests run Debian's
 //! `mosquitto_pub` / `mosquitto_sub` with `-V mqttv5`. Each test starts its own broker, so
 //! tests run in parallel; every wait is bounded.
 //!
-//! Waiting for "nothing more": a client sends PINGREQ and collects what arrives before the
-//! PINGRESP (`Client::ping`). The broker handles one connection's packets in order and
-//! writes what its session queue holds before it reads the next bytes, so when the
-//! messages in question were routed before the PINGREQ was sent (the publisher got its
-//! PUBACK), anything the broker would send arrives before the PINGRESP.
+//! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`,
+//! `drain_publishes`); the module doc of `common::client` says why that is enough.
 
 mod common;
 
 use bytes::{Bytes, BytesMut};
+use common::client::{
+    ack, connect_v311, connect_v5, eventually, filter, opts, text, Client, Event, POLL, WAIT,
+};
 use common::TestBroker;
-use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use ternmq::protocol::{
-    self, reason, Ack, Auth, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol,
-    Publish, QoS, SubOptions, Subscribe, SubscribeFilter, Unsubscribe, Will,
+    self, reason, Ack, Auth, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish,
+    QoS, SubOptions, Subscribe, Will,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// How long to wait for something that should happen.
-const WAIT: Duration = Duration::from_secs(3);
-/// Accept whatever size the broker sends.
-const ANY_SIZE: usize = protocol::MAX_REMAINING_LENGTH + 5;
-const POLL: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------------------------------
-// Packet builders
+// Packet builders (the shared ones, and the raw client, are in `common::client`)
 // ---------------------------------------------------------------------------------------
-
-/// A 5.0 CONNECT with Clean Start, a 60 s keep-alive, no will and no properties (so a
-/// Session Expiry Interval of 0).
-fn connect_v5(client_id: &str) -> Connect {
-    Connect {
-        protocol: Protocol::V5,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: ByteStr::from(client_id),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }
-}
 
 /// A 5.0 CONNECT asking for a Session Expiry Interval of `expiry` seconds.
 fn connect_expiry(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
@@ -60,14 +36,6 @@ fn connect_expiry(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
             session_expiry_interval: Some(expiry),
             ..Properties::default()
         },
-        ..connect_v5(client_id)
-    }
-}
-
-/// A 3.1.1 CONNECT with clean session.
-fn connect_v311(client_id: &str) -> Connect {
-    Connect {
-        protocol: Protocol::V311,
         ..connect_v5(client_id)
     }
 }
@@ -117,20 +85,6 @@ fn retained(topic: &str, payload: &[u8], qos: QoS) -> Publish {
     }
 }
 
-fn opts(qos: QoS) -> SubOptions {
-    SubOptions {
-        qos,
-        ..SubOptions::default()
-    }
-}
-
-fn filter(f: &str, options: SubOptions) -> SubscribeFilter {
-    SubscribeFilter {
-        filter: ByteStr::from(f),
-        options,
-    }
-}
-
 /// SUBSCRIBE properties with a Subscription Identifier.
 fn sub_id(id: u32) -> Properties {
     Properties {
@@ -146,13 +100,6 @@ fn expiry_props(secs: u32) -> Properties {
     }
 }
 
-fn ack(pkid: u16) -> Ack {
-    Ack {
-        pkid,
-        ..Ack::default()
-    }
-}
-
 fn user_props(pairs: &[(&str, &str)]) -> Vec<(ByteStr, ByteStr)> {
     pairs
         .iter()
@@ -163,436 +110,6 @@ fn user_props(pairs: &[(&str, &str)]) -> Vec<(ByteStr, ByteStr)> {
 /// The properties of a received PUBLISH (default when it has none).
 fn props_of(p: &Publish) -> Properties {
     p.properties.as_deref().cloned().unwrap_or_default()
-}
-
-fn text(payload: &[u8]) -> String {
-    String::from_utf8_lossy(payload).into_owned()
-}
-
-/// Polls `ready` until it holds; panics after `timeout`. Returns how long it took.
-async fn eventually(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    start.elapsed()
-}
-
-// ---------------------------------------------------------------------------------------
-// The raw client
-// ---------------------------------------------------------------------------------------
-
-/// What a read brought. Short-lived, so the size of a packet inline does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Event {
-    Packet(Packet),
-    Timeout,
-    Closed(String),
-}
-
-/// A test client on a raw socket: sends packets or bytes, decodes what comes back.
-struct Client {
-    name: String,
-    protocol: Protocol,
-    stream: TcpStream,
-    rbuf: BytesMut,
-    /// Packets read while waiting for another one, returned first by the next reads.
-    pending: VecDeque<Packet>,
-    next_pkid: u16,
-}
-
-impl Client {
-    /// Opens a TCP connection and sends nothing.
-    async fn open(addr: SocketAddr, name: &str, protocol: Protocol) -> Client {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
-            .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
-        stream.set_nodelay(true).expect("set_nodelay");
-        Client {
-            name: name.to_string(),
-            protocol,
-            stream,
-            rbuf: BytesMut::new(),
-            pending: VecDeque::new(),
-            next_pkid: 1,
-        }
-    }
-
-    /// Sends `connect` and returns the CONNACK, whatever its code.
-    async fn connect_with(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
-        let name = connect.client_id.to_string();
-        let mut c = Client::open(addr, &name, connect.protocol).await;
-        c.send(Packet::Connect(Box::new(connect))).await;
-        let ack = match c.expect("CONNACK").await {
-            Packet::ConnAck(ack) => ack,
-            other => panic!("{name}: expected CONNACK, got {other:?}"),
-        };
-        (c, ack)
-    }
-
-    /// Connects and asserts success (reason code 0x00); returns the CONNACK too.
-    async fn accepted(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
-        let (c, ack) = Client::connect_with(addr, connect).await;
-        assert_eq!(ack.code, reason::SUCCESS, "{}: CONNACK reason code", c.name);
-        (c, ack)
-    }
-
-    /// A 5.0 client with Clean Start and no session expiry, accepted.
-    async fn connect(addr: SocketAddr, client_id: &str) -> Client {
-        let (c, ack) = Client::accepted(addr, connect_v5(client_id)).await;
-        assert!(
-            !ack.session_present,
-            "{client_id}: Clean Start gives session present 0"
-        );
-        c
-    }
-
-    fn pkid(&mut self) -> u16 {
-        let id = self.next_pkid;
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        id
-    }
-
-    async fn send(&mut self, packet: Packet) {
-        let mut buf = BytesMut::new();
-        protocol::encode(&packet, self.protocol, &mut buf).expect("test packet encodes");
-        self.send_raw(&buf).await;
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        if let Err(e) = self.stream.write_all(bytes).await {
-            panic!("{}: write failed: {e}", self.name);
-        }
-    }
-
-    /// The next packet from the socket (not from `pending`), a timeout, or the end.
-    async fn read_event(&mut self, timeout: Duration) -> Event {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match protocol::decode(&mut self.rbuf, self.protocol, ANY_SIZE) {
-                Ok(Some(p)) => return Event::Packet(p),
-                Ok(None) => {}
-                Err(e) => panic!("{}: the broker sent undecodable bytes: {e}", self.name),
-            }
-            self.rbuf.reserve(16 * 1024);
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
-                Err(_) => return Event::Timeout,
-                Ok(Ok(0)) if self.rbuf.is_empty() => return Event::Closed("EOF".into()),
-                Ok(Ok(0)) => {
-                    return Event::Closed(format!("EOF inside a packet: {:?}", &self.rbuf[..]))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Event::Closed(e.to_string()),
-            }
-        }
-    }
-
-    async fn next_event(&mut self, timeout: Duration) -> Event {
-        match self.pending.pop_front() {
-            Some(p) => Event::Packet(p),
-            None => self.read_event(timeout).await,
-        }
-    }
-
-    /// The next packet, or None if none arrives within `timeout`. Panics if the broker
-    /// closes the connection.
-    async fn recv(&mut self, timeout: Duration) -> Option<Packet> {
-        match self.next_event(timeout).await {
-            Event::Packet(p) => Some(p),
-            Event::Timeout => None,
-            Event::Closed(why) => panic!("{}: connection closed unexpectedly ({why})", self.name),
-        }
-    }
-
-    async fn expect(&mut self, what: &str) -> Packet {
-        match self.recv(WAIT).await {
-            Some(p) => p,
-            None => panic!(
-                "{}: expected {what} within {WAIT:?}, got nothing",
-                self.name
-            ),
-        }
-    }
-
-    async fn expect_publish(&mut self) -> Publish {
-        match self.expect("PUBLISH").await {
-            Packet::Publish(p) => p,
-            other => panic!("{}: expected PUBLISH, got {other:?}", self.name),
-        }
-    }
-
-    /// Waits for a packet matching `wanted`, keeping the others for later reads.
-    async fn wait_for(&mut self, what: &str, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        if let Some(i) = self.pending.iter().position(&wanted) {
-            return self.pending.remove(i).expect("index is valid");
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.read_event(left).await {
-                Event::Packet(p) if wanted(&p) => return p,
-                Event::Packet(p) => self.pending.push_back(p),
-                Event::Timeout => panic!(
-                    "{}: expected {what} within {WAIT:?}; got only {:?}",
-                    self.name, self.pending
-                ),
-                Event::Closed(why) => {
-                    panic!("{}: closed ({why}) while waiting for {what}", self.name)
-                }
-            }
-        }
-    }
-
-    /// Asserts that the broker closes the connection within `timeout` and sends nothing
-    /// before.
-    async fn expect_closed(&mut self, timeout: Duration) {
-        match self.next_event(timeout).await {
-            Event::Closed(_) => {}
-            Event::Timeout => panic!(
-                "{}: the broker did not close the connection within {timeout:?}",
-                self.name
-            ),
-            Event::Packet(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
-        }
-    }
-
-    /// Asserts that the broker sends DISCONNECT with reason `code` (within `timeout`) and
-    /// then closes the connection; returns the DISCONNECT.
-    async fn expect_disconnect_within(&mut self, code: u8, timeout: Duration) -> Disconnect {
-        let d = match self.next_event(timeout).await {
-            Event::Packet(Packet::Disconnect(d)) => d,
-            Event::Packet(p) => panic!("{}: expected DISCONNECT {code:#04x}, got {p:?}", self.name),
-            Event::Timeout => panic!(
-                "{}: expected DISCONNECT {code:#04x} within {timeout:?}, got nothing",
-                self.name
-            ),
-            Event::Closed(why) => panic!(
-                "{}: expected DISCONNECT {code:#04x}, the connection closed without one ({why})",
-                self.name
-            ),
-        };
-        assert_eq!(
-            d.reason, code,
-            "{}: DISCONNECT reason code (got {d:?})",
-            self.name
-        );
-        self.expect_closed(WAIT).await;
-        d
-    }
-
-    async fn expect_disconnect(&mut self, code: u8) -> Disconnect {
-        self.expect_disconnect_within(code, WAIT).await
-    }
-
-    /// PINGREQ, and everything the broker sends before the PINGRESP.
-    async fn ping(&mut self) -> Vec<Packet> {
-        let mut before: Vec<Packet> = self.pending.drain(..).collect();
-        self.send(Packet::PingReq).await;
-        loop {
-            match self.read_event(WAIT).await {
-                Event::Packet(Packet::PingResp) => return before,
-                Event::Packet(p) => before.push(p),
-                Event::Timeout => panic!("{}: no PINGRESP within {WAIT:?}", self.name),
-                Event::Closed(why) => panic!("{}: closed ({why}) waiting for PINGRESP", self.name),
-            }
-        }
-    }
-
-    /// Asserts that the broker has nothing (more) to send to this client.
-    async fn expect_quiet(&mut self, context: &str) {
-        let extra = self.ping().await;
-        assert!(
-            extra.is_empty(),
-            "{}: expected nothing more {context}, got {extra:?}",
-            self.name
-        );
-    }
-
-    /// SUBSCRIBE; returns the SUBACK's reason codes.
-    async fn subscribe_with(
-        &mut self,
-        filters: Vec<SubscribeFilter>,
-        properties: Properties,
-    ) -> Vec<u8> {
-        let pkid = self.pkid();
-        self.send(Packet::Subscribe(Subscribe {
-            pkid,
-            filters,
-            properties,
-        }))
-        .await;
-        match self
-            .wait_for(
-                "SUBACK",
-                |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid),
-            )
-            .await
-        {
-            Packet::SubAck(a) => a.codes,
-            _ => unreachable!(),
-        }
-    }
-
-    /// Subscribes to one filter and asserts that it is granted the QoS asked for.
-    async fn subscribe_opts(&mut self, f: &str, options: SubOptions, properties: Properties) {
-        let codes = self
-            .subscribe_with(vec![filter(f, options)], properties)
-            .await;
-        assert_eq!(
-            codes,
-            [options.qos as u8],
-            "{}: SUBACK reason code for {f}",
-            self.name
-        );
-    }
-
-    async fn subscribe(&mut self, f: &str, qos: QoS) {
-        self.subscribe_opts(f, opts(qos), Properties::default())
-            .await;
-    }
-
-    async fn unsubscribe(&mut self, filters: &[&str]) -> Vec<u8> {
-        let pkid = self.pkid();
-        self.send(Packet::Unsubscribe(Unsubscribe {
-            pkid,
-            filters: filters.iter().map(|f| ByteStr::from(*f)).collect(),
-            properties: Properties::default(),
-        }))
-        .await;
-        match self
-            .wait_for(
-                "UNSUBACK",
-                |p| matches!(p, Packet::UnsubAck(a) if a.pkid == pkid),
-            )
-            .await
-        {
-            Packet::UnsubAck(a) => a.codes,
-            _ => unreachable!(),
-        }
-    }
-
-    /// Sends `p` (with a fresh packet id for QoS 1 and 2) and completes its flow. Returns
-    /// the reason code of the PUBACK or PUBREC (0 for QoS 0, after a ping round trip so
-    /// that the broker has routed the message when this returns).
-    async fn publish(&mut self, mut p: Publish) -> u8 {
-        if p.qos != QoS::AtMostOnce {
-            p.pkid = self.pkid();
-        }
-        let (qos, pkid) = (p.qos, p.pkid);
-        self.send(Packet::Publish(p)).await;
-        match qos {
-            QoS::AtMostOnce => {
-                let got = self.ping().await;
-                self.pending.extend(got);
-                reason::SUCCESS
-            }
-            QoS::AtLeastOnce => {
-                match self
-                    .wait_for(
-                        "PUBACK",
-                        |p| matches!(p, Packet::PubAck(a) if a.pkid == pkid),
-                    )
-                    .await
-                {
-                    Packet::PubAck(a) => a.reason,
-                    _ => unreachable!(),
-                }
-            }
-            QoS::ExactlyOnce => {
-                let code = match self
-                    .wait_for(
-                        "PUBREC",
-                        |p| matches!(p, Packet::PubRec(a) if a.pkid == pkid),
-                    )
-                    .await
-                {
-                    Packet::PubRec(a) => a.reason,
-                    _ => unreachable!(),
-                };
-                if code < 0x80 {
-                    self.send(Packet::PubRel(ack(pkid))).await;
-                    let comp = self
-                        .wait_for(
-                            "PUBCOMP",
-                            |p| matches!(p, Packet::PubComp(a) if a.pkid == pkid),
-                        )
-                        .await;
-                    assert_eq!(comp, Packet::PubComp(ack(pkid)), "{}: PUBCOMP", self.name);
-                }
-                code
-            }
-        }
-    }
-
-    /// Publishes and asserts the ack's reason code.
-    async fn publish_expect(&mut self, p: Publish, code: u8) {
-        let topic = p.topic.to_string();
-        let got = self.publish(p).await;
-        assert_eq!(
-            got, code,
-            "{}: ack reason code for a PUBLISH to {topic}",
-            self.name
-        );
-    }
-
-    /// Acknowledges a received PUBLISH, completing the QoS 2 flow.
-    async fn acknowledge(&mut self, p: &Publish) {
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(Packet::PubAck(ack(p.pkid))).await,
-            QoS::ExactlyOnce => {
-                self.send(Packet::PubRec(ack(p.pkid))).await;
-                let pkid = p.pkid;
-                self.wait_for(
-                    "PUBREL",
-                    |p| matches!(p, Packet::PubRel(a) if a.pkid == pkid),
-                )
-                .await;
-                self.send(Packet::PubComp(ack(p.pkid))).await;
-            }
-        }
-    }
-
-    /// The next PUBLISH, acknowledged.
-    async fn receive(&mut self) -> Publish {
-        let p = self.expect_publish().await;
-        self.acknowledge(&p).await;
-        p
-    }
-
-    /// Everything the broker has for this client now (see the module doc), each PUBLISH
-    /// acknowledged; panics on anything but PUBLISH.
-    async fn drain_publishes(&mut self) -> Vec<Publish> {
-        let mut out = Vec::new();
-        for packet in self.ping().await {
-            match packet {
-                Packet::Publish(p) => {
-                    self.acknowledge(&p).await;
-                    out.push(p);
-                }
-                other => panic!("{}: expected only PUBLISH, got {other:?}", self.name),
-            }
-        }
-        out
-    }
-
-    /// DISCONNECT with `reason` and `properties`; waits for the broker to close.
-    async fn disconnect_with(mut self, reason: u8, properties: Properties) {
-        self.send(Packet::Disconnect(Disconnect { reason, properties }))
-            .await;
-        self.expect_closed(WAIT).await;
-    }
-
-    /// A normal DISCONNECT (0x00); waits for the broker to close.
-    async fn disconnect(self) {
-        self.disconnect_with(reason::SUCCESS, Properties::default())
-            .await;
-    }
 }
 
 /// Waits until the broker has seen `client_id`'s connection go (its session offline or
@@ -666,7 +183,7 @@ async fn connack_announces_configured_capabilities() {
 #[tokio::test]
 async fn retain_unavailable_refuses_retained_publish() {
     let b = TestBroker::with(|cfg| cfg.mqtt.retain_available = false).await;
-    let mut c = Client::connect(b.addr, "no-retain").await;
+    let mut c = Client::connect_v5(b.addr, "no-retain").await;
     c.publish_expect(
         plain("r/t", b"plain", QoS::AtLeastOnce),
         reason::NO_MATCHING_SUBSCRIBERS,
@@ -696,7 +213,7 @@ async fn retain_unavailable_refuses_retained_publish() {
 #[tokio::test]
 async fn wildcard_unavailable_refuses_wildcard_filters() {
     let b = TestBroker::with(|cfg| cfg.mqtt.wildcard_subscription_available = false).await;
-    let mut c = Client::connect(b.addr, "no-wildcards").await;
+    let mut c = Client::connect_v5(b.addr, "no-wildcards").await;
     let codes = c
         .subscribe_with(
             vec![
@@ -723,7 +240,7 @@ async fn wildcard_unavailable_refuses_wildcard_filters() {
 #[tokio::test]
 async fn shared_unavailable_refuses_shared_filters() {
     let b = TestBroker::with(|cfg| cfg.mqtt.shared_subscription_available = false).await;
-    let mut c = Client::connect(b.addr, "no-shared").await;
+    let mut c = Client::connect_v5(b.addr, "no-shared").await;
     let codes = c
         .subscribe_with(
             vec![
@@ -745,7 +262,7 @@ async fn shared_unavailable_refuses_shared_filters() {
 #[tokio::test]
 async fn subscription_identifiers_unavailable_disconnect() {
     let b = TestBroker::with(|cfg| cfg.mqtt.subscription_identifiers_available = false).await;
-    let mut c = Client::connect(b.addr, "no-sub-ids").await;
+    let mut c = Client::connect_v5(b.addr, "no-sub-ids").await;
     c.subscribe("plain", QoS::AtMostOnce).await;
     c.send(Packet::Subscribe(Subscribe {
         pkid: 9,
@@ -777,7 +294,7 @@ async fn maximum_qos_1_is_announced_and_enforced() {
         "QoS 2 subscription granted QoS 1"
     );
 
-    let mut publisher = Client::connect(b.addr, "mq-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "mq-pub").await;
     publisher
         .publish_expect(plain("mq/t", b"one", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -811,7 +328,7 @@ async fn maximum_qos_1_is_announced_and_enforced() {
 #[tokio::test]
 async fn maximum_packet_size_is_announced_and_enforced() {
     let b = TestBroker::with(|cfg| cfg.mqtt.max_packet_size = 128).await;
-    let mut sub = Client::connect(b.addr, "mps-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "mps-sub").await;
     sub.subscribe("big/#", QoS::AtMostOnce).await;
     let (mut c, ack) = Client::accepted(b.addr, connect_v5("mps")).await;
     assert_eq!(
@@ -905,7 +422,7 @@ async fn server_keep_alive_is_enforced() {
 #[tokio::test]
 async fn ack_reports_no_matching_subscribers() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "nms").await;
+    let mut c = Client::connect_v5(b.addr, "nms").await;
     c.publish_expect(
         plain("nobody", b"x", QoS::AtLeastOnce),
         reason::NO_MATCHING_SUBSCRIBERS,
@@ -916,7 +433,7 @@ async fn ack_reports_no_matching_subscribers() {
         reason::NO_MATCHING_SUBSCRIBERS,
     )
     .await;
-    let mut sub = Client::connect(b.addr, "nms-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "nms-sub").await;
     sub.subscribe("somebody", QoS::AtMostOnce).await;
     c.publish_expect(plain("somebody", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -928,7 +445,7 @@ async fn ack_reports_no_matching_subscribers() {
 #[tokio::test]
 async fn pubrel_for_unknown_packet_id_gets_pubcomp_0x92() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "pubrel").await;
+    let mut c = Client::connect_v5(b.addr, "pubrel").await;
     c.send(Packet::PubRel(ack(4242))).await;
     let comp = c.expect("PUBCOMP").await;
     let Packet::PubComp(comp) = comp else {
@@ -948,7 +465,7 @@ async fn pubrel_for_unknown_packet_id_gets_pubcomp_0x92() {
 #[tokio::test]
 async fn unsuback_reason_codes() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "unsub").await;
+    let mut c = Client::connect_v5(b.addr, "unsub").await;
     c.subscribe("u/a", QoS::AtLeastOnce).await;
     c.subscribe("$share/g/u/s", QoS::AtLeastOnce).await;
     let codes = c.unsubscribe(&["u/a", "u/never", "$share/g/u/s"]).await;
@@ -973,7 +490,7 @@ async fn unsuback_reason_codes() {
 #[tokio::test]
 async fn suback_refuses_only_the_invalid_filter() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "suback").await;
+    let mut c = Client::connect_v5(b.addr, "suback").await;
     let codes = c
         .subscribe_with(
             vec![
@@ -997,7 +514,7 @@ async fn suback_refuses_only_the_invalid_filter() {
         ],
         "SUBACK reason codes"
     );
-    let mut publisher = Client::connect(b.addr, "suback-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "suback-pub").await;
     publisher
         .publish_expect(plain("f/1", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -1010,7 +527,7 @@ async fn suback_refuses_only_the_invalid_filter() {
 #[tokio::test]
 async fn takeover_disconnects_the_old_connection_with_0x8e() {
     let b = TestBroker::start().await;
-    let mut old = Client::connect(b.addr, "twin").await;
+    let mut old = Client::connect_v5(b.addr, "twin").await;
     let (_new, ack) = Client::accepted(b.addr, connect_v5("twin")).await;
     assert!(!ack.session_present);
     old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
@@ -1036,7 +553,7 @@ async fn takeover_disconnects_the_old_connection_with_0x8e() {
 #[tokio::test]
 async fn takeover_publishes_the_will_of_the_old_connection() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "tw-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "tw-sub").await;
     sub.subscribe("tw/t", QoS::AtLeastOnce).await;
     let (mut old, _) = Client::accepted(
         b.addr,
@@ -1055,7 +572,7 @@ async fn takeover_publishes_the_will_of_the_old_connection() {
 #[tokio::test]
 async fn takeover_with_clean_start_publishes_the_delayed_will() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "twd-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "twd-sub").await;
     sub.subscribe("twd/t", QoS::AtLeastOnce).await;
     let mut connect = connect_with_will("twd", "twd/t", "ended", will_delay(30));
     connect.properties.session_expiry_interval = Some(60);
@@ -1074,7 +591,7 @@ async fn takeover_with_clean_start_publishes_the_delayed_will() {
 #[tokio::test]
 async fn takeover_resuming_the_session_cancels_the_delayed_will() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "twr-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "twr-sub").await;
     sub.subscribe("twr/t", QoS::AtLeastOnce).await;
     let mut connect = connect_with_will("twr", "twr/t", "resumed", will_delay(1));
     connect.properties.session_expiry_interval = Some(60);
@@ -1126,7 +643,7 @@ async fn malformed_packets_disconnect_with_0x81() {
         ),
     ];
     for (what, bytes) in cases {
-        let mut c = Client::connect(b.addr, "malformed").await;
+        let mut c = Client::connect_v5(b.addr, "malformed").await;
         c.send_raw(bytes).await;
         let d = c.expect_disconnect(reason::MALFORMED_PACKET).await;
         assert!(
@@ -1140,7 +657,7 @@ async fn malformed_packets_disconnect_with_0x81() {
 #[tokio::test]
 async fn second_connect_disconnects_with_0x82() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "again").await;
+    let mut c = Client::connect_v5(b.addr, "again").await;
     c.send(Packet::Connect(Box::new(connect_v5("again")))).await;
     let d = c.expect_disconnect(reason::PROTOCOL_ERROR).await;
     assert!(
@@ -1251,7 +768,7 @@ async fn session_expiry_keeps_session_for_its_interval() {
     c.subscribe("lasting/t", QoS::AtLeastOnce).await;
     c.disconnect().await;
 
-    let mut publisher = Client::connect(b.addr, "lasting-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "lasting-pub").await;
     for payload in ["m1", "m2"] {
         publisher
             .publish_expect(
@@ -1429,7 +946,7 @@ async fn expired_queued_message_is_not_delivered() {
     let (mut c, _) = Client::accepted(b.addr, connect_expiry("offline", true, 60)).await;
     c.subscribe("exp/t", QoS::AtLeastOnce).await;
     c.disconnect().await;
-    let mut publisher = Client::connect(b.addr, "exp-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "exp-pub").await;
     publisher
         .publish_expect(
             message("exp/t", b"short-lived", QoS::AtLeastOnce, expiry_props(1)),
@@ -1459,13 +976,13 @@ async fn expired_queued_message_is_not_delivered() {
 #[tokio::test]
 async fn delivered_message_carries_remaining_expiry() {
     let b = TestBroker::start().await;
-    let mut online = Client::connect(b.addr, "exp-online").await;
+    let mut online = Client::connect_v5(b.addr, "exp-online").await;
     online.subscribe("rem/t", QoS::AtLeastOnce).await;
     let (mut c, _) = Client::accepted(b.addr, connect_expiry("exp-offline", true, 60)).await;
     c.subscribe("rem/t", QoS::AtLeastOnce).await;
     c.disconnect().await;
 
-    let mut publisher = Client::connect(b.addr, "rem-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rem-pub").await;
     publisher
         .publish_expect(
             message("rem/t", b"x", QoS::AtLeastOnce, expiry_props(10)),
@@ -1497,7 +1014,7 @@ async fn delivered_message_carries_remaining_expiry() {
 #[tokio::test]
 async fn retained_message_expires() {
     let b = TestBroker::start().await;
-    let mut publisher = Client::connect(b.addr, "ret-exp-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "ret-exp-pub").await;
     publisher
         .publish_expect(
             Publish {
@@ -1514,7 +1031,7 @@ async fn retained_message_expires() {
         )
         .await;
 
-    let mut early = Client::connect(b.addr, "ret-early").await;
+    let mut early = Client::connect_v5(b.addr, "ret-early").await;
     early.subscribe("rx/short", QoS::AtLeastOnce).await;
     let p = early.receive().await;
     assert_eq!(text(&p.payload), "short");
@@ -1526,7 +1043,7 @@ async fn retained_message_expires() {
     );
 
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let mut late = Client::connect(b.addr, "ret-late").await;
+    let mut late = Client::connect_v5(b.addr, "ret-late").await;
     late.subscribe("rx/#", QoS::AtLeastOnce).await;
     let got = late.drain_publishes().await;
     let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
@@ -1553,9 +1070,9 @@ fn alias(n: u16) -> Properties {
 #[tokio::test]
 async fn topic_alias_sets_and_resolves_topics() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "alias-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "alias-sub").await;
     sub.subscribe("alias/#", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "alias-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "alias-pub").await;
     let with_user = Properties {
         topic_alias: Some(2),
         user_properties: user_props(&[("k", "v")]),
@@ -1639,7 +1156,7 @@ async fn topic_alias_above_maximum_disconnects_with_0x94() {
 #[tokio::test]
 async fn topic_alias_zero_disconnects() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "alias-zero").await;
+    let mut c = Client::connect_v5(b.addr, "alias-zero").await;
     c.send(Packet::Publish(message(
         "az/t",
         b"x",
@@ -1663,7 +1180,7 @@ async fn topic_alias_zero_disconnects() {
 #[tokio::test]
 async fn unknown_topic_alias_disconnects_with_0x82() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "alias-unknown").await;
+    let mut c = Client::connect_v5(b.addr, "alias-unknown").await;
     c.publish_expect(
         message("au/t", b"x", QoS::AtLeastOnce, alias(1)),
         reason::NO_MATCHING_SUBSCRIBERS,
@@ -1708,7 +1225,7 @@ async fn client_receive_maximum_limits_unacknowledged_publishes() {
     };
     let (mut sub, _) = Client::accepted(b.addr, connect).await;
     sub.subscribe("rm/t", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "rm-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rm-pub").await;
     for i in 0..5 {
         publisher
             .publish_expect(
@@ -1800,10 +1317,10 @@ async fn client_maximum_packet_size_skips_larger_messages() {
     };
     let (mut small, _) = Client::accepted(b.addr, connect).await;
     small.subscribe("mpc/t", QoS::AtLeastOnce).await;
-    let mut big = Client::connect(b.addr, "big").await;
+    let mut big = Client::connect_v5(b.addr, "big").await;
     big.subscribe("mpc/t", QoS::AtLeastOnce).await;
 
-    let mut publisher = Client::connect(b.addr, "mpc-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "mpc-pub").await;
     let large = vec![b'L'; 200];
     publisher
         .publish_expect(plain("mpc/t", &large, QoS::AtLeastOnce), reason::SUCCESS)
@@ -1873,11 +1390,11 @@ fn encoded_len(packet: &Packet) -> usize {
 #[tokio::test]
 async fn shared_subscription_spreads_messages_over_members() {
     let b = TestBroker::start().await;
-    let mut m1 = Client::connect(b.addr, "member-1").await;
+    let mut m1 = Client::connect_v5(b.addr, "member-1").await;
     m1.subscribe("$share/g/rr/t", QoS::AtLeastOnce).await;
-    let mut m2 = Client::connect(b.addr, "member-2").await;
+    let mut m2 = Client::connect_v5(b.addr, "member-2").await;
     m2.subscribe("$share/g/rr/t", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "rr-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rr-pub").await;
     for i in 0..10 {
         publisher
             .publish_expect(
@@ -1916,16 +1433,16 @@ async fn shared_subscription_spreads_messages_over_members() {
 #[tokio::test]
 async fn shared_message_unacknowledged_by_a_leaving_member_goes_to_another() {
     let b = TestBroker::start().await;
-    let mut first = Client::connect(b.addr, "leaver").await;
+    let mut first = Client::connect_v5(b.addr, "leaver").await;
     first.subscribe("$share/g/rd/t", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "rd-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rd-pub").await;
     publisher
         .publish_expect(plain("rd/t", b"orphan", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
     let p = first.expect_publish().await;
     assert_eq!(text(&p.payload), "orphan");
 
-    let mut second = Client::connect(b.addr, "stayer").await;
+    let mut second = Client::connect_v5(b.addr, "stayer").await;
     second.subscribe("$share/g/rd/t", QoS::AtLeastOnce).await;
     drop(first); // no PUBACK, no DISCONNECT
     let p = second.receive().await;
@@ -1943,12 +1460,12 @@ async fn shared_message_unacknowledged_by_a_leaving_member_goes_to_another() {
 #[tokio::test]
 async fn shared_and_plain_subscriptions_each_deliver() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "both").await;
+    let mut c = Client::connect_v5(b.addr, "both").await;
     c.subscribe_opts("$share/g/sp/t", opts(QoS::AtLeastOnce), sub_id(1))
         .await;
     c.subscribe_opts("sp/t", opts(QoS::AtLeastOnce), sub_id(2))
         .await;
-    let mut publisher = Client::connect(b.addr, "sp-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "sp-pub").await;
     publisher
         .publish_expect(plain("sp/t", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -1970,14 +1487,14 @@ async fn shared_and_plain_subscriptions_each_deliver() {
 #[tokio::test]
 async fn retained_messages_are_not_sent_on_shared_subscriptions() {
     let b = TestBroker::start().await;
-    let mut publisher = Client::connect(b.addr, "rs-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rs-pub").await;
     publisher
         .publish_expect(
             retained("rs/t", b"kept", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
-    let mut c = Client::connect(b.addr, "rs-sub").await;
+    let mut c = Client::connect_v5(b.addr, "rs-sub").await;
     c.subscribe("$share/g/rs/t", QoS::AtLeastOnce).await;
     c.expect_quiet("after a shared subscription").await;
     c.subscribe("rs/t", QoS::AtLeastOnce).await;
@@ -1994,14 +1511,14 @@ async fn retained_messages_are_not_sent_on_shared_subscriptions() {
 #[tokio::test]
 async fn subscription_identifier_returned_on_delivery() {
     let b = TestBroker::start().await;
-    let mut publisher = Client::connect(b.addr, "sid-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "sid-pub").await;
     publisher
         .publish_expect(
             retained("sid/r", b"old", QoS::AtLeastOnce),
             reason::NO_MATCHING_SUBSCRIBERS,
         )
         .await;
-    let mut c = Client::connect(b.addr, "sid-sub").await;
+    let mut c = Client::connect_v5(b.addr, "sid-sub").await;
     c.subscribe_opts("sid/+", opts(QoS::AtLeastOnce), sub_id(7))
         .await;
     let p = c.receive().await;
@@ -2051,12 +1568,12 @@ async fn subscription_identifier_returned_on_delivery() {
 #[tokio::test]
 async fn overlapping_subscriptions_give_one_delivery_with_both_identifiers() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "overlap").await;
+    let mut c = Client::connect_v5(b.addr, "overlap").await;
     c.subscribe_opts("ov/+", opts(QoS::AtMostOnce), sub_id(1))
         .await;
     c.subscribe_opts("ov/#", opts(QoS::AtLeastOnce), sub_id(2))
         .await;
-    let mut publisher = Client::connect(b.addr, "ov-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "ov-pub").await;
     publisher
         .publish_expect(plain("ov/x", b"x", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -2073,14 +1590,14 @@ async fn overlapping_subscriptions_give_one_delivery_with_both_identifiers() {
 #[tokio::test]
 async fn no_local_suppresses_own_publications() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "nolocal").await;
+    let mut c = Client::connect_v5(b.addr, "nolocal").await;
     let no_local = SubOptions {
         no_local: true,
         ..opts(QoS::AtLeastOnce)
     };
     c.subscribe_opts("nl/t", no_local, Properties::default())
         .await;
-    let mut other = Client::connect(b.addr, "nl-other").await;
+    let mut other = Client::connect_v5(b.addr, "nl-other").await;
     other.subscribe("nl/t", QoS::AtLeastOnce).await;
 
     c.publish_expect(plain("nl/t", b"mine", QoS::AtLeastOnce), reason::SUCCESS)
@@ -2108,16 +1625,16 @@ async fn no_local_suppresses_own_publications() {
 #[tokio::test]
 async fn retain_as_published_keeps_the_retain_flag() {
     let b = TestBroker::start().await;
-    let mut rap = Client::connect(b.addr, "rap").await;
+    let mut rap = Client::connect_v5(b.addr, "rap").await;
     let keep = SubOptions {
         retain_as_published: true,
         ..opts(QoS::AtLeastOnce)
     };
     rap.subscribe_opts("rap/t", keep, Properties::default())
         .await;
-    let mut cleared = Client::connect(b.addr, "rap-plain").await;
+    let mut cleared = Client::connect_v5(b.addr, "rap-plain").await;
     cleared.subscribe("rap/t", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "rap-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rap-pub").await;
     publisher
         .publish_expect(retained("rap/t", b"r", QoS::AtLeastOnce), reason::SUCCESS)
         .await;
@@ -2144,7 +1661,7 @@ async fn retain_as_published_keeps_the_retain_flag() {
 #[tokio::test]
 async fn retain_handling_options() {
     let b = TestBroker::start().await;
-    let mut publisher = Client::connect(b.addr, "rh-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "rh-pub").await;
     publisher
         .publish_expect(
             retained("rh/t", b"kept", QoS::AtLeastOnce),
@@ -2152,7 +1669,7 @@ async fn retain_handling_options() {
         )
         .await;
     for (handling, expected) in [(0u8, [1, 1]), (1, [1, 0]), (2, [0, 0])] {
-        let mut c = Client::connect(b.addr, &format!("rh-{handling}")).await;
+        let mut c = Client::connect_v5(b.addr, &format!("rh-{handling}")).await;
         let options = SubOptions {
             retain_handling: handling,
             ..opts(QoS::AtLeastOnce)
@@ -2191,9 +1708,9 @@ async fn retain_handling_options() {
 #[tokio::test]
 async fn application_properties_pass_through_unchanged() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "app-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "app-sub").await;
     sub.subscribe("app/req", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "app-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "app-pub").await;
     let props = Properties {
         payload_format_indicator: Some(1),
         content_type: Some("application/json".into()),
@@ -2220,9 +1737,9 @@ async fn application_properties_pass_through_unchanged() {
 #[tokio::test]
 async fn invalid_utf8_payload_is_refused_with_0x99() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "pfi-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "pfi-sub").await;
     sub.subscribe("pfi/t", QoS::AtLeastOnce).await;
-    let mut publisher = Client::connect(b.addr, "pfi-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "pfi-pub").await;
     let utf8 = Properties {
         payload_format_indicator: Some(1),
         ..Properties::default()
@@ -2399,7 +1916,7 @@ fn will_delay(secs: u32) -> Properties {
 #[tokio::test]
 async fn delayed_will_is_published_after_the_delay() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "wd-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "wd-sub").await;
     sub.subscribe("wd/t", QoS::AtLeastOnce).await;
     let mut connect = connect_with_will("wd-victim", "wd/t", "gone", will_delay(2));
     connect.properties.session_expiry_interval = Some(10);
@@ -2431,7 +1948,7 @@ async fn delayed_will_is_published_after_the_delay() {
 #[tokio::test]
 async fn delayed_will_is_cancelled_when_the_session_resumes() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "wc-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "wc-sub").await;
     sub.subscribe("wc/t", QoS::AtLeastOnce).await;
     let mut connect = connect_with_will("wc-victim", "wc/t", "gone", will_delay(2));
     connect.properties.session_expiry_interval = Some(10);
@@ -2451,7 +1968,7 @@ async fn delayed_will_is_cancelled_when_the_session_resumes() {
 #[tokio::test]
 async fn will_is_published_when_the_session_ends_first() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "we-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "we-sub").await;
     sub.subscribe("we/t", QoS::AtLeastOnce).await;
     let mut connect = connect_with_will("we-victim", "we/t", "gone", will_delay(30));
     connect.properties.session_expiry_interval = Some(1);
@@ -2472,7 +1989,7 @@ async fn will_is_published_when_the_session_ends_first() {
 #[tokio::test]
 async fn will_properties_are_forwarded() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "wp-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "wp-sub").await;
     sub.subscribe("wp/t", QoS::AtLeastOnce).await;
     let props = Properties {
         payload_format_indicator: Some(1),
@@ -2499,7 +2016,7 @@ async fn will_properties_are_forwarded() {
 #[tokio::test]
 async fn will_message_expiry_counts_from_publication() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "wx-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "wx-sub").await;
     sub.subscribe("wx/t", QoS::AtLeastOnce).await;
     let (victim, _) = Client::accepted(
         b.addr,
@@ -2525,7 +2042,7 @@ async fn will_message_expiry_counts_from_publication() {
 #[tokio::test]
 async fn disconnect_with_will_message_publishes_the_will() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "dw-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "dw-sub").await;
     sub.subscribe("dw/+", QoS::AtLeastOnce).await;
 
     let (normal, _) = Client::accepted(
@@ -2587,7 +2104,7 @@ async fn unsupported_authentication_method_gets_connack_0x8c() {
 #[tokio::test]
 async fn auth_without_authentication_method_is_a_protocol_error() {
     let b = TestBroker::start().await;
-    let mut c = Client::connect(b.addr, "auth").await;
+    let mut c = Client::connect_v5(b.addr, "auth").await;
     c.send(Packet::Auth(Auth {
         reason: reason::REAUTHENTICATE,
         properties: Properties {
@@ -2614,7 +2131,7 @@ async fn v5_publisher_to_v311_subscriber() {
         Properties::default(),
     )
     .await;
-    let mut publisher = Client::connect(b.addr, "v5-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "v5-pub").await;
     let props = Properties {
         content_type: Some("text/plain".into()),
         message_expiry_interval: Some(60),
@@ -2639,7 +2156,7 @@ async fn v5_publisher_to_v311_subscriber() {
 #[tokio::test]
 async fn v311_publisher_to_v5_subscriber() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect(b.addr, "v5-sub").await;
+    let mut sub = Client::connect_v5(b.addr, "v5-sub").await;
     sub.subscribe_opts("mix/+", opts(QoS::AtLeastOnce), sub_id(3))
         .await;
     let (mut old, _) = Client::accepted(b.addr, connect_v311("v311-pub")).await;
@@ -2915,7 +2432,7 @@ async fn mosquitto_sub_sees_identifiers_and_v311_gets_plain_messages() {
     );
     mosquitto::wait_subscribed(&b, 2, &mut v311).await;
 
-    let mut publisher = Client::connect(b.addr, "ms-pub").await;
+    let mut publisher = Client::connect_v5(b.addr, "ms-pub").await;
     let props = Properties {
         content_type: Some("text/plain".into()),
         user_properties: user_props(&[("a", "1"), ("b", "2")]),

@@ -9,12 +9,13 @@
 mod common;
 
 use bytes::{Bytes, BytesMut};
+use common::client::ack;
 use common::TestBroker;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::Duration;
 use ternmq::protocol::{
-    decode, encode, Ack, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    decode, encode, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     SubOptions, Subscribe, SubscribeFilter, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -310,13 +311,6 @@ fn publish_packet(topic: &str, payload: &str, qos: QoS, pkid: u16) -> Packet {
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         ..Publish::default()
     })
-}
-
-fn ack(pkid: u16) -> Ack {
-    Ack {
-        pkid,
-        ..Ack::default()
-    }
 }
 
 fn payload(p: &Publish) -> &str {

@@ -1,6 +1,8 @@
 //! Shared by the integration test binaries: an in-process broker on a free port.
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 use ternmq::config::{Config, Listener, ListenerKind};
