@@ -60,8 +60,14 @@ fn decode(c: &mut Criterion) {
     group.bench_function("publish_qos1_64B_x100_v5", |b| {
         let mut v5 = BytesMut::new();
         for _ in 0..100 {
-            protocol::encode_publish(&mut v5, Protocol::V5, &header(QoS::AtLeastOnce), None, &payload)
-                .expect("encodes");
+            protocol::encode_publish(
+                &mut v5,
+                Protocol::V5,
+                &header(QoS::AtLeastOnce),
+                None,
+                &payload,
+            )
+            .expect("encodes");
         }
         b.iter_batched(
             || v5.clone(),

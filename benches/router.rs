@@ -13,9 +13,6 @@ use ternmq::router::{Message, Router};
 use ternmq::session::{Link, QueueLimits, Session};
 use tokio::sync::Notify;
 
-const SITES: usize = 100;
-const DEVICES: usize = 1000;
-
 fn options(qos: QoS) -> SubOptions {
     SubOptions {
         qos,
@@ -38,12 +35,15 @@ fn message(topic: &str, qos: QoS) -> Arc<Message> {
     ))
 }
 
-/// 100,000 subscriptions, one session each, over topics `s{site}/d{device}/{metric}`:
-/// 70% exact (`s3/d17/temp`), 20% with `+` (`s3/d17/+`, `s3/+/temp`), 10% with `#`
-/// (`s3/d17/#`, `s3/#`). Sessions are offline and receive QoS 0: a delivery is refused
-/// cheaply (no queueing), so what is measured is finding the subscribers.
-fn populated_router() -> Router {
+/// 100,000 subscriptions, one session each, over 10,000 devices (topics
+/// `s{site}/d{device}/{metric}`, 100 sites of 100 devices), ten per device: 70% exact
+/// (`s3/d17/temp`), 20% with `+` (`s3/d17/+`, `s3/+/temp`, `+/d17/hum`), 10% with `#`
+/// (`s3/d17/#`, `s3/#`). Sessions are offline and get QoS 0: each match is handed to its
+/// session, which refuses it cheaply (nothing is queued), so what is measured is finding
+/// the subscribers.
+fn populated_router() -> (Router, Vec<String>) {
     let router = Router::default();
+    let mut filters = Vec::with_capacity(100_000);
     let limits = QueueLimits {
         max_inflight: 20,
         max_queued: 1000,
@@ -51,34 +51,60 @@ fn populated_router() -> Router {
     };
     let metrics = ["temp", "hum", "volt", "load"];
     for i in 0..100_000usize {
-        let (site, device) = (i % SITES, (i / SITES) % DEVICES);
-        let metric = metrics[i % metrics.len()];
-        let filter = match i % 10 {
-            0..=6 => format!("s{site}/d{device}/{metric}"),
+        let (site, device, kind) = (i % 100, (i / 100) % 100, i / 10_000);
+        let every_tenth = device % 10 == 0;
+        let filter = match kind {
+            0..=6 => format!("s{site}/d{device}/{}", metrics[kind % 4]),
             7 => format!("s{site}/d{device}/+"),
-            8 if i % 20 == 8 => format!("s{site}/+/{metric}"),
-            8 => format!("+/d{device}/{metric}"),
-            _ if i % 100 == 9 => format!("s{site}/#"),
+            8 if every_tenth => format!("s{site}/+/{}", metrics[device % 4]),
+            8 => format!("+/d{device}/{}", metrics[site % 4]),
+            _ if every_tenth => format!("s{site}/#"),
             _ => format!("s{site}/d{device}/#"),
         };
-        router.subscribe(&filter, &session(i as u64, limits), options(QoS::AtMostOnce), None);
+        router.subscribe(
+            &filter,
+            &session(i as u64, limits),
+            options(QoS::AtMostOnce),
+            None,
+        );
+        filters.push(filter);
     }
-    router
+    (router, filters)
+}
+
+/// How many of `filters` match `topic` (a plain reference matcher, to describe the load).
+fn count_matches(filters: &[String], topic: &str) -> usize {
+    let matches = |filter: &str| {
+        let mut t = topic.split('/');
+        for level in filter.split('/') {
+            match (level, t.next()) {
+                ("#", _) => return true,
+                ("+", Some(_)) => {}
+                (l, Some(x)) if l == x => {}
+                _ => return false,
+            }
+        }
+        t.next().is_none()
+    };
+    filters.iter().filter(|f| matches(f)).count()
 }
 
 fn matching(c: &mut Criterion) {
-    let router = populated_router();
+    let (router, filters) = populated_router();
     let mut group = c.benchmark_group("match_100k_subscriptions");
     group.throughput(Throughput::Elements(1));
-    // A device topic: its exact, `+` and `#` subscribers (a dozen or so).
-    let hit = message("s42/d420/temp", QoS::AtMostOnce);
-    let matches = router.publish(&hit);
-    eprintln!("s42/d420/temp reaches {matches} offline sessions (all refused at QoS 0)");
+    // A device topic: its exact, `+` and `#` subscribers.
+    let hit = message("s42/d21/temp", QoS::AtMostOnce);
+    for topic in ["s42/d21/temp", "s42/d999/temp", "other/tree/entirely"] {
+        let n = count_matches(&filters, topic);
+        eprintln!("{topic}: {n} matching subscriptions of {}", filters.len());
+    }
+    assert_eq!(router.publish(&hit), 0, "offline sessions refuse QoS 0");
     group.bench_function("publish_device_topic", |b| {
         b.iter(|| router.publish(black_box(&hit)))
     });
-    // A topic under a site with no device match: only the site's `#` and `+` levels.
-    let miss = message("s42/d99999/temp", QoS::AtMostOnce);
+    // An unknown device: only the site-wide `+` and `#` subscriptions match.
+    let miss = message("s42/d999/temp", QoS::AtMostOnce);
     group.bench_function("publish_unmatched_device", |b| {
         b.iter(|| router.publish(black_box(&miss)))
     });

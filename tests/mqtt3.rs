@@ -458,6 +458,30 @@ async fn qos2_publish_flow_is_pubrec_pubrel_pubcomp() {
 }
 
 #[tokio::test]
+async fn many_unreleased_qos2_publishes_are_fine_in_3_1_1() {
+    // Receive Maximum (20 by default) is an MQTT 5 limit announced in CONNACK: a 3.1.1
+    // client cannot know it, so it must not be held to it.
+    let broker = TestBroker::start().await;
+    let mut publisher = Client::connect_v311(broker.addr, "pub").await;
+    for pkid in 1..=30u16 {
+        let p = publish_packet("t", b"x", QoS::ExactlyOnce, false, pkid);
+        publisher.send(Packet::Publish(p)).await;
+        assert_eq!(
+            publisher.expect("PUBREC").await,
+            Packet::PubRec(ack(pkid)),
+            "unreleased QoS 2 publish {pkid} is received"
+        );
+    }
+    for pkid in 1..=30u16 {
+        publisher.send(Packet::PubRel(ack(pkid))).await;
+        assert_eq!(
+            publisher.expect("PUBCOMP").await,
+            Packet::PubComp(ack(pkid))
+        );
+    }
+}
+
+#[tokio::test]
 async fn qos2_publish_resent_before_pubrel_is_delivered_once() {
     let broker = TestBroker::start().await;
     let mut sub = Client::connect_v311(broker.addr, "sub").await;

@@ -153,7 +153,11 @@ struct PubState {
 
 impl PubState {
     fn min_progress(&self) -> u32 {
-        let min = self.progress.iter().map(|p| p.load(Ordering::Acquire)).min();
+        let min = self
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::Acquire))
+            .min();
         min.unwrap_or(u32::MAX)
     }
 }
@@ -388,7 +392,9 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
             rss_peak_kb: rss_peak.unwrap_or(0),
             rss_after_kb: after.rss_kb,
             hwm_kb: after.hwm_kb,
-            cpu_s: broker_cpu.zip(broker_cpu_before).map_or(f64::NAN, |(a, b)| a - b),
+            cpu_s: broker_cpu
+                .zip(broker_cpu_before)
+                .map_or(f64::NAN, |(a, b)| a - b),
         }
     });
 
@@ -428,7 +434,10 @@ fn failures(r: &Report, qos: u8) -> Vec<String> {
         f.push("no message was received".into());
     }
     if qos > 0 && r.lost > 0 {
-        f.push(format!("QoS {qos}: {} of {} messages lost", r.lost, r.expected));
+        f.push(format!(
+            "QoS {qos}: {} of {} messages lost",
+            r.lost, r.expected
+        ));
     }
     if qos > 0 && c.unacked > 0 {
         f.push(format!(
@@ -676,7 +685,14 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
                     seq: sent,
                     sent_ns: last_send_ns,
                 };
-                mqtt::publish(&mut conn.wbuf, &topic, qos, pkid, &stamp.to_bytes(), &filler);
+                mqtt::publish(
+                    &mut conn.wbuf,
+                    &topic,
+                    qos,
+                    pkid,
+                    &stamp.to_bytes(),
+                    &filler,
+                );
                 sent += 1;
                 batch += 1;
             }
@@ -749,7 +765,10 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
             }
             let code = mqtt::suback_code(&frame)?;
             if code != sh.qos {
-                bail!("subscription to {filter} at QoS {} answered {code:#04x}", sh.qos);
+                bail!(
+                    "subscription to {filter} at QoS {} answered {code:#04x}",
+                    sh.qos
+                );
             }
             conn.rbuf.advance(used);
             break;
@@ -760,11 +779,7 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
     sh.wait_start().await?;
 
     let pubs = sh.topology.pubs_of(s);
-    let slot = |p: usize| s - sh.topology.subs_of(p).start;
-    let mut trackers = vec![SeqTracker::default(); pubs.len()];
-    let mut touched: Vec<usize> = Vec::new();
-    let mut is_touched = vec![false; pubs.len()];
-    let mut counts = Counters::default();
+    let mut inbox = Inbox::new(sh.run, pubs.clone());
     let mut last_message = Instant::now();
     let timer = tokio::time::sleep(TICK);
     tokio::pin!(timer);
@@ -774,53 +789,17 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
             r = conn.read() => {
                 r?;
                 let now_ns = sh.now_ns();
-                let mut latency = local.latency.borrow_mut();
-                while let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
-                    match frame.kind {
-                        mqtt::PUBLISH => {
-                            let msg = mqtt::parse_publish(&frame)?;
-                            match msg.qos {
-                                1 => mqtt::ack(&mut conn.wbuf, mqtt::PUBACK, msg.pkid),
-                                2 => mqtt::ack(&mut conn.wbuf, mqtt::PUBREC, msg.pkid),
-                                _ => {}
-                            }
-                            let stamp = Stamp::read(msg.payload).filter(|st| st.run == sh.run);
-                            let index = stamp.and_then(|st| {
-                                let p = st.publisher as usize;
-                                pubs.contains(&p).then(|| p - pubs.start)
-                            });
-                            match (stamp, index) {
-                                (Some(st), Some(i)) => {
-                                    counts.received += 1;
-                                    trackers[i].record(st.seq);
-                                    stats::record_latency(&mut latency, now_ns.saturating_sub(st.sent_ns));
-                                    if !is_touched[i] {
-                                        is_touched[i] = true;
-                                        touched.push(i);
-                                    }
-                                }
-                                _ => counts.foreign += 1,
-                            }
-                        }
-                        mqtt::PUBREL => {
-                            let pkid = mqtt::pkid(&frame)?;
-                            mqtt::ack(&mut conn.wbuf, mqtt::PUBCOMP, pkid);
-                        }
-                        mqtt::PINGRESP => {}
-                        kind => bail!("unexpected packet type {kind}"),
-                    }
-                    conn.rbuf.advance(used);
-                }
-                drop(latency);
+                inbox.handle(&mut conn.rbuf, &mut conn.wbuf, now_ns, &mut local.latency.borrow_mut())?;
                 conn.flush().await?;
-                for i in touched.drain(..) {
-                    is_touched[i] = false;
+                for i in inbox.touched.drain(..) {
+                    inbox.is_touched[i] = false;
                     let p = pubs.start + i;
                     let state = &sh.pubs[p];
-                    state.progress[slot(p)].store(trackers[i].progress(), Ordering::Release);
+                    let slot = s - sh.topology.subs_of(p).start;
+                    state.progress[slot].store(inbox.trackers[i].progress(), Ordering::Release);
                     state.wake.notify_one();
                 }
-                counts.last_receive_ns = now_ns;
+                inbox.counts.last_receive_ns = now_ns;
                 last_message = Instant::now();
             }
             _ = &mut timer => {
@@ -830,7 +809,7 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         if sh.all_published() {
             let complete = pubs
                 .clone()
-                .zip(&trackers)
+                .zip(&inbox.trackers)
                 .all(|(p, t)| t.lost(sh.pubs[p].sent.load(Ordering::Acquire)) == 0);
             if complete || last_message.elapsed() >= QUIET {
                 break;
@@ -838,12 +817,85 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         }
     }
     conn.close().await;
-
-    counts.unique = trackers.iter().map(|t| t.unique).sum();
-    counts.duplicates = trackers.iter().map(|t| t.duplicates).sum();
-    counts.reordered = trackers.iter().map(|t| t.reordered).sum();
-    local.counters.borrow_mut().add(&counts);
+    local.counters.borrow_mut().add(&inbox.totals());
     Ok(())
+}
+
+/// A subscriber's view of what it receives: one tracker per publisher it hears from.
+struct Inbox {
+    run: u32,
+    pubs: Range<usize>,
+    trackers: Vec<SeqTracker>,
+    /// Trackers that moved since the publishers were last told.
+    touched: Vec<usize>,
+    is_touched: Vec<bool>,
+    counts: Counters,
+}
+
+impl Inbox {
+    fn new(run: u32, pubs: Range<usize>) -> Inbox {
+        Inbox {
+            run,
+            trackers: vec![SeqTracker::default(); pubs.len()],
+            touched: Vec::new(),
+            is_touched: vec![false; pubs.len()],
+            pubs,
+            counts: Counters::default(),
+        }
+    }
+
+    /// Counts the packets in `rbuf` (received at `now_ns`) and queues their
+    /// acknowledgements into `wbuf`.
+    fn handle(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut Vec<u8>,
+        now_ns: u64,
+        latency: &mut Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        while let Some((frame, used)) = mqtt::next_frame(rbuf)? {
+            match frame.kind {
+                mqtt::PUBLISH => {
+                    let msg = mqtt::parse_publish(&frame)?;
+                    match msg.qos {
+                        1 => mqtt::ack(wbuf, mqtt::PUBACK, msg.pkid),
+                        2 => mqtt::ack(wbuf, mqtt::PUBREC, msg.pkid),
+                        _ => {}
+                    }
+                    let stamp = Stamp::read(msg.payload).filter(|st| st.run == self.run);
+                    let index = stamp.and_then(|st| {
+                        let p = st.publisher as usize;
+                        self.pubs.contains(&p).then(|| p - self.pubs.start)
+                    });
+                    match (stamp, index) {
+                        (Some(st), Some(i)) => {
+                            self.counts.received += 1;
+                            self.trackers[i].record(st.seq);
+                            stats::record_latency(latency, now_ns.saturating_sub(st.sent_ns));
+                            if !self.is_touched[i] {
+                                self.is_touched[i] = true;
+                                self.touched.push(i);
+                            }
+                        }
+                        _ => self.counts.foreign += 1,
+                    }
+                }
+                mqtt::PUBREL => mqtt::ack(wbuf, mqtt::PUBCOMP, mqtt::pkid(&frame)?),
+                mqtt::PINGRESP => {}
+                kind => bail!("unexpected packet type {kind}"),
+            }
+            rbuf.advance(used);
+        }
+        Ok(())
+    }
+
+    fn totals(&self) -> Counters {
+        let mut c = self.counts;
+        c.unique = self.trackers.iter().map(|t| t.unique).sum();
+        c.duplicates = self.trackers.iter().map(|t| t.duplicates).sum();
+        c.reordered = self.trackers.iter().map(|t| t.reordered).sum();
+        c
+    }
 }
 
 #[cfg(test)]
@@ -905,6 +957,78 @@ mod tests {
         mqtt::ack(&mut wire, mqtt::PUBACK, 3);
         rbuf.extend_from_slice(&wire);
         assert!(acks.handle(&mut rbuf, &mut wbuf).is_err());
+    }
+
+    fn publish(wire: &mut Vec<u8>, run: u32, publisher: u32, seq: u32, qos: u8) {
+        let stamp = Stamp {
+            run,
+            publisher,
+            seq,
+            sent_ns: 1_000,
+        };
+        mqtt::publish(wire, "t", qos, seq as u16 + 1, &stamp.to_bytes(), &[0; 8]);
+    }
+
+    #[test]
+    fn inbox_counts_acks_and_ignores_foreign_messages() {
+        // Publishers 4 and 5 of run 7.
+        let mut inbox = Inbox::new(7, 4..6);
+        let mut wire = Vec::new();
+        for (publisher, seq) in [(4, 0), (5, 0), (4, 1), (4, 1), (5, 2), (5, 1)] {
+            publish(&mut wire, 7, publisher, seq, 1);
+        }
+        publish(&mut wire, 8, 4, 2, 1); // another run
+        publish(&mut wire, 7, 9, 0, 1); // a publisher not ours
+        mqtt::publish(&mut wire, "t", 1, 99, b"short", &[]); // no stamp
+        let mut pubrel = Vec::new();
+        mqtt::ack(&mut pubrel, mqtt::PUBREL, 42);
+        wire.extend_from_slice(&pubrel);
+        // Split mid-packet: the rest waits for the next read.
+        let mut rbuf = BytesMut::from(&wire[..wire.len() - 1]);
+        let mut wbuf = Vec::new();
+        let mut latency = stats::new_histogram();
+        inbox
+            .handle(&mut rbuf, &mut wbuf, 51_000, &mut latency)
+            .expect("valid");
+        assert_eq!(rbuf.len(), 3, "the partial PUBREL is kept");
+        rbuf.extend_from_slice(&wire[wire.len() - 1..]);
+        inbox
+            .handle(&mut rbuf, &mut wbuf, 51_000, &mut latency)
+            .expect("valid");
+        assert!(rbuf.is_empty());
+
+        let c = inbox.totals();
+        assert_eq!(
+            (c.received, c.unique, c.duplicates, c.reordered),
+            (6, 5, 1, 1)
+        );
+        assert_eq!(c.foreign, 3);
+        assert_eq!(
+            (inbox.trackers[0].lost(2), inbox.trackers[1].lost(3)),
+            (0, 0)
+        );
+        assert_eq!(inbox.touched, vec![0, 1]);
+        assert_eq!(Latency::of(&latency).p50, 50, "(51,000 - 1,000) ns");
+        // One PUBACK per PUBLISH (duplicates and foreign ones included), one PUBCOMP.
+        let (mut acks, mut rest) = (Vec::new(), &wbuf[..]);
+        while let Some((frame, used)) = mqtt::next_frame(rest).expect("valid") {
+            acks.push(frame.kind);
+            rest = &rest[used..];
+        }
+        assert_eq!(acks.iter().filter(|k| **k == mqtt::PUBACK).count(), 9);
+        assert_eq!(acks.last(), Some(&mqtt::PUBCOMP));
+    }
+
+    #[test]
+    fn inbox_refuses_what_a_subscriber_never_gets() {
+        let mut inbox = Inbox::new(1, 0..1);
+        let mut wire = Vec::new();
+        mqtt::subscribe(&mut wire, 1, "t", 0);
+        let mut rbuf = BytesMut::from(&wire[..]);
+        let mut latency = stats::new_histogram();
+        assert!(inbox
+            .handle(&mut rbuf, &mut Vec::new(), 0, &mut latency)
+            .is_err());
     }
 
     #[test]

@@ -171,20 +171,12 @@ pub fn pkid(frame: &Frame<'_>) -> Result<u16, Malformed> {
 
 /// CONNACK's return code (0 = accepted).
 pub fn connack_code(frame: &Frame<'_>) -> Result<u8, Malformed> {
-    frame
-        .body
-        .get(1)
-        .copied()
-        .ok_or(Malformed("short CONNACK"))
+    frame.body.get(1).copied().ok_or(Malformed("short CONNACK"))
 }
 
 /// SUBACK's first return code (granted QoS, or 0x80 for failure).
 pub fn suback_code(frame: &Frame<'_>) -> Result<u8, Malformed> {
-    frame
-        .body
-        .get(2)
-        .copied()
-        .ok_or(Malformed("short SUBACK"))
+    frame.body.get(2).copied().ok_or(Malformed("short SUBACK"))
 }
 
 fn u16_at(body: &[u8], at: usize) -> Result<u16, Malformed> {
@@ -239,7 +231,13 @@ mod tests {
     #[test]
     fn publish_round_trips_with_the_broker_codec() {
         // Sizes around the varint boundaries of the remaining length.
-        for (qos, size) in [(0u8, 0usize), (1, 100), (2, 16_370), (1, 16_380), (0, 70_000)] {
+        for (qos, size) in [
+            (0u8, 0usize),
+            (1, 100),
+            (2, 16_370),
+            (1, 16_380),
+            (0, 70_000),
+        ] {
             let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
             let (head, tail) = payload.split_at(size.min(20));
             let mut out = Vec::new();
@@ -267,7 +265,10 @@ mod tests {
             let (frame, used) = next_frame(&theirs).expect("ok").expect("complete");
             assert_eq!(used, theirs.len());
             let p = parse_publish(&frame).expect("parses");
-            assert_eq!((p.qos, p.topic, p.payload), (qos, &b"a/b"[..], &payload[..]));
+            assert_eq!(
+                (p.qos, p.topic, p.payload),
+                (qos, &b"a/b"[..], &payload[..])
+            );
         }
     }
 

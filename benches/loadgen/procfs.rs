@@ -81,11 +81,11 @@ pub fn raise_nofile_limit() -> u64 {
                 rlim_max: lim.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur as u64;
+                return raised.rlim_cur;
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// Samples a process's resident memory in the background and keeps the peak.
@@ -131,7 +131,8 @@ mod tests {
 
     #[test]
     fn status_gives_rss_and_peak() {
-        let text = "Name:\tmosquitto\nVmPeak:\t  20000 kB\nVmHWM:\t    9120 kB\nVmRSS:\t    8004 kB\n";
+        let text =
+            "Name:\tmosquitto\nVmPeak:\t  20000 kB\nVmHWM:\t    9120 kB\nVmRSS:\t    8004 kB\n";
         assert_eq!(
             parse_status(text),
             Some(Memory {

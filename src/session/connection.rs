@@ -606,7 +606,13 @@ impl<'a> Conn<'a> {
         if p.qos == QoS::ExactlyOnce {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
             // again: this is what makes it exactly once.
-            let receive_max = usize::from(cfg.receive_maximum);
+            // Receive Maximum is announced to 5.0 clients only; a 3.x client cannot know
+            // it, and its unreleased ids are bounded by the packet id space anyway.
+            let receive_max = if self.protocol.is_v5() {
+                usize::from(cfg.receive_maximum)
+            } else {
+                usize::MAX
+            };
             let first = self.owned(|s| {
                 if s.inbound_qos2.contains(&p.pkid) {
                     Ok(false)
