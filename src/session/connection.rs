@@ -35,6 +35,8 @@ const BATCH: usize = 64;
 /// Read buffers start small so that idle connections cost little, and grow under load.
 const MIN_READ: usize = 64;
 const MAX_READ: usize = 64 * 1024;
+/// A read at least this large yields to the tasks it woke (see `Conn::run`).
+const YIELD_AFTER_READ: usize = 4096;
 /// How long a closing connection may spend flushing its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -473,11 +475,14 @@ impl<'a> Conn<'a> {
                         return exit;
                     }
                     io.after_read(n, spare);
-                    // The subscribers just woken may sit in this worker's run queue
-                    // (tokio's LIFO slot cannot be stolen): let them drain their queues
-                    // before this publisher routes its next read, or a burst overflows
-                    // even fast subscribers' queues.
-                    tokio::task::yield_now().await;
+                    // After a large read, the subscribers just woken may sit in this
+                    // worker's run queue (tokio's LIFO slot cannot be stolen): let them
+                    // drain their queues before this publisher routes its next read, or a
+                    // burst overflows even fast subscribers' queues. A small read needs
+                    // no yield: the task is about to wait for the socket anyway.
+                    if n >= YIELD_AFTER_READ {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 _ = &mut deadline => {
                     let Some(k) = keep_alive else { continue };
