@@ -2099,6 +2099,114 @@ async fn unsupported_authentication_method_gets_connack_0x8c() {
     );
 }
 
+/// A toy challenge-response method: the client must answer the challenge "nonce-1"
+/// with "answer:nonce-1". Enough to drive the CONNECT/AUTH exchange of 4.12.
+struct EchoChallenge;
+
+struct EchoExchange {
+    challenged: bool,
+}
+
+impl ternmq::auth::AuthMethod for EchoChallenge {
+    fn name(&self) -> &str {
+        "ECHO-CHALLENGE"
+    }
+    fn begin(&self, _client_id: &str) -> Box<dyn ternmq::auth::AuthExchange> {
+        Box::new(EchoExchange { challenged: false })
+    }
+}
+
+impl ternmq::auth::AuthExchange for EchoExchange {
+    fn step(&mut self, data: Option<&[u8]>) -> ternmq::auth::AuthStep {
+        use ternmq::auth::AuthStep;
+        if !self.challenged {
+            self.challenged = true;
+            return AuthStep::Continue(Bytes::from_static(b"nonce-1"));
+        }
+        match data {
+            Some(b"answer:nonce-1") => AuthStep::Success(Some(Bytes::from_static(b"welcome"))),
+            _ => AuthStep::Failure,
+        }
+    }
+}
+
+fn auth_props(data: &'static [u8]) -> Properties {
+    Properties {
+        authentication_method: Some("ECHO-CHALLENGE".into()),
+        authentication_data: Some(Bytes::from_static(data)),
+        ..Properties::default()
+    }
+}
+
+/// Runs CONNECT → AUTH (challenge) → AUTH (answer) and returns the client and the
+/// broker's last packet.
+async fn authenticate(b: &TestBroker, client_id: &str, answer: &'static [u8]) -> (Client, Packet) {
+    let mut c = Client::open(b.addr, client_id, Protocol::V5).await;
+    let connect = Connect {
+        properties: auth_props(b"hello"),
+        ..connect_v5(client_id)
+    };
+    c.send(Packet::Connect(Box::new(connect))).await;
+    let Packet::Auth(challenge) = c.expect("AUTH challenge").await else {
+        panic!("{client_id}: expected an AUTH challenge");
+    };
+    assert_eq!(challenge.reason, reason::CONTINUE_AUTHENTICATION);
+    assert_eq!(
+        challenge.properties.authentication_method,
+        Some("ECHO-CHALLENGE".into())
+    );
+    assert_eq!(
+        challenge.properties.authentication_data.as_deref(),
+        Some(&b"nonce-1"[..])
+    );
+    c.send(Packet::Auth(Auth {
+        reason: reason::CONTINUE_AUTHENTICATION,
+        properties: auth_props(answer),
+    }))
+    .await;
+    let last = c.expect("CONNACK").await;
+    (c, last)
+}
+
+/// Enhanced authentication with a registered method: challenge, answer, CONNACK 0x00
+/// carrying the method and the final data (4.12); the connection then works.
+#[tokio::test]
+async fn enhanced_authentication_exchange_succeeds() {
+    let b = TestBroker::with_auth(|_| {}, vec![std::sync::Arc::new(EchoChallenge)]).await;
+    let (mut c, last) = authenticate(&b, "authed", b"answer:nonce-1").await;
+    let Packet::ConnAck(ack) = last else {
+        panic!("expected CONNACK, got {last:?}");
+    };
+    assert_eq!(ack.code, reason::SUCCESS);
+    assert_eq!(
+        ack.properties.authentication_method,
+        Some("ECHO-CHALLENGE".into())
+    );
+    assert_eq!(
+        ack.properties.authentication_data.as_deref(),
+        Some(&b"welcome"[..])
+    );
+    c.subscribe("t", QoS::AtLeastOnce).await;
+    c.publish(plain("t", b"after auth", QoS::AtLeastOnce)).await;
+    assert_eq!(c.receive().await.payload, Bytes::from_static(b"after auth"));
+}
+
+/// A wrong answer is refused with CONNACK 0x87 and no session is created.
+#[tokio::test]
+async fn enhanced_authentication_wrong_answer_is_not_authorized() {
+    let b = TestBroker::with_auth(|_| {}, vec![std::sync::Arc::new(EchoChallenge)]).await;
+    let (mut c, last) = authenticate(&b, "intruder", b"answer:guess").await;
+    let Packet::ConnAck(ack) = last else {
+        panic!("expected CONNACK, got {last:?}");
+    };
+    assert_eq!(ack.code, reason::NOT_AUTHORIZED);
+    c.expect_closed(WAIT).await;
+    assert!(
+        b.broker().session("intruder").is_none(),
+        "no session was created"
+    );
+}
+
 /// AUTH on a connection whose CONNECT had no Authentication Method: Protocol Error,
 /// DISCONNECT 0x82 (4.12).
 #[tokio::test]

@@ -21,6 +21,14 @@ impl TestBroker {
 
     /// Starts a broker after letting `tweak` change the default configuration.
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        Self::with_auth(tweak, Vec::new()).await
+    }
+
+    /// `with`, and MQTT 5 enhanced authentication methods.
+    pub async fn with_auth(
+        tweak: impl FnOnce(&mut Config),
+        auth_methods: Vec<std::sync::Arc<dyn ternmq::auth::AuthMethod>>,
+    ) -> TestBroker {
         init_logs();
         let mut config = Config {
             listeners: vec![Listener::new(
@@ -30,7 +38,9 @@ impl TestBroker {
             ..Config::default()
         };
         tweak(&mut config);
-        let server = Server::start(config).await.expect("broker starts");
+        let server = Server::start_with(config, auth_methods)
+            .await
+            .expect("broker starts");
         let addr = server.local_addr(ListenerKind::Tcp).expect("tcp listener");
         TestBroker {
             server: Some(server),
