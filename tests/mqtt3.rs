@@ -458,6 +458,35 @@ async fn qos2_publish_flow_is_pubrec_pubrel_pubcomp() {
 }
 
 #[tokio::test]
+async fn a_client_that_does_not_read_its_answers_is_not_read_either() {
+    // PINGREQs sent without ever reading the PINGRESPs: once the answers back up, the
+    // broker must stop reading (TCP backpressure) rather than buffer answers forever.
+    let broker = TestBroker::start().await;
+    let mut c = Client::connect_v311(broker.addr, "deaf").await;
+    let chunk = [0xC0u8, 0x00].repeat(32 * 1024);
+    let limit = 256 * 1024 * 1024;
+    let mut sent = 0;
+    let stalled = loop {
+        if sent >= limit {
+            break false;
+        }
+        let write = tokio::io::AsyncWriteExt::write_all(&mut c.stream, &chunk);
+        match tokio::time::timeout(Duration::from_millis(500), write).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(e)) => panic!("broker closed the connection after {sent} bytes: {e}"),
+            Err(_) => break true,
+        }
+    };
+    assert!(
+        stalled,
+        "the broker kept reading {limit} bytes of PINGREQs whose answers nobody read"
+    );
+    // The broker is still fine for others.
+    let mut other = Client::connect_v311(broker.addr, "other").await;
+    other.subscribe_ok(&[("t", QoS::AtMostOnce)]).await;
+}
+
+#[tokio::test]
 async fn many_unreleased_qos2_publishes_are_fine_in_3_1_1() {
     // Receive Maximum (20 by default) is an MQTT 5 limit announced in CONNACK: a 3.1.1
     // client cannot know it, so it must not be held to it.

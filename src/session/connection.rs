@@ -451,6 +451,9 @@ impl<'a> Conn<'a> {
             }
             io.prepare_read();
             let spare = io.rbuf.capacity() - io.rbuf.len();
+            // A client that does not read what it asks for (acks, PINGRESPs) is not read
+            // either until its answers drain: TCP backpressure instead of a growing buffer.
+            let can_read = io.wbuf.len() < WRITE_HIGH_WATER;
             tokio::select! {
                 biased;
                 _ = wake.notified() => {
@@ -465,7 +468,7 @@ impl<'a> Conn<'a> {
                         Ok(_) => io.after_write(),
                     }
                 }
-                read = io.reader.read_buf(&mut io.rbuf) => {
+                read = io.reader.read_buf(&mut io.rbuf), if can_read => {
                     let n = match read {
                         Ok(0) | Err(_) => return Exit::Closed,
                         Ok(n) => n,

@@ -143,7 +143,7 @@ pub enum Event {
 pub struct Client {
     pub name: String,
     protocol: Protocol,
-    stream: TcpStream,
+    pub stream: TcpStream,
     rbuf: BytesMut,
     /// Packets read while waiting for another one, returned first by the next reads.
     pending: VecDeque<Packet>,
