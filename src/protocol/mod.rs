@@ -11,6 +11,14 @@ mod str;
 pub mod topic;
 
 pub use decode::decode;
+
+/// The MQTT 5 reason codes each packet type may carry (checked by `decode`).
+pub mod reason_codes {
+    pub use super::decode::{
+        AUTH_CODES, CONNACK_CODES, DISCONNECT_CODES, PUBACK_CODES, PUBREL_CODES, SUBACK_CODES,
+        SUBACK_V3_CODES, UNSUBACK_CODES,
+    };
+}
 pub use encode::{encode, encode_publish, PublishHeader};
 pub use properties::Properties;
 pub use str::ByteStr;
