@@ -15,7 +15,7 @@ mod common;
 
 use bytes::{Bytes, BytesMut};
 use common::client::{
-    ack, connect_v311, connect_v5, eventually, filter, opts, text, Client, Event, POLL, WAIT,
+    ack, connect_v311, connect_v5, eventually, filter, opts, text, Client, Event, WAIT,
 };
 use common::TestBroker;
 use std::time::{Duration, Instant};
@@ -2294,149 +2294,9 @@ async fn v311_publisher_to_v5_subscriber() {
 // =======================================================================================
 
 mod mosquitto {
-    use super::*;
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::{Arc, Mutex};
-
-    /// `mosquitto_sub -W`: a subscriber gives up by itself after this many seconds.
-    const SUB_TIMEOUT_SECS: &str = "10";
-
-    /// Whether the clients are installed; skips (outside CI) or fails (under CI) otherwise.
-    pub fn clients_available() -> bool {
-        let missing: Vec<&str> = ["mosquitto_pub", "mosquitto_sub", "stdbuf"]
-            .into_iter()
-            .filter(|c| !on_path(c))
-            .collect();
-        if missing.is_empty() {
-            return true;
-        }
-        let what = format!(
-            "{} not found on PATH (apt-get install mosquitto-clients coreutils)",
-            missing.join(", ")
-        );
-        let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-        assert!(!ci, "CI=true and {what}: the mosquitto tests cannot run");
-        eprintln!("note: skipping a mosquitto test: {what}");
-        false
-    }
-
-    fn on_path(command: &str) -> bool {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
-    }
-
-    /// A child process whose output is collected by reader threads; killed when dropped.
-    pub struct Proc {
-        command: String,
-        child: Child,
-        stdout: Arc<Mutex<Vec<String>>>,
-        stderr: Arc<Mutex<String>>,
-    }
-
-    impl Proc {
-        fn spawn(mut cmd: Command) -> Proc {
-            let command = format!("{cmd:?}");
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
-            let stdout = Arc::new(Mutex::new(Vec::new()));
-            let stderr = Arc::new(Mutex::new(String::new()));
-            let out = BufReader::new(child.stdout.take().expect("piped stdout"));
-            let mut err = child.stderr.take().expect("piped stderr");
-            let lines = stdout.clone();
-            std::thread::spawn(move || {
-                for line in out.split(b'\n').map_while(Result::ok) {
-                    lines
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&line).into_owned());
-                }
-            });
-            let text = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = err.read_to_end(&mut buf);
-                text.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf));
-            });
-            Proc {
-                command,
-                child,
-                stdout,
-                stderr,
-            }
-        }
-
-        fn describe(&self) -> String {
-            format!(
-                "{}\n  stdout: {:?}\n  stderr: {:?}",
-                self.command,
-                self.stdout.lock().unwrap(),
-                self.stderr.lock().unwrap()
-            )
-        }
-
-        fn exited(&mut self) -> bool {
-            self.child.try_wait().expect("try_wait").is_some()
-        }
-
-        /// Waits (bounded) for a successful exit; returns the lines printed on stdout.
-        pub async fn output(mut self) -> Vec<String> {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            let status = loop {
-                if let Some(status) = self.child.try_wait().expect("try_wait") {
-                    break status;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "still running: {}",
-                    self.describe()
-                );
-                tokio::time::sleep(POLL).await;
-            };
-            // The reader threads finish with the pipes; give them a moment.
-            let lines_done = Instant::now() + Duration::from_secs(2);
-            while Arc::strong_count(&self.stdout) > 1 && Instant::now() < lines_done {
-                tokio::time::sleep(POLL).await;
-            }
-            assert!(status.success(), "failed ({status}): {}", self.describe());
-            let lines = self.stdout.lock().unwrap().clone();
-            lines
-        }
-    }
-
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-
-    /// `mosquitto_sub` (line-buffered, bounded by `-W`), connected to `b`.
-    pub fn sub(b: &TestBroker, args: &[&str]) -> Proc {
-        let mut cmd = Command::new("stdbuf");
-        cmd.args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
-            .arg(b.port().to_string())
-            .args(["-W", SUB_TIMEOUT_SECS])
-            .args(args);
-        Proc::spawn(cmd)
-    }
-
-    /// Runs `mosquitto_pub` to completion (at QoS 1 it exits once the broker has acked).
-    pub async fn publish(b: &TestBroker, args: &[&str]) {
-        let mut cmd = Command::new("mosquitto_pub");
-        cmd.args(["-h", "127.0.0.1", "-p"])
-            .arg(b.port().to_string())
-            .args(args);
-        Proc::spawn(cmd).output().await;
-    }
+    pub use crate::common::mosquitto::{
+        clients_available, mosquitto_sub as sub, publish, wait_subscriptions as wait_subscribed,
+    };
 
     /// `-D command name value...` for each property: `properties("publish",
     /// &[&["content-type", "text/plain"]])`.
@@ -2445,21 +2305,6 @@ mod mosquitto {
             .iter()
             .flat_map(|p| ["-D", command].into_iter().chain(p.iter().copied()))
             .collect()
-    }
-
-    /// Waits until the broker holds `count` subscriptions; fails early if `p` exits.
-    pub async fn wait_subscribed(b: &TestBroker, count: usize, p: &mut Proc) {
-        let router = &b.broker().router;
-        let deadline = Instant::now() + WAIT;
-        while router.subscription_count() < count {
-            assert!(!p.exited(), "subscriber exited: {}", p.describe());
-            assert!(
-                Instant::now() < deadline,
-                "no subscription: {}",
-                p.describe()
-            );
-            tokio::time::sleep(POLL).await;
-        }
     }
 }
 

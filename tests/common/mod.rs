@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod mosquitto;
 
 use std::net::SocketAddr;
 use std::time::Duration;
