@@ -6,8 +6,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
+use ternmq::message::{DeliveryHeader, Message};
 use ternmq::protocol::{self, Packet, Protocol, PublishHeader, QoS};
-use ternmq::router::{DeliveryHeader, Message};
 
 const TOPIC: &str = "site/17/device/4242/temperature";
 
@@ -134,6 +134,7 @@ fn encode(c: &mut Criterion) {
             false,
             None,
             1,
+            std::time::Instant::now(),
         ));
         group.bench_function(format!("message_delivery_{name}_64B"), |b| {
             let mut out = BytesMut::with_capacity(64 * 1024);
@@ -142,14 +143,15 @@ fn encode(c: &mut Criterion) {
                 qos,
                 retain: false,
                 pkid,
-                sub_ids: &[],
+                ..DeliveryHeader::default()
             };
+            let now = std::time::Instant::now();
             b.iter(|| {
                 if out.len() > 60 * 1024 {
                     out.clear();
                 }
                 message
-                    .encode(&mut out, Protocol::V311, black_box(&delivery))
+                    .encode(&mut out, Protocol::V311, black_box(&delivery), now)
                     .expect("encodes");
             })
         });

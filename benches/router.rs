@@ -8,8 +8,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ternmq::message::Message;
 use ternmq::protocol::{QoS, SubOptions};
-use ternmq::router::{Message, Router};
+use ternmq::router::Router;
 use ternmq::session::{Link, QueueLimits, Session};
 use tokio::sync::Notify;
 
@@ -32,6 +33,7 @@ fn message(topic: &str, qos: QoS) -> Arc<Message> {
         false,
         None,
         0,
+        Instant::now(),
     ))
 }
 
@@ -41,7 +43,7 @@ fn message(topic: &str, qos: QoS) -> Arc<Message> {
 /// (`s3/d17/#`, `s3/#`). Sessions are offline and get QoS 0: each match is handed to its
 /// session, which refuses it cheaply (nothing is queued), so what is measured is finding
 /// the subscribers.
-fn populated_router() -> (Router, Vec<String>) {
+fn populated_router() -> (Router<Session>, Vec<String>) {
     let router = Router::default();
     let mut filters = Vec::with_capacity(100_000);
     let limits = QueueLimits {
@@ -156,7 +158,7 @@ fn fan_out(c: &mut Criterion) {
                     conn_id: id,
                     wake: Arc::new(Notify::new()),
                 };
-                s.attach(link.clone(), 0);
+                s.attach_new(link.clone(), 0);
                 router.subscribe("fan/out", &s, options(qos), None);
                 (s, link)
             })
@@ -165,8 +167,7 @@ fn fan_out(c: &mut Criterion) {
         assert_eq!(router.publish(&msg), SUBSCRIBERS, "every session queues it");
         let drain = || {
             for (s, link) in &sessions {
-                let _ = s.discard();
-                s.attach(link.clone(), 0);
+                let _ = s.with_state(link.conn_id, |st| st.queue.clear());
             }
         };
         drain();

@@ -1,17 +1,23 @@
-//! Shared state of a running broker, and starting and stopping it.
+//! The shared state of a running broker (config, router, session registry) and the life
+//! of sessions across connections: open (new, resumed, discarded, taken over), subscribe
+//! and unsubscribe as their owner, detach, expire.
+//!
+//! Every change that touches both the router and a session is made here, under the
+//! session's `control` lock (see `session`), so that it cannot interleave with a takeover
+//! or an expiry. Ending a session and removing it from the registry is one decision,
+//! taken under the registry entry's lock, which opening a session takes too.
 
 use crate::auth::AuthMethod;
-use crate::config::{Config, ListenerKind};
-use crate::protocol::ByteStr;
-use crate::router::{Message, Router};
-use crate::session::{Detached, Link, QueueLimits, Session, NEVER_EXPIRE};
-use crate::transport;
+use crate::config::Config;
+use crate::message::Message;
+use crate::protocol::{ByteStr, SubOptions};
+use crate::router::Router;
+use crate::session::{Detached, Ended, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,14 +25,20 @@ pub struct Broker {
     pub config: Config,
     /// MQTT 5 enhanced authentication methods, by name.
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
-    pub router: Router,
+    pub router: Router<Session>,
     /// Sessions by client id, connected or not.
     sessions: DashMap<ByteStr, Arc<Session>>,
     next_id: AtomicU64,
     /// Cancelled on shutdown (`begin_shutdown`): listeners stop accepting and
     /// connections close.
     pub shutdown: CancellationToken,
+    /// Every task of the broker (accept loops, connections, timers), for shutdown.
     pub tasks: TaskTracker,
+}
+
+/// The clock the broker runs on: tokio's, so that tests can pause it.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 impl Broker {
@@ -56,9 +68,10 @@ impl Broker {
         }
     }
 
-    /// Gives `client_id`'s session to a new connection. An existing session is resumed
-    /// (unless `clean_start`, which discards it) and its connection, if any, is told it
-    /// has been taken over. `expiry` is the session's new expiry interval (see
+    /// Gives `client_id`'s session to a new connection. A stored session is resumed
+    /// unless `clean_start` or it cannot be (it was to end with its connection, or has
+    /// ended): then it is discarded and a new one made. A connection that loses the
+    /// session is woken to find out. `expiry` is the session's new expiry interval (see
     /// `SessionState::expiry`). Returns the session and whether it was resumed.
     pub fn open_session(
         &self,
@@ -66,64 +79,120 @@ impl Broker {
         clean_start: bool,
         expiry: u32,
         link: Link,
+        now: Instant,
     ) -> (Arc<Session>, bool) {
-        let fresh = |broker: &Broker| {
-            let s = Arc::new(Session::new(
-                broker.next_id(),
-                client_id.clone(),
-                broker.queue_limits(),
-            ));
-            s.attach(link.clone(), expiry);
-            s
-        };
-        match self.sessions.entry(client_id.clone()) {
-            Entry::Occupied(mut entry) => {
-                let old = entry.get().clone();
-                if clean_start {
-                    let (old_link, ended) = old.discard();
-                    self.unsubscribe_all(&old, &ended.filters);
-                    if let Some(will) = ended.will {
-                        self.publish_will(&will);
-                    }
-                    wake(old_link);
-                    let session = fresh(self);
-                    entry.insert(session.clone());
-                    (session, false)
-                } else {
-                    wake(old.attach(link, expiry));
-                    (old, true)
-                }
-            }
+        let mut entry = match self.sessions.entry(client_id.clone()) {
+            Entry::Occupied(entry) => entry,
             Entry::Vacant(entry) => {
-                let session = fresh(self);
+                let session = self.new_session(client_id, link, expiry);
                 entry.insert(session.clone());
-                (session, false)
+                return (session, false);
+            }
+        };
+        let old = entry.get().clone();
+        let control = old.control();
+        if !clean_start {
+            if let Some(previous) = old.resume(link.clone(), expiry) {
+                drop(control);
+                wake(previous);
+                return (old, true);
             }
         }
+        let (previous, ended) = old.discard();
+        self.clean_up(&old, ended, now);
+        drop(control);
+        wake(previous);
+        let session = self.new_session(client_id, link, expiry);
+        entry.insert(session.clone());
+        (session, false)
     }
 
-    /// Finishes what a connection leaving its session started: shared-subscription
-    /// messages go to other members; an ended session is removed; a lasting one gets
-    /// timers for its delayed will and its expiry.
-    pub fn session_detached(
+    fn new_session(&self, client_id: &ByteStr, link: Link, expiry: u32) -> Arc<Session> {
+        let s = Session::new(self.next_id(), client_id.clone(), self.queue_limits());
+        s.attach_new(link, expiry);
+        Arc::new(s)
+    }
+
+    /// Subscribes the session its connection `conn_id` owns to `filter`, in the router
+    /// and in the session state together. Returns whether it had that subscription.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        conn_id: u64,
+        filter: &ByteStr,
+        options: SubOptions,
+        id: Option<u32>,
+    ) -> Result<bool, NotOwner> {
+        let _control = session.control();
+        if !session.is_owned_by(conn_id) {
+            return Err(NotOwner);
+        }
+        let existed = self.router.subscribe(filter, session, options, id);
+        let sub = crate::session::Subscription { options, id };
+        session.with_state(conn_id, |s| s.subscriptions.insert(filter.clone(), sub))?;
+        Ok(existed)
+    }
+
+    /// The reverse of `subscribe`. Returns whether the subscription existed.
+    pub fn unsubscribe(
+        &self,
+        session: &Arc<Session>,
+        conn_id: u64,
+        filter: &str,
+    ) -> Result<bool, NotOwner> {
+        let _control = session.control();
+        if !session.is_owned_by(conn_id) {
+            return Err(NotOwner);
+        }
+        session.with_state(conn_id, |s| s.subscriptions.remove(filter))?;
+        Ok(self.router.unsubscribe(filter, session.id))
+    }
+
+    /// Routes a message from a client (or a will): stored if retained, then handed to
+    /// the subscribers. Returns how many took it.
+    pub fn publish(&self, message: &Arc<Message>) -> usize {
+        if message.retain {
+            self.router.retain(message);
+        }
+        self.router.publish(message)
+    }
+
+    /// Publishes a will. Its Message Expiry Interval counts from now, not from the
+    /// CONNECT that carried it (MQTT 5.0, 3.1.3.2.4).
+    pub fn publish_will(&self, will: &Message, now: Instant) {
+        tracing::debug!(topic = %will.topic, "publishing will");
+        self.publish(&Arc::new(Message::new(
+            will.topic.clone(),
+            will.payload.clone(),
+            will.qos,
+            will.retain,
+            will.properties.clone(),
+            will.origin,
+            now,
+        )));
+    }
+
+    /// Finishes what a connection leaving its session started. An ended session is
+    /// removed; a lasting one gets timers for its delayed will and its expiry.
+    pub fn detached(
         self: &Arc<Self>,
         session: &Arc<Session>,
         conn_id: u64,
         detached: Detached,
         will_delay: u32,
+        now: Instant,
     ) {
-        for orphan in detached.orphans {
-            self.router.redeliver_shared(orphan, session.id);
-        }
-        if let Some(filters) = detached.ended {
-            if let Some(will) = detached.will {
-                self.publish_will(&will);
+        let expiry = match detached {
+            Detached::Ended(ended) => {
+                self.sessions
+                    .remove_if(&session.client_id, |_, s| Arc::ptr_eq(s, session));
+                let _control = session.control();
+                self.clean_up(session, ended, now);
+                return;
             }
-            self.end_session(session, &filters);
-            return;
-        }
-        let expiry = (detached.expiry != NEVER_EXPIRE)
-            .then(|| Duration::from_secs(u64::from(detached.expiry)));
+            Detached::Kept { expiry } => expiry,
+        };
+        let expiry = (expiry != NEVER_EXPIRE).then(|| Duration::from_secs(u64::from(expiry)));
         let will_after = (will_delay > 0)
             .then(|| Duration::from_secs(u64::from(will_delay)))
             .filter(|w| expiry.is_none_or(|e| *w < e));
@@ -131,24 +200,18 @@ impl Broker {
             return;
         }
         let (broker, session) = (self.clone(), session.clone());
-        let start = tokio::time::Instant::now();
+        let start = tokio::time::Instant::from_std(now);
         self.tasks.spawn(async move {
             let timers = async {
                 if let Some(w) = will_after {
                     tokio::time::sleep_until(start + w).await;
                     if let Some(will) = session.take_pending_will(conn_id) {
-                        broker.publish_will(&will);
+                        broker.publish_will(&will, self::now());
                     }
                 }
                 if let Some(e) = expiry {
                     tokio::time::sleep_until(start + e).await;
-                    if let Some(ended) = session.expire(conn_id) {
-                        tracing::debug!(client_id = %session.client_id, "session expired");
-                        if let Some(will) = ended.will {
-                            broker.publish_will(&will);
-                        }
-                        broker.end_session(&session, &ended.filters);
-                    }
+                    broker.expire(&session, conn_id, self::now());
                 }
             };
             tokio::select! {
@@ -158,35 +221,43 @@ impl Broker {
         });
     }
 
-    /// Publishes a will, retaining it if asked. Its Message Expiry Interval counts from
-    /// now, not from the CONNECT that carried it (MQTT 5.0, 3.1.3.2.4).
-    pub fn publish_will(&self, will: &Message) {
-        tracing::debug!(topic = %will.topic, "publishing will");
-        let will = &Arc::new(Message::new(
-            will.topic.clone(),
-            will.payload.clone(),
-            will.qos,
-            will.retain,
-            will.properties.clone(),
-            will.origin,
-        ));
-        if will.retain {
-            self.router.retain(will);
+    /// Ends `session` if it is still offline since `conn_id` left it: decided and
+    /// removed from the registry in one step, so that a CONNECT racing the expiry either
+    /// resumes the session before or gets a new one after, never the dying one.
+    fn expire(&self, session: &Arc<Session>, conn_id: u64, now: Instant) {
+        let mut ended = None;
+        self.sessions.remove_if(&session.client_id, |_, s| {
+            if !Arc::ptr_eq(s, session) {
+                return false;
+            }
+            ended = session.expire(conn_id);
+            ended.is_some()
+        });
+        if let Some(ended) = ended {
+            tracing::debug!(client_id = %session.client_id, "session expired");
+            let _control = session.control();
+            self.clean_up(session, ended, now);
         }
-        self.router.publish(will);
     }
 
-    /// Removes a session that has ended: its subscriptions and, if it is still the
-    /// registered one for its client id, its registry entry.
-    pub fn end_session(&self, session: &Arc<Session>, filters: &[ByteStr]) {
-        self.unsubscribe_all(session, filters);
-        self.sessions
-            .remove_if(&session.client_id, |_, s| Arc::ptr_eq(s, session));
-    }
-
-    fn unsubscribe_all(&self, session: &Session, filters: &[ByteStr]) {
-        for f in filters {
+    /// What an ended session leaves to do: its delayed will goes out, its subscriptions
+    /// leave the router, and shared-subscription messages it never received go to other
+    /// members. Called with the session's control lock held.
+    fn clean_up(&self, session: &Session, ended: Ended, now: Instant) {
+        if let Some(will) = &ended.will {
+            self.publish_will(will, now);
+        }
+        for f in &ended.filters {
             self.router.unsubscribe(f, session.id);
+        }
+        let max_waiting = self.config.session.max_queued_messages;
+        for orphan in ended.orphans {
+            if !self
+                .router
+                .redeliver_shared(orphan, session.id, max_waiting)
+            {
+                crate::metrics::dropped();
+            }
         }
     }
 
@@ -214,60 +285,5 @@ impl Broker {
 fn wake(link: Option<Link>) {
     if let Some(link) = link {
         link.wake.notify_one();
-    }
-}
-
-/// A running broker: its listeners' addresses and the handle to stop it.
-pub struct Server {
-    broker: Arc<Broker>,
-    addrs: Vec<(ListenerKind, SocketAddr)>,
-}
-
-impl Server {
-    /// Binds every configured listener and starts accepting connections.
-    pub async fn start(config: Config) -> std::io::Result<Server> {
-        Server::start_with(config, Vec::new()).await
-    }
-
-    /// `start`, with MQTT 5 enhanced authentication methods.
-    pub async fn start_with(
-        config: Config,
-        auth_methods: Vec<Arc<dyn AuthMethod>>,
-    ) -> std::io::Result<Server> {
-        let broker = Broker::new(config, auth_methods);
-        let mut addrs = Vec::new();
-        for listener in &broker.config.listeners {
-            let addr = match listener.kind {
-                ListenerKind::Tcp => transport::tcp::listen(&broker, listener.bind).await?,
-                ListenerKind::Ws => transport::ws::listen(&broker, listener).await?,
-            };
-            tracing::info!(%addr, kind = ?listener.kind, "listening");
-            addrs.push((listener.kind, addr));
-        }
-        Ok(Server { broker, addrs })
-    }
-
-    pub fn broker(&self) -> &Arc<Broker> {
-        &self.broker
-    }
-
-    /// The bound address of the first listener of `kind` (useful with port 0).
-    pub fn local_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
-        self.addrs.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
-    }
-
-    /// Resolves when shutdown has been requested (e.g. by `shutdown` from another task).
-    pub async fn stopped(&self) {
-        self.broker.shutdown.cancelled().await
-    }
-
-    /// Stops accepting, closes every connection, and waits up to `grace` for them.
-    /// Returns false if some task was still running when the grace period ended.
-    pub async fn shutdown(self, grace: Duration) -> bool {
-        self.broker.begin_shutdown();
-        self.broker.tasks.close();
-        tokio::time::timeout(grace, self.broker.tasks.wait())
-            .await
-            .is_ok()
     }
 }

@@ -5,6 +5,7 @@
 //! that toml reports them with the file position of the offending value, exactly like an
 //! unknown key or a wrong type.
 
+use crate::protocol::QoS;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -114,7 +115,7 @@ pub struct Mqtt {
     pub retain_available: bool,
     /// Highest QoS accepted and granted.
     #[serde(deserialize_with = "qos")]
-    pub max_qos: u8,
+    pub max_qos: QoS,
     pub wildcard_subscription_available: bool,
     pub subscription_identifiers_available: bool,
     pub shared_subscription_available: bool,
@@ -130,6 +131,14 @@ pub struct Mqtt {
     /// 5.0: how many QoS 2 publishes a client may have unreleased at once.
     #[serde(deserialize_with = "receive_maximum")]
     pub receive_maximum: u16,
+    /// 5.0: how many topic aliases the server sets per connection towards a client that
+    /// accepts them (0 = never).
+    #[serde(deserialize_with = "u16_value")]
+    pub max_outgoing_topic_aliases: u16,
+    /// 5.0: the Response Information for clients that ask for it; `{client_id}` is
+    /// replaced by the client id. None = not given.
+    #[serde(deserialize_with = "response_information")]
+    pub response_information: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,7 +175,7 @@ impl Default for Mqtt {
             max_packet_size: crate::protocol::MAX_REMAINING_LENGTH + 5,
             allow_zero_length_clientid: true,
             retain_available: true,
-            max_qos: 2,
+            max_qos: QoS::ExactlyOnce,
             wildcard_subscription_available: true,
             subscription_identifiers_available: true,
             shared_subscription_available: true,
@@ -174,6 +183,8 @@ impl Default for Mqtt {
             max_session_expiry_interval: u32::MAX,
             topic_alias_maximum: 10,
             receive_maximum: 20,
+            max_outgoing_topic_aliases: 10,
+            response_information: None,
         }
     }
 }
@@ -266,8 +277,18 @@ fn pkid_window<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     ranged(d, 1, 65_535, "value").map(|v| v as usize)
 }
 
-fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
-    ranged(d, 0, 2, "value").map(|v| v as u8)
+fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<QoS, D::Error> {
+    ranged(d, 0, 2, "value").map(|v| QoS::from_u8(v as u8).unwrap_or_default())
+}
+
+fn response_information<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let prefix = String::deserialize(d)?;
+    if prefix.is_empty() || prefix.contains(['+', '#']) {
+        return Err(serde::de::Error::custom(format!(
+            "response_information must be a topic prefix without wildcards (got {prefix:?})"
+        )));
+    }
+    Ok(Some(prefix))
 }
 
 fn u16_value<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {

@@ -1,17 +1,23 @@
 //! ternmq: a lightweight, fast MQTT broker (3.1, 3.1.1 and 5.0).
 //!
-//! Data flows one way: bytes (`transport`) -> packets (`protocol`) -> the client's
-//! connection and session (`session`) -> subscribers (`router`) -> their sessions' queues
-//! -> bytes. `broker` holds the shared state and starts the listeners.
+//! Data flows one way: bytes (`transport`) -> packets (`protocol`) -> the connection's
+//! state machine (`conn`) -> the router (`router`) -> the subscribers' sessions
+//! (`session`) -> bytes. `broker` holds the shared state and the life of sessions;
+//! `server` binds the listeners.
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod conn;
+pub mod message;
 pub mod metrics;
 pub mod protocol;
 pub mod router;
+pub mod server;
 pub mod session;
 pub mod transport;
 
-pub use broker::{Broker, Server};
+pub use broker::Broker;
 pub use config::Config;
+pub use server::Server;

@@ -9,8 +9,8 @@ use proptest::sample::select;
 use proptest::strategy::Union;
 use ternmq::protocol::{
     decode, encode, Ack, Auth, ByteStr, ConnAck, Connect, Disconnect, Error, Packet, Properties,
-    Protocol, Publish, QoS, SubAck, SubOptions, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe,
-    Will,
+    Protocol, Publish, QoS, ReasonCode, SubAck, SubOptions, Subscribe, SubscribeFilter, UnsubAck,
+    Unsubscribe, Will,
 };
 
 const CASES: u32 = 256;
@@ -75,8 +75,8 @@ fn pkid() -> impl Strategy<Value = u16> {
     1..=u16::MAX
 }
 
-fn code(codes: &'static [u8]) -> impl Strategy<Value = u8> {
-    select(codes)
+fn code(codes: &'static [u8]) -> impl Strategy<Value = ReasonCode> {
+    select(codes).prop_map(|c| ReasonCode::from_u8(c).expect("a reason code"))
 }
 
 /// Properties with every field drawn, valid values only.
@@ -253,10 +253,11 @@ fn connect(protocol: Protocol) -> impl Strategy<Value = Packet> {
 }
 
 fn connack(protocol: Protocol) -> impl Strategy<Value = Packet> {
+    // A 3.x CONNACK carries the reasons of the six 3.x return codes.
     let codes = if protocol.is_v5() {
         CONNACK_CODES
     } else {
-        &[0, 1, 2, 3, 4, 5]
+        &[0x00, 0x84, 0x85, 0x88, 0x86, 0x87]
     };
     (any::<bool>(), code(codes), properties(protocol, CONNACK)).prop_map(
         |(session_present, code, properties)| {
@@ -311,7 +312,7 @@ fn ack(protocol: Protocol) -> impl Strategy<Value = Packet> {
     )
         .prop_map(move |(kind, pkid, puback_code, pubrel_code, properties)| {
             let reason = match (v5, kind) {
-                (false, _) => 0,
+                (false, _) => ReasonCode::Success,
                 (true, 0 | 1) => puback_code,
                 (true, _) => pubrel_code,
             };
@@ -417,7 +418,7 @@ fn disconnect(protocol: Protocol) -> impl Strategy<Value = Packet> {
     (code(DISCONNECT_CODES), properties(protocol, DISCONNECT)).prop_map(
         move |(reason, properties)| {
             Packet::Disconnect(Disconnect {
-                reason: if v5 { reason } else { 0 },
+                reason: if v5 { reason } else { ReasonCode::Success },
                 properties,
             })
         },
@@ -602,7 +603,8 @@ fn user_properties(p: &Properties) -> Vec<(String, String)> {
 /// mqttbytes enums of reason codes, from the code.
 macro_rules! code_enum {
     ($name:ident: $ty:ty { $($variant:ident),* $(,)? }) => {
-        fn $name(code: u8) -> $ty {
+        fn $name(code: impl Into<u8>) -> $ty {
+            let code = code.into();
             [$(<$ty>::$variant),*]
                 .into_iter()
                 .find(|v| *v as u8 == code)
@@ -641,7 +643,7 @@ mod v4 {
             }),
             Packet::ConnAck(c) => v4::Packet::ConnAck(v4::ConnAck {
                 session_present: c.session_present,
-                code: connack_code(c.code),
+                code: connack_code(c.code.v3_connack()),
             }),
             Packet::Publish(p) => v4::Packet::Publish(v4::Publish {
                 dup: p.dup,
@@ -671,7 +673,7 @@ mod v4 {
                 return_codes: s
                     .codes
                     .iter()
-                    .map(|&c| v4::SubscribeReasonCode::try_from(c).expect("3.x SUBACK code"))
+                    .map(|&c| v4::SubscribeReasonCode::try_from(c as u8).expect("3.x SUBACK code"))
                     .collect(),
             }),
             Packet::Unsubscribe(u) => v4::Packet::Unsubscribe(v4::Unsubscribe {
@@ -894,7 +896,7 @@ mod v5 {
                 return_codes: s
                     .codes
                     .iter()
-                    .map(|&c| v5::SubscribeReasonCode::try_from(c).expect("SUBACK code"))
+                    .map(|&c| v5::SubscribeReasonCode::try_from(c as u8).expect("SUBACK code"))
                     .collect(),
                 properties: reason_properties!(SubAckProperties, &s.properties),
             }),
@@ -913,7 +915,7 @@ mod v5 {
             Packet::PingReq => v5::Packet::PingReq,
             Packet::PingResp => v5::Packet::PingResp,
             Packet::Disconnect(d) => v5::Packet::Disconnect(v5::Disconnect {
-                reason_code: v5::DisconnectReasonCode::try_from(d.reason).expect("code"),
+                reason_code: v5::DisconnectReasonCode::try_from(d.reason as u8).expect("code"),
                 properties: some(&d.properties, |p| v5::DisconnectProperties {
                     session_expiry_interval: p.session_expiry_interval,
                     reason_string: opt_string(&p.reason_string),

@@ -60,7 +60,7 @@ fn encode(packet: &Packet) -> BytesMut {
 #[track_caller]
 fn assert_publish(p: &Publish, topic: &str, payload: &str, qos: QoS, retain: bool) {
     assert_eq!(
-        (p.topic.as_str(), text(&p.payload).as_str(), p.qos, p.retain),
+        (&*p.topic, text(&p.payload).as_str(), p.qos, p.retain),
         (topic, payload, qos, retain),
         "PUBLISH (topic, payload, qos, retain); full packet: {p:?}"
     );
@@ -182,7 +182,7 @@ async fn mqtt31_empty_client_id_is_rejected_with_code_2() {
     };
     let (mut c, ack) = Client::connect_with(broker.addr, connect).await;
     assert_eq!(
-        (ack.code, ack.session_present),
+        (ack.code.v3_connack(), ack.session_present),
         (2, false),
         "CONNACK identifier rejected"
     );
@@ -212,7 +212,8 @@ async fn mqtt31_client_id_over_23_characters_is_rejected_with_code_2() {
     )
     .await;
     assert_eq!(
-        ack.code, 2,
+        ack.code.v3_connack(),
+        2,
         "3.1 client id of 24 characters: identifier rejected"
     );
     c.expect_closed(WAIT).await;
@@ -241,7 +242,7 @@ async fn empty_client_id_without_clean_session_is_rejected_with_code_2() {
     let broker = TestBroker::start().await;
     let (mut c, ack) = Client::connect_with(broker.addr, persistent("")).await;
     assert_eq!(
-        (ack.code, ack.session_present),
+        (ack.code.v3_connack(), ack.session_present),
         (2, false),
         "CONNACK identifier rejected"
     );
@@ -253,7 +254,7 @@ async fn empty_client_id_without_clean_session_is_rejected_with_code_2() {
 async fn empty_client_id_is_rejected_when_the_config_forbids_it() {
     let broker = TestBroker::with(|cfg| cfg.mqtt.allow_zero_length_clientid = false).await;
     let (mut c, ack) = Client::connect_with(broker.addr, connect_v311("")).await;
-    assert_eq!(ack.code, 2, "CONNACK identifier rejected");
+    assert_eq!(ack.code.v3_connack(), 2, "CONNACK identifier rejected");
     c.expect_closed(WAIT).await;
     assert_eq!(broker.broker().session_count(), 0);
 }
@@ -1695,7 +1696,7 @@ async fn rumqttc_last_will_is_published_when_a_client_vanishes() {
     let will = watcher.next_publish().await;
     assert_eq!(
         (
-            will.topic.as_str(),
+            &*will.topic,
             text(&will.payload).as_str(),
             will.qos,
             will.retain

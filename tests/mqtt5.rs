@@ -20,9 +20,10 @@ use common::client::{
 use common::TestBroker;
 use std::time::{Duration, Instant};
 use ternmq::protocol::{
-    self, reason, Ack, Auth, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish,
-    QoS, SubOptions, Subscribe, Will,
+    self, Ack, Auth, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    ReasonCode, SubOptions, Subscribe, Will,
 };
+use ternmq::router::Mailbox;
 
 // ---------------------------------------------------------------------------------------
 // Packet builders (the shared ones, and the raw client, are in `common::client`)
@@ -132,7 +133,7 @@ async fn wait_offline(b: &TestBroker, client_id: &str) {
 async fn connack_announces_default_capabilities() {
     let b = TestBroker::start().await;
     let (_c, ack) = Client::connect_with(b.addr, connect_v5("defaults")).await;
-    assert_eq!(ack.code, reason::SUCCESS);
+    assert_eq!(ack.code, ReasonCode::Success);
     assert!(!ack.session_present);
     let expected = Properties {
         receive_maximum: Some(20),
@@ -157,7 +158,7 @@ async fn connack_announces_configured_capabilities() {
         cfg.mqtt.wildcard_subscription_available = false;
         cfg.mqtt.subscription_identifiers_available = false;
         cfg.mqtt.shared_subscription_available = false;
-        cfg.mqtt.max_qos = 1;
+        cfg.mqtt.max_qos = QoS::AtLeastOnce;
         cfg.mqtt.max_packet_size = 1024;
         cfg.mqtt.topic_alias_maximum = 2;
         cfg.mqtt.receive_maximum = 5;
@@ -186,12 +187,12 @@ async fn retain_unavailable_refuses_retained_publish() {
     let mut c = Client::connect_v5(b.addr, "no-retain").await;
     c.publish_expect(
         plain("r/t", b"plain", QoS::AtLeastOnce),
-        reason::NO_MATCHING_SUBSCRIBERS,
+        ReasonCode::NoMatchingSubscribers,
     )
     .await;
     c.send(Packet::Publish(retained("r/t", b"kept", QoS::AtMostOnce)))
         .await;
-    c.expect_disconnect(reason::RETAIN_NOT_SUPPORTED).await;
+    c.expect_disconnect(ReasonCode::RetainNotSupported).await;
     assert_eq!(b.broker().router.retained_count(), 0, "nothing retained");
 
     // A will with Will Retain 1 is refused in the CONNACK [MQTT-3.2.2-13].
@@ -202,7 +203,7 @@ async fn retain_unavailable_refuses_retained_publish() {
     let (mut c, ack) = Client::connect_with(b.addr, will).await;
     assert_eq!(
         ack.code,
-        reason::RETAIN_NOT_SUPPORTED,
+        ReasonCode::RetainNotSupported,
         "CONNACK for a retained will"
     );
     c.expect_closed(WAIT).await;
@@ -227,9 +228,9 @@ async fn wildcard_unavailable_refuses_wildcard_filters() {
     assert_eq!(
         codes,
         [
-            reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED,
-            reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED,
-            reason::GRANTED_QOS_1
+            ReasonCode::WildcardSubscriptionsNotSupported,
+            ReasonCode::WildcardSubscriptionsNotSupported,
+            ReasonCode::GrantedQoS1
         ],
         "SUBACK reason codes"
     );
@@ -252,7 +253,10 @@ async fn shared_unavailable_refuses_shared_filters() {
         .await;
     assert_eq!(
         codes,
-        [reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, reason::SUCCESS],
+        [
+            ReasonCode::SharedSubscriptionsNotSupported,
+            ReasonCode::Success
+        ],
         "SUBACK reason codes"
     );
     assert_eq!(b.broker().router.subscription_count(), 1);
@@ -270,7 +274,7 @@ async fn subscription_identifiers_unavailable_disconnect() {
         properties: sub_id(5),
     }))
     .await;
-    c.expect_disconnect(reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
+    c.expect_disconnect(ReasonCode::SubscriptionIdentifiersNotSupported)
         .await;
 }
 
@@ -279,7 +283,7 @@ async fn subscription_identifiers_unavailable_disconnect() {
 /// [MQTT-3.2.2-12].
 #[tokio::test]
 async fn maximum_qos_1_is_announced_and_enforced() {
-    let b = TestBroker::with(|cfg| cfg.mqtt.max_qos = 1).await;
+    let b = TestBroker::with(|cfg| cfg.mqtt.max_qos = QoS::AtLeastOnce).await;
     let (mut sub, ack) = Client::accepted(b.addr, connect_v5("mq-sub")).await;
     assert_eq!(ack.properties.maximum_qos, Some(1), "CONNACK Maximum QoS");
     let codes = sub
@@ -290,13 +294,13 @@ async fn maximum_qos_1_is_announced_and_enforced() {
         .await;
     assert_eq!(
         codes,
-        [reason::GRANTED_QOS_1],
+        [ReasonCode::GrantedQoS1],
         "QoS 2 subscription granted QoS 1"
     );
 
     let mut publisher = Client::connect_v5(b.addr, "mq-pub").await;
     publisher
-        .publish_expect(plain("mq/t", b"one", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(plain("mq/t", b"one", QoS::AtLeastOnce), ReasonCode::Success)
         .await;
     let p = sub.receive().await;
     assert_eq!((p.qos, text(&p.payload)), (QoS::AtLeastOnce, "one".into()));
@@ -307,7 +311,9 @@ async fn maximum_qos_1_is_announced_and_enforced() {
             ..plain("mq/t", b"two", QoS::ExactlyOnce)
         }))
         .await;
-    publisher.expect_disconnect(reason::QOS_NOT_SUPPORTED).await;
+    publisher
+        .expect_disconnect(ReasonCode::QoSNotSupported)
+        .await;
     sub.expect_quiet("after the refused QoS 2 PUBLISH").await;
 
     let mut will = connect_with_will("mq-will", "mq/t", "bye", Properties::default());
@@ -317,7 +323,7 @@ async fn maximum_qos_1_is_announced_and_enforced() {
     let (mut c, ack) = Client::connect_with(b.addr, will).await;
     assert_eq!(
         ack.code,
-        reason::QOS_NOT_SUPPORTED,
+        ReasonCode::QoSNotSupported,
         "CONNACK for a QoS 2 will"
     );
     c.expect_closed(WAIT).await;
@@ -338,7 +344,7 @@ async fn maximum_packet_size_is_announced_and_enforced() {
     );
     c.publish_expect(
         plain("big/small", &[b'x'; 64], QoS::AtLeastOnce),
-        reason::SUCCESS,
+        ReasonCode::Success,
     )
     .await;
     c.send(Packet::Publish(plain(
@@ -347,9 +353,9 @@ async fn maximum_packet_size_is_announced_and_enforced() {
         QoS::AtMostOnce,
     )))
     .await;
-    c.expect_disconnect(reason::PACKET_TOO_LARGE).await;
+    c.expect_disconnect(ReasonCode::PacketTooLarge).await;
     let got = sub.drain_publishes().await;
-    let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
+    let topics: Vec<&str> = got.iter().map(|p| &*p.topic).collect();
     assert_eq!(
         topics,
         ["big/small"],
@@ -405,7 +411,7 @@ async fn server_keep_alive_is_enforced() {
     let (mut c, ack) = Client::accepted(b.addr, connect_v5("ka-enforced")).await;
     assert_eq!(ack.properties.server_keep_alive, Some(1));
     let start = Instant::now();
-    c.expect_disconnect_within(reason::KEEP_ALIVE_TIMEOUT, Duration::from_secs(4))
+    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
         .await;
     let took = start.elapsed();
     assert!(
@@ -425,20 +431,26 @@ async fn ack_reports_no_matching_subscribers() {
     let mut c = Client::connect_v5(b.addr, "nms").await;
     c.publish_expect(
         plain("nobody", b"x", QoS::AtLeastOnce),
-        reason::NO_MATCHING_SUBSCRIBERS,
+        ReasonCode::NoMatchingSubscribers,
     )
     .await;
     c.publish_expect(
         plain("nobody", b"x", QoS::ExactlyOnce),
-        reason::NO_MATCHING_SUBSCRIBERS,
+        ReasonCode::NoMatchingSubscribers,
     )
     .await;
     let mut sub = Client::connect_v5(b.addr, "nms-sub").await;
     sub.subscribe("somebody", QoS::AtMostOnce).await;
-    c.publish_expect(plain("somebody", b"x", QoS::AtLeastOnce), reason::SUCCESS)
-        .await;
-    c.publish_expect(plain("somebody", b"x", QoS::ExactlyOnce), reason::SUCCESS)
-        .await;
+    c.publish_expect(
+        plain("somebody", b"x", QoS::AtLeastOnce),
+        ReasonCode::Success,
+    )
+    .await;
+    c.publish_expect(
+        plain("somebody", b"x", QoS::ExactlyOnce),
+        ReasonCode::Success,
+    )
+    .await;
 }
 
 /// PUBREL for a packet id the broker does not know: PUBCOMP 0x92, with a reason string.
@@ -453,7 +465,7 @@ async fn pubrel_for_unknown_packet_id_gets_pubcomp_0x92() {
     };
     assert_eq!(
         (comp.pkid, comp.reason),
-        (4242, reason::PACKET_IDENTIFIER_NOT_FOUND)
+        (4242, ReasonCode::PacketIdentifierNotFound)
     );
     assert!(
         comp.properties.reason_string.is_some(),
@@ -472,15 +484,15 @@ async fn unsuback_reason_codes() {
     assert_eq!(
         codes,
         [
-            reason::SUCCESS,
-            reason::NO_SUBSCRIPTION_EXISTED,
-            reason::SUCCESS
+            ReasonCode::Success,
+            ReasonCode::NoSubscriptionExisted,
+            ReasonCode::Success
         ],
         "UNSUBACK reason codes"
     );
     assert_eq!(
         c.unsubscribe(&["u/a"]).await,
-        [reason::NO_SUBSCRIPTION_EXISTED]
+        [ReasonCode::NoSubscriptionExisted]
     );
     assert_eq!(b.broker().router.subscription_count(), 0);
 }
@@ -506,20 +518,20 @@ async fn suback_refuses_only_the_invalid_filter() {
     assert_eq!(
         codes,
         [
-            reason::TOPIC_FILTER_INVALID,
-            reason::GRANTED_QOS_1,
-            reason::TOPIC_FILTER_INVALID,
-            reason::TOPIC_FILTER_INVALID,
-            reason::GRANTED_QOS_2
+            ReasonCode::TopicFilterInvalid,
+            ReasonCode::GrantedQoS1,
+            ReasonCode::TopicFilterInvalid,
+            ReasonCode::TopicFilterInvalid,
+            ReasonCode::GrantedQoS2
         ],
         "SUBACK reason codes"
     );
     let mut publisher = Client::connect_v5(b.addr, "suback-pub").await;
     publisher
-        .publish_expect(plain("f/1", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(plain("f/1", b"x", QoS::AtLeastOnce), ReasonCode::Success)
         .await;
     let p = c.receive().await;
-    assert_eq!(p.topic.as_str(), "f/1");
+    assert_eq!(&*p.topic, "f/1");
 }
 
 /// A second connection with the same client id takes the session over: the first one
@@ -530,7 +542,7 @@ async fn takeover_disconnects_the_old_connection_with_0x8e() {
     let mut old = Client::connect_v5(b.addr, "twin").await;
     let (_new, ack) = Client::accepted(b.addr, connect_v5("twin")).await;
     assert!(!ack.session_present);
-    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
 
     // Resuming a persistent session that is still connected: the same, with the session.
     let (mut old, _) = Client::accepted(b.addr, connect_expiry("twin-kept", true, 60)).await;
@@ -540,7 +552,7 @@ async fn takeover_disconnects_the_old_connection_with_0x8e() {
         ack.session_present,
         "the session is taken over, not discarded"
     );
-    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     assert_eq!(
         b.broker().router.subscription_count(),
         1,
@@ -561,7 +573,7 @@ async fn takeover_publishes_the_will_of_the_old_connection() {
     )
     .await;
     let (_new, _) = Client::accepted(b.addr, connect_v5("tw")).await;
-    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     let p = sub.receive().await;
     assert_eq!(text(&p.payload), "taken");
 }
@@ -579,7 +591,7 @@ async fn takeover_with_clean_start_publishes_the_delayed_will() {
     let (mut old, _) = Client::accepted(b.addr, connect).await;
     let (_new, ack) = Client::accepted(b.addr, connect_v5("twd")).await;
     assert!(!ack.session_present, "Clean Start 1: a new session");
-    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     match sub.recv(WAIT).await {
         Some(Packet::Publish(p)) => assert_eq!(text(&p.payload), "ended"),
         other => panic!("expected the will of the ended session, got {other:?}"),
@@ -598,7 +610,7 @@ async fn takeover_resuming_the_session_cancels_the_delayed_will() {
     let (mut old, _) = Client::accepted(b.addr, connect).await;
     let (_new, ack) = Client::accepted(b.addr, connect_expiry("twr", false, 60)).await;
     assert!(ack.session_present);
-    old.expect_disconnect(reason::SESSION_TAKEN_OVER).await;
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sub.expect_quiet("past the will delay of a session taken over")
         .await;
@@ -615,7 +627,7 @@ async fn keep_alive_timeout_disconnects_with_0x8d() {
     };
     let (mut c, _) = Client::accepted(b.addr, connect).await;
     let start = Instant::now();
-    c.expect_disconnect_within(reason::KEEP_ALIVE_TIMEOUT, Duration::from_secs(4))
+    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
         .await;
     let took = start.elapsed();
     assert!(
@@ -645,7 +657,7 @@ async fn malformed_packets_disconnect_with_0x81() {
     for (what, bytes) in cases {
         let mut c = Client::connect_v5(b.addr, "malformed").await;
         c.send_raw(bytes).await;
-        let d = c.expect_disconnect(reason::MALFORMED_PACKET).await;
+        let d = c.expect_disconnect(ReasonCode::MalformedPacket).await;
         assert!(
             d.properties.reason_string.is_some(),
             "{what}: a reason string in {d:?}"
@@ -659,7 +671,7 @@ async fn second_connect_disconnects_with_0x82() {
     let b = TestBroker::start().await;
     let mut c = Client::connect_v5(b.addr, "again").await;
     c.send(Packet::Connect(Box::new(connect_v5("again")))).await;
-    let d = c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    let d = c.expect_disconnect(ReasonCode::ProtocolError).await;
     assert!(
         d.properties.reason_string.is_some(),
         "a reason string by default: {d:?}"
@@ -683,7 +695,7 @@ async fn request_problem_information_0_suppresses_reason_strings() {
     let comp = c.expect("PUBCOMP").await;
     let expected = Ack {
         pkid: 9,
-        reason: reason::PACKET_IDENTIFIER_NOT_FOUND,
+        reason: ReasonCode::PacketIdentifierNotFound,
         properties: Properties::default(),
     };
     assert_eq!(
@@ -704,7 +716,7 @@ async fn request_problem_information_0_suppresses_reason_strings() {
     let puback = c.expect("PUBACK").await;
     let expected = Ack {
         pkid: 10,
-        reason: reason::PAYLOAD_FORMAT_INVALID,
+        reason: ReasonCode::PayloadFormatInvalid,
         properties: Properties::default(),
     };
     assert_eq!(
@@ -773,7 +785,7 @@ async fn session_expiry_keeps_session_for_its_interval() {
         publisher
             .publish_expect(
                 plain("lasting/t", payload.as_bytes(), QoS::AtLeastOnce),
-                reason::SUCCESS,
+                ReasonCode::Success,
             )
             .await;
     }
@@ -798,7 +810,7 @@ async fn session_expiry_keeps_session_for_its_interval() {
     publisher
         .publish_expect(
             plain("lasting/t", b"m3", QoS::AtLeastOnce),
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
 }
@@ -831,7 +843,8 @@ async fn disconnect_changes_session_expiry() {
     let b = TestBroker::start().await;
     let broker = b.broker();
     let (c, _) = Client::accepted(b.addr, connect_expiry("shorter", true, 300)).await;
-    c.disconnect_with(reason::SUCCESS, expiry_session(1)).await;
+    c.disconnect_with(ReasonCode::Success, expiry_session(1))
+        .await;
     let took = eventually("the session to expire", Duration::from_secs(4), || {
         broker.session("shorter").is_none()
     })
@@ -842,7 +855,8 @@ async fn disconnect_changes_session_expiry() {
     );
 
     let (c, _) = Client::accepted(b.addr, connect_expiry("now", true, 300)).await;
-    c.disconnect_with(reason::SUCCESS, expiry_session(0)).await;
+    c.disconnect_with(ReasonCode::Success, expiry_session(0))
+        .await;
     eventually("the session to end", Duration::from_secs(1), || {
         broker.session("now").is_none()
     })
@@ -863,11 +877,11 @@ async fn disconnect_cannot_set_expiry_after_connect_set_zero() {
     let b = TestBroker::start().await;
     let (mut c, _) = Client::accepted(b.addr, connect_expiry("late", true, 0)).await;
     c.send(Packet::Disconnect(Disconnect {
-        reason: reason::SUCCESS,
+        reason: ReasonCode::Success,
         properties: expiry_session(60),
     }))
     .await;
-    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
     let broker = b.broker();
     eventually("the session to end", Duration::from_secs(1), || {
         broker.session("late").is_none()
@@ -922,7 +936,7 @@ async fn disconnect_expiry_is_checked_against_the_connect_value() {
         "capped to 0"
     );
     c.send(Packet::Disconnect(Disconnect {
-        reason: reason::SUCCESS,
+        reason: ReasonCode::Success,
         properties: expiry_session(5),
     }))
     .await;
@@ -950,13 +964,13 @@ async fn expired_queued_message_is_not_delivered() {
     publisher
         .publish_expect(
             message("exp/t", b"short-lived", QoS::AtLeastOnce, expiry_props(1)),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     publisher
         .publish_expect(
             plain("exp/t", b"durable", QoS::AtLeastOnce),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -986,7 +1000,7 @@ async fn delivered_message_carries_remaining_expiry() {
     publisher
         .publish_expect(
             message("rem/t", b"x", QoS::AtLeastOnce, expiry_props(10)),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     let p = online.receive().await;
@@ -1021,13 +1035,13 @@ async fn retained_message_expires() {
                 retain: true,
                 ..message("rx/short", b"short", QoS::AtLeastOnce, expiry_props(1))
             },
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
     publisher
         .publish_expect(
             retained("rx/long", b"long", QoS::AtLeastOnce),
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
 
@@ -1087,7 +1101,7 @@ async fn topic_alias_sets_and_resolves_topics() {
         message("", b"6", QoS::ExactlyOnce, with_user),
     ];
     for p in sends {
-        publisher.publish_expect(p, reason::SUCCESS).await;
+        publisher.publish_expect(p, ReasonCode::Success).await;
     }
     let mut got = Vec::new();
     for _ in 0..6 {
@@ -1122,7 +1136,7 @@ async fn topic_alias_above_maximum_disconnects_with_0x94() {
     assert_eq!(ack.properties.topic_alias_maximum, Some(2));
     c.publish_expect(
         message("am/t", b"ok", QoS::AtLeastOnce, alias(2)),
-        reason::NO_MATCHING_SUBSCRIBERS,
+        ReasonCode::NoMatchingSubscribers,
     )
     .await;
     c.send(Packet::Publish(message(
@@ -1132,7 +1146,7 @@ async fn topic_alias_above_maximum_disconnects_with_0x94() {
         alias(3),
     )))
     .await;
-    c.expect_disconnect(reason::TOPIC_ALIAS_INVALID).await;
+    c.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
 
     let b = TestBroker::with(|cfg| cfg.mqtt.topic_alias_maximum = 0).await;
     let (mut c, ack) = Client::accepted(b.addr, connect_v5("alias-none")).await;
@@ -1147,7 +1161,7 @@ async fn topic_alias_above_maximum_disconnects_with_0x94() {
         alias(1),
     )))
     .await;
-    c.expect_disconnect(reason::TOPIC_ALIAS_INVALID).await;
+    c.expect_disconnect(ReasonCode::TopicAliasInvalid).await;
 }
 
 /// Topic Alias 0 is not permitted [MQTT-3.3.2-8]: the connection is closed with a
@@ -1169,8 +1183,8 @@ async fn topic_alias_zero_disconnects() {
         other => panic!("expected DISCONNECT, got {other:?}"),
     };
     assert!(
-        [reason::TOPIC_ALIAS_INVALID, reason::PROTOCOL_ERROR].contains(&d.reason),
-        "DISCONNECT reason for Topic Alias 0: {:#04x}",
+        [ReasonCode::TopicAliasInvalid, ReasonCode::ProtocolError].contains(&d.reason),
+        "DISCONNECT reason for Topic Alias 0: {:?}",
         d.reason
     );
     c.expect_closed(WAIT).await;
@@ -1183,7 +1197,7 @@ async fn unknown_topic_alias_disconnects_with_0x82() {
     let mut c = Client::connect_v5(b.addr, "alias-unknown").await;
     c.publish_expect(
         message("au/t", b"x", QoS::AtLeastOnce, alias(1)),
-        reason::NO_MATCHING_SUBSCRIBERS,
+        ReasonCode::NoMatchingSubscribers,
     )
     .await;
     c.send(Packet::Publish(message(
@@ -1193,7 +1207,7 @@ async fn unknown_topic_alias_disconnects_with_0x82() {
         alias(2),
     )))
     .await;
-    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
 
     // Aliases do not outlive their connection [MQTT-3.3.2-7].
     let (mut c, _) = Client::accepted(b.addr, connect_v5("alias-unknown")).await;
@@ -1204,7 +1218,7 @@ async fn unknown_topic_alias_disconnects_with_0x82() {
         alias(1),
     )))
     .await;
-    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
 }
 
 // =======================================================================================
@@ -1230,7 +1244,7 @@ async fn client_receive_maximum_limits_unacknowledged_publishes() {
         publisher
             .publish_expect(
                 plain("rm/t", format!("m{i}").as_bytes(), QoS::AtLeastOnce),
-                reason::SUCCESS,
+                ReasonCode::Success,
             )
             .await;
     }
@@ -1300,7 +1314,8 @@ async fn broker_receive_maximum_exceeded_disconnects_with_0x93() {
         "PUBREC 3: {rec:?}"
     );
     c.send(Packet::Publish(qos2(4))).await;
-    c.expect_disconnect(reason::RECEIVE_MAXIMUM_EXCEEDED).await;
+    c.expect_disconnect(ReasonCode::ReceiveMaximumExceeded)
+        .await;
 }
 
 /// Maximum Packet Size from the client: a larger message is not sent to it
@@ -1323,10 +1338,16 @@ async fn client_maximum_packet_size_skips_larger_messages() {
     let mut publisher = Client::connect_v5(b.addr, "mpc-pub").await;
     let large = vec![b'L'; 200];
     publisher
-        .publish_expect(plain("mpc/t", &large, QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(
+            plain("mpc/t", &large, QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
         .await;
     publisher
-        .publish_expect(plain("mpc/t", b"fits", QoS::AtMostOnce), reason::SUCCESS)
+        .publish_expect(
+            plain("mpc/t", b"fits", QoS::AtMostOnce),
+            ReasonCode::Success,
+        )
         .await;
 
     let got = small.drain_publishes().await;
@@ -1337,7 +1358,10 @@ async fn client_maximum_packet_size_skips_larger_messages() {
     assert_eq!(got[0].payload.len(), 200);
 
     publisher
-        .publish_expect(plain("mpc/t", b"later", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(
+            plain("mpc/t", b"later", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
         .await;
     let p = small.receive().await;
     assert_eq!(text(&p.payload), "later", "the small client still receives");
@@ -1364,7 +1388,7 @@ async fn reason_string_is_left_out_beyond_client_maximum_packet_size() {
     c.send(Packet::PubRel(ack(5))).await;
     let comp = c.expect("PUBCOMP").await;
     assert!(
-        matches!(&comp, Packet::PubComp(a) if a.pkid == 5 && a.reason == reason::PACKET_IDENTIFIER_NOT_FOUND),
+        matches!(&comp, Packet::PubComp(a) if a.pkid == 5 && a.reason == ReasonCode::PacketIdentifierNotFound),
         "PUBCOMP 0x92: {comp:?}"
     );
     let size = encoded_len(&comp);
@@ -1399,7 +1423,7 @@ async fn shared_subscription_spreads_messages_over_members() {
         publisher
             .publish_expect(
                 plain("rr/t", format!("{i}").as_bytes(), QoS::AtLeastOnce),
-                reason::SUCCESS,
+                ReasonCode::Success,
             )
             .await;
     }
@@ -1437,7 +1461,10 @@ async fn shared_message_unacknowledged_by_a_leaving_member_goes_to_another() {
     first.subscribe("$share/g/rd/t", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect_v5(b.addr, "rd-pub").await;
     publisher
-        .publish_expect(plain("rd/t", b"orphan", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(
+            plain("rd/t", b"orphan", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
         .await;
     let p = first.expect_publish().await;
     assert_eq!(text(&p.payload), "orphan");
@@ -1467,7 +1494,7 @@ async fn shared_and_plain_subscriptions_each_deliver() {
         .await;
     let mut publisher = Client::connect_v5(b.addr, "sp-pub").await;
     publisher
-        .publish_expect(plain("sp/t", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(plain("sp/t", b"x", QoS::AtLeastOnce), ReasonCode::Success)
         .await;
     let got = c.drain_publishes().await;
     let mut ids: Vec<Vec<u32>> = got
@@ -1491,7 +1518,7 @@ async fn retained_messages_are_not_sent_on_shared_subscriptions() {
     publisher
         .publish_expect(
             retained("rs/t", b"kept", QoS::AtLeastOnce),
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
     let mut c = Client::connect_v5(b.addr, "rs-sub").await;
@@ -1515,7 +1542,7 @@ async fn subscription_identifier_returned_on_delivery() {
     publisher
         .publish_expect(
             retained("sid/r", b"old", QoS::AtLeastOnce),
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
     let mut c = Client::connect_v5(b.addr, "sid-sub").await;
@@ -1529,10 +1556,10 @@ async fn subscription_identifier_returned_on_delivery() {
     c.subscribe("plain/t", QoS::AtLeastOnce).await;
     for (topic, want) in [("sid/a", vec![7]), ("sid/b", vec![7]), ("plain/t", vec![])] {
         publisher
-            .publish_expect(plain(topic, b"x", QoS::AtLeastOnce), reason::SUCCESS)
+            .publish_expect(plain(topic, b"x", QoS::AtLeastOnce), ReasonCode::Success)
             .await;
         let p = c.receive().await;
-        assert_eq!(p.topic.as_str(), topic);
+        assert_eq!(&*p.topic, topic);
         assert_eq!(
             props_of(&p).subscription_identifiers,
             want,
@@ -1552,7 +1579,7 @@ async fn subscription_identifier_returned_on_delivery() {
             "retained, id {id:?}"
         );
         publisher
-            .publish_expect(plain("sid/c", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+            .publish_expect(plain("sid/c", b"x", QoS::AtLeastOnce), ReasonCode::Success)
             .await;
         let p = c.receive().await;
         assert_eq!(
@@ -1575,7 +1602,7 @@ async fn overlapping_subscriptions_give_one_delivery_with_both_identifiers() {
         .await;
     let mut publisher = Client::connect_v5(b.addr, "ov-pub").await;
     publisher
-        .publish_expect(plain("ov/x", b"x", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(plain("ov/x", b"x", QoS::AtLeastOnce), ReasonCode::Success)
         .await;
     let got = c.drain_publishes().await;
     assert_eq!(got.len(), 1, "one copy: {got:?}");
@@ -1600,13 +1627,19 @@ async fn no_local_suppresses_own_publications() {
     let mut other = Client::connect_v5(b.addr, "nl-other").await;
     other.subscribe("nl/t", QoS::AtLeastOnce).await;
 
-    c.publish_expect(plain("nl/t", b"mine", QoS::AtLeastOnce), reason::SUCCESS)
-        .await;
+    c.publish_expect(
+        plain("nl/t", b"mine", QoS::AtLeastOnce),
+        ReasonCode::Success,
+    )
+    .await;
     c.expect_quiet("after its own PUBLISH").await;
     assert_eq!(text(&other.receive().await.payload), "mine");
 
     other
-        .publish_expect(plain("nl/t", b"theirs", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(
+            plain("nl/t", b"theirs", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
         .await;
     assert_eq!(text(&c.receive().await.payload), "theirs");
 
@@ -1617,7 +1650,7 @@ async fn no_local_suppresses_own_publications() {
         properties: Properties::default(),
     }))
     .await;
-    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
 }
 
 /// Retain As Published keeps the RETAIN flag on normal delivery; without it the flag is
@@ -1636,10 +1669,13 @@ async fn retain_as_published_keeps_the_retain_flag() {
     cleared.subscribe("rap/t", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect_v5(b.addr, "rap-pub").await;
     publisher
-        .publish_expect(retained("rap/t", b"r", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(
+            retained("rap/t", b"r", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
         .await;
     publisher
-        .publish_expect(plain("rap/t", b"n", QoS::AtLeastOnce), reason::SUCCESS)
+        .publish_expect(plain("rap/t", b"n", QoS::AtLeastOnce), ReasonCode::Success)
         .await;
     let flags = |got: Vec<Publish>| -> Vec<(String, bool)> {
         got.iter().map(|p| (text(&p.payload), p.retain)).collect()
@@ -1665,7 +1701,7 @@ async fn retain_handling_options() {
     publisher
         .publish_expect(
             retained("rh/t", b"kept", QoS::AtLeastOnce),
-            reason::NO_MATCHING_SUBSCRIBERS,
+            ReasonCode::NoMatchingSubscribers,
         )
         .await;
     for (handling, expected) in [(0u8, [1, 1]), (1, [1, 0]), (2, [0, 0])] {
@@ -1687,7 +1723,10 @@ async fn retain_handling_options() {
             assert!(got.iter().all(|p| p.retain && text(&p.payload) == "kept"));
         }
         publisher
-            .publish_expect(plain("rh/t", b"live", QoS::AtLeastOnce), reason::SUCCESS)
+            .publish_expect(
+                plain("rh/t", b"live", QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
             .await;
         let p = c.receive().await;
         assert_eq!(
@@ -1723,7 +1762,7 @@ async fn application_properties_pass_through_unchanged() {
         publisher
             .publish_expect(
                 message("app/req", br#"{"x":1}"#, qos, props.clone()),
-                reason::SUCCESS,
+                ReasonCode::Success,
             )
             .await;
         let p = sub.receive().await;
@@ -1748,13 +1787,13 @@ async fn invalid_utf8_payload_is_refused_with_0x99() {
     publisher
         .publish_expect(
             message("pfi/t", &bad, QoS::AtLeastOnce, utf8.clone()),
-            reason::PAYLOAD_FORMAT_INVALID,
+            ReasonCode::PayloadFormatInvalid,
         )
         .await;
     publisher
         .publish_expect(
             message("pfi/t", &bad, QoS::ExactlyOnce, utf8.clone()),
-            reason::PAYLOAD_FORMAT_INVALID,
+            ReasonCode::PayloadFormatInvalid,
         )
         .await;
     sub.expect_quiet("after refused payloads").await;
@@ -1766,7 +1805,7 @@ async fn invalid_utf8_payload_is_refused_with_0x99() {
     publisher
         .publish_expect(
             message("pfi/t", &bad, QoS::AtLeastOnce, bytes),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     let p = sub.receive().await;
@@ -1929,10 +1968,7 @@ async fn delayed_will_is_published_after_the_delay() {
     );
     let p = sub.receive().await;
     let took = start.elapsed();
-    assert_eq!(
-        (p.topic.as_str(), text(&p.payload)),
-        ("wd/t", "gone".into())
-    );
+    assert_eq!((&*p.topic, text(&p.payload)), ("wd/t", "gone".into()));
     assert!(
         took >= Duration::from_millis(1800) && took <= Duration::from_millis(4000),
         "published {took:?} after the connection was lost"
@@ -2057,14 +2093,11 @@ async fn disconnect_with_will_message_publishes_the_will() {
     )
     .await;
     with_will
-        .disconnect_with(reason::DISCONNECT_WITH_WILL, Properties::default())
+        .disconnect_with(ReasonCode::DisconnectWithWill, Properties::default())
         .await;
 
     let p = sub.receive().await;
-    assert_eq!(
-        (p.topic.as_str(), text(&p.payload)),
-        ("dw/will", "yes".into())
-    );
+    assert_eq!((&*p.topic, text(&p.payload)), ("dw/will", "yes".into()));
     sub.expect_quiet("after a normal DISCONNECT").await;
 }
 
@@ -2088,7 +2121,7 @@ async fn unsupported_authentication_method_gets_connack_0x8c() {
     let (mut c, ack) = Client::connect_with(b.addr, connect).await;
     assert_eq!(
         ack.code,
-        reason::BAD_AUTHENTICATION_METHOD,
+        ReasonCode::BadAuthenticationMethod,
         "CONNACK reason code"
     );
     assert!(!ack.session_present);
@@ -2150,7 +2183,7 @@ async fn authenticate(b: &TestBroker, client_id: &str, answer: &'static [u8]) ->
     let Packet::Auth(challenge) = c.expect("AUTH challenge").await else {
         panic!("{client_id}: expected an AUTH challenge");
     };
-    assert_eq!(challenge.reason, reason::CONTINUE_AUTHENTICATION);
+    assert_eq!(challenge.reason, ReasonCode::ContinueAuthentication);
     assert_eq!(
         challenge.properties.authentication_method,
         Some("ECHO-CHALLENGE".into())
@@ -2160,7 +2193,7 @@ async fn authenticate(b: &TestBroker, client_id: &str, answer: &'static [u8]) ->
         Some(&b"nonce-1"[..])
     );
     c.send(Packet::Auth(Auth {
-        reason: reason::CONTINUE_AUTHENTICATION,
+        reason: ReasonCode::ContinueAuthentication,
         properties: auth_props(answer),
     }))
     .await;
@@ -2177,7 +2210,7 @@ async fn enhanced_authentication_exchange_succeeds() {
     let Packet::ConnAck(ack) = last else {
         panic!("expected CONNACK, got {last:?}");
     };
-    assert_eq!(ack.code, reason::SUCCESS);
+    assert_eq!(ack.code, ReasonCode::Success);
     assert_eq!(
         ack.properties.authentication_method,
         Some("ECHO-CHALLENGE".into())
@@ -2199,7 +2232,7 @@ async fn enhanced_authentication_wrong_answer_is_not_authorized() {
     let Packet::ConnAck(ack) = last else {
         panic!("expected CONNACK, got {last:?}");
     };
-    assert_eq!(ack.code, reason::NOT_AUTHORIZED);
+    assert_eq!(ack.code, ReasonCode::NotAuthorized);
     c.expect_closed(WAIT).await;
     assert!(
         b.broker().session("intruder").is_none(),
@@ -2214,14 +2247,14 @@ async fn auth_without_authentication_method_is_a_protocol_error() {
     let b = TestBroker::start().await;
     let mut c = Client::connect_v5(b.addr, "auth").await;
     c.send(Packet::Auth(Auth {
-        reason: reason::REAUTHENTICATE,
+        reason: ReasonCode::Reauthenticate,
         properties: Properties {
             authentication_method: Some("SCRAM-SHA-256".into()),
             ..Properties::default()
         },
     }))
     .await;
-    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
+    c.expect_disconnect(ReasonCode::ProtocolError).await;
 }
 
 // =======================================================================================
@@ -2249,12 +2282,12 @@ async fn v5_publisher_to_v311_subscriber() {
     publisher
         .publish_expect(
             message("mix/t", b"from v5", QoS::AtLeastOnce, props),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     let p = old.receive().await;
     assert_eq!(
-        (p.topic.as_str(), text(&p.payload), p.qos, p.properties),
+        (&*p.topic, text(&p.payload), p.qos, p.properties),
         ("mix/t", "from v5".into(), QoS::AtLeastOnce, None)
     );
     old.expect_quiet("after one message").await;
@@ -2270,12 +2303,12 @@ async fn v311_publisher_to_v5_subscriber() {
     let (mut old, _) = Client::accepted(b.addr, connect_v311("v311-pub")).await;
     old.publish_expect(
         plain("mix/t", b"from 3.1.1", QoS::AtLeastOnce),
-        reason::SUCCESS,
+        ReasonCode::Success,
     )
     .await;
     let p = sub.receive().await;
     assert_eq!(
-        (p.topic.as_str(), text(&p.payload), p.qos),
+        (&*p.topic, text(&p.payload), p.qos),
         ("mix/t", "from 3.1.1".into(), QoS::AtLeastOnce)
     );
     let expected = Properties {
@@ -2394,7 +2427,7 @@ async fn mosquitto_sub_sees_identifiers_and_v311_gets_plain_messages() {
     publisher
         .publish_expect(
             message("ms/t", b"hi there", QoS::AtLeastOnce, props),
-            reason::SUCCESS,
+            ReasonCode::Success,
         )
         .await;
     assert_eq!(v5.output().await, ["ms/t|hi there|42|a:1 b:2|text/plain"]);

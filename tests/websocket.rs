@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use ternmq::protocol::{
     decode, encode, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    SubOptions, Subscribe, SubscribeFilter, Will,
+    ReasonCode, SubOptions, Subscribe, SubscribeFilter, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -201,7 +201,7 @@ impl Client {
             .await;
         match self.expect().await {
             Packet::ConnAck(ack) => {
-                assert_eq!(ack.code, 0, "CONNACK for {id}");
+                assert_eq!(ack.code.v3_connack(), 0, "CONNACK for {id}");
                 ack.session_present
             }
             other => panic!("expected CONNACK, got {other:?}"),
@@ -219,7 +219,7 @@ impl Client {
         match self.expect().await {
             Packet::SubAck(ack) => {
                 assert_eq!(ack.pkid, pkid);
-                assert_eq!(ack.codes, [qos as u8], "SUBACK for {filter}");
+                assert_eq!(ack.codes, [ReasonCode::granted(qos)], "SUBACK for {filter}");
             }
             other => panic!("expected SUBACK, got {other:?}"),
         }
@@ -491,7 +491,7 @@ async fn connect_timeout_and_keep_alive_apply_over_ws() {
         c.keep_alive = 1;
     }
     c.send(connect).await;
-    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code == 0));
+    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code.v3_connack() == 0));
     c.expect_closed().await;
     broker.stop().await;
 }
@@ -510,7 +510,7 @@ async fn packets_split_over_many_messages() {
             c.send_bytes(Vec::new()).await;
         }
     }
-    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code == 0));
+    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code.v3_connack() == 0));
     expect_echo(&mut c).await;
     c.disconnect().await;
     broker.stop().await;
@@ -602,10 +602,7 @@ async fn text_frame_closes_the_connection_and_publishes_the_will() {
         other => panic!("expected a close frame with code 1003, got {other:?}"),
     }
     let will = watcher.receive().await;
-    assert_eq!(
-        (will.topic.as_str(), payload(&will)),
-        ("will/texter", "gone")
-    );
+    assert_eq!((&*will.topic, payload(&will)), ("will/texter", "gone"));
     watcher.disconnect().await;
     broker.stop().await;
 }
@@ -630,10 +627,7 @@ async fn close_frame_without_disconnect_publishes_the_will() {
     c.expect_closed().await;
 
     let will = watcher.receive().await;
-    assert_eq!(
-        (will.topic.as_str(), payload(&will)),
-        ("will/closer", "gone")
-    );
+    assert_eq!((&*will.topic, payload(&will)), ("will/closer", "gone"));
     watcher.disconnect().await;
     broker.stop().await;
 }
@@ -648,7 +642,7 @@ async fn oversized_packet_closes_the_connection() {
     c.send(publish_packet("big", &"x".repeat(2000), QoS::AtMostOnce, 0))
         .await;
     match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, 0x95),
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PacketTooLarge),
         other => panic!("expected DISCONNECT 0x95, got {other:?}"),
     }
     c.expect_closed().await;
@@ -754,7 +748,7 @@ async fn mqtt5_over_ws() {
     c.connect("will-v5", true, Some(("v5/to-device", "will v5")))
         .await;
     c.send(Packet::Disconnect(Disconnect {
-        reason: 0x04,
+        reason: ReasonCode::DisconnectWithWill,
         ..Disconnect::default()
     }))
     .await;

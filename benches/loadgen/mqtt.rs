@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(c.protocol, Protocol::V311);
         assert!(c.clean_start);
         assert_eq!(c.keep_alive, 300);
-        assert_eq!(c.client_id.as_str(), "lg-sub-7");
+        assert_eq!(&*c.client_id, "lg-sub-7");
         assert!(c.will.is_none() && c.username.is_none());
     }
 
@@ -224,7 +224,7 @@ mod tests {
         };
         assert_eq!(s.pkid, 9);
         assert_eq!(s.filters.len(), 1);
-        assert_eq!(s.filters[0].filter.as_str(), "bench/in/+");
+        assert_eq!(&*s.filters[0].filter, "bench/in/+");
         assert_eq!(s.filters[0].options.qos, QoS::ExactlyOnce);
     }
 
@@ -246,7 +246,7 @@ mod tests {
                 panic!("not a PUBLISH");
             };
             assert_eq!(p.qos as u8, qos);
-            assert_eq!(p.topic.as_str(), "a/b");
+            assert_eq!(&*p.topic, "a/b");
             assert_eq!(p.pkid, if qos > 0 { 513 } else { 0 });
             assert_eq!(&p.payload[..], &payload[..]);
 

@@ -6,7 +6,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::properties::Context;
 use super::{
     Ack, Auth, ByteStr, ConnAck, Connect, Disconnect, Error, Packet, Properties, Protocol, Publish,
-    QoS, SubAck, SubOptions, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe, Will,
+    QoS, ReasonCode, SubAck, SubOptions, Subscribe, SubscribeFilter, UnsubAck, Unsubscribe, Will,
 };
 
 /// Decodes one packet from the front of `buf` and advances `buf` past it.
@@ -176,7 +176,7 @@ impl Reader {
         if bytes.contains(&0) {
             return Err(Error::Malformed("string contains U+0000"));
         }
-        ByteStr::from_utf8(bytes).map_err(|_| Error::Malformed("string is not valid UTF-8"))
+        ByteStr::try_from(bytes).map_err(|_| Error::Malformed("string is not valid UTF-8"))
     }
 
     fn packet_id(&mut self) -> Result<u16, Error> {
@@ -278,7 +278,11 @@ fn connack(r: &mut Reader, v5: bool) -> Result<ConnAck, Error> {
         return Err(Error::Malformed("reserved CONNACK flags set"));
     }
     let code = r.u8()?;
-    check_code(code, if v5 { CONNACK_CODES } else { CONNACK_V3_CODES })?;
+    let code = if v5 {
+        check_code(code, CONNACK_CODES)?
+    } else {
+        ReasonCode::from_v3_connack(code).ok_or(Error::Protocol("invalid return code"))?
+    };
     Ok(ConnAck {
         session_present: flags == 1,
         code,
@@ -321,8 +325,7 @@ fn ack(r: &mut Reader, v5: bool, codes: &[u8]) -> Result<Ack, Error> {
         ..Ack::default()
     };
     if v5 && !r.is_empty() {
-        ack.reason = r.u8()?;
-        check_code(ack.reason, codes)?;
+        ack.reason = check_code(r.u8()?, codes)?;
         if !r.is_empty() {
             ack.properties = Properties::decode(r, Context::Ack)?;
         }
@@ -419,23 +422,19 @@ fn unsuback(r: &mut Reader, v5: bool) -> Result<UnsubAck, Error> {
 }
 
 /// The rest of the packet as one reason code per topic filter: at least one.
-fn reason_codes(r: &mut Reader, valid: &[u8]) -> Result<Vec<u8>, Error> {
+fn reason_codes(r: &mut Reader, valid: &[u8]) -> Result<Vec<ReasonCode>, Error> {
     let codes = r.rest();
     if codes.is_empty() {
         return Err(Error::Protocol("acknowledgement without a reason code"));
     }
-    for &code in codes.iter() {
-        check_code(code, valid)?;
-    }
-    Ok(codes.to_vec())
+    codes.iter().map(|&code| check_code(code, valid)).collect()
 }
 
 /// In 5.0 a remaining length of 0 means success, and of 1 no properties (3.14.2.2.1).
 fn disconnect(r: &mut Reader, v5: bool) -> Result<Disconnect, Error> {
     let mut disconnect = Disconnect::default();
     if v5 && !r.is_empty() {
-        disconnect.reason = r.u8()?;
-        check_code(disconnect.reason, DISCONNECT_CODES)?;
+        disconnect.reason = check_code(r.u8()?, DISCONNECT_CODES)?;
         if !r.is_empty() {
             disconnect.properties = Properties::decode(r, Context::Disconnect)?;
         }
@@ -448,22 +447,20 @@ fn disconnect(r: &mut Reader, v5: bool) -> Result<Disconnect, Error> {
 fn auth(r: &mut Reader) -> Result<Auth, Error> {
     let mut auth = Auth::default();
     if !r.is_empty() {
-        auth.reason = r.u8()?;
-        check_code(auth.reason, AUTH_CODES)?;
+        auth.reason = check_code(r.u8()?, AUTH_CODES)?;
         auth.properties = Properties::decode(r, Context::Auth)?;
     }
     Ok(auth)
 }
 
-fn check_code(code: u8, valid: &[u8]) -> Result<(), Error> {
+fn check_code(code: u8, valid: &[u8]) -> Result<ReasonCode, Error> {
     if !valid.contains(&code) {
         return Err(Error::Protocol("invalid reason code"));
     }
-    Ok(())
+    ReasonCode::from_u8(code).ok_or(Error::Protocol("invalid reason code"))
 }
 
 /// The reason codes each packet may carry (section 2.4 and the packet sections).
-const CONNACK_V3_CODES: &[u8] = &[0, 1, 2, 3, 4, 5];
 pub const CONNACK_CODES: &[u8] = &[
     0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
     0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
@@ -485,6 +482,10 @@ pub const AUTH_CODES: &[u8] = &[0x00, 0x18, 0x19];
 mod tests {
     use super::*;
     use Protocol::{V31, V311, V5};
+
+    fn rc(code: u8) -> ReasonCode {
+        ReasonCode::from_u8(code).unwrap()
+    }
 
     /// A packet with a one-byte remaining length.
     fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
@@ -714,7 +715,7 @@ mod tests {
         };
         let w = c.will.unwrap();
         assert_eq!(
-            (w.topic.as_str(), &w.payload[..], w.qos, w.retain),
+            (&*w.topic, &w.payload[..], w.qos, w.retain),
             ("t", &b"p"[..], QoS::ExactlyOnce, true)
         );
         // Password without username: malformed in 3.x, fine in 5.0.
@@ -801,14 +802,7 @@ mod tests {
             panic!("not a PUBLISH");
         };
         assert_eq!(
-            (
-                p.dup,
-                p.qos,
-                p.retain,
-                p.topic.as_str(),
-                p.pkid,
-                &p.payload[..]
-            ),
+            (p.dup, p.qos, p.retain, &*p.topic, p.pkid, &p.payload[..]),
             (true, QoS::AtLeastOnce, true, "a/b", 9, &b"hi"[..])
         );
         assert_eq!(p.properties, None);
@@ -839,7 +833,7 @@ mod tests {
             panic!("not a PUBLISH");
         };
         assert_eq!(
-            (p.topic.as_str(), p.properties.unwrap().topic_alias),
+            (&*p.topic, p.properties.unwrap().topic_alias),
             ("", Some(4))
         );
         assert!(is_protocol(err(&packet(0x30, &[0, 0, 3, 0x23, 0, 0]), V5)));
@@ -874,13 +868,13 @@ mod tests {
         let Packet::PubAck(a) = ok(&packet(0x40, &[1, 0, 0x10]), V5) else {
             panic!("not a PUBACK");
         };
-        assert_eq!((a.pkid, a.reason), (256, 0x10));
+        assert_eq!((a.pkid, a.reason), (256, rc(0x10)));
         let Packet::PubRec(a) = ok(&packet(0x50, &[0, 1, 0x80, 3, 0x1F, 0, 0]), V5) else {
             panic!("not a PUBREC");
         };
         assert_eq!(
             (a.reason, a.properties.reason_string),
-            (0x80, Some("".into()))
+            (rc(0x80), Some("".into()))
         );
         // Reason codes of another packet.
         assert!(is_protocol(err(&packet(0x40, &[0, 1, 0x92]), V5)));
@@ -948,7 +942,7 @@ mod tests {
         let Packet::SubAck(s) = ok(&packet(0x90, &[0, 5, 0, 1, 2, 0x80]), V311) else {
             panic!("not a SUBACK");
         };
-        assert_eq!(s.codes, [0, 1, 2, 0x80]);
+        assert_eq!(s.codes, [rc(0), rc(1), rc(2), rc(0x80)]);
         assert!(is_protocol(err(&packet(0x90, &[0, 5]), V311)));
         assert!(is_protocol(err(&packet(0x90, &[0, 5, 3]), V311)));
         assert!(is_protocol(err(&packet(0x90, &[0, 5, 0x8F]), V311)));
@@ -958,7 +952,7 @@ mod tests {
         let Packet::SubAck(s) = ok(&packet(0x90, &[0, 5, 0, 0x8F, 0xA2]), V5) else {
             panic!("not a SUBACK");
         };
-        assert_eq!(s.codes, [0x8F, 0xA2]);
+        assert_eq!(s.codes, [rc(0x8F), rc(0xA2)]);
 
         let Packet::Unsubscribe(u) = ok(&packet(0xA2, &[0, 5, 0, 1, b'a', 0, 0]), V311) else {
             panic!("not an UNSUBSCRIBE");
@@ -982,7 +976,7 @@ mod tests {
         let Packet::UnsubAck(u) = ok(&packet(0xB0, &[0, 5, 0, 0x11, 0]), V5) else {
             panic!("not an UNSUBACK");
         };
-        assert_eq!(u.codes, [0x11, 0]);
+        assert_eq!(u.codes, [rc(0x11), rc(0)]);
     }
 
     #[test]
@@ -991,7 +985,7 @@ mod tests {
             ok(&packet(0x20, &[1, 5]), V311),
             Packet::ConnAck(ConnAck {
                 session_present: true,
-                code: 5,
+                code: rc(0x87),
                 ..ConnAck::default()
             })
         );
@@ -1002,7 +996,7 @@ mod tests {
         let Packet::ConnAck(c) = ok(&packet(0x20, &[0, 0x84, 3, 0x21, 0, 10]), V5) else {
             panic!("not a CONNACK");
         };
-        assert_eq!((c.code, c.properties.receive_maximum), (0x84, Some(10)));
+        assert_eq!((c.code, c.properties.receive_maximum), (rc(0x84), Some(10)));
     }
 
     #[test]
@@ -1020,13 +1014,13 @@ mod tests {
         let Packet::Disconnect(d) = ok(&packet(0xE0, &[0x04]), V5) else {
             panic!("not a DISCONNECT");
         };
-        assert_eq!(d.reason, 0x04);
+        assert_eq!(d.reason, rc(0x04));
         let Packet::Disconnect(d) = ok(&packet(0xE0, &[0x8E, 5, 0x11, 0, 0, 0, 1]), V5) else {
             panic!("not a DISCONNECT");
         };
         assert_eq!(
             (d.reason, d.properties.session_expiry_interval),
-            (0x8E, Some(1))
+            (rc(0x8E), Some(1))
         );
         assert!(is_protocol(err(&packet(0xE0, &[0x01]), V5)));
         assert!(is_malformed(err(&packet(0xE0, &[0x00, 0]), V311)));
@@ -1034,7 +1028,7 @@ mod tests {
         let Packet::Auth(a) = ok(&packet(0xF0, &[0x18, 4, 0x15, 0, 1, b'm']), V5) else {
             panic!("not an AUTH");
         };
-        assert_eq!(a.reason, 0x18);
+        assert_eq!(a.reason, rc(0x18));
         // A reason code alone is malformed in AUTH; reason codes are checked.
         assert!(is_malformed(err(&packet(0xF0, &[0x18]), V5)));
         assert!(is_protocol(err(&packet(0xF0, &[0x04, 0]), V5)));

@@ -4,8 +4,10 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::properties::PublishExtra;
 use super::{
-    Ack, Connect, Error, Packet, Properties, Protocol, QoS, Subscribe, MAX_REMAINING_LENGTH,
+    Ack, Connect, Error, Packet, Properties, Protocol, QoS, ReasonCode, Subscribe,
+    MAX_REMAINING_LENGTH,
 };
 
 /// Where encoded bytes go.
@@ -120,7 +122,12 @@ pub fn encode(packet: &Packet, protocol: Protocol, out: &mut BytesMut) -> Result
     match packet {
         Packet::Connect(c) => frame(out, 0x10, |s| connect(s, c)),
         Packet::ConnAck(c) => frame(out, 0x20, |s| {
-            s.put(&[u8::from(c.session_present), c.code]);
+            let code = if v5 {
+                c.code as u8
+            } else {
+                c.code.v3_connack()
+            };
+            s.put(&[u8::from(c.session_present), code]);
             if v5 {
                 c.properties.encode(s)?;
             }
@@ -236,26 +243,26 @@ fn ack(s: &mut dyn Sink, a: &Ack, v5: bool) -> Result<(), Error> {
 /// and, except in AUTH, the reason code alone when there are no properties.
 fn reason_and_properties(
     s: &mut dyn Sink,
-    reason: u8,
+    reason: ReasonCode,
     properties: &Properties,
     may_omit_properties: bool,
 ) -> Result<(), Error> {
     let no_properties = properties.is_empty();
-    if reason == 0 && no_properties {
+    if reason == ReasonCode::Success && no_properties {
         return Ok(());
     }
-    s.put(&[reason]);
+    s.put(&[reason as u8]);
     if !(no_properties && may_omit_properties) {
         properties.encode(s)?;
     }
     Ok(())
 }
 
-fn reason_codes(s: &mut dyn Sink, codes: &[u8]) -> Result<(), Error> {
+fn reason_codes(s: &mut dyn Sink, codes: &[ReasonCode]) -> Result<(), Error> {
     if codes.is_empty() {
         return Err(Error::Malformed("acknowledgement without a reason code"));
     }
-    s.put(codes);
+    codes.iter().for_each(|c| s.put(&[*c as u8]));
     Ok(())
 }
 
@@ -305,6 +312,25 @@ pub fn encode_publish(
     properties: Option<&Properties>,
     payload: &[u8],
 ) -> Result<(), Error> {
+    encode_publish_with(
+        out,
+        protocol,
+        header,
+        properties,
+        &PublishExtra::default(),
+        payload,
+    )
+}
+
+/// `encode_publish` with the receiver's own properties (5.0) next to the message's.
+pub fn encode_publish_with(
+    out: &mut BytesMut,
+    protocol: Protocol,
+    header: &PublishHeader<'_>,
+    properties: Option<&Properties>,
+    extra: &PublishExtra<'_>,
+    payload: &[u8],
+) -> Result<(), Error> {
     let topic_len = u16::try_from(header.topic.len()).map_err(|_| TOO_LONG)?;
     let has_pkid = header.qos != QoS::AtMostOnce;
     if has_pkid && header.pkid == 0 {
@@ -312,9 +338,11 @@ pub fn encode_publish(
     }
     let v5 = protocol.is_v5();
     let properties = properties.filter(|_| v5);
-    let properties_len = match properties {
-        Some(p) => p.encoded_len()?,
-        None => 0,
+    let properties_len = match (v5, extra.is_empty(), properties) {
+        (false, _, _) => 0,
+        (true, true, Some(p)) => p.encoded_len()?,
+        (true, true, None) => 0,
+        (true, false, p) => extra.encoded_len(p)?,
     };
     let mut remaining = 2 + header.topic.len() + payload.len();
     if has_pkid {
@@ -333,7 +361,9 @@ pub fn encode_publish(
     }
     if v5 {
         put_varint(out, properties_len)?;
-        if let Some(p) = properties {
+        if !extra.is_empty() {
+            extra.write(properties, out)?;
+        } else if let Some(p) = properties {
             p.write(out)?;
         }
     }
@@ -433,12 +463,12 @@ mod tests {
 
         let ack = Ack {
             pkid: 1,
-            reason: 0,
+            reason: ReasonCode::Success,
             properties: Properties::default(),
         };
         assert_eq!(bytes(&Packet::PubRel(ack.clone()), V5), [0x62, 2, 0, 1]);
         let with_reason = Ack {
-            reason: 0x92,
+            reason: ReasonCode::PacketIdentifierNotFound,
             ..ack.clone()
         };
         assert_eq!(
@@ -464,14 +494,14 @@ mod tests {
             [0xE0, 0]
         );
         let d = Disconnect {
-            reason: 0x8E,
+            reason: ReasonCode::SessionTakenOver,
             ..disconnect
         };
         assert_eq!(bytes(&Packet::Disconnect(d.clone()), V5), [0xE0, 1, 0x8E]);
         assert_eq!(bytes(&Packet::Disconnect(d), V311), [0xE0, 0]);
         assert_eq!(bytes(&Packet::Auth(Auth::default()), V5), [0xF0, 0]);
         let auth = Auth {
-            reason: 0x18,
+            reason: ReasonCode::ContinueAuthentication,
             properties: Properties::default(),
         };
         assert_eq!(bytes(&Packet::Auth(auth), V5), [0xF0, 2, 0x18, 0]);
@@ -479,7 +509,7 @@ mod tests {
         assert_eq!(bytes(&Packet::PingResp, V311), [0xD0, 0]);
         let connack = ConnAck {
             session_present: true,
-            code: 0,
+            code: ReasonCode::Success,
             properties: Properties::default(),
         };
         assert_eq!(
@@ -489,7 +519,7 @@ mod tests {
         assert_eq!(bytes(&Packet::ConnAck(connack), V5), [0x20, 3, 1, 0, 0]);
         let unsuback = UnsubAck {
             pkid: 2,
-            codes: vec![0x11],
+            codes: vec![ReasonCode::NoSubscriptionExisted],
             properties: Properties::default(),
         };
         assert_eq!(

@@ -7,7 +7,7 @@
 mod decode;
 mod encode;
 mod properties;
-mod str;
+mod reason;
 pub mod topic;
 
 pub use decode::decode;
@@ -19,9 +19,13 @@ pub mod reason_codes {
         SUBACK_V3_CODES, UNSUBACK_CODES,
     };
 }
-pub use encode::{encode, encode_publish, PublishHeader};
-pub use properties::Properties;
-pub use str::ByteStr;
+pub use encode::{encode, encode_publish, encode_publish_with, PublishHeader};
+pub use properties::{Properties, PublishExtra};
+pub use reason::ReasonCode;
+
+/// A UTF-8 string that is a slice of a received buffer: decoding a topic costs a
+/// reference count, not an allocation.
+pub type ByteStr = bytestring::ByteString;
 
 use bytes::Bytes;
 
@@ -145,8 +149,8 @@ pub struct Will {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct ConnAck {
     pub session_present: bool,
-    /// The 3.x return code (0..=5) or the 5.0 reason code.
-    pub code: u8,
+    /// The 5.0 reason code; in 3.x it travels as its return code (`v3_connack`).
+    pub code: ReasonCode,
     pub properties: Properties,
 }
 
@@ -169,8 +173,8 @@ pub struct Publish {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Ack {
     pub pkid: u16,
-    /// 5.0 reason code; 0 (success) for 3.x.
-    pub reason: u8,
+    /// 5.0 reason code; Success for 3.x.
+    pub reason: ReasonCode,
     pub properties: Properties,
 }
 
@@ -201,8 +205,9 @@ pub struct Subscribe {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct SubAck {
     pub pkid: u16,
-    /// Granted QoS (0, 1, 2) or failure (0x80, or a 5.0 reason code), one per filter.
-    pub codes: Vec<u8>,
+    /// Granted QoS (`ReasonCode::granted`) or failure (0x80, or a 5.0 reason code), one
+    /// per filter.
+    pub codes: Vec<ReasonCode>,
     pub properties: Properties,
 }
 
@@ -217,20 +222,20 @@ pub struct Unsubscribe {
 pub struct UnsubAck {
     pub pkid: u16,
     /// 5.0 reason codes, one per filter; empty for 3.x.
-    pub codes: Vec<u8>,
+    pub codes: Vec<ReasonCode>,
     pub properties: Properties,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Disconnect {
-    /// 5.0 reason code; 0 for 3.x.
-    pub reason: u8,
+    /// 5.0 reason code; Success for 3.x.
+    pub reason: ReasonCode,
     pub properties: Properties,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Auth {
-    pub reason: u8,
+    pub reason: ReasonCode,
     pub properties: Properties,
 }
 
@@ -251,69 +256,12 @@ pub enum Error {
 
 impl Error {
     /// The MQTT 5 reason code for a DISCONNECT (or CONNACK) caused by this error.
-    pub fn reason_code(&self) -> u8 {
+    pub fn reason_code(&self) -> ReasonCode {
         match self {
-            Error::Malformed(_) => reason::MALFORMED_PACKET,
-            Error::Protocol(_) => reason::PROTOCOL_ERROR,
-            Error::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
-            Error::UnsupportedProtocol { .. } => reason::UNSUPPORTED_PROTOCOL_VERSION,
+            Error::Malformed(_) => ReasonCode::MalformedPacket,
+            Error::Protocol(_) => ReasonCode::ProtocolError,
+            Error::PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
+            Error::UnsupportedProtocol { .. } => ReasonCode::UnsupportedProtocolVersion,
         }
     }
-}
-
-/// 3.x CONNACK return codes.
-pub mod connack_v3 {
-    pub const ACCEPTED: u8 = 0;
-    pub const UNACCEPTABLE_PROTOCOL_VERSION: u8 = 1;
-    pub const IDENTIFIER_REJECTED: u8 = 2;
-    pub const SERVER_UNAVAILABLE: u8 = 3;
-    pub const BAD_USERNAME_OR_PASSWORD: u8 = 4;
-    pub const NOT_AUTHORIZED: u8 = 5;
-}
-
-/// MQTT 5.0 reason codes (section 2.4).
-pub mod reason {
-    pub const SUCCESS: u8 = 0x00;
-    pub const GRANTED_QOS_1: u8 = 0x01;
-    pub const GRANTED_QOS_2: u8 = 0x02;
-    pub const DISCONNECT_WITH_WILL: u8 = 0x04;
-    pub const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
-    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
-    pub const CONTINUE_AUTHENTICATION: u8 = 0x18;
-    pub const REAUTHENTICATE: u8 = 0x19;
-    pub const UNSPECIFIED_ERROR: u8 = 0x80;
-    pub const MALFORMED_PACKET: u8 = 0x81;
-    pub const PROTOCOL_ERROR: u8 = 0x82;
-    pub const IMPLEMENTATION_SPECIFIC_ERROR: u8 = 0x83;
-    pub const UNSUPPORTED_PROTOCOL_VERSION: u8 = 0x84;
-    pub const CLIENT_IDENTIFIER_NOT_VALID: u8 = 0x85;
-    pub const BAD_USERNAME_OR_PASSWORD: u8 = 0x86;
-    pub const NOT_AUTHORIZED: u8 = 0x87;
-    pub const SERVER_UNAVAILABLE: u8 = 0x88;
-    pub const SERVER_BUSY: u8 = 0x89;
-    pub const BANNED: u8 = 0x8A;
-    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
-    pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
-    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
-    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
-    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
-    pub const TOPIC_NAME_INVALID: u8 = 0x90;
-    pub const PACKET_IDENTIFIER_IN_USE: u8 = 0x91;
-    pub const PACKET_IDENTIFIER_NOT_FOUND: u8 = 0x92;
-    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
-    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
-    pub const PACKET_TOO_LARGE: u8 = 0x95;
-    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
-    pub const QUOTA_EXCEEDED: u8 = 0x97;
-    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
-    pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
-    pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
-    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
-    pub const USE_ANOTHER_SERVER: u8 = 0x9C;
-    pub const SERVER_MOVED: u8 = 0x9D;
-    pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
-    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
-    pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
-    pub const SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED: u8 = 0xA1;
-    pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
 }

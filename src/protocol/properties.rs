@@ -185,6 +185,15 @@ impl Properties {
     /// Writes the properties (no length). Values are written as given: the encoder does
     /// not police which properties a packet may carry.
     pub(super) fn write<S: Sink + ?Sized>(&self, s: &mut S) -> Result<(), Error> {
+        self.write_fields(s, false)
+    }
+
+    /// `write`, leaving out the Message Expiry Interval when `skip_expiry`.
+    pub(super) fn write_fields<S: Sink + ?Sized>(
+        &self,
+        s: &mut S,
+        skip_expiry: bool,
+    ) -> Result<(), Error> {
         fn byte<S: Sink + ?Sized>(s: &mut S, id: u8, v: Option<u8>) {
             if let Some(v) = v {
                 s.put(&[id, v]);
@@ -218,17 +227,13 @@ impl Properties {
         }
 
         byte(s, 0x01, self.payload_format_indicator);
-        four(s, 0x02, self.message_expiry_interval);
+        if !skip_expiry {
+            four(s, 0x02, self.message_expiry_interval);
+        }
         string(s, 0x03, &self.content_type)?;
         string(s, 0x08, &self.response_topic)?;
         binary(s, 0x09, &self.correlation_data)?;
-        for &id in &self.subscription_identifiers {
-            if id == 0 || id as usize > MAX_REMAINING_LENGTH {
-                return Err(Error::Malformed("subscription identifier out of range"));
-            }
-            s.put(&[0x0B]);
-            put_varint(s, id as usize)?;
-        }
+        put_subscription_identifiers(s, &self.subscription_identifiers)?;
         four(s, 0x11, self.session_expiry_interval);
         string(s, 0x12, &self.assigned_client_identifier)?;
         two(s, 0x13, self.server_keep_alive);
@@ -567,5 +572,59 @@ mod tests {
             ..Properties::default()
         };
         assert_eq!(p.encoded_len(), Ok(1 + 2 + 65_535));
+    }
+}
+
+fn put_subscription_identifiers<S: Sink + ?Sized>(s: &mut S, ids: &[u32]) -> Result<(), Error> {
+    for &id in ids {
+        if id == 0 || id as usize > MAX_REMAINING_LENGTH {
+            return Err(Error::Malformed("subscription identifier out of range"));
+        }
+        s.put(&[0x0B]);
+        put_varint(s, id as usize)?;
+    }
+    Ok(())
+}
+
+/// The properties of an outgoing PUBLISH that belong to one receiver, written next to the
+/// message's own properties so that these need no copy per receiver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishExtra<'a> {
+    /// Replaces the message's Message Expiry Interval (what is left of it).
+    pub message_expiry: Option<u32>,
+    pub topic_alias: Option<u16>,
+    pub subscription_identifiers: &'a [u32],
+}
+
+impl PublishExtra<'_> {
+    pub(super) fn is_empty(&self) -> bool {
+        *self == PublishExtra::default()
+    }
+
+    /// Writes these and then `props` (no length).
+    pub(super) fn write<S: Sink + ?Sized>(
+        &self,
+        props: Option<&Properties>,
+        s: &mut S,
+    ) -> Result<(), Error> {
+        if let Some(e) = self.message_expiry {
+            s.put(&[0x02]);
+            s.put(&e.to_be_bytes());
+        }
+        if let Some(a) = self.topic_alias {
+            s.put(&[0x23]);
+            s.put(&a.to_be_bytes());
+        }
+        put_subscription_identifiers(s, self.subscription_identifiers)?;
+        match props {
+            Some(p) => p.write_fields(s, self.message_expiry.is_some()),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn encoded_len(&self, props: Option<&Properties>) -> Result<usize, Error> {
+        let mut count = Count(0);
+        self.write(props, &mut count)?;
+        Ok(count.0)
     }
 }

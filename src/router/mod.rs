@@ -1,198 +1,65 @@
-//! Routing: which sessions receive a published message, and the retained store.
+//! Routing: which mailboxes receive a published message, and the retained store.
 //!
-//! Publishing takes the trie's read lock only to find subscribers and hand each one a
-//! `Delivery` (an `Arc` of the message, no copy); sockets are written later by each
-//! subscriber's own connection task, with no router lock held.
+//! The router knows sessions only as `Mailbox`es, so that it can be tested and measured
+//! with anything that takes deliveries. Publishing takes the trie's read lock only to find
+//! subscribers and hand each one a `Delivery` (an `Arc` of the message, no copy); sockets
+//! are written later by each subscriber's own connection task, with no router lock held.
 
 mod retained;
 mod trie;
 
-pub use trie::{SharedKey, Subscriber};
+pub use trie::{SharedGroup, Subscriber};
 
-use crate::protocol::{self, topic, ByteStr, Properties, Protocol, PublishHeader, QoS, SubOptions};
-use crate::session::Session;
-use bytes::{Bytes, BytesMut};
+use crate::message::{Delivery, Message, SharedKey};
+use crate::protocol::{topic, ByteStr, SubOptions};
 use parking_lot::RwLock;
 use retained::Retained;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 use trie::Trie;
 
-/// mosquitto's limit too: it bounds the depth of every walk through the trees.
-pub const MAX_TOPIC_LEVELS: usize = 200;
+/// mosquitto's limit: a topic or filter may have 200 `/` (201 levels). It bounds the
+/// depth of every walk through the trees.
+pub const MAX_TOPIC_LEVELS: usize = 201;
 
-/// A published application message, shared by every session it is delivered to.
-#[derive(Debug)]
-pub struct Message {
-    pub topic: ByteStr,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    /// MQTT 5 properties to forward (never a topic alias or subscription identifier:
-    /// those belong to one connection and are set per delivery).
-    pub properties: Option<Box<Properties>>,
-    /// Id of the publishing session (0 for the broker itself), for MQTT 5 No Local.
-    pub origin: u64,
-    /// From the Message Expiry Interval: not delivered after this.
-    pub expires_at: Option<Instant>,
-    /// The QoS 0, non-retained, 3.x encoding: identical for every such subscriber, so
-    /// a fan-out encodes it once.
-    encoded_v3_qos0: OnceLock<Bytes>,
+/// What the router delivers into: a session, or a test double.
+pub trait Mailbox: Send + Sync {
+    /// Unique for the broker's life.
+    fn id(&self) -> u64;
+    /// Takes a message for the client; false if refused (e.g. its queue is full).
+    fn deliver(&self, delivery: Delivery) -> bool;
+    /// Whether a client is connected to take deliveries now.
+    fn is_online(&self) -> bool;
 }
 
-impl Message {
-    pub fn new(
-        topic: ByteStr,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        properties: Option<Box<Properties>>,
-        origin: u64,
-    ) -> Message {
-        let expires_at = properties
-            .as_ref()
-            .and_then(|p| p.message_expiry_interval)
-            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
-        Message {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties,
-            origin,
-            expires_at,
-            encoded_v3_qos0: OnceLock::new(),
-        }
-    }
-
-    /// A copy that owns its bytes, for messages kept long (retained): a slice of a read
-    /// buffer would pin the whole buffer for as long as it is kept.
-    pub fn compacted(&self) -> Message {
-        Message {
-            topic: ByteStr::from(self.topic.as_str()),
-            payload: Bytes::copy_from_slice(&self.payload),
-            properties: self.properties.clone(),
-            encoded_v3_qos0: OnceLock::new(),
-            ..*self
-        }
-    }
-
-    pub fn is_expired(&self) -> bool {
-        self.expires_at.is_some_and(|t| t <= Instant::now())
-    }
-
-    /// Appends this message as a PUBLISH for one subscriber.
-    pub fn encode(
-        &self,
-        out: &mut BytesMut,
-        protocol: Protocol,
-        delivery: &DeliveryHeader,
-    ) -> Result<(), protocol::Error> {
-        let header = PublishHeader {
-            dup: delivery.dup,
-            qos: delivery.qos,
-            retain: delivery.retain,
-            topic: &self.topic,
-            pkid: delivery.pkid,
-        };
-        if !protocol.is_v5() {
-            if delivery.qos != QoS::AtMostOnce || delivery.retain {
-                return protocol::encode_publish(out, protocol, &header, None, &self.payload);
-            }
-            if let Some(bytes) = self.encoded_v3_qos0.get() {
-                out.extend_from_slice(bytes);
-                return Ok(());
-            }
-            let mut once = BytesMut::new();
-            protocol::encode_publish(&mut once, protocol, &header, None, &self.payload)?;
-            out.extend_from_slice(&once);
-            // Another subscriber's task may have raced us here: both encodings are equal.
-            let _ = self.encoded_v3_qos0.set(once.freeze());
-            return Ok(());
-        }
-        // 5.0: the expiry forwarded is what is left of it [MQTT-3.3.2-6], and the
-        // subscription identifiers are the receiver's own.
-        let remaining = self.expires_at.map(|t| {
-            let left = t.saturating_duration_since(Instant::now());
-            u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX)
-        });
-        if delivery.sub_ids.is_empty() && remaining.is_none() {
-            let props = self.properties.as_deref();
-            return protocol::encode_publish(out, protocol, &header, props, &self.payload);
-        }
-        let mut props = self.properties.as_deref().cloned().unwrap_or_default();
-        props.subscription_identifiers = delivery.sub_ids.to_vec();
-        props.message_expiry_interval = remaining;
-        protocol::encode_publish(out, protocol, &header, Some(&props), &self.payload)
-    }
-}
-
-/// The per-subscriber parts of an outgoing PUBLISH.
-pub struct DeliveryHeader<'a> {
-    pub dup: bool,
-    pub qos: QoS,
-    pub retain: bool,
-    pub pkid: u16,
-    pub sub_ids: &'a [u32],
-}
-
-/// One message on its way to one session.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub message: Arc<Message>,
-    /// The minimum of the publish QoS and the subscription QoS.
-    pub qos: QoS,
-    pub retain: bool,
-    /// Identifiers of the receiver's subscriptions that matched (MQTT 5).
-    pub sub_ids: Vec<u32>,
-    /// Set when delivered through a shared subscription, so that the message can go to
-    /// another member if this one leaves before acknowledging it.
-    pub shared: Option<Arc<SharedKey>>,
-}
-
-impl Delivery {
-    pub fn new(message: Arc<Message>, qos: QoS, retain: bool) -> Delivery {
-        Delivery {
-            message,
-            qos,
-            retain,
-            sub_ids: Vec::new(),
-            shared: None,
-        }
-    }
-
-    fn to(message: &Arc<Message>, sub: &Subscriber) -> Delivery {
-        Delivery {
-            message: message.clone(),
-            qos: message.qos.min(sub.options.qos),
-            // Normal delivery clears the retain flag [MQTT-3.3.1-9] unless the 5.0
-            // subscription asked for Retain As Published.
-            retain: message.retain && sub.options.retain_as_published,
-            sub_ids: sub.id.into_iter().collect(),
-            shared: sub.shared.clone(),
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct Router {
-    subscriptions: RwLock<Trie>,
+pub struct Router<M> {
+    subscriptions: RwLock<Trie<M>>,
     retained: RwLock<Retained>,
 }
 
-impl Router {
-    /// Subscribes `session` to `filter` (already validated; may be `$share/{g}/{f}`).
-    /// Returns true if the session already had this subscription, which is replaced.
+impl<M> Default for Router<M> {
+    fn default() -> Self {
+        Router {
+            subscriptions: RwLock::new(Trie::default()),
+            retained: RwLock::new(Retained::default()),
+        }
+    }
+}
+
+impl<M: Mailbox> Router<M> {
+    /// Subscribes `mailbox` to `filter` (already validated; may be `$share/{g}/{f}`).
+    /// Returns true if the mailbox already had this subscription, which is replaced.
+    /// A member joining a shared group takes the messages waiting there for one.
     pub fn subscribe(
         &self,
         filter: &str,
-        session: &Arc<Session>,
+        mailbox: &Arc<M>,
         options: SubOptions,
         id: Option<u32>,
     ) -> bool {
         let (group, filter) = split_shared(filter);
         let sub = Subscriber {
-            session: session.clone(),
+            mailbox: mailbox.clone(),
             options,
             id,
             shared: group.map(|g| {
@@ -202,80 +69,98 @@ impl Router {
                 })
             }),
         };
-        self.subscriptions.write().insert(filter, group, sub)
+        let shared = sub.shared.clone();
+        let mut trie = self.subscriptions.write();
+        let (existed, group) = trie.insert(filter, group, sub);
+        if let Some(group) = group {
+            for waiting in group.waiting.drain(..) {
+                let mut d = Delivery::through(&waiting.message, &options, id, shared.as_ref());
+                d.qos = waiting.qos.min(options.qos);
+                mailbox.deliver(d);
+            }
+        }
+        existed
     }
 
-    pub fn unsubscribe(&self, filter: &str, session_id: u64) -> bool {
+    pub fn unsubscribe(&self, filter: &str, mailbox: u64) -> bool {
         let (group, filter) = split_shared(filter);
-        self.subscriptions.write().remove(filter, group, session_id)
+        self.subscriptions.write().remove(filter, group, mailbox)
     }
 
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.read().len()
     }
 
-    /// Hands `message` to every session subscribed to its topic; returns how many.
+    /// Hands `message` to every mailbox subscribed to its topic; returns how many took it.
     ///
-    /// A session with several matching plain subscriptions gets one copy at the highest
+    /// A mailbox with several matching plain subscriptions gets one copy at the highest
     /// of their QoS, carrying all their identifiers (mosquitto's choice, which the
     /// standard allows). Each matching shared group gives one more copy to one member.
     pub fn publish(&self, message: &Arc<Message>) -> usize {
         let trie = self.subscriptions.read();
-        let mut matches: Vec<&Subscriber> = Vec::new();
-        let mut picks: Vec<&Subscriber> = Vec::new();
+        let mut matches: Vec<&Subscriber<M>> = Vec::new();
+        let mut picks: Vec<&Subscriber<M>> = Vec::new();
         let nodes = trie.for_each_match(
             &message.topic,
             &mut |s| {
                 // No Local: not back to the publisher's own session [MQTT-3.8.3-3].
-                if !(s.options.no_local && s.session.id == message.origin) {
+                if !(s.options.no_local && s.mailbox.id() == message.origin) {
                     matches.push(s)
                 }
             },
             &mut |g| picks.extend(g.pick(0)),
         );
         if nodes > 1 {
-            // Only matches from different filters can name the same session twice.
-            matches.sort_unstable_by_key(|s| s.session.id);
+            // Only matches from different filters can name the same mailbox twice.
+            matches.sort_unstable_by_key(|s| s.mailbox.id());
         }
         let mut delivered = 0;
         let mut rest = &matches[..];
         while let Some((first, _)) = rest.split_first() {
-            let same = rest
-                .iter()
-                .take_while(|s| s.session.id == first.session.id)
-                .count();
-            let mut delivery = Delivery::to(message, first);
+            let id = first.mailbox.id();
+            let same = rest.iter().take_while(|s| s.mailbox.id() == id).count();
+            let mut delivery = Delivery::through(message, &first.options, first.id, None);
             for s in &rest[1..same] {
                 delivery.qos = delivery.qos.max(message.qos.min(s.options.qos));
                 delivery.retain |= message.retain && s.options.retain_as_published;
                 delivery.sub_ids.extend(s.id);
             }
             rest = &rest[same..];
-            if first.session.deliver(delivery) {
+            if first.mailbox.deliver(delivery) {
                 delivered += 1;
             }
         }
         for sub in picks {
-            if sub.session.deliver(Delivery::to(message, sub)) {
+            let d = Delivery::through(message, &sub.options, sub.id, sub.shared.as_ref());
+            if sub.mailbox.deliver(d) {
                 delivered += 1;
             }
         }
         delivered
     }
 
-    /// Gives a shared-subscription delivery that `from` will not acknowledge to another
-    /// member of its group. Returns false if there is none.
-    pub fn redeliver_shared(&self, delivery: Delivery, from: u64) -> bool {
+    /// Gives a shared-subscription delivery whose member's session ended before
+    /// acknowledging it to another member of its group (never back to `from`). With no
+    /// member left it waits in the group, up to `max_waiting` messages, for the next
+    /// member. Returns false if it had to be dropped.
+    pub fn redeliver_shared(&self, delivery: Delivery, from: u64, max_waiting: usize) -> bool {
         let Some(key) = delivery.shared.clone() else {
             return false;
         };
-        let trie = self.subscriptions.read();
-        let Some(sub) = trie.group(&key).and_then(|g| g.pick(from)) else {
+        let mut trie = self.subscriptions.write();
+        let Some(group) = trie.group_mut(&key, true) else {
             return false;
         };
-        let mut d = Delivery::to(&delivery.message, sub);
-        d.qos = delivery.qos.min(sub.options.qos);
-        sub.session.deliver(d)
+        if let Some(sub) = group.pick(from) {
+            let mut d = Delivery::through(&delivery.message, &sub.options, sub.id, Some(&key));
+            d.qos = delivery.qos.min(sub.options.qos);
+            return sub.mailbox.deliver(d);
+        }
+        if group.waiting.len() >= max_waiting {
+            return false;
+        }
+        group.waiting.push_back(delivery);
+        true
     }
 
     /// Stores (or, with an empty payload, clears) the retained message of its topic.
@@ -284,19 +169,33 @@ impl Router {
         self.retained.write().set(&message.topic, stored);
     }
 
-    /// The retained messages matching `filter`, for a new subscription. Expired ones
-    /// are removed instead.
-    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let mut out = Vec::new();
-        self.retained.read().matching(filter, &mut out);
-        if out.iter().any(|m| m.is_expired()) {
+    /// The next (at most `limit`) retained messages matching `filter` after the topic
+    /// `after`, for a new subscription, appended to `out`; expired ones are removed from
+    /// the store instead. The read lock is held for this one step only. Returns where the
+    /// walk stands: the last topic it passed (to resume after), and whether it is done.
+    pub fn retained_step(
+        &self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+        out: &mut Vec<Arc<Message>>,
+    ) -> (Option<ByteStr>, bool) {
+        let start = out.len();
+        let done = self.retained.read().walk(filter, after, limit, out);
+        let last = out[start..].last().map(|m| m.topic.clone());
+        if out[start..].iter().any(|m| m.is_expired(now)) {
             let mut store = self.retained.write();
-            for m in out.iter().filter(|m| m.is_expired()) {
+            for m in out[start..].iter().filter(|m| m.is_expired(now)) {
                 store.clear_if_same(&m.topic, m);
             }
-            out.retain(|m| !m.is_expired());
+            let mut i = 0;
+            out.retain(|m| {
+                i += 1;
+                i <= start || !m.is_expired(now)
+            });
         }
-        out
+        (last, done)
     }
 
     pub fn retained_count(&self) -> usize {

@@ -1,5 +1,5 @@
-//! Listeners: each accepts connections of one kind and hands their byte streams to
-//! `session::connection::serve`, which is the same for every transport.
+//! Transports: each turns an accepted socket into the byte streams of an MQTT connection
+//! and hands them to `conn::serve`, which is the same for every transport.
 
 pub mod tcp;
 pub mod ws;

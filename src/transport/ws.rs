@@ -3,12 +3,12 @@
 //! The HTTP upgrade is checked against the listener's policy (path, `Origin`, subprotocol),
 //! then the WebSocket is turned back into the byte stream MQTT expects: the payloads of
 //! binary messages, in order, with no alignment assumed between messages and packets.
-//! From there on it is the same `connection::serve` as TCP, so sessions, limits and
+//! From there on it is the same `conn::serve` as TCP, so sessions, limits and
 //! timeouts are shared. See docs/websocket.md.
 
 use crate::broker::Broker;
 use crate::config::Listener;
-use crate::session::connection;
+use crate::conn;
 use bytes::Bytes;
 use futures_util::{ready, Sink, Stream};
 use std::io;
@@ -16,9 +16,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -39,59 +38,10 @@ const MIN_MESSAGE_LIMIT: usize = 64 * 1024;
 /// (tungstenite's default is 128 KiB, allocated up front).
 const READ_BUFFER: usize = 8 * 1024;
 
-/// Binds the listener and spawns its accept loop; returns the bound address.
-pub async fn listen(broker: &Arc<Broker>, listener: &Listener) -> io::Result<SocketAddr> {
-    let socket = TcpListener::bind(listener.bind).await?;
-    let local = socket.local_addr()?;
-    let policy = Arc::new(Policy {
-        path: listener.ws_path().to_owned(),
-        allowed_origins: listener.allowed_origins.clone(),
-    });
-    let broker = broker.clone();
-    broker
-        .tasks
-        .clone()
-        .spawn(accept_loop(broker, socket, policy));
-    Ok(local)
-}
-
-async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, policy: Arc<Policy>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = broker.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                // MQTT packets are small and latency matters more than segment count.
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(%peer, "set_nodelay: {e}");
-                }
-                let broker = broker.clone();
-                let policy = policy.clone();
-                broker
-                    .tasks
-                    .clone()
-                    .spawn(async move { upgrade_and_serve(&broker, stream, peer, &policy).await });
-            }
-            Err(e) => {
-                // Usually EMFILE: back off instead of spinning on the error.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
 #[allow(clippy::result_large_err)] // `check`'s result type is tungstenite's `Callback`.
-async fn upgrade_and_serve(
-    broker: &Arc<Broker>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    policy: &Policy,
-) {
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr, policy: Arc<Policy>) {
     let config = ws_config(broker.config.mqtt.max_packet_size);
     let check = |req: &Request, resp: Response| policy.check(req, resp, peer);
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
@@ -106,7 +56,7 @@ async fn upgrade_and_serve(
         Ok(Ok(ws)) => ws,
     };
     let (reader, writer) = tokio::io::split(WsBytes::new(ws));
-    connection::serve(broker, reader, writer, peer).await;
+    conn::serve(&broker, reader, writer, peer).await;
 }
 
 fn ws_config(max_packet_size: usize) -> WebSocketConfig {
@@ -120,7 +70,7 @@ fn ws_config(max_packet_size: usize) -> WebSocketConfig {
 }
 
 /// What a listener accepts at the HTTP upgrade.
-struct Policy {
+pub struct Policy {
     /// Served besides `/`.
     path: String,
     /// Empty: any origin.
@@ -128,6 +78,13 @@ struct Policy {
 }
 
 impl Policy {
+    pub fn new(listener: &Listener) -> Policy {
+        Policy {
+            path: listener.ws_path().to_owned(),
+            allowed_origins: listener.allowed_origins.clone(),
+        }
+    }
+
     /// Accepts the upgrade (echoing the chosen subprotocol) or answers with an HTTP error
     /// whose body says why. The signature is tungstenite's `Callback`.
     #[allow(clippy::result_large_err)]
@@ -221,7 +178,7 @@ fn refuse(status: StatusCode, why: String, peer: SocketAddr) -> ErrorResponse {
 ///
 /// Writes go to the socket at once, but what it cannot take yet stays in tungstenite's
 /// buffer. A write first waits for that buffer to empty (which is the backpressure the
-/// connection relies on), and every read pushes it on too: `connection::serve` always has
+/// connection relies on), and every read pushes it on too: `conn::serve` always has
 /// a read pending and flushes only when it closes, so without this the last message
 /// before a pause could wait in the buffer for the next write.
 pub struct WsBytes<S> {

@@ -25,8 +25,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use ternmq::protocol::{
-    self, reason, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol,
-    Publish, QoS, SubOptions, Subscribe, SubscribeFilter, Unsubscribe,
+    self, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    ReasonCode, SubOptions, Subscribe, SubscribeFilter, Unsubscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -183,14 +183,24 @@ impl Client {
     /// Connects and asserts success (reason code 0x00); returns the CONNACK too.
     pub async fn accepted(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
         let (c, ack) = Client::connect_with(addr, connect).await;
-        assert_eq!(ack.code, reason::SUCCESS, "{}: CONNACK reason code", c.name);
+        assert_eq!(
+            ack.code,
+            ReasonCode::Success,
+            "{}: CONNACK reason code",
+            c.name
+        );
         (c, ack)
     }
 
     /// Connects and asserts acceptance (return code 0); returns the session present flag.
     pub async fn connect_accepted(addr: SocketAddr, connect: Connect) -> (Client, bool) {
         let (c, ack) = Client::connect_with(addr, connect).await;
-        assert_eq!(ack.code, 0, "{}: CONNACK return code", c.name);
+        assert_eq!(
+            ack.code,
+            ReasonCode::Success,
+            "{}: CONNACK return code",
+            c.name
+        );
         (c, ack.session_present)
     }
 
@@ -344,16 +354,20 @@ impl Client {
 
     /// Asserts that the broker sends DISCONNECT with reason `code` (within `timeout`) and
     /// then closes the connection; returns the DISCONNECT.
-    pub async fn expect_disconnect_within(&mut self, code: u8, timeout: Duration) -> Disconnect {
+    pub async fn expect_disconnect_within(
+        &mut self,
+        code: ReasonCode,
+        timeout: Duration,
+    ) -> Disconnect {
         let d = match self.next_event(timeout).await {
             Event::Packet(Packet::Disconnect(d)) => d,
-            Event::Packet(p) => panic!("{}: expected DISCONNECT {code:#04x}, got {p:?}", self.name),
+            Event::Packet(p) => panic!("{}: expected DISCONNECT {code:?}, got {p:?}", self.name),
             Event::Timeout => panic!(
-                "{}: expected DISCONNECT {code:#04x} within {timeout:?}, got nothing",
+                "{}: expected DISCONNECT {code:?} within {timeout:?}, got nothing",
                 self.name
             ),
             Event::Closed(why) => panic!(
-                "{}: expected DISCONNECT {code:#04x}, the connection closed without one ({why})",
+                "{}: expected DISCONNECT {code:?}, the connection closed without one ({why})",
                 self.name
             ),
         };
@@ -366,7 +380,7 @@ impl Client {
         d
     }
 
-    pub async fn expect_disconnect(&mut self, code: u8) -> Disconnect {
+    pub async fn expect_disconnect(&mut self, code: ReasonCode) -> Disconnect {
         self.expect_disconnect_within(code, WAIT).await
     }
 
@@ -410,7 +424,7 @@ impl Client {
         &mut self,
         filters: Vec<SubscribeFilter>,
         properties: Properties,
-    ) -> Vec<u8> {
+    ) -> Vec<ReasonCode> {
         let pkid = self.pkid();
         self.send(Packet::Subscribe(Subscribe {
             pkid,
@@ -434,7 +448,8 @@ impl Client {
     /// SUBACK's return codes.
     pub async fn subscribe_qos(&mut self, filters: &[(&str, QoS)]) -> Vec<u8> {
         let filters = filters.iter().map(|&(f, q)| filter(f, opts(q))).collect();
-        self.subscribe_with(filters, Properties::default()).await
+        let codes = self.subscribe_with(filters, Properties::default()).await;
+        codes.into_iter().map(u8::from).collect()
     }
 
     /// Subscribes and asserts that every filter is granted the QoS asked for.
@@ -451,7 +466,7 @@ impl Client {
             .await;
         assert_eq!(
             codes,
-            [options.qos as u8],
+            [ReasonCode::granted(options.qos)],
             "{}: SUBACK reason code for {f}",
             self.name
         );
@@ -462,7 +477,7 @@ impl Client {
             .await;
     }
 
-    pub async fn unsubscribe(&mut self, filters: &[&str]) -> Vec<u8> {
+    pub async fn unsubscribe(&mut self, filters: &[&str]) -> Vec<ReasonCode> {
         let pkid = self.pkid();
         self.send(Packet::Unsubscribe(Unsubscribe {
             pkid,
@@ -555,7 +570,7 @@ impl Client {
     /// Sends `p` (with a fresh packet id for QoS 1 and 2) and completes its flow. Returns
     /// the reason code of the PUBACK or PUBREC (0 for QoS 0, after a ping round trip so
     /// that the broker has routed the message when this returns).
-    pub async fn publish(&mut self, mut p: Publish) -> u8 {
+    pub async fn publish(&mut self, mut p: Publish) -> ReasonCode {
         if p.qos != QoS::AtMostOnce {
             p.pkid = self.pkid();
         }
@@ -564,7 +579,7 @@ impl Client {
         match qos {
             QoS::AtMostOnce => {
                 self.barrier().await;
-                reason::SUCCESS
+                ReasonCode::Success
             }
             QoS::AtLeastOnce => {
                 match self
@@ -589,7 +604,7 @@ impl Client {
                     Packet::PubRec(a) => a.reason,
                     _ => unreachable!(),
                 };
-                if code < 0x80 {
+                if !code.is_error() {
                     self.send(Packet::PubRel(ack(pkid))).await;
                     let comp = self
                         .wait_for(
@@ -605,7 +620,7 @@ impl Client {
     }
 
     /// Publishes and asserts the ack's reason code.
-    pub async fn publish_expect(&mut self, p: Publish, code: u8) {
+    pub async fn publish_expect(&mut self, p: Publish, code: ReasonCode) {
         let topic = p.topic.to_string();
         let got = self.publish(p).await;
         assert_eq!(
@@ -662,7 +677,7 @@ impl Client {
     // -----------------------------------------------------------------------------------
 
     /// DISCONNECT with `reason` and `properties`; waits for the broker to close.
-    pub async fn disconnect_with(mut self, reason: u8, properties: Properties) {
+    pub async fn disconnect_with(mut self, reason: ReasonCode, properties: Properties) {
         self.send(Packet::Disconnect(Disconnect { reason, properties }))
             .await;
         self.expect_closed(WAIT).await;
@@ -671,7 +686,7 @@ impl Client {
     /// A normal DISCONNECT (0x00, no properties: the 3.1.1 one too); waits for the broker
     /// to close.
     pub async fn disconnect(self) {
-        self.disconnect_with(reason::SUCCESS, Properties::default())
+        self.disconnect_with(ReasonCode::Success, Properties::default())
             .await;
     }
 }

@@ -1,0 +1,401 @@
+//! The connection task: the only async code of a connection. It owns the socket halves
+//! and their buffers, runs the handshake, then feeds the `Connection` state machine with
+//! bytes, wake-ups and the time, and writes what it produces.
+//!
+//! The task never blocks on the socket in one direction while the other has work: a
+//! single `select!` waits for bytes to read, room to write, a wake-up from a publisher
+//! and the keep-alive deadline. Its future lives as long as the connection, so it is kept
+//! small: the handshake and the close, large and short-lived, are boxed.
+
+use super::auth::{Exchange, Next};
+use super::exit::Exit;
+use super::handshake::{negotiate, Negotiated, Refusal};
+use super::machine::{self, Connection, WRITE_HIGH_WATER};
+use crate::broker::{now, Broker};
+use crate::metrics;
+use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol};
+use crate::session::Link;
+use bytes::{Bytes, BytesMut};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+/// Read buffers start small so that idle connections cost little, and grow under load.
+const MIN_READ: usize = 64;
+const MAX_READ: usize = 64 * 1024;
+/// A read at least this large yields to the tasks it woke (see `run`).
+const YIELD_AFTER_READ: usize = 4096;
+/// How long a connection the server closes lingers: its last packets are flushed, the
+/// write side shut, and what the client still sends is read and dropped, so that the
+/// client reads the reason instead of a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Serves one connection until it ends. Never fails: every problem closes this
+/// connection only, and is logged with its reason.
+pub fn serve<'a, R, W>(
+    broker: &'a Arc<Broker>,
+    reader: R,
+    writer: W,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    R: AsyncRead + Unpin + Send + 'a,
+    W: AsyncWrite + Unpin + Send + 'a,
+{
+    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+    let mut io = Io {
+        reader,
+        writer,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        read_size: MIN_READ,
+    };
+    async move {
+        let _count = metrics::connection();
+        let Some(mut conn) = Box::pin(handshake(broker, &mut io)).await else {
+            return;
+        };
+        let Err(exit) = run(&mut conn, &mut io, broker).await;
+        Box::pin(close(conn, exit, &mut io)).await;
+    }
+    .instrument(span)
+}
+
+/// The byte side of a connection: the socket halves and their buffers.
+struct Io<R, W> {
+    reader: R,
+    writer: W,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    read_size: usize,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
+    /// Reads one whole packet (None if the peer closed), for the handshake phase.
+    async fn read_packet(
+        &mut self,
+        protocol: Protocol,
+        max: usize,
+    ) -> Result<Option<Packet>, protocol::Error> {
+        loop {
+            if let Some(packet) = protocol::decode(&mut self.rbuf, protocol, max)? {
+                return Ok(Some(packet));
+            }
+            self.rbuf.reserve(MIN_READ);
+            match self.reader.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Makes room for the next read: a little when idle, more while data streams in.
+    fn prepare_read(&mut self) {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+    }
+
+    /// Adapts the read size to the last read: grow when it filled the buffer, and give
+    /// the memory back when the connection goes quiet.
+    fn after_read(&mut self, n: usize, spare: usize) {
+        if n == spare {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if n < MIN_READ && self.rbuf.is_empty() && self.rbuf.capacity() > 4 * MIN_READ {
+            self.rbuf = BytesMut::new();
+            self.read_size = MIN_READ;
+        }
+    }
+
+    fn after_write(&mut self) {
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 16 * 1024 {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Writes what is pending and closes, lingering (see `LINGER`). Bounded in time, and
+    /// in memory by the read buffer already held.
+    async fn linger_close(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        let flush = async {
+            self.writer.write_all_buf(&mut self.wbuf).await?;
+            self.writer.shutdown().await
+        };
+        if tokio::time::timeout_at(deadline, flush).await.is_err() {
+            return;
+        }
+        self.rbuf.clear();
+        self.rbuf.reserve(MIN_READ);
+        let drain = async {
+            loop {
+                self.rbuf.clear();
+                match self.reader.read_buf(&mut self.rbuf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, drain).await;
+    }
+
+    /// Writes what is pending and shuts the write side; the client is already gone or
+    /// going.
+    async fn close(&mut self) {
+        let flush = async {
+            self.writer.write_all_buf(&mut self.wbuf).await?;
+            self.writer.shutdown().await
+        };
+        let _ = timeout(LINGER, flush).await;
+    }
+}
+
+/// Reads and checks the CONNECT, authenticates, opens the session and queues the
+/// CONNACK. On refusal, answers and closes; returns None.
+async fn handshake<'a, R, W>(broker: &'a Arc<Broker>, io: &mut Io<R, W>) -> Option<Connection<'a>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let connect = read_connect(broker, io).await?;
+    let protocol = connect.protocol;
+    let negotiated = match negotiate(&broker.config, connect, || assign_client_id(broker), now()) {
+        Ok(n) => n,
+        Err(refusal) => {
+            refuse(io, refusal, protocol).await;
+            return None;
+        }
+    };
+    tracing::Span::current().record("client_id", &*negotiated.client_id);
+    let auth = match authenticate(broker, &negotiated, io).await {
+        Ok(auth) => auth,
+        Err(refusal) => {
+            refuse(io, refusal, protocol).await;
+            return None;
+        }
+    };
+
+    let conn_id = broker.next_id();
+    let wake = Arc::new(Notify::new());
+    let link = Link {
+        conn_id,
+        wake: wake.clone(),
+    };
+    let now = now();
+    let (session, present) = broker.open_session(
+        &negotiated.client_id,
+        negotiated.clean_start,
+        negotiated.expiry,
+        link,
+        now,
+    );
+    info!(
+        protocol = protocol.level(),
+        clean = negotiated.clean_start,
+        keep_alive = negotiated.keep_alive,
+        resumed = present,
+        "connected"
+    );
+    let conn = Connection::new(broker, &negotiated, session, conn_id, wake, now);
+    let mut ack = negotiated.connack(&broker.config, present);
+    if let Some((method, data)) = auth {
+        ack.properties.authentication_method = Some(method);
+        ack.properties.authentication_data = data;
+    }
+    conn.send(&mut io.wbuf, Packet::ConnAck(ack));
+    Some(conn)
+}
+
+/// Waits for the CONNECT (within the connect timeout); answers a bad one and returns None.
+async fn read_connect<R, W>(broker: &Broker, io: &mut Io<R, W>) -> Option<protocol::Connect>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = broker.config.mqtt.max_packet_size;
+    let first = tokio::select! {
+        _ = broker.shutdown.cancelled() => return None,
+        r = timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
+    };
+    match first {
+        Err(_) => debug!("no CONNECT within the connect timeout; closing"),
+        Ok(Ok(Some(Packet::Connect(c)))) => return Some(*c),
+        Ok(Ok(Some(_))) => warn!("first packet is not CONNECT; closing"),
+        Ok(Ok(None)) => debug!("closed before CONNECT"),
+        Ok(Err(e)) => {
+            warn!("bad CONNECT: {e}");
+            if let protocol::Error::UnsupportedProtocol { .. } = e {
+                // Both 3.x and 5.0 clients understand a 3.1.1 CONNACK with code 1 here.
+                let refusal = Refusal::new(e.reason_code(), "unsupported protocol version");
+                refuse(io, refusal, Protocol::V311).await;
+            }
+        }
+    }
+    None
+}
+
+/// Answers a refused CONNECT (with a CONNACK unless the standard says to just close)
+/// and closes.
+async fn refuse<R, W>(io: &mut Io<R, W>, refusal: Refusal, protocol: Protocol)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    info!(code = ?refusal.code, "refused: {}", refusal.why);
+    if refusal.connack {
+        let ack = ConnAck {
+            code: refusal.code,
+            ..ConnAck::default()
+        };
+        machine::send(&mut io.wbuf, Packet::ConnAck(ack), protocol, usize::MAX);
+    }
+    io.linger_close().await;
+}
+
+/// Runs the MQTT 5 enhanced authentication exchange, if the CONNECT asked for one.
+/// Returns the method and data for the CONNACK.
+async fn authenticate<R, W>(
+    broker: &Broker,
+    negotiated: &Negotiated,
+    io: &mut Io<R, W>,
+) -> Result<Option<(ByteStr, Option<Bytes>)>, Refusal>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(method) = &negotiated.auth_method else {
+        return Ok(None);
+    };
+    let (mut exchange, mut next) = Exchange::start(
+        &broker.auth_methods,
+        method,
+        &negotiated.client_id,
+        negotiated.auth_data.clone(),
+    );
+    loop {
+        let challenge = match next {
+            Next::Done(data) => return Ok(Some((method.clone(), data))),
+            Next::Refuse(code) => return Err(Refusal::new(code, "enhanced authentication")),
+            Next::Challenge(auth) => *auth,
+        };
+        let failed = || Refusal::new(crate::protocol::ReasonCode::ProtocolError, "AUTH exchange");
+        machine::send(
+            &mut io.wbuf,
+            Packet::Auth(challenge),
+            Protocol::V5,
+            usize::MAX,
+        );
+        if io.writer.write_all_buf(&mut io.wbuf).await.is_err() {
+            return Err(failed());
+        }
+        let max = broker.config.mqtt.max_packet_size;
+        let answer = timeout(
+            broker.config.mqtt.connect_timeout(),
+            io.read_packet(Protocol::V5, max),
+        )
+        .await;
+        next = match (answer, exchange.as_mut()) {
+            (Ok(Ok(Some(packet))), Some(exchange)) => exchange.on_packet(packet),
+            _ => return Err(failed()),
+        };
+    }
+}
+
+/// The connection's event loop; returns why it ended.
+async fn run<R, W>(
+    conn: &mut Connection<'_>,
+    io: &mut Io<R, W>,
+    broker: &Broker,
+) -> Result<Infallible, Exit>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let far_future = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let deadline_of = |conn: &Connection| conn.poll_timeout().map_or(far_future, Instant::from_std);
+    let deadline = sleep_until(deadline_of(conn));
+    tokio::pin!(deadline);
+    let wake = conn.wake().clone();
+    // Clients may send packets right behind CONNECT, before the CONNACK: they are in
+    // the buffer already.
+    conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
+    loop {
+        // Shutdown wakes every connection (`Broker::begin_shutdown`) rather than being
+        // one more future in the select: this future lives as long as the connection,
+        // and each byte of it counts per idle client.
+        if broker.shutdown.is_cancelled() {
+            return Err(Exit::Shutdown);
+        }
+        if io.wbuf.len() < WRITE_HIGH_WATER {
+            conn.poll_transmit(now(), &mut io.wbuf)?;
+        }
+        io.prepare_read();
+        let spare = io.rbuf.capacity() - io.rbuf.len();
+        // A client that does not read what it asks for (acks, PINGRESPs) is not read
+        // either until its answers drain: TCP backpressure instead of a growing buffer.
+        let can_read = io.wbuf.len() < WRITE_HIGH_WATER;
+        // Reading comes before writing: acknowledgements already waiting free more of the
+        // in-flight window first, so the next write carries a larger batch (fewer system
+        // calls for the broker and the client alike).
+        tokio::select! {
+            biased;
+            _ = wake.notified() => conn.check_owner()?,
+            read = io.reader.read_buf(&mut io.rbuf), if can_read => {
+                let n = match read {
+                    Ok(0) => return Err(Exit::Closed(None)),
+                    Err(e) => return Err(Exit::Closed(Some(e))),
+                    Ok(n) => n,
+                };
+                conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
+                io.after_read(n, spare);
+                // After a large read, the subscribers just woken may sit in this worker's
+                // run queue (tokio's LIFO slot cannot be stolen): let them drain their
+                // queues before this publisher routes its next read, or a burst overflows
+                // even fast subscribers' queues. A small read needs no yield: the task is
+                // about to wait for the socket anyway.
+                if n >= YIELD_AFTER_READ {
+                    tokio::task::yield_now().await;
+                }
+            }
+            written = io.writer.write_buf(&mut io.wbuf), if !io.wbuf.is_empty() => {
+                match written {
+                    Ok(0) => return Err(Exit::Closed(None)),
+                    Err(e) => return Err(Exit::Closed(Some(e))),
+                    Ok(_) => io.after_write(),
+                }
+            }
+            _ = &mut deadline => {
+                conn.handle_timeout(now())?;
+                // Moved lazily: resetting the timer on every packet would cost more.
+                deadline.as_mut().reset(deadline_of(conn));
+            }
+        }
+    }
+}
+
+/// Ends the connection: the machine's bookkeeping and last packet, then the socket.
+async fn close<R, W>(conn: Connection<'_>, exit: Exit, io: &mut Io<R, W>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    conn.close(&exit, now(), &mut io.wbuf);
+    match exit {
+        // The client ended it: nothing more for it to read.
+        Exit::Disconnect { .. } | Exit::Closed(_) => io.close().await,
+        _ => io.linger_close().await,
+    }
+}
+
+/// An id for a client that sent none, in mosquitto's style ("auto-" and random hex).
+fn assign_client_id(broker: &Broker) -> ByteStr {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(broker.next_id());
+    ByteStr::from(format!("auto-{:016x}", h.finish()))
+}

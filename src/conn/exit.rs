@@ -1,0 +1,114 @@
+//! Why a connection ended, and what follows from it: the will, the last DISCONNECT, how
+//! it is logged, and whether the socket lingers so the client can read the reason.
+
+use crate::protocol::ReasonCode;
+use std::borrow::Cow;
+use std::io;
+
+#[derive(Debug)]
+pub enum Exit {
+    /// DISCONNECT from the client; `will` if it asked for its will anyway (5.0 0x04).
+    Disconnect {
+        will: bool,
+    },
+    /// The socket closed (None) or failed without a DISCONNECT.
+    Closed(Option<io::Error>),
+    /// A protocol violation by the client; answered in 5.0 with this reason code.
+    Violation(ReasonCode, Cow<'static, str>),
+    KeepAliveTimeout,
+    TakenOver,
+    Shutdown,
+}
+
+/// What to do about an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub publish_will: bool,
+    /// The reason sent in a 5.0 DISCONNECT, if the server sends one.
+    pub disconnect: Option<ReasonCode>,
+}
+
+pub fn violation(code: ReasonCode, why: impl Into<Cow<'static, str>>) -> Exit {
+    Exit::Violation(code, why.into())
+}
+
+impl Exit {
+    pub fn outcome(&self) -> Outcome {
+        let (publish_will, disconnect) = match self {
+            Exit::Disconnect { will } => (*will, None),
+            Exit::Closed(_) => (true, None),
+            Exit::Violation(code, _) => (true, Some(*code)),
+            Exit::KeepAliveTimeout => (true, Some(ReasonCode::KeepAliveTimeout)),
+            Exit::TakenOver => (true, Some(ReasonCode::SessionTakenOver)),
+            // Wills are for clients that vanish, not for a broker that stops.
+            Exit::Shutdown => (false, Some(ReasonCode::ServerShuttingDown)),
+        };
+        Outcome {
+            publish_will,
+            disconnect,
+        }
+    }
+
+    /// The reason string of the server's DISCONNECT.
+    pub fn reason(&self) -> Cow<'static, str> {
+        match self {
+            Exit::Violation(_, why) => why.clone(),
+            Exit::KeepAliveTimeout => "keep-alive timeout".into(),
+            Exit::TakenOver => "session taken over".into(),
+            Exit::Shutdown => "server shutting down".into(),
+            Exit::Disconnect { .. } | Exit::Closed(_) => "".into(),
+        }
+    }
+
+    /// Logs the end of a connection: a client misbehaving is a warning, the rest news.
+    pub fn log(&self) {
+        match self {
+            Exit::Disconnect { .. } => tracing::info!("disconnected"),
+            Exit::Closed(None) => tracing::info!("connection closed without DISCONNECT"),
+            Exit::Closed(Some(e)) => {
+                tracing::info!("connection lost without DISCONNECT");
+                tracing::debug!("socket error: {e}");
+            }
+            Exit::Violation(_, why) => tracing::warn!("protocol violation: {why}; closing"),
+            Exit::KeepAliveTimeout => tracing::info!("keep-alive timeout; closing"),
+            Exit::TakenOver => tracing::info!("session taken over by a new connection; closing"),
+            Exit::Shutdown => tracing::debug!("closing for shutdown"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wills_follow_every_end_but_disconnect_and_shutdown() {
+        let cases = [
+            (Exit::Disconnect { will: false }, false, None),
+            (Exit::Disconnect { will: true }, true, None),
+            (Exit::Closed(None), true, None),
+            (
+                violation(ReasonCode::MalformedPacket, "bad"),
+                true,
+                Some(ReasonCode::MalformedPacket),
+            ),
+            (
+                Exit::KeepAliveTimeout,
+                true,
+                Some(ReasonCode::KeepAliveTimeout),
+            ),
+            (Exit::TakenOver, true, Some(ReasonCode::SessionTakenOver)),
+            (Exit::Shutdown, false, Some(ReasonCode::ServerShuttingDown)),
+        ];
+        for (exit, publish_will, disconnect) in cases {
+            assert_eq!(
+                exit.outcome(),
+                Outcome {
+                    publish_will,
+                    disconnect
+                },
+                "{exit:?}"
+            );
+        }
+    }
+}
