@@ -42,7 +42,12 @@ fn main() -> ExitCode {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("ternmq={}", config.log_level)));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour only on a terminal: logs written to a file or a pipe stay plain text.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -28,7 +28,7 @@ use ternmq::protocol::{
     self, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     ReasonCode, SubOptions, Subscribe, SubscribeFilter, Unsubscribe,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long to wait for something that should happen.
@@ -139,11 +139,28 @@ pub enum Event {
     Closed(String),
 }
 
+/// A byte stream to a broker: TCP, the bytes of a WebSocket, or an in-memory pipe.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Where a client connects: a listener, or a broker without sockets.
+#[derive(Clone)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Memory(std::sync::Arc<ternmq::Broker>),
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Target {
+        Target::Tcp(addr)
+    }
+}
+
 /// A test client on a raw socket: sends packets or bytes, decodes what comes back.
 pub struct Client {
     pub name: String,
     protocol: Protocol,
-    pub stream: TcpStream,
+    pub stream: Box<dyn Duplex>,
     rbuf: BytesMut,
     /// Packets read while waiting for another one, returned first by the next reads.
     pending: VecDeque<Packet>,
@@ -152,12 +169,23 @@ pub struct Client {
 
 impl Client {
     /// Opens a TCP connection and sends nothing; `protocol` encodes and decodes packets.
-    pub async fn open(addr: SocketAddr, name: &str, protocol: Protocol) -> Client {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
-            .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
-        stream.set_nodelay(true).expect("set_nodelay");
+    pub async fn open(target: impl Into<Target>, name: &str, protocol: Protocol) -> Client {
+        let stream: Box<dyn Duplex> = match target.into() {
+            Target::Tcp(addr) => {
+                let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| panic!("{name}: TCP connect timed out"))
+                    .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
+                stream.set_nodelay(true).expect("set_nodelay");
+                Box::new(stream)
+            }
+            Target::Memory(broker) => Box::new(super::connect_in_memory(&broker)),
+        };
+        Client::over(stream, name, protocol)
+    }
+
+    /// A client on an open byte stream (a WebSocket's bytes, say).
+    pub fn over(stream: Box<dyn Duplex>, name: &str, protocol: Protocol) -> Client {
         Client {
             name: name.to_string(),
             protocol,
@@ -169,7 +197,7 @@ impl Client {
     }
 
     /// Sends `connect` and returns the CONNACK, whatever its code.
-    pub async fn connect_with(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
+    pub async fn connect_with(addr: impl Into<Target>, connect: Connect) -> (Client, ConnAck) {
         let name = connect.client_id.to_string();
         let mut c = Client::open(addr, &name, connect.protocol).await;
         c.send(Packet::Connect(Box::new(connect))).await;
@@ -181,7 +209,7 @@ impl Client {
     }
 
     /// Connects and asserts success (reason code 0x00); returns the CONNACK too.
-    pub async fn accepted(addr: SocketAddr, connect: Connect) -> (Client, ConnAck) {
+    pub async fn accepted(addr: impl Into<Target>, connect: Connect) -> (Client, ConnAck) {
         let (c, ack) = Client::connect_with(addr, connect).await;
         assert_eq!(
             ack.code,
@@ -193,7 +221,7 @@ impl Client {
     }
 
     /// Connects and asserts acceptance (return code 0); returns the session present flag.
-    pub async fn connect_accepted(addr: SocketAddr, connect: Connect) -> (Client, bool) {
+    pub async fn connect_accepted(addr: impl Into<Target>, connect: Connect) -> (Client, bool) {
         let (c, ack) = Client::connect_with(addr, connect).await;
         assert_eq!(
             ack.code,
@@ -205,7 +233,7 @@ impl Client {
     }
 
     /// A 3.1.1 clean-session client, accepted with session present 0.
-    pub async fn connect_v311(addr: SocketAddr, client_id: &str) -> Client {
+    pub async fn connect_v311(addr: impl Into<Target>, client_id: &str) -> Client {
         let (c, present) = Client::connect_accepted(addr, connect_v311(client_id)).await;
         assert!(
             !present,
@@ -215,7 +243,7 @@ impl Client {
     }
 
     /// A 5.0 client with Clean Start and no session expiry, accepted.
-    pub async fn connect_v5(addr: SocketAddr, client_id: &str) -> Client {
+    pub async fn connect_v5(addr: impl Into<Target>, client_id: &str) -> Client {
         let (c, ack) = Client::accepted(addr, connect_v5(client_id)).await;
         assert!(
             !ack.session_present,

@@ -5,14 +5,31 @@ pub mod client;
 pub mod mosquitto;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use ternmq::config::{Config, Listener, ListenerKind};
-use ternmq::Server;
+use ternmq::{Broker, Server};
+use tokio::io::DuplexStream;
 
-/// A broker listening on 127.0.0.1 with an OS-chosen port; stopped when dropped.
+/// A broker listening on 127.0.0.1 with an OS-chosen port, or one without listeners
+/// (`in_memory`); stopped when dropped.
 pub struct TestBroker {
     pub server: Option<Server>,
+    broker: Arc<Broker>,
     pub addr: SocketAddr,
+}
+
+/// Serves a new in-memory connection to `broker`; returns the client's end.
+pub fn connect_in_memory(broker: &Arc<Broker>) -> DuplexStream {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let broker = broker.clone();
+    let tasks = broker.tasks.clone();
+    tasks.spawn(async move {
+        let (r, w) = tokio::io::split(server);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+        ternmq::conn::serve(&broker, r, w, peer).await;
+    });
+    client
 }
 
 impl TestBroker {
@@ -44,8 +61,30 @@ impl TestBroker {
             .expect("broker starts");
         let addr = server.local_addr(ListenerKind::Tcp).expect("tcp listener");
         TestBroker {
+            broker: server.broker().clone(),
             server: Some(server),
             addr,
+        }
+    }
+
+    /// A broker without sockets, for tests on tokio's paused clock: clients reach it
+    /// through `target()`.
+    pub fn in_memory(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        init_logs();
+        let mut config = Config::default();
+        tweak(&mut config);
+        TestBroker {
+            broker: Broker::new(config, Vec::new()),
+            server: None,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    /// Where clients connect: the tcp listener, or the broker itself when in memory.
+    pub fn target(&self) -> client::Target {
+        match self.server {
+            Some(_) => client::Target::Tcp(self.addr),
+            None => client::Target::Memory(self.broker.clone()),
         }
     }
 
@@ -70,8 +109,8 @@ impl TestBroker {
         self.addr.port()
     }
 
-    pub fn broker(&self) -> &std::sync::Arc<ternmq::Broker> {
-        self.server.as_ref().expect("running").broker()
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
     }
 
     pub async fn stop(mut self) {
@@ -86,9 +125,7 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        if let Some(s) = &self.server {
-            s.broker().begin_shutdown();
-        }
+        self.broker.begin_shutdown();
     }
 }
 
