@@ -6,6 +6,7 @@
 //! unknown key or a wrong type.
 
 use crate::protocol::QoS;
+use crate::transport::tls::TlsConfig;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,6 +43,8 @@ pub struct Listener {
     pub path: Option<String>,
     /// ws only: `Origin` values allowed to upgrade; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// TLS on this listener (mqtts on tcp, wss on ws): docs/security.md.
+    pub tls: Option<TlsConfig>,
 }
 
 /// A listener as written, before the checks that involve several of its keys.
@@ -55,6 +58,7 @@ struct RawListener {
     path: Option<String>,
     #[serde(default, deserialize_with = "origins")]
     allowed_origins: Vec<String>,
+    tls: Option<TlsConfig>,
 }
 
 impl TryFrom<RawListener> for Listener {
@@ -79,6 +83,7 @@ impl TryFrom<RawListener> for Listener {
             bind: raw.bind,
             path: raw.path,
             allowed_origins: raw.allowed_origins,
+            tls: raw.tls,
         })
     }
 }
@@ -91,6 +96,7 @@ impl Listener {
             bind,
             path: None,
             allowed_origins: Vec::new(),
+            tls: None,
         }
     }
 
@@ -426,5 +432,43 @@ mod tests {
         let err =
             Config::parse(&format!("{tcp}allowed_origins = [\"http://a.example\"]\n")).unwrap_err();
         assert!(err.contains("`allowed_origins`"), "{err}");
+    }
+
+    #[test]
+    fn tls_listener_keys() {
+        use crate::transport::tls::{IdentitySource, TlsConfig};
+        let tcp = "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:8883\"\n";
+        assert_eq!(Config::parse(tcp).unwrap().listeners[0].tls, None);
+
+        // An inline table and a [listeners.tls] sub-table read the same.
+        let inline = format!("{tcp}tls = {{ cert_file = \"s.crt\", key_file = \"s.key\" }}\n");
+        let table = format!("{tcp}[listeners.tls]\ncert_file = \"s.crt\"\nkey_file = \"s.key\"\n");
+        for text in [inline, table] {
+            let c = Config::parse(&text).unwrap();
+            assert_eq!(c.listeners[0].tls, Some(TlsConfig::new("s.crt", "s.key")));
+        }
+
+        let ws = "[[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:8084\"\n";
+        let text = format!(
+            "{ws}[listeners.tls]\ncert_file = \"s.crt\"\nkey_file = \"s.key\"\n\
+             client_ca_file = \"ca.crt\"\nidentity_as_username = \"cn\"\n"
+        );
+        let tls = Config::parse(&text).unwrap().listeners[0]
+            .tls
+            .clone()
+            .unwrap();
+        assert!(tls.require_client_cert);
+        assert_eq!(tls.identity_as_username, Some(IdentitySource::Cn));
+
+        let err = Config::parse(&format!(
+            "{tcp}[listeners.tls]\ncert_file = \"s.crt\"\nkeyfile = \"k\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("line 6") && err.contains("keyfile"), "{err}");
+        let err = Config::parse(&format!(
+            "{tcp}[listeners.tls]\ncert_file = \"s.crt\"\nkey_file = \"s.key\"\nrequire_client_cert = true\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("client_ca_file"), "{err}");
     }
 }

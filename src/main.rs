@@ -83,6 +83,14 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
             None => anyhow::bail!("--bind given but the configuration has no tcp listener"),
         }
     }
+    // src/transport/tls.rs is not wired into the listeners yet: refuse rather than serve
+    // plain MQTT on a port configured for TLS.
+    if let Some(l) = config.listeners.iter().find(|l| l.tls.is_some()) {
+        anyhow::bail!(
+            "listener {}: `tls` is not wired into the listeners yet",
+            l.bind
+        );
+    }
     if let Some(level) = &cli.log_level {
         config.log_level = level.clone();
     }
