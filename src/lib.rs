@@ -5,6 +5,7 @@
 //! (`session`) -> bytes. `broker` holds the shared state and the life of sessions;
 //! `server` binds the listeners.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod auth;
 pub mod broker;

@@ -1,6 +1,8 @@
 //! The `ternmq` binary as a user runs it: flags, configuration errors (exit code 2 with
 //! the file, line and key named), serving the sample `broker.toml`, and a clean exit (0)
 //! on SIGTERM and SIGINT.
+// A test reads best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,5 +1,7 @@
 //! Codec tests: differential tests against the `mqttbytes` crate (both directions, MQTT
 //! 3.1.1 and 5.0), and property tests (round trips, byte-at-a-time input, hostile input).
+// A test reads best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
 
 use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;

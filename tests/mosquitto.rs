@@ -8,6 +8,8 @@
 //!
 //! Without the clients, the tests are skipped with a note, except under `CI=true`,
 //! where they fail: `tests/run.sh` installs them.
+// A test reads best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
 
 mod common;
 

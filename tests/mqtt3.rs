@@ -8,6 +8,8 @@
 //!
 //! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`); the
 //! module doc of `common::client` says why that is enough.
+// A test reads best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
 
 mod common;
 

@@ -5,6 +5,8 @@
 //!
 //! The clients here are raw: tokio-tungstenite (or a TCP socket) and the broker's own
 //! codec, so each test says exactly which bytes and frames go over the wire.
+// A test reads best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
 
 mod common;
 

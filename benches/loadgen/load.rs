@@ -282,6 +282,7 @@ pub fn shape(scenario: Scenario) -> Shape {
 
 /// Runs one scenario to the end and counts. Errors are for setup failures (nothing
 /// measured); problems during the run are in the report's `failures`.
+#[allow(clippy::too_many_lines)] // setup, run and report of a scenario, read in order
 pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
     let topology = Topology {
         shape: shape(args.scenario),
@@ -616,6 +617,7 @@ impl Acks {
     }
 }
 
+#[allow(clippy::too_many_lines)] // one publisher's whole loop, its pacing and its acks
 async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
     let client_id = format!("lg{:08x}p{p}", sh.run);
     let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;

@@ -54,6 +54,7 @@ fn parse_stat_ticks(text: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+#[allow(unsafe_code)] // libc's sysconf has no safe wrapper here
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a system constant.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -65,6 +66,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// Raises the soft open-file limit to the hard one; returns the new soft limit.
+#[allow(unsafe_code)] // libc's getrlimit/setrlimit have no safe wrapper here
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

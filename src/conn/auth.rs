@@ -7,14 +7,14 @@ use crate::protocol::{Auth, ByteStr, Packet, ReasonCode};
 use bytes::Bytes;
 use std::sync::Arc;
 
-pub struct Exchange {
+pub(super) struct Exchange {
     method: ByteStr,
     inner: Box<dyn AuthExchange>,
 }
 
 /// What the exchange wants next.
 #[derive(Debug, PartialEq)]
-pub enum Next {
+pub(super) enum Next {
     /// Send this AUTH (Continue authentication) and feed the client's answer back.
     Challenge(Box<Auth>),
     /// Authenticated; the data goes into the CONNACK (or the final AUTH, on
@@ -26,7 +26,7 @@ pub enum Next {
 
 impl Exchange {
     /// Starts the exchange for `method` with the client's first data.
-    pub fn start(
+    pub(super) fn start(
         methods: &[Arc<dyn AuthMethod>],
         method: &ByteStr,
         client_id: &str,
@@ -44,7 +44,7 @@ impl Exchange {
     }
 
     /// The client's answer to a challenge.
-    pub fn on_packet(&mut self, packet: Packet) -> Next {
+    pub(super) fn on_packet(&mut self, packet: Packet) -> Next {
         match packet {
             Packet::Auth(a)
                 if a.reason == ReasonCode::ContinueAuthentication

@@ -28,7 +28,7 @@ pub struct Outcome {
     pub disconnect: Option<ReasonCode>,
 }
 
-pub fn violation(code: ReasonCode, why: impl Into<Cow<'static, str>>) -> Exit {
+pub(super) fn violation(code: ReasonCode, why: impl Into<Cow<'static, str>>) -> Exit {
     Exit::Violation(code, why.into())
 }
 

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{
-    topic, ByteStr, ConnAck, Connect, Protocol, ReasonCode, MAX_REMAINING_LENGTH,
+    topic, ByteStr, ConnAck, Connect, Protocol, ReasonCode, Will, MAX_REMAINING_LENGTH,
 };
 use crate::router::within_levels;
 use crate::session::NEVER_EXPIRE;
@@ -114,37 +114,9 @@ pub fn negotiate(
         keep_alive = k;
     }
 
-    let mut will_delay = 0;
-    let will = match connect.will {
-        None => None,
-        Some(w) => {
-            if !(topic::valid_topic_name(&w.topic) && within_levels(&w.topic)) {
-                // 3.x has no return code for it: a malformed CONNECT [MQTT-3.1.4-1].
-                return Err(Refusal {
-                    code: ReasonCode::TopicNameInvalid,
-                    why: "invalid will topic",
-                    connack: v5,
-                });
-            }
-            if w.retain && !mqtt.retain_available {
-                return Err(Refusal::new(
-                    ReasonCode::RetainNotSupported,
-                    "will needs retain, which is not available",
-                ));
-            }
-            if w.qos > mqtt.max_qos {
-                return Err(Refusal::new(
-                    ReasonCode::QoSNotSupported,
-                    "will QoS above the server maximum",
-                ));
-            }
-            let mut wp = w.properties;
-            will_delay = wp.will_delay_interval.take().unwrap_or(0);
-            let wp = (!wp.is_empty()).then(|| Box::new(wp));
-            // A copy, so that the will does not pin the CONNECT's read buffer.
-            let will = Message::new(w.topic, w.payload, w.qos, w.retain, wp, 0, now);
-            Some(Arc::new(will.compacted()))
-        }
+    let (will, will_delay) = match connect.will {
+        Some(w) => will(cfg, w, v5, now)?,
+        None => (None, 0),
     };
 
     // 3.x: clean session means the session ends with the connection; otherwise it lasts
@@ -177,6 +149,42 @@ pub fn negotiate(
         auth_method: props.authentication_method,
         auth_data: props.authentication_data,
     })
+}
+
+/// The will of a CONNECT as a message to keep, and its delay.
+fn will(
+    cfg: &Config,
+    w: Will,
+    v5: bool,
+    now: Instant,
+) -> Result<(Option<Arc<Message>>, u32), Refusal> {
+    let mqtt = &cfg.mqtt;
+    if !(topic::valid_topic_name(&w.topic) && within_levels(&w.topic)) {
+        // 3.x has no return code for it: a malformed CONNECT [MQTT-3.1.4-1].
+        return Err(Refusal {
+            code: ReasonCode::TopicNameInvalid,
+            why: "invalid will topic",
+            connack: v5,
+        });
+    }
+    if w.retain && !mqtt.retain_available {
+        return Err(Refusal::new(
+            ReasonCode::RetainNotSupported,
+            "will needs retain, which is not available",
+        ));
+    }
+    if w.qos > mqtt.max_qos {
+        return Err(Refusal::new(
+            ReasonCode::QoSNotSupported,
+            "will QoS above the server maximum",
+        ));
+    }
+    let mut wp = w.properties;
+    let delay = wp.will_delay_interval.take().unwrap_or(0);
+    let wp = (!wp.is_empty()).then(|| Box::new(wp));
+    // A copy, so that the will does not pin the CONNECT's read buffer.
+    let will = Message::new(w.topic, w.payload, w.qos, w.retain, wp, 0, now);
+    Ok((Some(Arc::new(will.compacted())), delay))
 }
 
 impl Negotiated {
@@ -223,7 +231,7 @@ impl Negotiated {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Properties, QoS, Will};
+    use crate::protocol::{Properties, QoS};
 
     fn connect(protocol: Protocol, client_id: &str) -> Connect {
         Connect {

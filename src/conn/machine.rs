@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 /// Stop moving messages from the session queue into the write buffer past this: the
 /// rest waits in the (bounded) queue until the socket drains.
-pub const WRITE_HIGH_WATER: usize = 64 * 1024;
+pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Messages taken from the session queue per lock.
 const BATCH: usize = 64;
 
@@ -733,7 +733,7 @@ impl<'a> Connection<'a> {
 }
 
 /// `Connection::send`, for the handshake too.
-pub fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, max: usize) {
+pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, max: usize) {
     let before = out.len();
     if let Err(e) = protocol::encode(&packet, protocol, out) {
         warn!("cannot encode {}: {e}", packet.name());

@@ -431,6 +431,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one table of packets and their bytes
     fn known_bytes() {
         let connect31 = Packet::Connect(Box::new(connect(V31)));
         let expected = b"\x10\x10\x00\x06MQIsdp\x03\x02\x00\x0a\x00\x02id";

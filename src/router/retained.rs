@@ -19,7 +19,7 @@ struct Node {
 }
 
 #[derive(Default)]
-pub struct Retained {
+pub(super) struct Retained {
     root: Node,
     count: usize,
 }
@@ -27,7 +27,7 @@ pub struct Retained {
 impl Retained {
     /// Stores `message` as the retained message of its topic, or clears the topic when
     /// `message` is `None`.
-    pub fn set(&mut self, topic: &str, message: Option<Arc<Message>>) {
+    pub(super) fn set(&mut self, topic: &str, message: Option<Arc<Message>>) {
         let levels: Vec<&str> = topic.split('/').collect();
         match message {
             Some(m) => {
@@ -48,7 +48,7 @@ impl Retained {
     }
 
     /// Clears `topic` only if it still holds `message` (not a newer one).
-    pub fn clear_if_same(&mut self, topic: &str, message: &Arc<Message>) {
+    pub(super) fn clear_if_same(&mut self, topic: &str, message: &Arc<Message>) {
         let mut node = &self.root;
         for level in topic.split('/') {
             match node.children.get(level) {
@@ -65,13 +65,13 @@ impl Retained {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.count
     }
 
     /// Up to `limit` retained messages matching `filter`, in walk order, that come after
     /// the topic `after` (from the start if None). Returns true if the walk is complete.
-    pub fn walk(
+    pub(super) fn walk(
         &self,
         filter: &str,
         after: Option<&str>,

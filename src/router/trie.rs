@@ -81,7 +81,7 @@ impl<M> Node<M> {
     }
 }
 
-pub struct Trie<M> {
+pub(super) struct Trie<M> {
     root: Node<M>,
     count: usize,
 }
@@ -98,7 +98,7 @@ impl<M> Default for Trie<M> {
 impl<M: Mailbox> Trie<M> {
     /// Adds or replaces a subscription to `filter` (in `group` if shared); returns true
     /// if the mailbox already had it, and the group, for a shared one.
-    pub fn insert(
+    pub(super) fn insert(
         &mut self,
         filter: &str,
         group: Option<&str>,
@@ -136,7 +136,7 @@ impl<M: Mailbox> Trie<M> {
     }
 
     /// Removes a mailbox's subscription to `filter` (in `group`), pruning empty nodes.
-    pub fn remove(&mut self, filter: &str, group: Option<&str>, mailbox: u64) -> bool {
+    pub(super) fn remove(&mut self, filter: &str, group: Option<&str>, mailbox: u64) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
         let removed = remove_at(&mut self.root, &levels, group, mailbox);
         if removed {
@@ -145,7 +145,7 @@ impl<M: Mailbox> Trie<M> {
         removed
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.count
     }
 
@@ -153,7 +153,7 @@ impl<M: Mailbox> Trie<M> {
     /// several matching filters is reported once per filter) and `on_group` for every
     /// matching shared group. Returns how many nodes had plain subscriptions (1 means no
     /// mailbox can be reported twice).
-    pub fn for_each_match<'a>(
+    pub(super) fn for_each_match<'a>(
         &'a self,
         topic: &str,
         on_sub: &mut dyn FnMut(&'a Subscriber<M>),
@@ -170,7 +170,11 @@ impl<M: Mailbox> Trie<M> {
     }
 
     /// The shared group `key` names, creating it if `create` (to hold waiting messages).
-    pub fn group_mut(&mut self, key: &SharedKey, create: bool) -> Option<&mut SharedGroup<M>> {
+    pub(super) fn group_mut(
+        &mut self,
+        key: &SharedKey,
+        create: bool,
+    ) -> Option<&mut SharedGroup<M>> {
         let mut node = &mut self.root;
         for level in key.filter.split('/') {
             node = if create {

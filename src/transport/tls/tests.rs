@@ -1,3 +1,6 @@
+// Test cases read best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
+
 //! Real handshakes over loopback TCP between the acceptor and a tokio-rustls client (and
 //! `openssl s_client`), with certificates made at test time: no key material in the tree.
 
