@@ -8,6 +8,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ternmq::budget::Budget;
 use ternmq::message::Message;
 use ternmq::protocol::{QoS, SubOptions};
 use ternmq::router::Router;
@@ -22,7 +23,12 @@ fn options(qos: QoS) -> SubOptions {
 }
 
 fn session(id: u64, limits: QueueLimits) -> Arc<Session> {
-    Arc::new(Session::new(id, format!("c{id}").as_str().into(), limits))
+    Arc::new(Session::new(
+        id,
+        format!("c{id}").as_str().into(),
+        limits,
+        Arc::new(Budget::new(usize::MAX)),
+    ))
 }
 
 fn message(topic: &str, qos: QoS) -> Arc<Message> {
@@ -49,6 +55,7 @@ fn populated_router() -> (Router<Session>, Vec<String>) {
     let limits = QueueLimits {
         max_inflight: 20,
         max_queued: 1000,
+        max_queued_bytes: 0,
         queue_qos0: false,
     };
     let metrics = ["temp", "hum", "volt", "load"];
@@ -121,6 +128,7 @@ fn matching(c: &mut Criterion) {
     let limits = QueueLimits {
         max_inflight: 20,
         max_queued: 1000,
+        max_queued_bytes: 0,
         queue_qos0: false,
     };
     let extra = session(1_000_000, limits);
@@ -149,6 +157,7 @@ fn fan_out(c: &mut Criterion) {
         let limits = QueueLimits {
             max_inflight: 20,
             max_queued: PER_BATCH as usize + 1,
+            max_queued_bytes: 0,
             queue_qos0: false,
         };
         let sessions: Vec<(Arc<Session>, Link)> = (0..SUBSCRIBERS as u64)
@@ -167,7 +176,7 @@ fn fan_out(c: &mut Criterion) {
         assert_eq!(router.publish(&msg), SUBSCRIBERS, "every session queues it");
         let drain = || {
             for (s, link) in &sessions {
-                let _ = s.with_state(link.conn_id, |st| st.queue.clear());
+                let _ = s.with_state(link.conn_id, |st| st.clear_queue());
             }
         };
         drain();

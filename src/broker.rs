@@ -8,6 +8,7 @@
 //! taken under the registry entry's lock, which opening a session takes too.
 
 use crate::auth::AuthMethod;
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{ByteStr, SubOptions};
@@ -15,7 +16,7 @@ use crate::router::Router;
 use crate::session::{Detached, Ended, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,13 @@ pub struct Broker {
     pub router: Router<Session>,
     /// Sessions by client id, connected or not.
     sessions: DashMap<ByteStr, Arc<Session>>,
+    /// Messages held for clients (queued, in flight) and the retained store
+    /// (`limits.max_queued_memory`).
+    pub memory: Arc<Budget>,
+    /// Partly received packets and write buffers (`limits.max_buffered_memory`).
+    pub buffers: Budget,
+    /// Client connections open now, all listeners together.
+    connections: AtomicUsize,
     next_id: AtomicU64,
     /// Cancelled on shutdown (`begin_shutdown`): listeners stop accepting and
     /// connections close.
@@ -43,10 +51,14 @@ pub fn now() -> Instant {
 
 impl Broker {
     pub fn new(config: Config, auth_methods: Vec<Arc<dyn AuthMethod>>) -> Arc<Broker> {
+        let memory = Arc::new(Budget::new(config.limits.max_queued_memory));
         Arc::new(Broker {
+            buffers: Budget::new(config.limits.max_buffered_memory),
+            router: Router::new(memory.clone()),
+            memory,
+            connections: AtomicUsize::new(0),
             config,
             auth_methods,
-            router: Router::default(),
             sessions: DashMap::new(),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -64,6 +76,7 @@ impl Broker {
         QueueLimits {
             max_inflight: s.max_inflight_messages,
             max_queued: s.max_queued_messages,
+            max_queued_bytes: s.max_queued_bytes,
             queue_qos0: s.queue_qos0_messages,
         }
     }
@@ -108,7 +121,12 @@ impl Broker {
     }
 
     fn new_session(&self, client_id: &ByteStr, link: Link, expiry: u32) -> Arc<Session> {
-        let s = Session::new(self.next_id(), client_id.clone(), self.queue_limits());
+        let s = Session::new(
+            self.next_id(),
+            client_id.clone(),
+            self.queue_limits(),
+            self.memory.clone(),
+        );
         s.attach_new(link, expiry);
         Arc::new(s)
     }
@@ -270,6 +288,24 @@ impl Broker {
         }
     }
 
+    /// Counts a new connection on `listener` for as long as the guard lives.
+    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> Opened<'_> {
+        let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let over = |n: usize, max: usize| max > 0 && n > max;
+        Opened {
+            within_limits: !over(all, self.config.limits.max_connections)
+                && !over(here, listener.max_connections),
+            connections: &self.connections,
+            listener: listener.clone(),
+        }
+    }
+
+    /// Client connections open now.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -278,6 +314,39 @@ impl Broker {
         self.sessions
             .get(&ByteStr::from(client_id))
             .map(|s| s.clone())
+    }
+}
+
+/// What a listener allows, shared by its connections.
+#[derive(Debug, Default)]
+pub struct ListenerRules {
+    /// Connections at once on this listener (0 = no limit of its own).
+    pub max_connections: usize,
+    /// Connections open now on this listener.
+    open: AtomicUsize,
+}
+
+impl ListenerRules {
+    pub fn new(max_connections: usize) -> ListenerRules {
+        ListenerRules {
+            max_connections,
+            open: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A connection counted against the limits, until dropped.
+pub struct Opened<'a> {
+    /// False when the connection is one too many: it is refused at its CONNECT.
+    pub within_limits: bool,
+    connections: &'a AtomicUsize,
+    listener: Arc<ListenerRules>,
+}
+
+impl Drop for Opened<'_> {
+    fn drop(&mut self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        self.listener.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -21,6 +21,7 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub mqtt: Mqtt,
     pub session: SessionLimits,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -45,6 +46,8 @@ pub struct Listener {
     pub allowed_origins: Vec<String>,
     /// TLS on this listener (mqtts on tcp, wss on ws): docs/security.md.
     pub tls: Option<TlsConfig>,
+    /// Connections this listener serves at once (0 = no limit of its own).
+    pub max_connections: usize,
 }
 
 /// A listener as written, before the checks that involve several of its keys.
@@ -59,6 +62,8 @@ struct RawListener {
     #[serde(default, deserialize_with = "origins")]
     allowed_origins: Vec<String>,
     tls: Option<TlsConfig>,
+    #[serde(default, deserialize_with = "count")]
+    max_connections: usize,
 }
 
 impl TryFrom<RawListener> for Listener {
@@ -84,6 +89,7 @@ impl TryFrom<RawListener> for Listener {
             path: raw.path,
             allowed_origins: raw.allowed_origins,
             tls: raw.tls,
+            max_connections: raw.max_connections,
         })
     }
 }
@@ -97,6 +103,7 @@ impl Listener {
             path: None,
             allowed_origins: Vec::new(),
             tls: None,
+            max_connections: 0,
         }
     }
 
@@ -158,6 +165,73 @@ pub struct SessionLimits {
     pub max_queued_messages: usize,
     /// Queue QoS 0 messages for offline persistent sessions too.
     pub queue_qos0_messages: bool,
+    /// Bytes of messages a client may have waiting (0 = bounded by the count only).
+    #[serde(deserialize_with = "count")]
+    pub max_queued_bytes: usize,
+    /// Seconds a 3.x persistent session (Clean Session 0) is kept offline before it
+    /// expires (0 = never, mosquitto's default).
+    #[serde(deserialize_with = "u32_value")]
+    pub persistent_client_expiration: u32,
+}
+
+/// What one client, or all of them together, may hold of the broker: the bounds that a
+/// slow, silent or hostile client cannot get past (docs/security.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Client connections served at once, all listeners together (0 = no limit).
+    #[serde(deserialize_with = "count")]
+    pub max_connections: usize,
+    /// Largest CONNECT accepted, in bytes: what an unauthenticated peer can make the
+    /// broker buffer, whatever `mqtt.max_packet_size` says.
+    #[serde(deserialize_with = "connect_size")]
+    pub max_connect_size: usize,
+    /// Largest payload of a PUBLISH or a will, in bytes (0 = no limit).
+    #[serde(deserialize_with = "count")]
+    pub message_size_limit: usize,
+    #[serde(deserialize_with = "client_id_length")]
+    pub max_client_id_length: usize,
+    /// Subscriptions per client (0 = no limit).
+    #[serde(deserialize_with = "count")]
+    pub max_subscriptions: usize,
+    /// PUBLISH packets per second a client may send, sustained (0 = no limit); past
+    /// it, with `publish_burst` used up, the broker stops reading from the client until
+    /// the rate allows.
+    #[serde(deserialize_with = "u32_value")]
+    pub publish_rate: u32,
+    /// Payload bytes per second a client may publish, sustained (0 = no limit).
+    #[serde(deserialize_with = "count")]
+    pub publish_bytes_rate: usize,
+    /// Seconds' worth of the rates a client may use at once.
+    #[serde(deserialize_with = "burst")]
+    pub publish_burst: u32,
+    /// Bytes held in partly received packets and in write buffers, all connections
+    /// together; a connection holding more than its share while this is exceeded is
+    /// closed.
+    #[serde(deserialize_with = "memory")]
+    pub max_buffered_memory: usize,
+    /// Bytes of messages held for clients (queued and in flight, all sessions) and in the
+    /// retained store: past 90% QoS 0 messages are no longer queued, past 100% publishes
+    /// are refused (5.0: 0x97 Quota exceeded).
+    #[serde(deserialize_with = "memory")]
+    pub max_queued_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 0,
+            max_connect_size: 64 * 1024,
+            message_size_limit: 0,
+            max_client_id_length: 65_535,
+            max_subscriptions: 10_000,
+            publish_rate: 0,
+            publish_bytes_rate: 0,
+            publish_burst: 1,
+            max_buffered_memory: 256 << 20,
+            max_queued_memory: 512 << 20,
+        }
+    }
 }
 
 impl Default for Config {
@@ -170,6 +244,7 @@ impl Default for Config {
             )],
             mqtt: Mqtt::default(),
             session: SessionLimits::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -201,6 +276,8 @@ impl Default for SessionLimits {
             max_inflight_messages: 20,
             max_queued_messages: 1000,
             queue_qos0_messages: false,
+            max_queued_bytes: 0,
+            persistent_client_expiration: 0,
         }
     }
 }
@@ -277,6 +354,28 @@ fn positive_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     ranged(d, 1, 10_000_000, "value").map(|v| v as usize)
+}
+
+/// A count or size where 0 means no limit.
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    ranged(d, 0, 1 << 48, "value").map(|v| v as usize)
+}
+
+fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    ranged(d, 1 << 20, 1 << 48, "value (bytes)").map(|v| v as usize)
+}
+
+fn connect_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let max = crate::protocol::MAX_REMAINING_LENGTH as u64 + 5;
+    ranged(d, 128, max, "value (bytes)").map(|v| v as usize)
+}
+
+fn client_id_length<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    ranged(d, 1, 65_535, "value").map(|v| v as usize)
+}
+
+fn burst<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 1, 3600, "value (seconds)").map(|v| v as u32)
 }
 
 fn pkid_window<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod message;

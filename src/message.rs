@@ -173,6 +173,14 @@ impl Delivery {
         }
     }
 
+    /// What holding this delivery costs, for the memory budget: the message's bytes
+    /// (counted for each receiver that holds it, which errs on the safe side) and the
+    /// bookkeeping around them.
+    pub fn size(&self) -> usize {
+        const OVERHEAD: usize = 128;
+        self.message.topic.len() + self.message.payload.len() + OVERHEAD
+    }
+
     /// The delivery of `message` through a subscription with these options.
     pub fn through(
         message: &Arc<Message>,

@@ -2,24 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
 static SENT: AtomicU64 = AtomicU64::new(0);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Counts a connection for as long as the guard lives.
-pub struct ConnectionGuard(());
-
-pub fn connection() -> ConnectionGuard {
-    CONNECTIONS.fetch_add(1, Relaxed);
-    ConnectionGuard(())
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        CONNECTIONS.fetch_sub(1, Relaxed);
-    }
-}
 
 pub fn received() {
     RECEIVED.fetch_add(1, Relaxed);
@@ -36,7 +21,6 @@ pub fn dropped() {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
-    pub connections: u64,
     pub received: u64,
     pub sent: u64,
     pub dropped: u64,
@@ -44,7 +28,6 @@ pub struct Snapshot {
 
 pub fn snapshot() -> Snapshot {
     Snapshot {
-        connections: CONNECTIONS.load(Relaxed),
         received: RECEIVED.load(Relaxed),
         sent: SENT.load(Relaxed),
         dropped: DROPPED.load(Relaxed),

@@ -2,8 +2,9 @@
 //! wires shutdown. The only module that knows the transports.
 
 use crate::auth::AuthMethod;
-use crate::broker::Broker;
+use crate::broker::{Broker, ListenerRules};
 use crate::config::{Config, ListenerKind};
+use crate::conn::Peer;
 use crate::transport;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,11 +34,12 @@ impl Server {
         for listener in &broker.config.listeners {
             let socket = TcpListener::bind(listener.bind).await?;
             let addr = socket.local_addr()?;
+            let rules = Arc::new(ListenerRules::new(listener.max_connections));
             match listener.kind {
-                ListenerKind::Tcp => spawn_accept(&broker, socket, transport::tcp::serve),
+                ListenerKind::Tcp => spawn_accept(&broker, socket, rules, transport::tcp::serve),
                 ListenerKind::Ws => {
                     let policy = Arc::new(transport::ws::Policy::new(listener));
-                    spawn_accept(&broker, socket, move |broker, stream, peer| {
+                    spawn_accept(&broker, socket, rules, move |broker, stream, peer| {
                         transport::ws::serve(broker, stream, peer, policy.clone())
                     })
                 }
@@ -75,33 +77,97 @@ impl Server {
 
 /// Accepts connections on `listener` until shutdown, each served by `serve` in its own
 /// task.
-fn spawn_accept<F, Fut>(broker: &Arc<Broker>, listener: TcpListener, serve: F)
-where
-    F: Fn(Arc<Broker>, TcpStream, SocketAddr) -> Fut + Send + 'static,
+fn spawn_accept<F, Fut>(
+    broker: &Arc<Broker>,
+    listener: TcpListener,
+    rules: Arc<ListenerRules>,
+    serve: F,
+) where
+    F: Fn(Arc<Broker>, TcpStream, Peer) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let broker = broker.clone();
     let tasks = broker.tasks.clone();
     tasks.spawn(async move {
+        let mut exhausted = Exhausted::new();
         loop {
             let accepted = tokio::select! {
                 _ = broker.shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, addr)) => {
                     // MQTT packets are small and latency matters more than segment count.
                     if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(%peer, "set_nodelay: {e}");
+                        tracing::debug!(%addr, "set_nodelay: {e}");
                     }
+                    let peer = Peer {
+                        addr,
+                        listener: rules.clone(),
+                        tls_identity: None,
+                    };
                     broker.tasks.spawn(serve(broker.clone(), stream, peer));
                 }
+                Err(e) if is_out_of_descriptors(&e) => exhausted.refuse_one(&listener).await,
                 Err(e) => {
-                    // Usually EMFILE: back off instead of spinning on the error.
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     });
+}
+
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // EMFILE (the process's limit) and ENFILE (the system's).
+    matches!(e.raw_os_error(), Some(24) | Some(23))
+}
+
+/// What the accept loop does when the process runs out of file descriptors: a spare one
+/// is kept open, so that a waiting client can be accepted and told "server unavailable"
+/// (a 3.1.1 CONNACK 3) instead of hanging in the listen queue; the log line says how many
+/// were refused, at most every 10 s.
+struct Exhausted {
+    spare: Option<std::fs::File>,
+    refused: u64,
+    logged: Option<tokio::time::Instant>,
+}
+
+impl Exhausted {
+    fn new() -> Exhausted {
+        Exhausted {
+            spare: std::fs::File::open("/dev/null").ok(),
+            refused: 0,
+            logged: None,
+        }
+    }
+
+    async fn refuse_one(&mut self, listener: &TcpListener) {
+        const SERVER_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+        if self.spare.take().is_some() {
+            let accept = tokio::time::timeout(Duration::from_millis(100), listener.accept());
+            if let Ok(Ok((stream, _))) = accept.await {
+                let _ = stream.try_write(&SERVER_UNAVAILABLE);
+                self.refused += 1;
+            }
+            self.spare = std::fs::File::open("/dev/null").ok();
+        }
+        let now = tokio::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|t| now >= t + Duration::from_secs(10))
+        {
+            tracing::warn!(
+                refused = self.refused,
+                "out of file descriptors: refusing new connections (raise the process's open-file limit, or set limits.max_connections below it)"
+            );
+            self.logged = Some(now);
+            self.refused = 0;
+        }
+        if self.spare.is_none() {
+            // Not even the spare could be reopened: wait for descriptors to come back
+            // instead of spinning on the error.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

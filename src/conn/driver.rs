@@ -8,17 +8,17 @@
 //! small: the handshake and the close, large and short-lived, are boxed.
 
 use super::auth::{Exchange, Next};
-use super::exit::Exit;
+use super::exit::{limit, Exit};
 use super::handshake::{negotiate, Negotiated, Refusal};
 use super::machine::{self, Connection, WRITE_HIGH_WATER};
+use super::Peer;
 use crate::broker::{now, Broker};
-use crate::metrics;
-use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol};
+use crate::budget::{Budget, Level};
+use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol, ReasonCode};
 use crate::session::Link;
 use bytes::{Bytes, BytesMut};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -42,27 +42,29 @@ pub fn serve<'a, R, W>(
     broker: &'a Arc<Broker>,
     reader: R,
     writer: W,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> impl Future<Output = ()> + Send + 'a
 where
     R: AsyncRead + Unpin + Send + 'a,
     W: AsyncWrite + Unpin + Send + 'a,
 {
-    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+    let span = tracing::info_span!("conn", peer = %peer.addr, client_id = tracing::field::Empty);
     let mut io = Io {
         reader,
         writer,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         read_size: MIN_READ,
+        charged: 0,
     };
     async move {
-        let _count = metrics::connection();
-        let Some(mut conn) = Box::pin(handshake(broker, &mut io)).await else {
-            return;
-        };
-        let Err(exit) = run(&mut conn, &mut io, broker).await;
-        Box::pin(close(conn, exit, &mut io)).await;
+        let opened = broker.open_connection(&peer.listener);
+        let handshake = handshake(broker, &mut io, &peer, opened.within_limits);
+        if let Some(mut conn) = Box::pin(handshake).await {
+            let Err(exit) = run(&mut conn, &mut io, broker).await;
+            Box::pin(close(conn, exit, &mut io)).await;
+        }
+        io.settle(&broker.buffers, true);
     }
     .instrument(span)
 }
@@ -74,6 +76,8 @@ struct Io<R, W> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     read_size: usize,
+    /// What the buffers are charged in the broker's buffer budget.
+    charged: usize,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
@@ -119,6 +123,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         }
     }
 
+    /// Brings the buffers' charge in `budget` up to date (to nothing once `closed`).
+    /// Returns what this connection holds.
+    fn settle(&mut self, budget: &Budget, closed: bool) -> usize {
+        let held = if closed {
+            0
+        } else {
+            self.rbuf.capacity() + self.wbuf.capacity()
+        };
+        budget.adjust(held as isize - self.charged as isize);
+        self.charged = held;
+        held
+    }
+
     /// Writes what is pending and closes, lingering (see `LINGER`). Bounded in time, and
     /// in memory by the read buffer already held.
     async fn linger_close(&mut self) {
@@ -157,14 +174,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 
 /// Reads and checks the CONNECT, authenticates, opens the session and queues the
 /// CONNACK. On refusal, answers and closes; returns None.
-async fn handshake<'a, R, W>(broker: &'a Arc<Broker>, io: &mut Io<R, W>) -> Option<Connection<'a>>
+async fn handshake<'a, R, W>(
+    broker: &'a Arc<Broker>,
+    io: &mut Io<R, W>,
+    _peer: &Peer,
+    within_limits: bool,
+) -> Option<Connection<'a>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let connect = read_connect(broker, io).await?;
     let protocol = connect.protocol;
-    let negotiated = match negotiate(&broker.config, connect, || assign_client_id(broker), now()) {
+    let negotiated = negotiate(&broker.config, connect, || assign_client_id(broker), now())
+        .and_then(|n| match within_limits {
+            true => Ok(n),
+            false => Err(Refusal::new(
+                ReasonCode::QuotaExceeded,
+                "too many connections (max_connections)",
+            )),
+        });
+    let negotiated = match negotiated {
         Ok(n) => n,
         Err(refusal) => {
             refuse(io, refusal, protocol).await;
@@ -217,7 +247,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let max = broker.config.mqtt.max_packet_size;
+    // Nothing larger is buffered from a peer that has not authenticated.
+    let max = broker
+        .config
+        .mqtt
+        .max_packet_size
+        .min(broker.config.limits.max_connect_size);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return None,
         r = timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
@@ -283,7 +318,7 @@ where
             Next::Refuse(code) => return Err(Refusal::new(code, "enhanced authentication")),
             Next::Challenge(auth) => *auth,
         };
-        let failed = || Refusal::new(crate::protocol::ReasonCode::ProtocolError, "AUTH exchange");
+        let failed = || Refusal::new(ReasonCode::ProtocolError, "AUTH exchange");
         machine::send(
             &mut io.wbuf,
             Packet::Auth(challenge),
@@ -293,7 +328,11 @@ where
         if io.writer.write_all_buf(&mut io.wbuf).await.is_err() {
             return Err(failed());
         }
-        let max = broker.config.mqtt.max_packet_size;
+        let max = broker
+            .config
+            .mqtt
+            .max_packet_size
+            .min(broker.config.limits.max_connect_size);
         let answer = timeout(
             broker.config.mqtt.connect_timeout(),
             io.read_packet(Protocol::V5, max),
@@ -335,10 +374,18 @@ where
             conn.poll_transmit(now(), &mut io.wbuf)?;
         }
         io.prepare_read();
+        check_buffers(io, broker)?;
         let spare = io.rbuf.capacity() - io.rbuf.len();
         // A client that does not read what it asks for (acks, PINGRESPs) is not read
         // either until its answers drain: TCP backpressure instead of a growing buffer.
-        let can_read = io.wbuf.len() < WRITE_HIGH_WATER;
+        // Nor is one publishing faster than its rate limit, until the pause ends.
+        let paused = conn.paused_until();
+        let can_read = io.wbuf.len() < WRITE_HIGH_WATER && paused.is_none();
+        if let Some(p) = paused.map(Instant::from_std) {
+            if p < deadline.deadline() {
+                deadline.as_mut().reset(p);
+            }
+        }
         // Reading comes before writing: acknowledgements already waiting free more of the
         // in-flight window first, so the next write carries a larger batch (fewer system
         // calls for the broker and the client alike).
@@ -376,6 +423,27 @@ where
             }
         }
     }
+}
+
+/// Charges the buffers to the broker's budget; while it is exceeded, a connection that
+/// holds more than its share (the budget over the open connections) is closed.
+fn check_buffers<R, W>(io: &mut Io<R, W>, broker: &Broker) -> Result<(), Exit>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let held = io.settle(&broker.buffers, false);
+    let budget = &broker.buffers;
+    if budget.level() == Level::Exhausted {
+        let share = budget.limit() / broker.connection_count().max(1);
+        if held > share {
+            return Err(limit(
+                ReasonCode::QuotaExceeded,
+                format!("buffers of {held} bytes, over this connection's share ({share}) of max_buffered_memory"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Ends the connection: the machine's bookkeeping and last packet, then the socket.

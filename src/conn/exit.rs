@@ -15,6 +15,8 @@ pub enum Exit {
     Closed(Option<io::Error>),
     /// A protocol violation by the client; answered in 5.0 with this reason code.
     Violation(ReasonCode, Cow<'static, str>),
+    /// A limit of the broker closed it (docs/security.md); 5.0 gets this reason code.
+    Limit(ReasonCode, Cow<'static, str>),
     KeepAliveTimeout,
     TakenOver,
     Shutdown,
@@ -32,12 +34,16 @@ pub(super) fn violation(code: ReasonCode, why: impl Into<Cow<'static, str>>) -> 
     Exit::Violation(code, why.into())
 }
 
+pub(super) fn limit(code: ReasonCode, why: impl Into<Cow<'static, str>>) -> Exit {
+    Exit::Limit(code, why.into())
+}
+
 impl Exit {
     pub fn outcome(&self) -> Outcome {
         let (publish_will, disconnect) = match self {
             Exit::Disconnect { will } => (*will, None),
             Exit::Closed(_) => (true, None),
-            Exit::Violation(code, _) => (true, Some(*code)),
+            Exit::Violation(code, _) | Exit::Limit(code, _) => (true, Some(*code)),
             Exit::KeepAliveTimeout => (true, Some(ReasonCode::KeepAliveTimeout)),
             Exit::TakenOver => (true, Some(ReasonCode::SessionTakenOver)),
             // Wills are for clients that vanish, not for a broker that stops.
@@ -52,7 +58,7 @@ impl Exit {
     /// The reason string of the server's DISCONNECT.
     pub fn reason(&self) -> Cow<'static, str> {
         match self {
-            Exit::Violation(_, why) => why.clone(),
+            Exit::Violation(_, why) | Exit::Limit(_, why) => why.clone(),
             Exit::KeepAliveTimeout => "keep-alive timeout".into(),
             Exit::TakenOver => "session taken over".into(),
             Exit::Shutdown => "server shutting down".into(),
@@ -70,6 +76,7 @@ impl Exit {
                 tracing::debug!("socket error: {e}");
             }
             Exit::Violation(_, why) => tracing::warn!("protocol violation: {why}; closing"),
+            Exit::Limit(_, why) => tracing::warn!("{why}; closing"),
             Exit::KeepAliveTimeout => tracing::info!("keep-alive timeout; closing"),
             Exit::TakenOver => tracing::info!("session taken over by a new connection; closing"),
             Exit::Shutdown => tracing::debug!("closing for shutdown"),

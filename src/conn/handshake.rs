@@ -94,6 +94,11 @@ pub fn negotiate(
             ReasonCode::ClientIdentifierNotValid,
             "MQTT 3.1 client id longer than 23 characters",
         ));
+    } else if client_id.len() > cfg.limits.max_client_id_length {
+        return Err(Refusal::new(
+            ReasonCode::ClientIdentifierNotValid,
+            "client id longer than max_client_id_length",
+        ));
     }
 
     // 3.x clients cannot be told another keep-alive: one that asks for none or more
@@ -120,11 +125,14 @@ pub fn negotiate(
     };
 
     // 3.x: clean session means the session ends with the connection; otherwise it lasts
-    // until discarded. 5.0: the client says how long, within our maximum.
+    // until discarded, or `persistent_client_expiration`. 5.0: the client says how long,
+    // within our maximum.
     let asked_expiry = if v5 {
         props.session_expiry_interval.unwrap_or(0)
     } else if connect.clean_start {
         0
+    } else if cfg.session.persistent_client_expiration > 0 {
+        cfg.session.persistent_client_expiration
     } else {
         NEVER_EXPIRE
     };
@@ -177,6 +185,13 @@ fn will(
         return Err(Refusal::new(
             ReasonCode::QoSNotSupported,
             "will QoS above the server maximum",
+        ));
+    }
+    let size_limit = cfg.limits.message_size_limit;
+    if size_limit > 0 && w.payload.len() > size_limit {
+        return Err(Refusal::new(
+            ReasonCode::PacketTooLarge,
+            "will payload larger than message_size_limit",
         ));
     }
     let mut wp = w.properties;

@@ -9,9 +9,10 @@
 //! after that, after a wake-up and whenever the write buffer has room; `handle_timeout`
 //! when `poll_timeout` passed; `close` once, with the first `Exit` any of them returned.
 
-use super::exit::{violation, Exit};
+use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use crate::broker::Broker;
+use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
 use crate::metrics;
 use crate::protocol::{
@@ -60,6 +61,8 @@ pub struct Connection<'a> {
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
     wake: Arc<Notify>,
+    /// The publish rate limit, when configured.
+    throttle: Option<Box<Throttle>>,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
 }
@@ -98,6 +101,7 @@ impl<'a> Connection<'a> {
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
             wake,
+            throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             batch: Vec::new(),
         }
     }
@@ -130,16 +134,37 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// When `handle_timeout` must be called next.
+    /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
+    /// of a pause of the publish rate limit.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.keep_alive.map(|k| self.last_packet + k)
+        let keep_alive = self.keep_alive.map(|k| self.last_packet + k);
+        match self.paused_until() {
+            Some(p) => Some(keep_alive.map_or(p, |k| k.min(p))),
+            None => keep_alive,
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
-        match self.poll_timeout() {
+        if let Some(until) = self.paused_until() {
+            if now >= until {
+                // The client's packets waited in the socket meanwhile: the pause must
+                // not count against its keep-alive.
+                self.last_packet = self.last_packet.max(now);
+                if let Some(t) = self.throttle.as_deref_mut() {
+                    t.resume();
+                }
+            }
+        }
+        match self.keep_alive.map(|k| self.last_packet + k) {
             Some(deadline) if now >= deadline => Err(Exit::KeepAliveTimeout),
             _ => Ok(()),
         }
+    }
+
+    /// Until when the driver must not read from the client: it is publishing faster
+    /// than `limits.publish_rate` / `publish_bytes_rate` allow.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.throttle.as_deref().and_then(|t| t.paused_until)
     }
 
     /// After a wake-up: the session may have been taken by another connection.
@@ -207,6 +232,12 @@ impl<'a> Connection<'a> {
         self.check_publish(&p)?;
         if let Some(code) = self.refuse_payload(&p) {
             return self.refuse_publish(&p, code, "payload is not UTF-8", out);
+        }
+        if let Some(why) = self.over_limit(&p) {
+            return self.refuse_for_limit(&p, why, out);
+        }
+        if let Some(throttle) = self.throttle.as_deref_mut() {
+            throttle.spend(p.payload.len(), now);
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
@@ -281,6 +312,38 @@ impl<'a> Connection<'a> {
             .is_some_and(|props| props.payload_format_indicator == Some(1));
         (utf8_claimed && std::str::from_utf8(&p.payload).is_err())
             .then_some(ReasonCode::PayloadFormatInvalid)
+    }
+
+    /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
+    /// budget (refused before acknowledging, so nothing acknowledged is dropped).
+    fn over_limit(&self, p: &Publish) -> Option<&'static str> {
+        let size_limit = self.broker.config.limits.message_size_limit;
+        if size_limit > 0 && p.payload.len() > size_limit {
+            return Some("payload larger than message_size_limit");
+        }
+        let exhausted = self.broker.memory.level() == Level::Exhausted;
+        (exhausted && (p.qos != QoS::AtMostOnce || p.retain))
+            .then_some("the broker's message memory (max_queued_memory) is used up")
+    }
+
+    /// A PUBLISH over a limit: a QoS 0 one is dropped; a QoS 1/2 one is refused with 0x97
+    /// (Quota exceeded; 5.0 has no "too large" code for acknowledgements), and a 3.x
+    /// client, which cannot be told, is disconnected without an acknowledgement.
+    fn refuse_for_limit(
+        &self,
+        p: &Publish,
+        why: &'static str,
+        out: &mut BytesMut,
+    ) -> Result<(), Exit> {
+        metrics::dropped();
+        if p.qos == QoS::AtMostOnce {
+            debug!(topic = %p.topic, "QoS 0 message dropped: {why}");
+            return Ok(());
+        }
+        if !self.protocol.is_v5() {
+            return Err(limit(ReasonCode::QuotaExceeded, why));
+        }
+        self.refuse_publish(p, ReasonCode::QuotaExceeded, why, out)
     }
 
     /// Refuses a PUBLISH without routing it: a reason code in the acknowledgement, or a
@@ -392,6 +455,15 @@ impl<'a> Connection<'a> {
             options.qos = options.qos.min(cfg.max_qos);
             // A copy, so the subscription does not pin this packet's read buffer.
             let filter = ByteStr::from(&*f.filter);
+            if self.too_many_subscriptions(&filter)? {
+                debug!(%filter, "refused: max_subscriptions reached");
+                codes.push(if v5 {
+                    ReasonCode::QuotaExceeded
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
+            }
             let existed = self
                 .broker
                 .subscribe(&self.session, self.conn_id, &filter, options, sub_id)
@@ -426,6 +498,16 @@ impl<'a> Connection<'a> {
             })?;
         }
         Ok(())
+    }
+
+    /// Whether a new subscription to `filter` would pass `limits.max_subscriptions` (one
+    /// the session has already is only replaced).
+    fn too_many_subscriptions(&self, filter: &str) -> Result<bool, Exit> {
+        let max = self.broker.config.limits.max_subscriptions;
+        if max == 0 {
+            return Ok(false);
+        }
+        self.owned(|s| s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter))
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -767,6 +849,59 @@ fn properties_mut(packet: &mut Packet) -> Option<&mut Properties> {
         Packet::UnsubAck(a) => Some(&mut a.properties),
         Packet::Disconnect(d) => Some(&mut d.properties),
         _ => None,
+    }
+}
+
+/// Token buckets for the publish rate of one client: a burst of `publish_burst`
+/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
+/// paid back: TCP backpressure slows the client, nothing is refused or lost.
+struct Throttle {
+    /// Messages and bytes per second (0 = not limited).
+    rates: [f64; 2],
+    burst: f64,
+    tokens: [f64; 2],
+    last: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl Throttle {
+    fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
+        let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
+        if rates == [0.0, 0.0] {
+            return None;
+        }
+        let burst = f64::from(limits.publish_burst);
+        Some(Throttle {
+            rates,
+            burst,
+            tokens: rates.map(|r| r * burst),
+            last: now,
+            paused_until: None,
+        })
+    }
+
+    /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
+    fn spend(&mut self, bytes: usize, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let mut wait: f64 = 0.0;
+        for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
+            let rate = self.rates[i];
+            if rate == 0.0 {
+                continue;
+            }
+            self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
+            if self.tokens[i] < 0.0 {
+                wait = wait.max(-self.tokens[i] / rate);
+            }
+        }
+        if wait > 0.0 {
+            self.paused_until = Some(now + Duration::from_secs_f64(wait));
+        }
+    }
+
+    fn resume(&mut self) {
+        self.paused_until = None;
     }
 }
 

@@ -12,3 +12,28 @@ pub use driver::serve;
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};
 pub use machine::Connection;
+
+use crate::broker::ListenerRules;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Where a connection comes from: the client's address, the rules of the listener that
+/// accepted it, and what its TLS handshake proved.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub listener: Arc<ListenerRules>,
+    /// The identity of a client certificate, when the listener takes it as username.
+    pub tls_identity: Option<String>,
+}
+
+impl Peer {
+    /// A peer at `addr` on a listener without rules of its own.
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            listener: Arc::default(),
+            tls_identity: None,
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod trie;
 
 pub use trie::{SharedGroup, Subscriber};
 
+use crate::budget::Budget;
 use crate::message::{Delivery, Message, SharedKey};
 use crate::protocol::{topic, ByteStr, SubOptions};
 use parking_lot::RwLock;
@@ -35,13 +36,23 @@ pub trait Mailbox: Send + Sync {
 pub struct Router<M> {
     subscriptions: RwLock<Trie<M>>,
     retained: RwLock<Retained>,
+    /// Charged with the retained store's size.
+    budget: Arc<Budget>,
 }
 
 impl<M> Default for Router<M> {
     fn default() -> Self {
+        Router::new(Arc::new(Budget::new(usize::MAX)))
+    }
+}
+
+impl<M> Router<M> {
+    /// A router whose retained store is charged to `budget`.
+    pub fn new(budget: Arc<Budget>) -> Router<M> {
         Router {
             subscriptions: RwLock::new(Trie::default()),
             retained: RwLock::new(Retained::default()),
+            budget,
         }
     }
 }
@@ -166,7 +177,10 @@ impl<M: Mailbox> Router<M> {
     /// Stores (or, with an empty payload, clears) the retained message of its topic.
     pub fn retain(&self, message: &Message) {
         let stored = (!message.payload.is_empty()).then(|| Arc::new(message.compacted()));
-        self.retained.write().set(&message.topic, stored);
+        let added = stored.as_deref().map_or(0, retained_size) as isize;
+        let old = self.retained.write().set(&message.topic, stored);
+        self.budget
+            .adjust(added - old.as_deref().map_or(0, retained_size) as isize);
     }
 
     /// The next (at most `limit`) retained messages matching `filter` after the topic
@@ -187,7 +201,9 @@ impl<M: Mailbox> Router<M> {
         if out[start..].iter().any(|m| m.is_expired(now)) {
             let mut store = self.retained.write();
             for m in out[start..].iter().filter(|m| m.is_expired(now)) {
-                store.clear_if_same(&m.topic, m);
+                if store.clear_if_same(&m.topic, m) {
+                    self.budget.adjust(-(retained_size(m) as isize));
+                }
             }
             let mut i = 0;
             out.retain(|m| {
@@ -201,6 +217,12 @@ impl<M: Mailbox> Router<M> {
     pub fn retained_count(&self) -> usize {
         self.retained.read().len()
     }
+}
+
+/// What a retained message costs in the memory budget.
+fn retained_size(m: &Message) -> usize {
+    const OVERHEAD: usize = 128;
+    m.topic.len() + m.payload.len() + OVERHEAD
 }
 
 /// `$share/{group}/{filter}` → (Some(group), filter); anything else → (None, filter).

@@ -26,43 +26,49 @@ pub(super) struct Retained {
 
 impl Retained {
     /// Stores `message` as the retained message of its topic, or clears the topic when
-    /// `message` is `None`.
-    pub(super) fn set(&mut self, topic: &str, message: Option<Arc<Message>>) {
+    /// `message` is `None`. Returns the message it replaces.
+    pub(super) fn set(
+        &mut self,
+        topic: &str,
+        message: Option<Arc<Message>>,
+    ) -> Option<Arc<Message>> {
         let levels: Vec<&str> = topic.split('/').collect();
-        match message {
+        let setting = message.is_some();
+        let old = match message {
             Some(m) => {
                 let mut node = &mut self.root;
                 for level in &levels {
                     node = node.children.entry((*level).into()).or_default();
                 }
-                if node.message.replace(m).is_none() {
-                    self.count += 1;
-                }
+                node.message.replace(m)
             }
-            None => {
-                if clear(&mut self.root, &levels) {
-                    self.count -= 1;
-                }
-            }
+            None => clear(&mut self.root, &levels),
+        };
+        match (setting, old.is_some()) {
+            (true, false) => self.count += 1,
+            (false, true) => self.count -= 1,
+            _ => {}
         }
+        old
     }
 
-    /// Clears `topic` only if it still holds `message` (not a newer one).
-    pub(super) fn clear_if_same(&mut self, topic: &str, message: &Arc<Message>) {
+    /// Clears `topic` only if it still holds `message` (not a newer one); true if so.
+    pub(super) fn clear_if_same(&mut self, topic: &str, message: &Arc<Message>) -> bool {
         let mut node = &self.root;
         for level in topic.split('/') {
             match node.children.get(level) {
                 Some(child) => node = child,
-                None => return,
+                None => return false,
             }
         }
-        if node
+        let same = node
             .message
             .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, message))
-        {
+            .is_some_and(|m| Arc::ptr_eq(m, message));
+        if same {
             self.set(topic, None);
         }
+        same
     }
 
     pub(super) fn len(&self) -> usize {
@@ -85,13 +91,11 @@ impl Retained {
     }
 }
 
-fn clear(node: &mut Node, levels: &[&str]) -> bool {
+fn clear(node: &mut Node, levels: &[&str]) -> Option<Arc<Message>> {
     let Some((first, rest)) = levels.split_first() else {
-        return node.message.take().is_some();
+        return node.message.take();
     };
-    let Some(child) = node.children.get_mut(*first) else {
-        return false;
-    };
+    let child = node.children.get_mut(*first)?;
     let cleared = clear(child, rest);
     if child.message.is_none() && child.children.is_empty() {
         node.children.remove(*first);

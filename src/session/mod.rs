@@ -13,6 +13,7 @@
 
 pub mod state;
 
+use crate::budget::{Budget, Level};
 use crate::message::{Delivery, Message};
 use crate::protocol::{ByteStr, QoS};
 use crate::router::Mailbox;
@@ -29,6 +30,8 @@ use tokio::sync::Notify;
 pub struct QueueLimits {
     pub max_inflight: usize,
     pub max_queued: usize,
+    /// 0 = no limit besides `max_queued`.
+    pub max_queued_bytes: usize,
     pub queue_qos0: bool,
 }
 
@@ -37,6 +40,9 @@ pub struct Session {
     pub id: u64,
     pub client_id: ByteStr,
     limits: QueueLimits,
+    /// The broker's budget for messages held for clients, charged with what this
+    /// session holds.
+    budget: Arc<Budget>,
     control: Mutex<()>,
     inner: Mutex<Inner>,
 }
@@ -44,6 +50,20 @@ pub struct Session {
 struct Inner {
     state: SessionState,
     link: Option<Link>,
+    /// What this session is charged in `budget` (its state's `held_bytes` as of the
+    /// last change).
+    charged: usize,
+}
+
+impl Inner {
+    /// Brings the session's charge in the broker's budget up to date after a change.
+    fn settle(&mut self, budget: &Budget) {
+        let held = self.state.held_bytes();
+        if held != self.charged {
+            budget.adjust(held as isize - self.charged as isize);
+            self.charged = held;
+        }
+    }
 }
 
 /// The connection currently serving a session.
@@ -66,15 +86,17 @@ pub enum Detached {
 }
 
 impl Session {
-    pub fn new(id: u64, client_id: ByteStr, limits: QueueLimits) -> Session {
+    pub fn new(id: u64, client_id: ByteStr, limits: QueueLimits, budget: Arc<Budget>) -> Session {
         Session {
             id,
             client_id,
             limits,
+            budget,
             control: Mutex::new(()),
             inner: Mutex::new(Inner {
                 state: SessionState::new(),
                 link: None,
+                charged: 0,
             }),
         }
     }
@@ -120,17 +142,20 @@ impl Session {
         }
         inner.link = None;
         let state = &mut inner.state;
-        if state.expiry == 0 {
+        let detached = if state.expiry == 0 {
             let mut ended = state.end();
             ended.will = will;
-            return Some(Detached::Ended(ended));
-        }
-        state.detached_by = Some(conn_id);
-        state.pending_will = will;
-        state.park(self.limits.queue_qos0);
-        Some(Detached::Kept {
-            expiry: state.expiry,
-        })
+            Detached::Ended(ended)
+        } else {
+            state.detached_by = Some(conn_id);
+            state.pending_will = will;
+            state.park(self.limits.queue_qos0);
+            Detached::Kept {
+                expiry: state.expiry,
+            }
+        };
+        inner.settle(&self.budget);
+        Some(detached)
     }
 
     /// Ends the session for good, whoever owns it: returns the link (to be told) and
@@ -138,7 +163,9 @@ impl Session {
     pub fn discard(&self) -> (Option<Link>, Ended) {
         let mut inner = self.inner.lock();
         let link = inner.link.take();
-        (link, inner.state.end())
+        let ended = inner.state.end();
+        inner.settle(&self.budget);
+        (link, ended)
     }
 
     /// Ends the session if it is still offline since `conn_id` left it.
@@ -147,7 +174,9 @@ impl Session {
         if inner.link.is_some() || inner.state.detached_by != Some(conn_id) {
             return None;
         }
-        Some(inner.state.end())
+        let ended = inner.state.end();
+        inner.settle(&self.budget);
+        Some(ended)
     }
 
     /// Takes the delayed will if the session is still offline since `conn_id` left it.
@@ -180,7 +209,9 @@ impl Session {
         if inner.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
             return Err(NotOwner);
         }
-        Ok(f(&mut inner.state))
+        let r = f(&mut inner.state);
+        inner.settle(&self.budget);
+        Ok(r)
     }
 
     /// Runs `f` on the state, whoever owns the session (for inspection and tests).
@@ -207,23 +238,28 @@ impl Mailbox for Session {
     }
 
     /// Queues a message for the client and wakes its connection; false if refused
-    /// (queue full, session over, or QoS 0 for an offline client without `queue_qos0`).
+    /// (queue full, session over, or QoS 0 for an offline client without `queue_qos0`
+    /// or while the broker's memory budget is nearly used up).
     fn deliver(&self, delivery: Delivery) -> bool {
         let mut inner = self.inner.lock();
         let online = inner.link.is_some();
-        if inner.state.ended
-            || (!online && delivery.qos == QoS::AtMostOnce && !self.limits.queue_qos0)
-        {
+        let qos0 = delivery.qos == QoS::AtMostOnce;
+        if inner.state.ended || (!online && qos0 && !self.limits.queue_qos0) {
             return false;
         }
         let state = &mut inner.state;
-        if state.queue.len() >= self.limits.max_queued {
+        let max_bytes = self.limits.max_queued_bytes;
+        let full = state.queued() >= self.limits.max_queued
+            || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
+            || (qos0 && self.budget.level() >= Level::High);
+        if full {
             state.dropped += 1;
             crate::metrics::dropped();
             return false;
         }
-        let was_empty = state.queue.is_empty();
-        state.queue.push_back(delivery);
+        let was_empty = state.queued() == 0;
+        state.push(delivery);
+        inner.settle(&self.budget);
         // A non-empty queue means the connection already knows there is work: it drains
         // until the queue is empty or it is blocked on acks or the socket.
         if was_empty {

@@ -27,7 +27,9 @@ pub struct SessionState {
     pub pending_will: Option<Arc<Message>>,
     pub subscriptions: FxHashMap<ByteStr, Subscription>,
     /// Messages waiting for the in-flight window or for the client to come back.
-    pub queue: VecDeque<Delivery>,
+    queue: VecDeque<Delivery>,
+    /// The size of what `queue` holds (`Delivery::size`).
+    queued_bytes: usize,
     /// Outbound QoS 1/2 messages sent and not yet fully acknowledged.
     pub inflight: Inflight,
     /// Inbound QoS 2 packet ids received and not yet released by PUBREL.
@@ -75,6 +77,38 @@ impl SessionState {
         SessionState::default()
     }
 
+    /// Appends to the queue.
+    pub fn push(&mut self, delivery: Delivery) {
+        self.queued_bytes += delivery.size();
+        self.queue.push_back(delivery);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// What the session holds for its client, queued and in flight, in bytes: what it
+    /// is charged for in the broker's memory budget.
+    pub fn held_bytes(&self) -> usize {
+        self.queued_bytes + self.inflight.held_bytes
+    }
+
+    /// Drops everything queued (the in-flight window stays).
+    pub fn clear_queue(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+
+    fn pop(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queued_bytes -= d.size();
+        Some(d)
+    }
+
     /// Moves queued messages into `out` for sending, as far as the in-flight window
     /// (`max_inflight` sent and unacknowledged) allows: QoS 1/2 ones get a packet id and
     /// are recorded as in flight. Expired messages are dropped on the way.
@@ -92,7 +126,7 @@ impl SessionState {
             if front.qos != QoS::AtMostOnce && self.inflight.outstanding() >= max_inflight {
                 break;
             }
-            let Some(delivery) = self.queue.pop_front() else {
+            let Some(delivery) = self.pop() else {
                 break;
             };
             if delivery.message.is_expired(now) {
@@ -119,6 +153,7 @@ impl SessionState {
     pub fn end(&mut self) -> Ended {
         self.ended = true;
         self.detached_by = None;
+        self.queued_bytes = 0;
         let mut orphans: Vec<Delivery> = self.queue.drain(..).filter(is_shared).collect();
         orphans.extend(self.inflight.take_unreceived_shared());
         self.inflight = Inflight::default();
@@ -137,6 +172,7 @@ impl SessionState {
         self.inflight.mark_unsent();
         if !keep_qos0 {
             self.queue.retain(|d| d.qos != QoS::AtMostOnce);
+            self.queued_bytes = self.queue.iter().map(Delivery::size).sum();
         }
     }
 }
@@ -153,6 +189,8 @@ pub struct Inflight {
     next_seq: u64,
     /// Entries not yet (re)sent on the current connection.
     unsent: usize,
+    /// The size of the messages held (`Delivery::size`; a released QoS 2 one holds none).
+    held_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +235,7 @@ impl Inflight {
             return 0;
         }
         let pkid = self.allocate_pkid();
+        self.held_bytes += delivery.size();
         let seq = self.next_seq;
         self.next_seq += 1;
         let stage = Stage::Publish(delivery.clone());
@@ -242,6 +281,7 @@ impl Inflight {
         };
         match &e.stage {
             Stage::Publish(d) if d.qos == QoS::ExactlyOnce => {
+                self.held_bytes -= d.size();
                 e.stage = Stage::Release;
                 if !e.sent {
                     e.sent = true;
@@ -259,6 +299,9 @@ impl Inflight {
         if let Some(e) = self.entries.remove(&pkid) {
             if !e.sent {
                 self.unsent -= 1;
+            }
+            if let Stage::Publish(d) = &e.stage {
+                self.held_bytes -= d.size();
             }
         }
     }
@@ -308,6 +351,7 @@ impl Inflight {
             }
             _ => true,
         });
+        self.held_bytes -= out.iter().map(Delivery::size).sum::<usize>();
         out
     }
 }
@@ -401,8 +445,8 @@ mod tests {
             shared: Some(key.clone()),
             ..delivery(qos)
         };
-        s.queue.push_back(shared(QoS::AtLeastOnce));
-        s.queue.push_back(delivery(QoS::AtLeastOnce));
+        s.push(shared(QoS::AtLeastOnce));
+        s.push(delivery(QoS::AtLeastOnce));
         s.inflight.send(&shared(QoS::AtLeastOnce));
         let received = s.inflight.send(&shared(QoS::ExactlyOnce));
         assert!(s.inflight.received(received));
@@ -410,6 +454,7 @@ mod tests {
         let ended = s.end();
         assert_eq!(ended.orphans.len(), 2);
         assert!(s.ended && s.queue.is_empty() && s.inflight.is_empty());
+        assert_eq!(s.held_bytes(), 0);
     }
 
     #[derive(Debug, Clone)]
@@ -445,7 +490,7 @@ mod tests {
                 match op {
                     Op::Send(q) => {
                         let qos = QoS::from_u8(q).unwrap();
-                        s.queue.push_back(delivery(qos));
+                        s.push(delivery(qos));
                     }
                     Op::Ack(i) | Op::Rec(i) | Op::Comp(i) if !live.is_empty() => {
                         let i = i % live.len();

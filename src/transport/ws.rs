@@ -8,7 +8,7 @@
 
 use crate::broker::Broker;
 use crate::config::Listener;
-use crate::conn;
+use crate::conn::{self, Peer};
 use bytes::Bytes;
 use futures_util::{ready, Sink, Stream};
 use std::io;
@@ -41,18 +41,19 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
 #[allow(clippy::result_large_err)] // `check`'s result type is tungstenite's `Callback`.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr, policy: Arc<Policy>) {
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: Peer, policy: Arc<Policy>) {
     let config = ws_config(broker.config.mqtt.max_packet_size);
-    let check = |req: &Request, resp: Response| policy.check(req, resp, peer);
+    let addr = peer.addr;
+    let check = |req: &Request, resp: Response| policy.check(req, resp, addr);
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let ws = tokio::select! {
         _ = broker.shutdown.cancelled() => return,
         r = tokio::time::timeout(broker.config.mqtt.connect_timeout(), upgrade) => r,
     };
     let ws = match ws {
-        Err(_) => return debug!(%peer, "no WebSocket upgrade within the connect timeout; closing"),
+        Err(_) => return debug!(%addr, "no WebSocket upgrade within the connect timeout; closing"),
         // Refusals by the policy were logged by `check`; the rest are not WebSocket requests.
-        Ok(Err(e)) => return debug!(%peer, "WebSocket upgrade failed: {e}"),
+        Ok(Err(e)) => return debug!(%addr, "WebSocket upgrade failed: {e}"),
         Ok(Ok(ws)) => ws,
     };
     let (reader, writer) = tokio::io::split(WsBytes::new(ws));
