@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod protocol;
 pub mod router;
+pub mod security;
 pub mod session;
 pub mod transport;
 
