@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod security;
 pub mod session;
 pub mod transport;
 

@@ -1,19 +1,24 @@
-//! The `ternmq` binary: configuration, logging, signals.
+//! The `ternmq` binary: configuration, logging, signals; `ternmq passwd` manages
+//! password files.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use ternmq::config::{Config, ListenerKind};
+use ternmq::security::passwd::{self, PasswdArgs, PasswordInput};
 use ternmq::Server;
 use tracing_subscriber::EnvFilter;
 
 /// ternmq: a lightweight, fast MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Configuration file (TOML). Without it, every setting takes its default
     /// (a TCP listener on 0.0.0.0:1883).
     #[arg(short, long, value_name = "FILE")]
@@ -28,11 +33,38 @@ struct Cli {
     log_level: Option<String>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Add, update or delete a user of a password file (docs/security.md). The password
+    /// is asked on the terminal, or read as one line from standard input.
+    Passwd(PasswdCli),
+}
+
+#[derive(Args, Debug)]
+struct PasswdCli {
+    /// The password file.
+    file: PathBuf,
+    /// The username.
+    user: String,
+    /// Delete the user.
+    #[arg(short = 'D', conflicts_with_all = ["create", "scram"])]
+    delete: bool,
+    /// Store a SCRAM-SHA-256 verifier (for MQTT 5 SCRAM) instead of an argon2id hash.
+    #[arg(long)]
+    scram: bool,
+    /// Create the file, replacing an existing one.
+    #[arg(short = 'c')]
+    create: bool,
+}
+
 /// How long connections get to close after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return passwd_command(args);
+    }
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -63,6 +95,30 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn passwd_command(args: &PasswdCli) -> ExitCode {
+    use std::io::IsTerminal;
+    let args = PasswdArgs {
+        file: args.file.clone(),
+        user: args.user.clone(),
+        delete: args.delete,
+        scram: args.scram,
+        create: args.create,
+    };
+    let stdin = std::io::stdin();
+    let result = if stdin.is_terminal() {
+        passwd::run(&args, PasswordInput::Terminal)
+    } else {
+        passwd::run(&args, PasswordInput::Reader(&mut stdin.lock()))
+    };
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ternmq passwd: {e}");
             ExitCode::FAILURE
         }
     }

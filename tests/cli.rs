@@ -1,6 +1,6 @@
 //! The `ternmq` binary as a user runs it: flags, configuration errors (exit code 2 with
-//! the file, line and key named), serving the sample `broker.toml`, and a clean exit (0)
-//! on SIGTERM and SIGINT.
+//! the file, line and key named), serving the sample `broker.toml`, a clean exit (0)
+//! on SIGTERM and SIGINT, and `ternmq passwd`.
 // A test reads best as one sequence of steps, however long.
 #![allow(clippy::too_many_lines)]
 
@@ -413,4 +413,152 @@ fn sample_config_serves_mqtt_and_exits_cleanly_on_sigterm() {
 #[test]
 fn sample_config_serves_mqtt_and_exits_cleanly_on_sigint() {
     serves_and_exits_cleanly_on("INT");
+}
+
+// ---- ternmq passwd ----
+
+/// Runs `ternmq passwd <args>` with `stdin` piped in; returns its status and stderr.
+fn passwd(args: &[&str], stdin: &str) -> (ExitStatus, String) {
+    let mut cmd = ternmq();
+    cmd.arg("passwd")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run ternmq passwd");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write the password");
+    // stdin is closed here: the command sees the end of its input.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = rx
+        .recv_timeout(WAIT)
+        .expect("ternmq passwd exits in time")
+        .expect("wait for ternmq passwd");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn load_passwords(path: &Path) -> ternmq::security::password::PasswordFile {
+    ternmq::security::password::PasswordFile::load(path).expect("the broker reads the file")
+}
+
+#[test]
+fn passwd_creates_adds_updates_and_deletes_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("passwd");
+    let file = path.to_str().expect("utf-8 path");
+
+    let (status, stderr) = passwd(&["-c", file, "alice"], "first secret\n");
+    assert!(status.success(), "{stderr}");
+    let mode = std::fs::metadata(&path)
+        .expect("file created")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a new password file is private");
+    let (status, stderr) = passwd(&["--scram", file, "bob"], "bobs secret\r\n");
+    assert!(status.success(), "{stderr}");
+
+    let text = std::fs::read_to_string(&path).expect("read the file");
+    assert!(text.starts_with("alice:$argon2id$v=19$"), "{text}");
+    assert!(text.contains("\nbob:SCRAM-SHA-256$4096:"), "{text}");
+    assert!(!text.contains("secret"), "no password in clear:\n{text}");
+    let loaded = load_passwords(&path);
+    assert!(loaded.verify("alice", b"first secret"));
+    assert!(loaded.verify("bob", b"bobs secret"));
+    assert!(!loaded.verify("alice", b"bobs secret"));
+
+    let (status, stderr) = passwd(&[file, "alice"], "second secret\n");
+    assert!(status.success(), "{stderr}");
+    let (status, stderr) = passwd(&["-D", file, "bob"], "");
+    assert!(status.success(), "{stderr}");
+    let loaded = load_passwords(&path);
+    assert!(loaded.verify("alice", b"second secret"));
+    assert!(!loaded.verify("alice", b"first secret"));
+    assert!(!loaded.contains("bob"));
+    assert_eq!(loaded.len(), 1);
+}
+
+#[test]
+fn passwd_refusals_exit_non_zero_and_leave_the_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("passwd");
+    let file = path.to_str().expect("utf-8 path");
+
+    let (status, stderr) = passwd(&[file, "alice"], "pw\n");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not exist (-c creates it)"),
+        "{stderr}"
+    );
+    assert!(!path.exists());
+
+    let (status, stderr) = passwd(&["-c", file, "alice"], "pw\n");
+    assert!(status.success(), "{stderr}");
+    let before = std::fs::read(&path).expect("read the file");
+    for (args, input, message) in [
+        (vec![file, "alice"], "\n", "empty password"),
+        (vec![file, "al:ice"], "pw\n", "invalid username"),
+        (vec!["-D", file, "nobody"], "", "user `nobody` is not in"),
+    ] {
+        let (status, stderr) = passwd(&args, input);
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    // Conflicting flags are a usage error (exit 2), as for the broker's flags.
+    let (status, stderr) = passwd(&["-c", "-D", file, "alice"], "");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    // `--config` belongs to the broker, not to `passwd`.
+    let (status, _, stderr) = run(&["--config", "x.toml", "passwd", file, "alice"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(std::fs::read(&path).expect("read the file"), before);
+}
+
+/// A mosquitto password file is used unchanged: ternmq passwd adds to it and keeps every
+/// other line byte for byte, and the broker verifies both kinds. Skipped without
+/// mosquitto_passwd, except under CI=true (tests/run.sh installs it).
+#[test]
+fn passwd_extends_a_mosquitto_password_file() {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    if Command::new("mosquitto_passwd").arg("-h").output().is_err() {
+        assert!(
+            !in_ci,
+            "CI=true and mosquitto_passwd not found (apt-get install mosquitto)"
+        );
+        eprintln!("note: skipping: mosquitto_passwd not found");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("passwd");
+    let file = path.to_str().expect("utf-8 path");
+    for args in [
+        vec!["-c", "-b", file, "m2", "mosquitto two"],
+        vec!["-H", "sha512", "-b", file, "m1", "mosquitto one"],
+    ] {
+        let out = Command::new("mosquitto_passwd")
+            .args(&args)
+            .output()
+            .expect("run mosquitto_passwd");
+        assert!(out.status.success(), "mosquitto_passwd {args:?}: {out:?}");
+    }
+    let mosquitto_text = std::fs::read_to_string(&path).expect("read the file");
+    let (status, stderr) = passwd(&[file, "t"], "ternmq three\n");
+    assert!(status.success(), "{stderr}");
+    let text = std::fs::read_to_string(&path).expect("read the file");
+    assert!(
+        text.starts_with(&mosquitto_text),
+        "mosquitto lines kept:\n{text}"
+    );
+    let loaded = load_passwords(&path);
+    assert!(loaded.verify("m2", b"mosquitto two"));
+    assert!(loaded.verify("m1", b"mosquitto one"));
+    assert!(loaded.verify("t", b"ternmq three"));
+    assert!(!loaded.verify("m1", b"mosquitto two"));
 }
