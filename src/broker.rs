@@ -7,12 +7,14 @@
 //! or an expiry. Ending a session and removing it from the registry is one decision,
 //! taken under the registry entry's lock, which opening a session takes too.
 
-use crate::auth::AuthMethod;
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{ByteStr, SubOptions};
 use crate::router::Router;
+use crate::security::backoff::{Backoff, BackoffConfig};
+use crate::security::enhanced::{AuthMethod, Scram};
+use crate::security::{Authenticator, SecurityError};
 use crate::session::{Detached, Ended, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -24,7 +26,13 @@ use tokio_util::task::TaskTracker;
 
 pub struct Broker {
     pub config: Config,
-    /// MQTT 5 enhanced authentication methods, by name.
+    /// Password file, tokens and ACL (`[auth]`), reloadable.
+    pub security: Arc<Authenticator>,
+    /// Bumped by every reload of `security`, so that connections rebuild their ACL.
+    security_generation: AtomicU64,
+    /// Slows down addresses that keep failing to authenticate.
+    pub backoff: Backoff,
+    /// MQTT 5 enhanced authentication methods, by name (SCRAM-SHA-256 built in).
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     pub router: Router<Session>,
     /// Sessions by client id, connected or not.
@@ -50,9 +58,20 @@ pub fn now() -> Instant {
 }
 
 impl Broker {
-    pub fn new(config: Config, auth_methods: Vec<Arc<dyn AuthMethod>>) -> Arc<Broker> {
+    /// A broker with `config`; fails if a file of `[auth]` cannot be used.
+    pub fn new(
+        config: Config,
+        mut auth_methods: Vec<Arc<dyn AuthMethod>>,
+    ) -> Result<Arc<Broker>, SecurityError> {
+        let security = Arc::new(Authenticator::load(config.auth.clone())?);
+        auth_methods.push(Arc::new(Scram {
+            authenticator: security.clone(),
+        }));
         let memory = Arc::new(Budget::new(config.limits.max_queued_memory));
-        Arc::new(Broker {
+        Ok(Arc::new(Broker {
+            security,
+            security_generation: AtomicU64::new(0),
+            backoff: Backoff::new(BackoffConfig::default()),
             buffers: Budget::new(config.limits.max_buffered_memory),
             router: Router::new(memory.clone()),
             memory,
@@ -63,7 +82,20 @@ impl Broker {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        })
+        }))
+    }
+
+    /// Reads the password file, the ACL and the token keys again; on error the old ones
+    /// stay. Connected clients get the new ACL from their next delivery on.
+    pub fn reload_security(&self) -> Result<(), SecurityError> {
+        self.security.reload()?;
+        self.security_generation.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Changes with every reload of the security files.
+    pub fn security_generation(&self) -> u64 {
+        self.security_generation.load(Ordering::Relaxed)
     }
 
     /// A fresh id for a connection or a session.
@@ -322,15 +354,32 @@ impl Broker {
 pub struct ListenerRules {
     /// Connections at once on this listener (0 = no limit of its own).
     pub max_connections: usize,
+    /// Clients without credentials get in.
+    pub allow_anonymous: bool,
+    /// The client certificate's identity is the username (TLS listeners).
+    pub identity_as_username: bool,
     /// Connections open now on this listener.
     open: AtomicUsize,
 }
 
 impl ListenerRules {
-    pub fn new(max_connections: usize) -> ListenerRules {
+    pub fn new(listener: &crate::config::Listener) -> ListenerRules {
         ListenerRules {
-            max_connections,
+            max_connections: listener.max_connections,
+            allow_anonymous: listener.allow_anonymous,
+            identity_as_username: listener
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.identity_as_username.is_some()),
             open: AtomicUsize::new(0),
+        }
+    }
+
+    /// A listener with no limit of its own that lets anonymous clients in (tests, tools).
+    pub fn open() -> ListenerRules {
+        ListenerRules {
+            allow_anonymous: true,
+            ..ListenerRules::default()
         }
     }
 }

@@ -6,6 +6,7 @@
 //! unknown key or a wrong type.
 
 use crate::protocol::QoS;
+use crate::security::SecurityConfig;
 use crate::transport::tls::TlsConfig;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ pub struct Config {
     pub mqtt: Mqtt,
     pub session: SessionLimits,
     pub limits: Limits,
+    /// Password file, ACL and tokens (docs/security.md).
+    pub auth: SecurityConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -48,6 +51,8 @@ pub struct Listener {
     pub tls: Option<TlsConfig>,
     /// Connections this listener serves at once (0 = no limit of its own).
     pub max_connections: usize,
+    /// Clients without credentials may connect (false by default, as in mosquitto 2).
+    pub allow_anonymous: bool,
 }
 
 /// A listener as written, before the checks that involve several of its keys.
@@ -64,6 +69,8 @@ struct RawListener {
     tls: Option<TlsConfig>,
     #[serde(default, deserialize_with = "count")]
     max_connections: usize,
+    #[serde(default)]
+    allow_anonymous: bool,
 }
 
 impl TryFrom<RawListener> for Listener {
@@ -90,6 +97,7 @@ impl TryFrom<RawListener> for Listener {
             allowed_origins: raw.allowed_origins,
             tls: raw.tls,
             max_connections: raw.max_connections,
+            allow_anonymous: raw.allow_anonymous,
         })
     }
 }
@@ -104,6 +112,7 @@ impl Listener {
             allowed_origins: Vec::new(),
             tls: None,
             max_connections: 0,
+            allow_anonymous: false,
         }
     }
 
@@ -238,13 +247,15 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             log_level: "info".into(),
-            listeners: vec![Listener::new(
-                ListenerKind::Tcp,
-                SocketAddr::from(([0, 0, 0, 0], 1883)),
-            )],
+            // Without a config file, as mosquitto 2: local clients only, anonymous.
+            listeners: vec![Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Tcp, SocketAddr::from(([127, 0, 0, 1], 1883)))
+            }],
             mqtt: Mqtt::default(),
             session: SessionLimits::default(),
             limits: Limits::default(),
+            auth: SecurityConfig::default(),
         }
     }
 }

@@ -7,7 +7,6 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
-pub mod auth;
 pub mod broker;
 pub mod budget;
 pub mod config;
@@ -16,8 +15,8 @@ pub mod message;
 pub mod metrics;
 pub mod protocol;
 pub mod router;
-pub mod server;
 pub mod security;
+pub mod server;
 pub mod session;
 pub mod transport;
 

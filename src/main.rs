@@ -19,8 +19,8 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Configuration file (TOML). Without it, every setting takes its default
-    /// (a TCP listener on 0.0.0.0:1883).
+    /// Configuration file (TOML). Without it, every setting takes its default (a TCP
+    /// listener on 127.0.0.1:1883 for anonymous local clients, as mosquitto 2).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -93,10 +93,23 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
+        Err(Failure { code, error }) => {
+            tracing::error!("{error:#}");
+            eprintln!("ternmq: {error:#}");
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Why the broker stopped other than by a signal, and its exit code (2: configuration).
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure { code: 1, error }
     }
 }
 
@@ -133,19 +146,11 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         match config
             .listeners
             .iter_mut()
-            .find(|l| l.kind == ListenerKind::Tcp)
+            .find(|l| l.kind == ListenerKind::Tcp && l.tls.is_none())
         {
             Some(l) => l.bind = bind,
-            None => anyhow::bail!("--bind given but the configuration has no tcp listener"),
+            None => anyhow::bail!("--bind given but the configuration has no plain tcp listener"),
         }
-    }
-    // src/transport/tls.rs is not wired into the listeners yet: refuse rather than serve
-    // plain MQTT on a port configured for TLS.
-    if let Some(l) = config.listeners.iter().find(|l| l.tls.is_some()) {
-        anyhow::bail!(
-            "listener {}: `tls` is not wired into the listeners yet",
-            l.bind
-        );
     }
     if let Some(level) = &cli.log_level {
         config.log_level = level.clone();
@@ -153,12 +158,13 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let server = Server::start(config)
-        .await
-        .context("cannot start listeners")?;
+async fn run(config: Config) -> Result<(), Failure> {
+    let server = Server::start(config).await.map_err(|e| Failure {
+        code: if e.is_config() { 2 } else { 1 },
+        error: anyhow::Error::new(e).context("cannot start"),
+    })?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ternmq started");
-    shutdown_signal().await?;
+    serve_signals(&server).await?;
     tracing::info!("shutting down");
     if !server.shutdown(SHUTDOWN_GRACE).await {
         tracing::warn!("some connections did not close within {SHUTDOWN_GRACE:?}");
@@ -166,11 +172,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Waits for SIGINT or SIGTERM; on SIGHUP, reloads the password file, the ACL, the
+/// token keys and the TLS certificates (what fails to load keeps its old version).
+async fn serve_signals(server: &Server) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT"),
-        _ = term.recv() => Ok(()),
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r.context("cannot listen for SIGINT"),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let errors = server.reload();
+                if errors.is_empty() {
+                    tracing::info!("reloaded the security files and certificates");
+                }
+                for e in errors {
+                    tracing::error!("reload: {e}; the previous version stays in use");
+                }
+            }
+        }
     }
 }

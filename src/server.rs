@@ -1,11 +1,12 @@
 //! Starting and stopping a broker: binds the listeners, runs their accept loop, and
 //! wires shutdown. The only module that knows the transports.
 
-use crate::auth::AuthMethod;
 use crate::broker::{Broker, ListenerRules};
-use crate::config::{Config, ListenerKind};
+use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
-use crate::transport;
+use crate::security::enhanced::AuthMethod;
+use crate::security::SecurityError;
+use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,38 +17,93 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Server {
     broker: Arc<Broker>,
     addrs: Vec<(ListenerKind, SocketAddr)>,
+    /// The TLS listeners' acceptors, for reloading their certificates.
+    tls: Vec<TlsAcceptor>,
+}
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A file of `[auth]` cannot be used.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error("listener {addr}: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
+}
+
+impl StartError {
+    /// Whether the configuration is at fault (rather than the machine, e.g. a port in use).
+    pub fn is_config(&self) -> bool {
+        !matches!(self, StartError::Bind { .. })
+    }
 }
 
 impl Server {
     /// Binds every configured listener and starts accepting connections.
-    pub async fn start(config: Config) -> std::io::Result<Server> {
+    pub async fn start(config: Config) -> Result<Server, StartError> {
         Server::start_with(config, Vec::new()).await
     }
 
-    /// `start`, with MQTT 5 enhanced authentication methods.
+    /// `start`, with more MQTT 5 enhanced authentication methods.
     pub async fn start_with(
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
-    ) -> std::io::Result<Server> {
-        let broker = Broker::new(config, auth_methods);
-        let mut addrs = Vec::new();
+    ) -> Result<Server, StartError> {
+        let broker = Broker::new(config, auth_methods)?;
+        let mut server = Server {
+            broker: broker.clone(),
+            addrs: Vec::new(),
+            tls: Vec::new(),
+        };
         for listener in &broker.config.listeners {
-            let socket = TcpListener::bind(listener.bind).await?;
-            let addr = socket.local_addr()?;
-            let rules = Arc::new(ListenerRules::new(listener.max_connections));
-            match listener.kind {
-                ListenerKind::Tcp => spawn_accept(&broker, socket, rules, transport::tcp::serve),
-                ListenerKind::Ws => {
-                    let policy = Arc::new(transport::ws::Policy::new(listener));
-                    spawn_accept(&broker, socket, rules, move |broker, stream, peer| {
-                        transport::ws::serve(broker, stream, peer, policy.clone())
-                    })
-                }
-            }
-            tracing::info!(%addr, kind = ?listener.kind, "listening");
-            addrs.push((listener.kind, addr));
+            let addr = server.listen(listener).await?;
+            tracing::info!(%addr, kind = ?listener.kind, tls = listener.tls.is_some(), "listening");
+            server.addrs.push((listener.kind, addr));
         }
-        Ok(Server { broker, addrs })
+        Ok(server)
+    }
+
+    /// Binds one listener and starts its accept loop; returns its address.
+    async fn listen(&mut self, listener: &Listener) -> Result<SocketAddr, StartError> {
+        let bind = |source| StartError::Bind {
+            addr: listener.bind,
+            source,
+        };
+        let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
+        let addr = socket.local_addr().map_err(bind)?;
+        let rules = Arc::new(ListenerRules::new(listener));
+        let broker = &self.broker;
+        let tls = match &listener.tls {
+            None => None,
+            Some(cfg) => {
+                let alpn: &[&[u8]] = match listener.kind {
+                    ListenerKind::Tcp => &[tls::ALPN_MQTT],
+                    ListenerKind::Ws => &[tls::ALPN_HTTP1],
+                };
+                let timeout = broker.config.mqtt.connect_timeout();
+                let acceptor = TlsAcceptor::new(cfg.clone(), alpn, timeout)
+                    .map_err(|source| StartError::Tls { addr, source })?;
+                self.tls.push(acceptor.clone());
+                Some(acceptor)
+            }
+        };
+        let ws = (listener.kind == ListenerKind::Ws)
+            .then(|| Arc::new(transport::ws::Policy::new(listener)));
+        match (tls, ws) {
+            (None, None) => spawn_accept(broker, socket, rules, transport::tcp::serve),
+            (None, Some(policy)) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                transport::ws::serve(b, stream, peer, policy.clone())
+            }),
+            (Some(tls), ws) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                serve_tls(b, stream, peer, tls.clone(), ws.clone())
+            }),
+        }
+        Ok(addr)
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -57,6 +113,27 @@ impl Server {
     /// The bound address of the first listener of `kind` (useful with port 0).
     pub fn local_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
         self.addrs.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
+    }
+
+    /// The bound addresses of every listener, in the order of the configuration.
+    pub fn local_addrs(&self) -> &[(ListenerKind, SocketAddr)] {
+        &self.addrs
+    }
+
+    /// Reads the password file, ACL, token keys and TLS certificates again (SIGHUP).
+    /// What fails to load keeps its old version; the errors are returned for the log.
+    /// Connections stay up.
+    pub fn reload(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.broker.reload_security() {
+            errors.push(e.to_string());
+        }
+        for acceptor in &self.tls {
+            if let Err(e) = acceptor.reload() {
+                errors.push(e.to_string());
+            }
+        }
+        errors
     }
 
     /// Resolves when shutdown has been requested (e.g. by `shutdown` from another task).
@@ -72,6 +149,25 @@ impl Server {
         tokio::time::timeout(grace, self.broker.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// The TLS handshake, then MQTT (or the WebSocket upgrade) over the encrypted stream.
+async fn serve_tls(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    mut peer: Peer,
+    tls: TlsAcceptor,
+    ws: Option<Arc<transport::ws::Policy>>,
+) {
+    let (stream, proved) = match tls.accept(stream).await {
+        Ok(accepted) => accepted,
+        Err(e) => return tracing::debug!(peer = %peer.addr, "TLS handshake failed: {e}"),
+    };
+    peer.tls_identity = proved.identity;
+    match ws {
+        Some(policy) => transport::ws::serve(broker, stream, peer, policy).await,
+        None => transport::tcp::serve_stream(broker, stream, peer).await,
     }
 }
 

@@ -2114,11 +2114,11 @@ async fn unsupported_authentication_method_gets_connack_0x8c() {
     let b = TestBroker::start().await;
     let connect = Connect {
         properties: Properties {
-            authentication_method: Some("SCRAM-SHA-256".into()),
+            authentication_method: Some("GS2-KRB5".into()),
             authentication_data: Some(Bytes::from_static(b"client-first")),
             ..Properties::default()
         },
-        ..connect_v5("scram")
+        ..connect_v5("kerberos")
     };
     let (mut c, ack) = Client::connect_with(b.addr, connect).await;
     assert_eq!(
@@ -2142,24 +2142,27 @@ struct EchoExchange {
     challenged: bool,
 }
 
-impl ternmq::auth::AuthMethod for EchoChallenge {
+impl ternmq::security::enhanced::AuthMethod for EchoChallenge {
     fn name(&self) -> &str {
         "ECHO-CHALLENGE"
     }
-    fn begin(&self, _client_id: &str) -> Box<dyn ternmq::auth::AuthExchange> {
+    fn begin(&self, _client_id: &str) -> Box<dyn ternmq::security::enhanced::AuthExchange> {
         Box::new(EchoExchange { challenged: false })
     }
 }
 
-impl ternmq::auth::AuthExchange for EchoExchange {
-    fn step(&mut self, data: Option<&[u8]>) -> ternmq::auth::AuthStep {
-        use ternmq::auth::AuthStep;
+impl ternmq::security::enhanced::AuthExchange for EchoExchange {
+    fn step(&mut self, data: Option<&[u8]>) -> ternmq::security::enhanced::AuthStep {
+        use ternmq::security::enhanced::AuthStep;
         if !self.challenged {
             self.challenged = true;
             return AuthStep::Continue(Bytes::from_static(b"nonce-1"));
         }
         match data {
-            Some(b"answer:nonce-1") => AuthStep::Success(Some(Bytes::from_static(b"welcome"))),
+            Some(b"answer:nonce-1") => AuthStep::Success {
+                data: Some(Bytes::from_static(b"welcome")),
+                username: None,
+            },
             _ => AuthStep::Failure,
         }
     }

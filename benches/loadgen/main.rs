@@ -285,7 +285,10 @@ mod tests {
             .expect("runtime");
         let mut config = Config::default();
         let bind = "127.0.0.1:0".parse().expect("addr");
-        config.listeners = vec![Listener::new(ListenerKind::Tcp, bind)];
+        config.listeners = vec![Listener {
+            allow_anonymous: true,
+            ..Listener::new(ListenerKind::Tcp, bind)
+        }];
         let server = runtime
             .block_on(ternmq::Server::start(config))
             .expect("starts");

@@ -2,8 +2,8 @@
 //! packets, the client's AUTH packets in, until the method accepts or refuses. No I/O:
 //! the driver carries the packets.
 
-use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::protocol::{Auth, ByteStr, Packet, ReasonCode};
+use crate::security::enhanced::{AuthExchange, AuthMethod, AuthStep};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -18,8 +18,11 @@ pub(super) enum Next {
     /// Send this AUTH (Continue authentication) and feed the client's answer back.
     Challenge(Box<Auth>),
     /// Authenticated; the data goes into the CONNACK (or the final AUTH, on
-    /// re-authentication).
-    Done(Option<Bytes>),
+    /// re-authentication), the username, if the method names one, is the client's.
+    Done {
+        data: Option<Bytes>,
+        username: Option<String>,
+    },
     /// Refused with this reason.
     Refuse(ReasonCode),
 }
@@ -58,7 +61,7 @@ impl Exchange {
 
     fn step(&mut self, data: Option<&[u8]>) -> Next {
         match self.inner.step(data) {
-            AuthStep::Success(data) => Next::Done(data),
+            AuthStep::Success { data, username } => Next::Done { data, username },
             AuthStep::Failure => Next::Refuse(ReasonCode::NotAuthorized),
             AuthStep::Continue(challenge) => {
                 let mut auth = Auth {

@@ -10,13 +10,16 @@
 use super::auth::{Exchange, Next};
 use super::exit::{limit, Exit};
 use super::handshake::{negotiate, Negotiated, Refusal};
+use super::login::{self, Login};
 use super::machine::{self, Connection, WRITE_HIGH_WATER};
 use super::Peer;
 use crate::broker::{now, Broker};
 use crate::budget::{Budget, Level};
+use crate::metrics;
 use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol, ReasonCode};
+use crate::security::AuthResult;
 use crate::session::Link;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -177,7 +180,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 async fn handshake<'a, R, W>(
     broker: &'a Arc<Broker>,
     io: &mut Io<R, W>,
-    _peer: &Peer,
+    peer: &Peer,
     within_limits: bool,
 ) -> Option<Connection<'a>>
 where
@@ -202,8 +205,11 @@ where
         }
     };
     tracing::Span::current().record("client_id", &*negotiated.client_id);
-    let auth = match authenticate(broker, &negotiated, io).await {
-        Ok(auth) => auth,
+    let login = login(broker, &negotiated, io, peer)
+        .await
+        .and_then(|login| login::check_will(&login, &negotiated).map(|()| login));
+    let mut login = match login {
+        Ok(login) => login,
         Err(refusal) => {
             refuse(io, refusal, protocol).await;
             return None;
@@ -231,12 +237,10 @@ where
         resumed = present,
         "connected"
     );
-    let conn = Connection::new(broker, &negotiated, session, conn_id, wake, now);
     let mut ack = negotiated.connack(&broker.config, present);
-    if let Some((method, data)) = auth {
-        ack.properties.authentication_method = Some(method);
-        ack.properties.authentication_data = data;
-    }
+    ack.properties.authentication_method = login.method.clone();
+    ack.properties.authentication_data = login.data.take();
+    let conn = Connection::new(broker, &negotiated, login, session, conn_id, wake, now);
     conn.send(&mut io.wbuf, Packet::ConnAck(ack));
     Some(conn)
 }
@@ -248,11 +252,7 @@ where
     W: AsyncWrite + Unpin,
 {
     // Nothing larger is buffered from a peer that has not authenticated.
-    let max = broker
-        .config
-        .mqtt
-        .max_packet_size
-        .min(broker.config.limits.max_connect_size);
+    let max = connect_size(broker);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return None,
         r = timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
@@ -292,20 +292,80 @@ where
     io.linger_close().await;
 }
 
-/// Runs the MQTT 5 enhanced authentication exchange, if the CONNECT asked for one.
-/// Returns the method and data for the CONNACK.
-async fn authenticate<R, W>(
+/// Finds out who the client is: by an enhanced authentication exchange if the CONNECT
+/// names a method, by its certificate if the listener takes that as the username, else
+/// by its username and password (or token), checked off the runtime: hashing takes
+/// milliseconds. An address that keeps failing waits longer each time.
+async fn login<R, W>(
     broker: &Broker,
     negotiated: &Negotiated,
     io: &mut Io<R, W>,
-) -> Result<Option<(ByteStr, Option<Bytes>)>, Refusal>
+    peer: &Peer,
+) -> Result<Login, Refusal>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let Some(method) = &negotiated.auth_method else {
-        return Ok(None);
+    let client_id = &negotiated.client_id;
+    if let Some(method) = &negotiated.auth_method {
+        return exchange(broker, negotiated, method, io).await;
+    }
+    if peer.listener.identity_as_username {
+        return match &peer.tls_identity {
+            Some(name) => Ok(Login::named(
+                &broker.security,
+                Some(name.clone()),
+                client_id,
+            )),
+            None => Err(Refusal::new(
+                ReasonCode::BadUserNameOrPassword,
+                "no identity in the client certificate",
+            )),
+        };
+    }
+    let ip = peer.addr.ip();
+    if let Some(delay) = broker.backoff.delay_for(ip, now()) {
+        debug!(?delay, "slowing down repeated authentication failures");
+        tokio::time::sleep(delay).await;
+    }
+    let username = negotiated.username.as_ref().map(|u| u.to_string());
+    let password = negotiated.password.clone();
+    let result = if password.is_none() {
+        // Nothing to hash: no need for the blocking pool.
+        broker
+            .security
+            .authenticate(username.as_deref(), None, client_id)
+    } else {
+        let (security, client_id) = (broker.security.clone(), client_id.to_string());
+        let check =
+            move || security.authenticate(username.as_deref(), password.as_deref(), &client_id);
+        tokio::task::spawn_blocking(check).await.map_err(|_| {
+            Refusal::new(ReasonCode::UnspecifiedError, "authentication failed to run")
+        })?
     };
+    match &result {
+        AuthResult::Denied(why) => {
+            info!(peer = %peer.addr, "authentication failed: {why}");
+            metrics::auth_failure();
+            broker.backoff.failure(ip, now());
+        }
+        AuthResult::Authenticated(_) => broker.backoff.success(ip),
+        AuthResult::Anonymous(_) => {}
+    }
+    login::decide(result, peer.listener.allow_anonymous)
+}
+
+/// Runs an MQTT 5 enhanced authentication exchange (CONNECT, AUTH, AUTH, ...).
+async fn exchange<R, W>(
+    broker: &Broker,
+    negotiated: &Negotiated,
+    method: &ByteStr,
+    io: &mut Io<R, W>,
+) -> Result<Login, Refusal>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (mut exchange, mut next) = Exchange::start(
         &broker.auth_methods,
         method,
@@ -314,8 +374,16 @@ where
     );
     loop {
         let challenge = match next {
-            Next::Done(data) => return Ok(Some((method.clone(), data))),
-            Next::Refuse(code) => return Err(Refusal::new(code, "enhanced authentication")),
+            Next::Done { data, username } => {
+                let mut login = Login::named(&broker.security, username, &negotiated.client_id);
+                login.method = Some(method.clone());
+                login.data = data;
+                return Ok(login);
+            }
+            Next::Refuse(code) => {
+                metrics::auth_failure();
+                return Err(Refusal::new(code, "enhanced authentication"));
+            }
             Next::Challenge(auth) => *auth,
         };
         let failed = || Refusal::new(ReasonCode::ProtocolError, "AUTH exchange");
@@ -328,14 +396,9 @@ where
         if io.writer.write_all_buf(&mut io.wbuf).await.is_err() {
             return Err(failed());
         }
-        let max = broker
-            .config
-            .mqtt
-            .max_packet_size
-            .min(broker.config.limits.max_connect_size);
         let answer = timeout(
             broker.config.mqtt.connect_timeout(),
-            io.read_packet(Protocol::V5, max),
+            io.read_packet(Protocol::V5, connect_size(broker)),
         )
         .await;
         next = match (answer, exchange.as_mut()) {
@@ -343,6 +406,12 @@ where
             _ => return Err(failed()),
         };
     }
+}
+
+/// The largest packet read before a client is in: `limits.max_connect_size`.
+fn connect_size(broker: &Broker) -> usize {
+    let cfg = &broker.config;
+    cfg.mqtt.max_packet_size.min(cfg.limits.max_connect_size)
 }
 
 /// The connection's event loop; returns why it ended.

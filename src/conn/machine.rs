@@ -11,6 +11,7 @@
 
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
+use super::login::Login;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
@@ -20,6 +21,7 @@ use crate::protocol::{
     Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::router::{is_shared, valid_subscription, within_levels};
+use crate::security::acl::{Access as Acl, Authorizer};
 use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
@@ -63,6 +65,8 @@ pub struct Connection<'a> {
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
+    /// Who the client is and what it may do.
+    access: Box<Access>,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
 }
@@ -71,6 +75,7 @@ impl<'a> Connection<'a> {
     pub fn new(
         broker: &'a Arc<Broker>,
         negotiated: &Negotiated,
+        login: Login,
         session: Arc<Session>,
         conn_id: u64,
         wake: Arc<Notify>,
@@ -102,6 +107,12 @@ impl<'a> Connection<'a> {
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
+            access: Box::new(Access {
+                username: login.username,
+                authorizer: login.authorizer,
+                from_token: login.from_token,
+                generation: broker.security_generation(),
+            }),
             batch: Vec::new(),
         }
     }
@@ -236,6 +247,9 @@ impl<'a> Connection<'a> {
         if let Some(why) = self.over_limit(&p) {
             return self.refuse_for_limit(&p, why, out);
         }
+        if !self.access.authorizer.check(&p.topic, Acl::Write) {
+            return self.refuse_unauthorized(&p, out);
+        }
         if let Some(throttle) = self.throttle.as_deref_mut() {
             throttle.spend(p.payload.len(), now);
         }
@@ -324,6 +338,26 @@ impl<'a> Connection<'a> {
         let exhausted = self.broker.memory.level() == Level::Exhausted;
         (exhausted && (p.qos != QoS::AtMostOnce || p.retain))
             .then_some("the broker's message memory (max_queued_memory) is used up")
+    }
+
+    /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
+    /// authorized); 3.x clients, which cannot be told, get their usual acknowledgement (as
+    /// from mosquitto); QoS 0 is dropped.
+    fn refuse_unauthorized(&self, p: &Publish, out: &mut BytesMut) -> Result<(), Exit> {
+        info!(topic = %p.topic, "PUBLISH not authorized");
+        metrics::not_authorized();
+        if p.qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        if self.protocol.is_v5() {
+            return self.refuse_publish(p, ReasonCode::NotAuthorized, "not authorized", out);
+        }
+        let ack = self.ack(p.pkid, true);
+        match p.qos {
+            QoS::AtLeastOnce => self.send(out, Packet::PubAck(ack)),
+            _ => self.send(out, Packet::PubRec(ack)),
+        }
+        Ok(())
     }
 
     /// A PUBLISH over a limit: a QoS 0 one is dropped; a QoS 1/2 one is refused with 0x97
@@ -427,17 +461,16 @@ impl<'a> Connection<'a> {
         let mut walks = Vec::new();
         for f in s.filters {
             let shared = is_shared(&f.filter);
-            let refusal = if !valid_subscription(&f.filter) {
-                Some(ReasonCode::TopicFilterInvalid)
-            } else if shared && !cfg.shared_subscription_available {
-                Some(ReasonCode::SharedSubscriptionsNotSupported)
-            } else if !cfg.wildcard_subscription_available && f.filter.contains(['+', '#']) {
-                Some(ReasonCode::WildcardSubscriptionsNotSupported)
-            } else {
-                None
-            };
-            if let Some(code) = refusal {
-                debug!(filter = %f.filter, "refused topic filter");
+            if shared && f.options.no_local {
+                return Err(violation(
+                    ReasonCode::ProtocolError,
+                    "No Local on a shared subscription",
+                ));
+            }
+            // A copy, so the subscription does not pin this packet's read buffer.
+            let filter = ByteStr::from(&*f.filter);
+            if let Some(code) = self.refuse_filter(&filter, shared)? {
+                debug!(%filter, ?code, "refused topic filter");
                 codes.push(if v5 {
                     code
                 } else {
@@ -445,25 +478,8 @@ impl<'a> Connection<'a> {
                 });
                 continue;
             }
-            if shared && f.options.no_local {
-                return Err(violation(
-                    ReasonCode::ProtocolError,
-                    "No Local on a shared subscription",
-                ));
-            }
             let mut options = f.options;
             options.qos = options.qos.min(cfg.max_qos);
-            // A copy, so the subscription does not pin this packet's read buffer.
-            let filter = ByteStr::from(&*f.filter);
-            if self.too_many_subscriptions(&filter)? {
-                debug!(%filter, "refused: max_subscriptions reached");
-                codes.push(if v5 {
-                    ReasonCode::QuotaExceeded
-                } else {
-                    ReasonCode::UnspecifiedError
-                });
-                continue;
-            }
             let existed = self
                 .broker
                 .subscribe(&self.session, self.conn_id, &filter, options, sub_id)
@@ -500,14 +516,32 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Whether a new subscription to `filter` would pass `limits.max_subscriptions` (one
-    /// the session has already is only replaced).
-    fn too_many_subscriptions(&self, filter: &str) -> Result<bool, Exit> {
-        let max = self.broker.config.limits.max_subscriptions;
-        if max == 0 {
-            return Ok(false);
-        }
-        self.owned(|s| s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter))
+    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is: not a valid
+    /// filter, not allowed by the ACL, a feature switched off, or past
+    /// `limits.max_subscriptions` (a subscription the session has is only replaced).
+    fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
+        let cfg = &self.broker.config;
+        let code = if !valid_subscription(filter) {
+            ReasonCode::TopicFilterInvalid
+        } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
+            metrics::not_authorized();
+            ReasonCode::NotAuthorized
+        } else if shared && !cfg.mqtt.shared_subscription_available {
+            ReasonCode::SharedSubscriptionsNotSupported
+        } else if !cfg.mqtt.wildcard_subscription_available && filter.contains(['+', '#']) {
+            ReasonCode::WildcardSubscriptionsNotSupported
+        } else {
+            let max = cfg.limits.max_subscriptions;
+            let full = max > 0
+                && self.owned(|s| {
+                    s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter)
+                })?;
+            if !full {
+                return Ok(None);
+            }
+            ReasonCode::QuotaExceeded
+        };
+        Ok(Some(code))
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -558,6 +592,7 @@ impl<'a> Connection<'a> {
     /// sent on this connection (after a resume), retained messages of new subscriptions,
     /// then the queue, as far as the in-flight window and the write buffer allow.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
+        self.refresh_access();
         let window = self.max_inflight;
         loop {
             if out.len() >= WRITE_HIGH_WATER {
@@ -565,13 +600,16 @@ impl<'a> Connection<'a> {
             }
             let mut batch = std::mem::take(&mut self.batch);
             let mut resend = Vec::new();
+            let authorizer = &self.access.authorizer;
+            let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
+            let mut unreadable = 0;
             let walk = self.owned(|s| {
                 let room = window.saturating_sub(s.inflight.outstanding());
                 s.inflight.resend(room, &mut resend);
                 let walk = s.walks.front().cloned();
                 // The hot path: one lock per batch when no walk is under way.
                 if walk.is_none() {
-                    s.take_sendable(window, BATCH, now, &mut batch);
+                    unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
                 }
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
             })?;
@@ -586,7 +624,17 @@ impl<'a> Connection<'a> {
             let mut walked = false;
             if let Some((walk, room)) = walk {
                 walked = self.walk_step(walk, room, now, out)?;
-                self.owned(|s| s.take_sendable(window, BATCH, now, &mut batch))?;
+                let authorizer = &self.access.authorizer;
+                let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
+                unreadable =
+                    self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
+            }
+            if unreadable > 0 {
+                debug!(
+                    count = unreadable,
+                    "messages the client may not read not sent"
+                );
+                (0..unreadable).for_each(|_| metrics::not_authorized());
             }
             let n = batch.len();
             let mut too_large = Vec::new();
@@ -598,7 +646,7 @@ impl<'a> Connection<'a> {
             self.batch = batch;
             self.forget(too_large)?;
             metrics::sent(n as u64);
-            if n < BATCH && !walked && resend.is_empty() {
+            if n + unreadable < BATCH && !walked && resend.is_empty() {
                 return Ok(());
             }
         }
@@ -766,6 +814,20 @@ impl<'a> Connection<'a> {
         send(out, packet, self.protocol, self.client_max_packet)
     }
 
+    /// The client's ACL, rebuilt from the files if they were reloaded since.
+    fn refresh_access(&mut self) {
+        let generation = self.broker.security_generation();
+        let a = &mut *self.access;
+        if a.generation != generation && !a.from_token {
+            let client_id = &self.session.client_id;
+            a.authorizer = self
+                .broker
+                .security
+                .authorizer(a.username.as_deref(), client_id, None);
+        }
+        a.generation = generation;
+    }
+
     /// Ends the connection: the will, the session bookkeeping, and in 5.0 a last
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
@@ -850,6 +912,16 @@ fn properties_mut(packet: &mut Packet) -> Option<&mut Properties> {
         Packet::Disconnect(d) => Some(&mut d.properties),
         _ => None,
     }
+}
+
+/// Who the client is, for the ACL.
+struct Access {
+    username: Option<String>,
+    authorizer: Authorizer,
+    /// The rules came with a token, not from the ACL file.
+    from_token: bool,
+    /// `Broker::security_generation` when `authorizer` was built.
+    generation: u64,
 }
 
 /// Token buckets for the publish rate of one client: a burst of `publish_burst`

@@ -6,11 +6,13 @@ mod auth;
 mod driver;
 mod exit;
 mod handshake;
+mod login;
 mod machine;
 
 pub use driver::serve;
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};
+pub use login::Login;
 pub use machine::Connection;
 
 use crate::broker::ListenerRules;
@@ -28,11 +30,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A peer at `addr` on a listener without rules of its own.
+    /// A peer at `addr` on a listener without rules of its own, which lets anonymous
+    /// clients in (tests, tools).
     pub fn new(addr: SocketAddr) -> Peer {
         Peer {
             addr,
-            listener: Arc::default(),
+            listener: Arc::new(ListenerRules::open()),
             tls_identity: None,
         }
     }

@@ -12,6 +12,7 @@
 
 pub mod acl;
 pub mod backoff;
+pub mod enhanced;
 pub mod jwt;
 pub mod passwd;
 pub mod password;

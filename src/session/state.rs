@@ -111,14 +111,17 @@ impl SessionState {
 
     /// Moves queued messages into `out` for sending, as far as the in-flight window
     /// (`max_inflight` sent and unacknowledged) allows: QoS 1/2 ones get a packet id and
-    /// are recorded as in flight. Expired messages are dropped on the way.
+    /// are recorded as in flight. Expired messages, and those the client may not read
+    /// (`readable` says), are dropped on the way; returns how many were not readable.
     pub fn take_sendable(
         &mut self,
         max_inflight: usize,
         limit: usize,
         now: Instant,
+        readable: &dyn Fn(&Delivery) -> bool,
         out: &mut Vec<(Delivery, u16)>,
-    ) {
+    ) -> usize {
+        let mut unreadable = 0;
         while out.len() < limit {
             let Some(front) = self.queue.front() else {
                 break;
@@ -132,9 +135,14 @@ impl SessionState {
             if delivery.message.is_expired(now) {
                 continue;
             }
+            if !readable(&delivery) {
+                unreadable += 1;
+                continue;
+            }
             let pkid = self.inflight.send(&delivery);
             out.push((delivery, pkid));
         }
+        unreadable
     }
 
     /// Starts (or restarts, for a filter subscribed again) the walk of the retained
@@ -527,7 +535,7 @@ mod tests {
                 let mut out = Vec::new();
                 s.inflight.resend(window.saturating_sub(s.inflight.outstanding()), &mut out);
                 let mut batch = Vec::new();
-                s.take_sendable(window, 64, Instant::now(), &mut batch);
+                s.take_sendable(window, 64, Instant::now(), &|_| true, &mut batch);
                 // Only the client's own acknowledgements of unsent entries may take the
                 // window past its size; the broker never sends past it.
                 let sent_now = out.len() + batch.iter().filter(|(d, _)| d.qos != QoS::AtMostOnce).count();

@@ -17,7 +17,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -41,7 +40,10 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
 #[allow(clippy::result_large_err)] // `check`'s result type is tungstenite's `Callback`.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: Peer, policy: Arc<Policy>) {
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: Peer, policy: Arc<Policy>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
     let config = ws_config(broker.config.mqtt.max_packet_size);
     let addr = peer.addr;
     let check = |req: &Request, resp: Response| policy.check(req, resp, addr);

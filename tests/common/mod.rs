@@ -45,14 +45,14 @@ impl TestBroker {
     /// `with`, and MQTT 5 enhanced authentication methods.
     pub async fn with_auth(
         tweak: impl FnOnce(&mut Config),
-        auth_methods: Vec<std::sync::Arc<dyn ternmq::auth::AuthMethod>>,
+        auth_methods: Vec<std::sync::Arc<dyn ternmq::security::enhanced::AuthMethod>>,
     ) -> TestBroker {
         init_logs();
         let mut config = Config {
-            listeners: vec![Listener::new(
-                ListenerKind::Tcp,
-                "127.0.0.1:0".parse().unwrap(),
-            )],
+            listeners: vec![Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Tcp, "127.0.0.1:0".parse().unwrap())
+            }],
             ..Config::default()
         };
         tweak(&mut config);
@@ -74,7 +74,7 @@ impl TestBroker {
         let mut config = Config::default();
         tweak(&mut config);
         TestBroker {
-            broker: Broker::new(config, Vec::new()),
+            broker: Broker::new(config, Vec::new()).expect("broker starts"),
             server: None,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
@@ -93,7 +93,10 @@ impl TestBroker {
     pub async fn with_ws(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         Self::with(|config| {
             let bind = "127.0.0.1:0".parse().unwrap();
-            config.listeners.push(Listener::new(ListenerKind::Ws, bind));
+            config.listeners.push(Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Ws, bind)
+            });
             tweak(config);
         })
         .await
