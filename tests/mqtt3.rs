@@ -4,7 +4,8 @@
 //! crate's own codec, so that every packet sent and received is explicit; malformed input
 //! is written as hand-made bytes. Its `_v311` publish flows assert that every ack is
 //! exactly the 3.1.1 one. A few scripted flows use `rumqttc`. Each test starts its own
-//! broker, so tests run in parallel.
+//! broker, so tests run in parallel. Keep-alive and the connect timeout are tested on
+//! tokio's paused clock, in tests/timing.rs.
 //!
 //! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`); the
 //! module doc of `common::client` says why that is enough.
@@ -317,17 +318,6 @@ async fn first_packet_other_than_connect_closes_the_connection() {
     let mut c = Client::open(broker.addr, "pinger", Protocol::V311).await;
     c.send(Packet::PingReq).await;
     c.expect_closed(WAIT).await;
-}
-
-#[tokio::test]
-async fn no_connect_within_connect_timeout_closes_the_connection() {
-    let broker = TestBroker::with(|cfg| cfg.mqtt.connect_timeout = 1).await;
-    let mut c = Client::open(broker.addr, "silent", Protocol::V311).await;
-    let took = c.expect_closed(Duration::from_secs(3)).await;
-    assert!(
-        took >= Duration::from_millis(900) && took <= Duration::from_millis(2500),
-        "closed after {took:?}, expected about 1 s"
-    );
 }
 
 #[tokio::test]
@@ -1151,29 +1141,6 @@ async fn will_is_published_when_the_socket_closes_without_disconnect() {
 }
 
 #[tokio::test]
-async fn will_is_published_on_keep_alive_timeout() {
-    let broker = TestBroker::start().await;
-    let mut watcher = will_watcher(broker.addr).await;
-    let (mut c, _) = Client::connect_accepted(
-        broker.addr,
-        Connect {
-            keep_alive: 1,
-            ..with_will("w", "will/w", "timed out", QoS::AtLeastOnce, false)
-        },
-    )
-    .await;
-    let start = Instant::now();
-    let will = watcher.receive_v311().await;
-    assert_publish(&will, "will/w", "timed out", QoS::AtLeastOnce, false);
-    assert!(
-        start.elapsed() >= Duration::from_millis(1000),
-        "will published after {:?}, before the keep-alive expired",
-        start.elapsed()
-    );
-    c.expect_closed(WAIT).await;
-}
-
-#[tokio::test]
 async fn will_is_published_on_a_protocol_violation() {
     let broker = TestBroker::start().await;
     let mut watcher = will_watcher(broker.addr).await;
@@ -1224,47 +1191,6 @@ async fn will_qos_and_retain_are_honoured() {
     let later = retained_for(broker.addr, "later", "will/+", QoS::AtLeastOnce).await;
     assert_eq!(later.len(), 1, "the retained will: {later:?}");
     assert_publish(&later[0], "will/r", "retained will", QoS::AtLeastOnce, true);
-}
-
-// ---------------------------------------------------------------------------------------
-// Keep-alive
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn keep_alive_timeout_closes_a_silent_connection() {
-    let broker = TestBroker::start().await;
-    let (mut c, _) = Client::connect_accepted(
-        broker.addr,
-        Connect {
-            keep_alive: 1,
-            ..connect_v311("silent")
-        },
-    )
-    .await;
-    let took = c.expect_closed(Duration::from_secs(4)).await;
-    assert!(
-        took >= Duration::from_millis(1000) && took <= Duration::from_millis(3000),
-        "closed after {took:?}; expected 1.5 times the 1 s keep-alive"
-    );
-}
-
-#[tokio::test]
-async fn pingreq_keeps_the_connection_alive() {
-    let broker = TestBroker::start().await;
-    let (mut c, _) = Client::connect_accepted(
-        broker.addr,
-        Connect {
-            keep_alive: 1,
-            ..connect_v311("pinger")
-        },
-    )
-    .await;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(2500) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        c.send(Packet::PingReq).await;
-        c.expect_bytes(&[0xD0, 0x00], "PINGRESP").await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------

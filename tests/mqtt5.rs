@@ -6,7 +6,9 @@
 //! explicit.
 //! A request/response flow uses `rumqttc`'s v5 client, and a few tests run Debian's
 //! `mosquitto_pub` / `mosquitto_sub` with `-V mqttv5`. Each test starts its own broker, so
-//! tests run in parallel; every wait is bounded.
+//! tests run in parallel; every wait is bounded. What happens at a given time (keep-alive,
+//! session expiry, will delay, message expiry) is tested on tokio's paused clock, in
+//! tests/timing.rs.
 //!
 //! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`,
 //! `drain_publishes`); the module doc of `common::client` says why that is enough.
@@ -15,113 +17,16 @@ mod common;
 
 use bytes::{Bytes, BytesMut};
 use common::client::{
-    ack, connect_v311, connect_v5, eventually, filter, opts, text, Client, Event, WAIT,
+    ack, connect_expiry, connect_v311, connect_v5, connect_with_will, eventually, expiry_session,
+    filter, message, opts, plain, props_of, retained, sub_id, text, user_props, will_delay, Client,
+    Event, WAIT,
 };
 use common::TestBroker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use ternmq::protocol::{
-    self, Ack, Auth, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    ReasonCode, SubOptions, Subscribe, Will,
+    self, Ack, Auth, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
+    SubOptions, Subscribe,
 };
-use ternmq::router::Mailbox;
-
-// ---------------------------------------------------------------------------------------
-// Packet builders (the shared ones, and the raw client, are in `common::client`)
-// ---------------------------------------------------------------------------------------
-
-/// A 5.0 CONNECT asking for a Session Expiry Interval of `expiry` seconds.
-fn connect_expiry(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
-    Connect {
-        clean_start,
-        properties: Properties {
-            session_expiry_interval: Some(expiry),
-            ..Properties::default()
-        },
-        ..connect_v5(client_id)
-    }
-}
-
-/// A 5.0 CONNECT with a will on `topic`.
-fn connect_with_will(
-    client_id: &str,
-    topic: &str,
-    payload: &str,
-    will_props: Properties,
-) -> Connect {
-    Connect {
-        will: Some(Will {
-            topic: ByteStr::from(topic),
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: will_props,
-        }),
-        ..connect_v5(client_id)
-    }
-}
-
-/// An application message; the client gives it a packet id when it sends it.
-fn message(topic: &str, payload: &[u8], qos: QoS, properties: Properties) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: ByteStr::from(topic),
-        pkid: 0,
-        payload: Bytes::copy_from_slice(payload),
-        properties: (!properties.is_empty()).then(|| Box::new(properties)),
-    }
-}
-
-/// An application message without properties.
-fn plain(topic: &str, payload: &[u8], qos: QoS) -> Publish {
-    message(topic, payload, qos, Properties::default())
-}
-
-/// A retained application message without properties.
-fn retained(topic: &str, payload: &[u8], qos: QoS) -> Publish {
-    Publish {
-        retain: true,
-        ..plain(topic, payload, qos)
-    }
-}
-
-/// SUBSCRIBE properties with a Subscription Identifier.
-fn sub_id(id: u32) -> Properties {
-    Properties {
-        subscription_identifiers: vec![id],
-        ..Properties::default()
-    }
-}
-
-fn expiry_props(secs: u32) -> Properties {
-    Properties {
-        message_expiry_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
-fn user_props(pairs: &[(&str, &str)]) -> Vec<(ByteStr, ByteStr)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (ByteStr::from(*k), ByteStr::from(*v)))
-        .collect()
-}
-
-/// The properties of a received PUBLISH (default when it has none).
-fn props_of(p: &Publish) -> Properties {
-    p.properties.as_deref().cloned().unwrap_or_default()
-}
-
-/// Waits until the broker has seen `client_id`'s connection go (its session offline or
-/// gone), after an abrupt close.
-async fn wait_offline(b: &TestBroker, client_id: &str) {
-    let broker = b.broker();
-    eventually(&format!("{client_id} offline"), WAIT, || {
-        broker.session(client_id).is_none_or(|s| !s.is_online())
-    })
-    .await;
-}
 
 // =======================================================================================
 // CONNACK properties
@@ -404,22 +309,6 @@ async fn server_keep_alive_caps_the_client_keep_alive() {
     }
 }
 
-/// The Server Keep Alive is the one the broker then enforces [MQTT-3.2.2-21].
-#[tokio::test]
-async fn server_keep_alive_is_enforced() {
-    let b = TestBroker::with(|cfg| cfg.mqtt.max_keepalive = 1).await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_v5("ka-enforced")).await;
-    assert_eq!(ack.properties.server_keep_alive, Some(1));
-    let start = Instant::now();
-    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
-        .await;
-    let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(900),
-        "closed after {took:?}, before the 1 s Server Keep Alive"
-    );
-}
-
 // =======================================================================================
 // Reason codes
 // =======================================================================================
@@ -598,44 +487,6 @@ async fn takeover_with_clean_start_publishes_the_delayed_will() {
     }
 }
 
-/// Takeover with Clean Start 0 resumes the session before the Will Delay Interval has
-/// passed: the will is not published [MQTT-3.1.3-9].
-#[tokio::test]
-async fn takeover_resuming_the_session_cancels_the_delayed_will() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "twr-sub").await;
-    sub.subscribe("twr/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("twr", "twr/t", "resumed", will_delay(1));
-    connect.properties.session_expiry_interval = Some(60);
-    let (mut old, _) = Client::accepted(b.addr, connect).await;
-    let (_new, ack) = Client::accepted(b.addr, connect_expiry("twr", false, 60)).await;
-    assert!(ack.session_present);
-    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    sub.expect_quiet("past the will delay of a session taken over")
-        .await;
-}
-
-/// Keep-alive 1 s and silence: DISCONNECT 0x8D after one and a half times the keep-alive
-/// [MQTT-3.1.2-22].
-#[tokio::test]
-async fn keep_alive_timeout_disconnects_with_0x8d() {
-    let b = TestBroker::start().await;
-    let connect = Connect {
-        keep_alive: 1,
-        ..connect_v5("sleepy")
-    };
-    let (mut c, _) = Client::accepted(b.addr, connect).await;
-    let start = Instant::now();
-    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
-        .await;
-    let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(1400),
-        "closed after {took:?}, before 1.5 times the keep-alive"
-    );
-}
-
 /// Bytes that break the packet format: DISCONNECT 0x81 (Malformed Packet).
 #[tokio::test]
 async fn malformed_packets_disconnect_with_0x81() {
@@ -766,110 +617,6 @@ async fn session_expiry_0_ends_session_at_disconnect() {
     .await;
 }
 
-/// Session Expiry Interval 2 s: resumed within it (session present 1, queued QoS 1
-/// messages delivered), gone after it.
-#[tokio::test]
-async fn session_expiry_keeps_session_for_its_interval() {
-    let b = TestBroker::start().await;
-    let broker = b.broker();
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("lasting", true, 2)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "accepted as asked"
-    );
-    c.subscribe("lasting/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-
-    let mut publisher = Client::connect_v5(b.addr, "lasting-pub").await;
-    for payload in ["m1", "m2"] {
-        publisher
-            .publish_expect(
-                plain("lasting/t", payload.as_bytes(), QoS::AtLeastOnce),
-                ReasonCode::Success,
-            )
-            .await;
-    }
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("lasting", false, 2)).await;
-    assert!(ack.session_present, "resumed within the expiry interval");
-    let got = [c.receive().await, c.receive().await];
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(payloads, ["m1", "m2"], "queued messages delivered in order");
-    assert!(got.iter().all(|p| p.qos == QoS::AtLeastOnce));
-    c.disconnect().await;
-
-    let gone_after = eventually("the session to expire", Duration::from_secs(4), || {
-        broker.session("lasting").is_none()
-    })
-    .await;
-    assert!(
-        gone_after >= Duration::from_millis(1800),
-        "the session ended after {gone_after:?}, before its 2 s expiry"
-    );
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("lasting", false, 2)).await;
-    assert!(!ack.session_present, "the expired session is not resumed");
-    publisher
-        .publish_expect(
-            plain("lasting/t", b"m3", QoS::AtLeastOnce),
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-}
-
-/// Session Expiry Interval 0xFFFFFFFF: the session does not expire.
-#[tokio::test]
-async fn session_expiry_max_never_expires() {
-    let b = TestBroker::start().await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("forever", true, u32::MAX)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "accepted as asked"
-    );
-    c.subscribe("forever/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(b.broker().session("forever").is_some(), "still kept");
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("forever", false, u32::MAX)).await;
-    assert!(ack.session_present, "resumed");
-    assert_eq!(
-        b.broker().router.subscription_count(),
-        1,
-        "with its subscription"
-    );
-}
-
-/// The Session Expiry Interval of the DISCONNECT replaces the CONNECT's.
-#[tokio::test]
-async fn disconnect_changes_session_expiry() {
-    let b = TestBroker::start().await;
-    let broker = b.broker();
-    let (c, _) = Client::accepted(b.addr, connect_expiry("shorter", true, 300)).await;
-    c.disconnect_with(ReasonCode::Success, expiry_session(1))
-        .await;
-    let took = eventually("the session to expire", Duration::from_secs(4), || {
-        broker.session("shorter").is_none()
-    })
-    .await;
-    assert!(
-        took >= Duration::from_millis(800),
-        "ended after {took:?}, before the 1 s set by DISCONNECT"
-    );
-
-    let (c, _) = Client::accepted(b.addr, connect_expiry("now", true, 300)).await;
-    c.disconnect_with(ReasonCode::Success, expiry_session(0))
-        .await;
-    eventually("the session to end", Duration::from_secs(1), || {
-        broker.session("now").is_none()
-    })
-    .await;
-}
-
-fn expiry_session(secs: u32) -> Properties {
-    Properties {
-        session_expiry_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
 /// CONNECT with Session Expiry 0, then DISCONNECT setting a non-zero one: Protocol Error
 /// (3.14.2.2.2), answered with DISCONNECT 0x82.
 #[tokio::test]
@@ -887,40 +634,6 @@ async fn disconnect_cannot_set_expiry_after_connect_set_zero() {
         broker.session("late").is_none()
     })
     .await;
-}
-
-/// max_session_expiry_interval caps the asked interval, and the CONNACK's Session Expiry
-/// Interval tells the client the value in use (3.2.2.3.2).
-#[tokio::test]
-async fn max_session_expiry_interval_caps_the_interval() {
-    let b = TestBroker::with(|cfg| cfg.mqtt.max_session_expiry_interval = 1).await;
-    let broker = b.broker();
-    let (c, ack) = Client::accepted(b.addr, connect_expiry("capped", true, 100)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval,
-        Some(1),
-        "CONNACK gives the capped value"
-    );
-    c.disconnect().await;
-    let took = eventually(
-        "the capped session to expire",
-        Duration::from_secs(4),
-        || broker.session("capped").is_none(),
-    )
-    .await;
-    assert!(took >= Duration::from_millis(800), "ended after {took:?}");
-
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("never", true, u32::MAX)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval,
-        Some(1),
-        "0xFFFFFFFF is capped too"
-    );
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("within", true, 1)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "within the cap: as asked"
-    );
 }
 
 /// The DISCONNECT rule is about the CONNECT packet's value: a client that asked for a
@@ -946,126 +659,6 @@ async fn disconnect_expiry_is_checked_against_the_connect_value() {
         Event::Packet(p) => panic!("expected a plain close, got {p:?}"),
         Event::Timeout => panic!("the broker did not close the connection"),
     }
-}
-
-// =======================================================================================
-// Message Expiry Interval
-// =======================================================================================
-
-/// A message queued for an offline session expires there: after its 1 s it is not
-/// delivered; one without expiry is [MQTT-3.3.2-5].
-#[tokio::test]
-async fn expired_queued_message_is_not_delivered() {
-    let b = TestBroker::start().await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("offline", true, 60)).await;
-    c.subscribe("exp/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-    let mut publisher = Client::connect_v5(b.addr, "exp-pub").await;
-    publisher
-        .publish_expect(
-            message("exp/t", b"short-lived", QoS::AtLeastOnce, expiry_props(1)),
-            ReasonCode::Success,
-        )
-        .await;
-    publisher
-        .publish_expect(
-            plain("exp/t", b"durable", QoS::AtLeastOnce),
-            ReasonCode::Success,
-        )
-        .await;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("offline", false, 60)).await;
-    assert!(ack.session_present);
-    let got = c.drain_publishes().await;
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(
-        payloads,
-        ["durable"],
-        "only the unexpired message is delivered"
-    );
-}
-
-/// The Message Expiry Interval forwarded is what is left of it [MQTT-3.3.2-6]: no more
-/// than the original, less after waiting in the queue.
-#[tokio::test]
-async fn delivered_message_carries_remaining_expiry() {
-    let b = TestBroker::start().await;
-    let mut online = Client::connect_v5(b.addr, "exp-online").await;
-    online.subscribe("rem/t", QoS::AtLeastOnce).await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("exp-offline", true, 60)).await;
-    c.subscribe("rem/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-
-    let mut publisher = Client::connect_v5(b.addr, "rem-pub").await;
-    publisher
-        .publish_expect(
-            message("rem/t", b"x", QoS::AtLeastOnce, expiry_props(10)),
-            ReasonCode::Success,
-        )
-        .await;
-    let p = online.receive().await;
-    let left = props_of(&p)
-        .message_expiry_interval
-        .expect("the expiry is forwarded");
-    assert!(
-        (9..=10).contains(&left),
-        "delivered at once with {left} s left of 10"
-    );
-
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("exp-offline", false, 60)).await;
-    let p = c.receive().await;
-    let left = props_of(&p)
-        .message_expiry_interval
-        .expect("the expiry is forwarded");
-    assert!(
-        (1..=9).contains(&left),
-        "after 1.2 s in the queue: {left} s left of 10"
-    );
-}
-
-/// A retained message expires too: a subscriber arriving after its 1 s gets nothing.
-#[tokio::test]
-async fn retained_message_expires() {
-    let b = TestBroker::start().await;
-    let mut publisher = Client::connect_v5(b.addr, "ret-exp-pub").await;
-    publisher
-        .publish_expect(
-            Publish {
-                retain: true,
-                ..message("rx/short", b"short", QoS::AtLeastOnce, expiry_props(1))
-            },
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-    publisher
-        .publish_expect(
-            retained("rx/long", b"long", QoS::AtLeastOnce),
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-
-    let mut early = Client::connect_v5(b.addr, "ret-early").await;
-    early.subscribe("rx/short", QoS::AtLeastOnce).await;
-    let p = early.receive().await;
-    assert_eq!(text(&p.payload), "short");
-    assert!(p.retain, "sent as retained");
-    assert_eq!(
-        props_of(&p).message_expiry_interval,
-        Some(1),
-        "with what is left of 1 s"
-    );
-
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let mut late = Client::connect_v5(b.addr, "ret-late").await;
-    late.subscribe("rx/#", QoS::AtLeastOnce).await;
-    let got = late.drain_publishes().await;
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(
-        payloads,
-        ["long"],
-        "the expired retained message is not sent"
-    );
 }
 
 // =======================================================================================
@@ -1943,83 +1536,6 @@ async fn expect_rumqttc(
 // Will messages
 // =======================================================================================
 
-fn will_delay(secs: u32) -> Properties {
-    Properties {
-        will_delay_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
-/// Will Delay Interval 2 s: the will is published about 2 s after the connection is lost
-/// [MQTT-3.1.3-9], without the Will Delay property.
-#[tokio::test]
-async fn delayed_will_is_published_after_the_delay() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wd-sub").await;
-    sub.subscribe("wd/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("wd-victim", "wd/t", "gone", will_delay(2));
-    connect.properties.session_expiry_interval = Some(10);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    let start = Instant::now();
-    assert!(
-        sub.recv(Duration::from_millis(1500)).await.is_none(),
-        "nothing before the delay"
-    );
-    let p = sub.receive().await;
-    let took = start.elapsed();
-    assert_eq!((&*p.topic, text(&p.payload)), ("wd/t", "gone".into()));
-    assert!(
-        took >= Duration::from_millis(1800) && took <= Duration::from_millis(4000),
-        "published {took:?} after the connection was lost"
-    );
-    assert_eq!(
-        props_of(&p),
-        Properties::default(),
-        "no Will Delay forwarded"
-    );
-}
-
-/// A session resumed within the Will Delay Interval cancels the will.
-#[tokio::test]
-async fn delayed_will_is_cancelled_when_the_session_resumes() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wc-sub").await;
-    sub.subscribe("wc/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("wc-victim", "wc/t", "gone", will_delay(2));
-    connect.properties.session_expiry_interval = Some(10);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    wait_offline(&b, "wc-victim").await;
-    let start = Instant::now();
-    let (_back, ack) = Client::accepted(b.addr, connect_expiry("wc-victim", false, 10)).await;
-    assert!(ack.session_present, "resumed within the delay");
-    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(start.elapsed())).await;
-    sub.expect_quiet("past the will delay of a resumed session")
-        .await;
-}
-
-/// A Will Delay longer than the Session Expiry Interval: the will is published when the
-/// session ends [MQTT-3.1.3-9].
-#[tokio::test]
-async fn will_is_published_when_the_session_ends_first() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "we-sub").await;
-    sub.subscribe("we/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("we-victim", "we/t", "gone", will_delay(30));
-    connect.properties.session_expiry_interval = Some(1);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    let start = Instant::now();
-    let p = sub.receive().await;
-    let took = start.elapsed();
-    assert_eq!(text(&p.payload), "gone");
-    assert!(
-        took >= Duration::from_millis(800),
-        "published {took:?} after the connection was lost, before the session ended"
-    );
-}
-
 /// Will properties (Content Type, User Properties, Response Topic, Correlation Data,
 /// Payload Format Indicator) are forwarded with the will (3.1.3.2).
 #[tokio::test]
@@ -2044,33 +1560,6 @@ async fn will_properties_are_forwarded() {
     let p = sub.receive().await;
     assert_eq!(text(&p.payload), "gone");
     assert_eq!(props_of(&p), props, "will properties forwarded unchanged");
-}
-
-/// The will's Message Expiry Interval is its lifetime once published ("sent as the
-/// Publication Expiry Interval when the Server publishes the Will Message", 3.1.3.2.4):
-/// a will with 2 s, published 2.5 s after CONNECT, is still delivered, with at most 2 s.
-#[tokio::test]
-async fn will_message_expiry_counts_from_publication() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wx-sub").await;
-    sub.subscribe("wx/t", QoS::AtLeastOnce).await;
-    let (victim, _) = Client::accepted(
-        b.addr,
-        connect_with_will("wx-victim", "wx/t", "gone", expiry_props(2)),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    drop(victim);
-    let p = match sub.recv(WAIT).await {
-        Some(Packet::Publish(p)) => p,
-        other => panic!("expected the will, got {other:?}"),
-    };
-    assert_eq!(text(&p.payload), "gone");
-    let left = props_of(&p).message_expiry_interval;
-    assert!(
-        matches!(left, Some(1..=2)),
-        "the will's expiry counts from its publication: {left:?}"
-    );
 }
 
 /// DISCONNECT 0x04 (Disconnect with Will Message) publishes the will; a normal DISCONNECT
