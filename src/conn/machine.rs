@@ -59,6 +59,10 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
+    /// While a retained-message walk is under way, whether the queue (live messages) or
+    /// the walk takes the window first next time: they take turns, so that neither
+    /// starves the other.
+    queue_first: bool,
     wake: Arc<Notify>,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
@@ -97,6 +101,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
+            queue_first: false,
             wake,
             batch: Vec::new(),
         }
@@ -483,12 +488,16 @@ impl<'a> Connection<'a> {
             }
             let mut batch = std::mem::take(&mut self.batch);
             let mut resend = Vec::new();
+            let queue_first = self.queue_first;
             let walk = self.owned(|s| {
                 let room = window.saturating_sub(s.inflight.outstanding());
                 s.inflight.resend(room, &mut resend);
                 let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way.
-                if walk.is_none() {
+                // The hot path: one lock per batch when no walk is under way. During a
+                // walk, the queue and the walk take turns at the window: live messages
+                // must not wait (and overflow the queue) behind a long walk, nor retained
+                // ones behind a steady stream of live ones.
+                if walk.is_none() || queue_first {
                     s.take_sendable(window, BATCH, now, &mut batch);
                 }
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
@@ -504,7 +513,10 @@ impl<'a> Connection<'a> {
             let mut walked = false;
             if let Some((walk, room)) = walk {
                 walked = self.walk_step(walk, room, now, out)?;
-                self.owned(|s| s.take_sendable(window, BATCH, now, &mut batch))?;
+                if !queue_first {
+                    self.owned(|s| s.take_sendable(window, BATCH, now, &mut batch))?;
+                }
+                self.queue_first = !queue_first;
             }
             let n = batch.len();
             let mut too_large = Vec::new();
