@@ -268,6 +268,39 @@ async fn maximum_packet_size_is_announced_and_enforced() {
     );
 }
 
+/// Response Information (`response_information`, `{client_id}` replaced) is returned
+/// only to a client that asks for it with Request Response Information = 1, and only
+/// when configured.
+#[tokio::test]
+async fn response_information_is_returned_only_when_asked() {
+    let b = TestBroker::with(|cfg| {
+        cfg.mqtt.response_information = Some("response/{client_id}/".into());
+    })
+    .await;
+    let asking = |id: &str, request: Option<u8>| Connect {
+        properties: Properties {
+            request_response_information: request,
+            ..Properties::default()
+        },
+        ..connect_v5(id)
+    };
+    for (id, request, want) in [
+        ("asker", Some(1), Some("response/asker/")),
+        ("declines", Some(0), None),
+        ("silent", None, None),
+    ] {
+        let (_c, ack) = Client::accepted(b.addr, asking(id, request)).await;
+        assert_eq!(
+            ack.properties.response_information.as_deref(),
+            want,
+            "{id}: Request Response Information {request:?}"
+        );
+    }
+    let unset = TestBroker::start().await;
+    let (_c, ack) = Client::accepted(unset.addr, asking("asker", Some(1))).await;
+    assert_eq!(ack.properties.response_information, None, "not configured");
+}
+
 /// An empty client id gets an Assigned Client Identifier, under which the session is
 /// known [MQTT-3.2.2-16].
 #[tokio::test]
@@ -485,6 +518,98 @@ async fn takeover_with_clean_start_publishes_the_delayed_will() {
         Some(Packet::Publish(p)) => assert_eq!(text(&p.payload), "ended"),
         other => panic!("expected the will of the ended session, got {other:?}"),
     }
+}
+
+/// Takeover of a session with Session Expiry 0 (which ends with its connection) by a
+/// CONNECT with Clean Start 0: the old session ended with the connection taken over, so
+/// the new connection gets a fresh one (Session Present 0, no subscription), and the old
+/// connection's will is published as for any end without DISCONNECT.
+#[tokio::test]
+async fn takeover_of_a_session_without_expiry_starts_afresh() {
+    let b = TestBroker::start().await;
+    let mut sub = Client::connect_v5(b.addr, "tn-sub").await;
+    sub.subscribe("tn/will", QoS::AtLeastOnce).await;
+    let (mut old, _) = Client::accepted(
+        b.addr,
+        connect_with_will("tn", "tn/will", "taken", Properties::default()),
+    )
+    .await;
+    old.subscribe("tn/t", QoS::AtLeastOnce).await;
+    let (mut new, ack) = Client::accepted(b.addr, connect_expiry("tn", false, 60)).await;
+    assert!(
+        !ack.session_present,
+        "the old session ended with its connection"
+    );
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
+    assert_eq!(text(&sub.receive().await.payload), "taken");
+    assert_eq!(
+        b.broker().router.subscription_count(),
+        1,
+        "only the watcher's: the old session's subscription went with it"
+    );
+    new.expect_quiet("in a fresh session").await;
+}
+
+/// A will topic that is empty or holds a wildcard: CONNACK 0x90 (Topic Name Invalid),
+/// then the connection is closed.
+#[tokio::test]
+async fn invalid_will_topic_gets_connack_0x90() {
+    let b = TestBroker::start().await;
+    for topic in ["", "will/+", "#"] {
+        let connect = connect_with_will("bad-will", topic, "x", Properties::default());
+        let (mut c, ack) = Client::connect_with(b.addr, connect).await;
+        assert_eq!(
+            ack.code,
+            ReasonCode::TopicNameInvalid,
+            "will topic {topic:?}"
+        );
+        c.expect_closed(WAIT).await;
+    }
+}
+
+/// `levels` topic levels named `l`, or `+` for a filter.
+fn deep(levels: usize, level: &str) -> String {
+    vec![level; levels].join("/")
+}
+
+/// A topic or filter of 201 levels (200 `/`) is accepted; one more level is refused: the
+/// filter with 0x8F in the SUBACK, the PUBLISH with DISCONNECT 0x90. mosquitto (2.0)
+/// draws the line at the same depth.
+#[tokio::test]
+async fn topics_and_filters_of_up_to_201_levels_are_accepted() {
+    let b = TestBroker::start().await;
+    let mut c = Client::connect_v5(b.addr, "deep").await;
+    let (topic, too_deep) = (deep(201, "l"), deep(202, "l"));
+    let codes = c
+        .subscribe_with(
+            vec![
+                filter(&topic, opts(QoS::AtLeastOnce)),
+                filter(&too_deep, opts(QoS::AtLeastOnce)),
+                filter(&deep(201, "+"), opts(QoS::AtLeastOnce)),
+                filter(&deep(202, "+"), opts(QoS::AtLeastOnce)),
+            ],
+            Properties::default(),
+        )
+        .await;
+    use ReasonCode::{GrantedQoS1, TopicFilterInvalid};
+    assert_eq!(
+        codes,
+        [
+            GrantedQoS1,
+            TopicFilterInvalid,
+            GrantedQoS1,
+            TopicFilterInvalid
+        ]
+    );
+    c.publish_expect(
+        plain(&topic, b"deep", QoS::AtLeastOnce),
+        ReasonCode::Success,
+    )
+    .await;
+    assert_eq!(&*c.receive().await.topic, topic);
+    c.send(Packet::Publish(plain(&too_deep, b"x", QoS::AtMostOnce)))
+        .await;
+    c.expect_disconnect(ReasonCode::TopicNameInvalid).await;
 }
 
 /// Bytes that break the packet format: DISCONNECT 0x81 (Malformed Packet).
@@ -815,6 +940,241 @@ async fn unknown_topic_alias_disconnects_with_0x82() {
 }
 
 // =======================================================================================
+// Topic aliases (server to client)
+// =======================================================================================
+
+/// A 5.0 CONNECT with a Topic Alias Maximum.
+fn connect_aliases(client_id: &str, max: Option<u16>) -> Connect {
+    Connect {
+        properties: Properties {
+            topic_alias_maximum: max,
+            ..Properties::default()
+        },
+        ..connect_v5(client_id)
+    }
+}
+
+const LONG_A: &str = "plant/building-7/floor-3/line-2/temperature";
+const LONG_B: &str = "plant/building-7/floor-3/line-2/pressure";
+const LONG_C: &str = "plant/building-7/floor-3/line-2/vibration";
+
+/// The order of publications of `server_sets_topic_aliases_*`: the topic published, the
+/// topic on the wire ("" once the alias stands for it) and the alias, for a client taking
+/// 2 aliases.
+const ALIAS_SCRIPT: [(&str, &str, u16); 7] = [
+    (LONG_A, LONG_A, 1),
+    (LONG_B, LONG_B, 2),
+    (LONG_A, "", 1),
+    // No alias left: the least recently used one (B's) now stands for C.
+    (LONG_C, LONG_C, 2),
+    // B again: A's alias is now the least recently used.
+    (LONG_B, LONG_B, 1),
+    (LONG_C, "", 2),
+    (LONG_B, "", 1),
+];
+
+/// A client announcing Topic Alias Maximum 2 gets topic aliases from the broker on the
+/// topics it receives: the first PUBLISH of a topic carries topic and alias, the next
+/// ones the alias and an empty topic; with a third topic the least recently used alias is
+/// replaced. A topic of 3 bytes or less, no longer than the alias, is sent whole.
+#[tokio::test]
+async fn server_sets_topic_aliases_for_a_client_that_accepts_them() {
+    let b = TestBroker::start().await;
+    let (mut sub, _) = Client::accepted(b.addr, connect_aliases("aliased", Some(2))).await;
+    sub.subscribe("#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_v5(b.addr, "alias-pub").await;
+    for (i, (topic, wire, alias)) in ALIAS_SCRIPT.into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publisher
+            .publish_expect(
+                plain(topic, payload.as_bytes(), QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = sub.receive().await;
+        assert_eq!(
+            (&*p.topic, props_of(&p).topic_alias, text(&p.payload)),
+            (wire, Some(alias), payload),
+            "publication {i}, to {topic}"
+        );
+    }
+    for _ in 0..2 {
+        publisher
+            .publish_expect(
+                plain("a/b", b"short", QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = sub.receive().await;
+        assert_eq!((&*p.topic, props_of(&p).topic_alias), ("a/b", None));
+    }
+}
+
+/// No alias for a client that takes none (Topic Alias Maximum 0 or absent), nor for any
+/// client with `max_outgoing_topic_aliases = 0`.
+#[tokio::test]
+async fn no_topic_aliases_for_clients_that_take_none_or_when_switched_off() {
+    let on = TestBroker::start().await;
+    let off = TestBroker::with(|cfg| cfg.mqtt.max_outgoing_topic_aliases = 0).await;
+    for (b, id, max) in [
+        (&on, "zero", Some(0)),
+        (&on, "absent", None),
+        (&off, "switched-off", Some(10)),
+    ] {
+        let (mut sub, _) = Client::accepted(b.addr, connect_aliases(id, max)).await;
+        sub.subscribe("#", QoS::AtLeastOnce).await;
+        let mut publisher = Client::connect_v5(b.addr, &format!("{id}-pub")).await;
+        for _ in 0..3 {
+            publisher
+                .publish_expect(plain(LONG_A, b"x", QoS::AtLeastOnce), ReasonCode::Success)
+                .await;
+            let p = sub.receive().await;
+            assert_eq!(
+                (&*p.topic, props_of(&p).topic_alias),
+                (LONG_A, None),
+                "{id}"
+            );
+        }
+    }
+}
+
+/// rumqttc's v5 client, announcing Topic Alias Maximum 2, takes the broker's aliases: it
+/// stays connected through the script (an alias it could not resolve would be a protocol
+/// error on its side) and its events show the same aliases on the wire.
+#[tokio::test]
+async fn rumqttc_decodes_server_topic_aliases() {
+    use rumqttc::v5::mqttbytes::v5::Packet as RPacket;
+    use rumqttc::v5::mqttbytes::QoS as RQoS;
+
+    let b = TestBroker::start().await;
+    let (client, mut rx) = rumqttc_client_with(&b, "rumqttc-aliases", |o| {
+        o.set_topic_alias_max(Some(2));
+    })
+    .await;
+    client
+        .subscribe("plant/#", RQoS::AtLeastOnce)
+        .await
+        .unwrap();
+    expect_rumqttc(&mut rx, "SUBACK", |p| matches!(p, RPacket::SubAck(_))).await;
+    let mut publisher = Client::connect_v5(b.addr, "rumqttc-alias-pub").await;
+    let mut resolved = std::collections::HashMap::new();
+    for (i, (topic, wire, alias)) in ALIAS_SCRIPT.into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publisher
+            .publish_expect(
+                plain(topic, payload.as_bytes(), QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = match expect_rumqttc(&mut rx, "PUBLISH", |p| matches!(p, RPacket::Publish(_))).await
+        {
+            RPacket::Publish(p) => p,
+            _ => unreachable!(),
+        };
+        let got_alias = p.properties.as_ref().and_then(|props| props.topic_alias);
+        assert_eq!(
+            (&p.topic[..], got_alias),
+            (wire.as_bytes(), Some(alias)),
+            "publication {i}"
+        );
+        if !p.topic.is_empty() {
+            resolved.insert(alias, p.topic.clone());
+        }
+        assert_eq!(&resolved[&alias][..], topic.as_bytes(), "publication {i}");
+        assert_eq!(&p.payload[..], payload.as_bytes());
+    }
+    // Still connected: a last message arrives.
+    publisher
+        .publish_expect(
+            plain("plant/end", b"end", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
+        .await;
+    expect_rumqttc(
+        &mut rx,
+        "the last PUBLISH",
+        |p| matches!(p, RPacket::Publish(p) if &p.payload[..] == b"end"),
+    )
+    .await;
+}
+
+// =======================================================================================
+// Retained messages
+// =======================================================================================
+
+/// Every retained message reaches a new subscription, however many: here 20,000, far past
+/// the session queue's 1,000, each exactly once and at QoS 1, paced by the client's
+/// Receive Maximum of 5. Live messages on another subscription keep arriving during the
+/// walk, none lost: the walk and the session queue take turns at the in-flight window.
+#[tokio::test]
+async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
+    const RETAINED: u16 = 20_000;
+    const LIVE: usize = 10;
+    let b = TestBroker::start().await;
+    let mut publisher = Client::connect_v5(b.addr, "ret-pub").await;
+    let mut burst = BytesMut::new();
+    for pkid in 1..=RETAINED {
+        let p = Publish {
+            pkid,
+            ..retained(&format!("ret/{pkid}"), b"r", QoS::AtLeastOnce)
+        };
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut burst).unwrap();
+    }
+    publisher.send_raw(&burst).await;
+    let acks = publisher.ping().await;
+    assert_eq!(
+        acks.len(),
+        usize::from(RETAINED),
+        "every retained PUBLISH acknowledged"
+    );
+    assert_eq!(b.broker().router.retained_count(), usize::from(RETAINED));
+
+    let connect = Connect {
+        properties: Properties {
+            receive_maximum: Some(5),
+            ..Properties::default()
+        },
+        ..connect_v5("ret-sub")
+    };
+    let (mut sub, _) = Client::accepted(b.addr, connect).await;
+    sub.subscribe("live/t", QoS::AtLeastOnce).await;
+    sub.subscribe("ret/#", QoS::AtLeastOnce).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut live = Vec::new();
+    let mut received = 0;
+    while seen.len() < usize::from(RETAINED) || live.len() < LIVE {
+        let p = sub.receive().await;
+        received += 1;
+        assert_eq!(p.qos, QoS::AtLeastOnce, "{p:?}");
+        if &*p.topic == "live/t" {
+            assert!(!p.retain);
+            live.push((text(&p.payload), seen.len()));
+            continue;
+        }
+        assert!(p.retain, "{p:?}");
+        assert!(seen.insert(p.topic.to_string()), "{} twice", p.topic);
+        if seen.len() == 100 {
+            for i in 0..LIVE {
+                let m = plain("live/t", format!("live {i}").as_bytes(), QoS::AtLeastOnce);
+                publisher.publish_expect(m, ReasonCode::Success).await;
+            }
+        }
+    }
+    let payloads: Vec<&str> = live.iter().map(|(p, _)| p.as_str()).collect();
+    let want: Vec<String> = (0..LIVE).map(|i| format!("live {i}")).collect();
+    assert_eq!(payloads, want, "live messages in order, none lost");
+    // Published after the 100th retained message: they take turns with the walk at the
+    // window, rather than wait for the 19,900 retained messages still to come.
+    assert!(
+        live.iter()
+            .all(|(_, retained_before)| *retained_before < 1_000),
+        "live messages held back by the walk: (payload, retained messages before) {live:?}"
+    );
+    assert_eq!(received, usize::from(RETAINED) + LIVE, "nothing twice");
+    sub.expect_quiet("after every retained message").await;
+}
+
+// =======================================================================================
 // Flow control
 // =======================================================================================
 
@@ -909,6 +1269,74 @@ async fn broker_receive_maximum_exceeded_disconnects_with_0x93() {
     c.send(Packet::Publish(qos2(4))).await;
     c.expect_disconnect(ReasonCode::ReceiveMaximumExceeded)
         .await;
+}
+
+/// A client pipelining QoS 2 publishes far past Receive Maximum, in one write and without
+/// reading, then still sending after it was answered: its writes go through, and it reads
+/// the PUBRECs, DISCONNECT 0x93 and the end of the stream, not a reset. The broker shuts
+/// its side and reads (and drops) what still comes for a while before it closes: a
+/// lingering close.
+#[tokio::test]
+async fn receive_maximum_exceeded_by_a_pipelining_client_is_read_not_reset() {
+    let b = TestBroker::with(|cfg| cfg.mqtt.receive_maximum = 2).await;
+    let (mut c, _) = Client::accepted(b.addr, connect_v5("pipeliner")).await;
+    let mut burst = BytesMut::new();
+    for pkid in 1..=2000 {
+        let p = Publish {
+            pkid,
+            ..plain("pipe/t", &[b'x'; 100], QoS::ExactlyOnce)
+        };
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut burst).unwrap();
+    }
+    c.send_raw(&burst).await;
+    let packets = c
+        .lingering_close(
+            "DISCONNECT",
+            |p| matches!(p, Packet::Disconnect(_)),
+            &burst[..1000],
+        )
+        .await;
+    match &packets[..] {
+        [Packet::PubRec(a), Packet::PubRec(b), Packet::Disconnect(d)] => {
+            assert_eq!((a.pkid, b.pkid), (1, 2));
+            assert_eq!(d.reason, ReasonCode::ReceiveMaximumExceeded);
+        }
+        other => panic!("expected PUBREC 1, PUBREC 2, DISCONNECT 0x93; got {other:?}"),
+    }
+}
+
+/// The same after a refused CONNECT (here an unknown authentication method, 0x8C) with
+/// more packets behind it: the client reads the CONNACK with its reason code, then the
+/// end of the stream.
+#[tokio::test]
+async fn refused_connect_followed_by_more_bytes_is_read_not_reset() {
+    let b = TestBroker::start().await;
+    let mut c = Client::open(b.addr, "refused", Protocol::V5).await;
+    let connect = Connect {
+        properties: Properties {
+            authentication_method: Some("NO-SUCH-METHOD".into()),
+            ..Properties::default()
+        },
+        ..connect_v5("refused")
+    };
+    let mut publishes = BytesMut::new();
+    for _ in 0..2000 {
+        let p = plain("after/refusal", &[b'x'; 100], QoS::AtMostOnce);
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut publishes).unwrap();
+    }
+    c.send(Packet::Connect(Box::new(connect))).await;
+    c.send_raw(&publishes).await;
+    let packets = c
+        .lingering_close(
+            "CONNACK",
+            |p| matches!(p, Packet::ConnAck(_)),
+            &publishes[..1000],
+        )
+        .await;
+    match &packets[..] {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.code, ReasonCode::BadAuthenticationMethod),
+        other => panic!("expected the CONNACK alone, got {other:?}"),
+    }
 }
 
 /// Maximum Packet Size from the client: a larger message is not sent to it
@@ -1495,11 +1923,24 @@ async fn rumqttc_client(
     rumqttc::v5::AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
 ) {
+    rumqttc_client_with(b, id, |_| {}).await
+}
+
+/// `rumqttc_client`, with `tweak` changing the client's options.
+async fn rumqttc_client_with(
+    b: &TestBroker,
+    id: &str,
+    tweak: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
     use rumqttc::v5::mqttbytes::v5::Packet as RPacket;
     use rumqttc::v5::{AsyncClient, Event as REvent, MqttOptions};
 
     let mut options = MqttOptions::new(id, "127.0.0.1", b.port());
     options.set_keep_alive(Duration::from_secs(30));
+    tweak(&mut options);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -501,6 +501,68 @@ impl Client {
         }
     }
 
+    /// Every packet up to the first one matching `last`, included.
+    pub async fn read_until(&mut self, what: &str, last: impl Fn(&Packet) -> bool) -> Vec<Packet> {
+        let mut packets: Vec<Packet> = Vec::new();
+        loop {
+            match self.next_event(WAIT).await {
+                Event::Packet(p) if last(&p) => {
+                    packets.push(p);
+                    return packets;
+                }
+                Event::Packet(p) => packets.push(p),
+                Event::Timeout => panic!("{}: no {what} within {WAIT:?}: {packets:?}", self.name),
+                Event::Closed(how) => {
+                    panic!("{}: closed ({how}) before {what}: {packets:?}", self.name)
+                }
+            }
+        }
+    }
+
+    /// For a client still sending when the broker closes the connection (with
+    /// `last_packet`, the reason): the broker's packets up to that one, then `more` bytes
+    /// from the client, which go through (the broker still reads, it does not reset the
+    /// connection), then the clean end of the stream.
+    pub async fn lingering_close(
+        &mut self,
+        last_packet: &str,
+        last: impl Fn(&Packet) -> bool,
+        more: &[u8],
+    ) -> Vec<Packet> {
+        let packets = self.read_until(last_packet, last).await;
+        if let Err(e) = self.stream.write_all(more).await {
+            panic!("{}: writing after {last_packet} failed: {e}", self.name);
+        }
+        let (rest, end) = self.read_to_end().await;
+        assert!(
+            rest.is_empty(),
+            "{}: after {last_packet}: {rest:?}",
+            self.name
+        );
+        assert_eq!(
+            end, "EOF",
+            "{}: the end of the stream after {last_packet}",
+            self.name
+        );
+        packets
+    }
+
+    /// Every packet until the broker closes the connection, and how it closed: "EOF" for a
+    /// clean end of the stream, else the error (a reset, say).
+    pub async fn read_to_end(&mut self) -> (Vec<Packet>, String) {
+        let mut packets: Vec<Packet> = self.pending.drain(..).collect();
+        loop {
+            match self.read_event(WAIT).await {
+                Event::Packet(p) => packets.push(p),
+                Event::Closed(how) => return (packets, how),
+                Event::Timeout => panic!(
+                    "{}: still open after {WAIT:?}, having sent {packets:?}",
+                    self.name
+                ),
+            }
+        }
+    }
+
     /// Asserts that the broker sends DISCONNECT with reason `code` (within `timeout`) and
     /// then closes the connection; returns the DISCONNECT.
     pub async fn expect_disconnect_within(
