@@ -321,7 +321,7 @@ impl Broker {
     }
 
     /// Counts a new connection on `listener` for as long as the guard lives.
-    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> Opened<'_> {
+    pub fn open_connection<'a>(&'a self, listener: &'a ListenerRules) -> Opened<'a> {
         let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
         let over = |n: usize, max: usize| max > 0 && n > max;
@@ -329,7 +329,7 @@ impl Broker {
             within_limits: !over(all, self.config.limits.max_connections)
                 && !over(here, listener.max_connections),
             connections: &self.connections,
-            listener: listener.clone(),
+            listener,
         }
     }
 
@@ -389,7 +389,7 @@ pub struct Opened<'a> {
     /// False when the connection is one too many: it is refused at its CONNECT.
     pub within_limits: bool,
     connections: &'a AtomicUsize,
-    listener: Arc<ListenerRules>,
+    listener: &'a ListenerRules,
 }
 
 impl Drop for Opened<'_> {

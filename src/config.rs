@@ -141,7 +141,8 @@ pub struct Mqtt {
     pub wildcard_subscription_available: bool,
     pub subscription_identifiers_available: bool,
     pub shared_subscription_available: bool,
-    /// 5.0: a client asking for a longer keep-alive (or none) is told to use this one.
+    /// A 5.0 client asking for a longer keep-alive (or none) is told to use this one;
+    /// below 65535, a 3.x client asking for more (or none) is refused (return code 2).
     #[serde(deserialize_with = "u16_value")]
     pub max_keepalive: u16,
     /// 5.0: upper bound on the Session Expiry Interval a client may ask for, seconds.
@@ -472,7 +473,29 @@ mod tests {
         );
         assert_eq!(c.mqtt.topic_alias_maximum, d.mqtt.topic_alias_maximum);
         assert_eq!(c.mqtt.receive_maximum, d.mqtt.receive_maximum);
+        assert_eq!(
+            c.mqtt.max_outgoing_topic_aliases,
+            d.mqtt.max_outgoing_topic_aliases
+        );
+        assert_eq!(c.mqtt.response_information, d.mqtt.response_information);
         assert_eq!(c.log_level, d.log_level);
+    }
+
+    #[test]
+    fn response_information_is_a_topic_prefix() {
+        let sample = include_str!("../broker.toml");
+        let line = sample
+            .lines()
+            .find(|l| l.starts_with("# response_information = "))
+            .expect("broker.toml shows response_information");
+        let uncommented = sample.replace(line, &line[2..]);
+        let c = Config::parse(&uncommented).expect("the sample value parses");
+        assert_eq!(
+            c.mqtt.response_information.as_deref(),
+            Some("response/{client_id}/")
+        );
+        let err = Config::parse("[mqtt]\nresponse_information = \"r/+/\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("wildcards"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `ternmq` binary as a user runs it: flags, configuration errors (exit code 2 with
 //! the file, line and key named), serving the sample `broker.toml`, a clean exit (0)
-//! on SIGTERM and SIGINT, and `ternmq passwd`.
+//! on SIGTERM and SIGINT, plain-text logs when not on a terminal, and `ternmq passwd`.
 // A test reads best as one sequence of steps, however long.
 #![allow(clippy::too_many_lines)]
 
@@ -561,4 +561,26 @@ fn passwd_extends_a_mosquitto_password_file() {
     assert!(loaded.verify("m1", b"mosquitto one"));
     assert!(loaded.verify("t", b"ternmq three"));
     assert!(!loaded.verify("m1", b"mosquitto two"));
+}
+
+/// Logs written to a pipe (or a file) are plain text: colour codes only on a terminal,
+/// without being asked (no NO_COLOR here).
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternmq"));
+    cmd.env_remove("RUST_LOG").env_remove("NO_COLOR").args([
+        "--bind",
+        "127.0.0.1:0",
+        "--log-level",
+        "debug",
+    ]);
+    let mut broker = Broker::spawn(cmd);
+    broker.wait_for_log("the listening line", |log| {
+        log.contains("listening").then_some(())
+    });
+    let raw = broker.stdout.lock().unwrap().clone();
+    assert!(
+        !raw.contains('\u{1b}'),
+        "escape sequences in the piped log: {raw:?}"
+    );
 }

@@ -13,8 +13,11 @@
 
 mod common;
 
+use common::client::{encode, publish_packet, Client};
 use common::mosquitto::*;
 use common::TestBroker;
+use std::collections::HashSet;
+use ternmq::protocol::{Packet, Protocol, QoS};
 
 /// Returns from the test if the clients are missing (outside CI).
 macro_rules! require_clients {
@@ -411,5 +414,74 @@ async fn large_payload_round_trip() {
         .output()
         .await;
     assert_eq!(sub.output().await, ["big 300000"]);
+    broker.stop().await;
+}
+
+/// 1,500 retained messages, more than a session queue holds (1,000): a new `r/#`
+/// subscriber at QoS 1 receives every one of them (they are walked from the retained
+/// store as the client acknowledges, not pushed into the queue at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_retained_message_reaches_a_new_subscriber() {
+    require_clients!();
+    const RETAINED: u16 = 1_500;
+    let broker = TestBroker::start().await;
+    // Published fast: one write, then the PUBACKs.
+    let mut publisher = Client::connect_v311(broker.addr, "retainer").await;
+    let mut burst = Vec::new();
+    for pkid in 1..=RETAINED {
+        let p = publish_packet(&format!("r/{pkid}"), b"kept", QoS::AtLeastOnce, true, pkid);
+        burst.extend_from_slice(&encode(&Packet::Publish(p), Protocol::V311));
+    }
+    publisher.send_raw(&burst).await;
+    assert_eq!(
+        publisher.ping().await.len(),
+        usize::from(RETAINED),
+        "PUBACKs"
+    );
+
+    let count = RETAINED.to_string();
+    let sub = mosquitto_sub(
+        &broker,
+        &["-q", "1", "-t", "r/#", "-F", "%r %q %t", "-C", &count],
+    );
+    let lines = sub.output().await;
+    assert_eq!(lines.len(), usize::from(RETAINED));
+    let topics: HashSet<&str> = lines
+        .iter()
+        .map(|l| {
+            l.strip_prefix("1 1 ")
+                .unwrap_or_else(|| panic!("retained, QoS 1: {l}"))
+        })
+        .collect();
+    let want: HashSet<String> = (1..=RETAINED).map(|i| format!("r/{i}")).collect();
+    assert_eq!(
+        topics,
+        want.iter().map(String::as_str).collect(),
+        "each one once"
+    );
+    broker.stop().await;
+}
+
+/// With `max_keepalive = 60`, mosquitto_sub asking for a keep-alive of 61 s is refused
+/// ("identifier rejected", 3.1.1 has no other way to say it); 60 s is accepted.
+/// (mosquitto_sub itself refuses `-k 0`; keep-alive 0 is tested with the raw client in
+/// tests/mqtt3.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_keepalive_refuses_mosquitto_sub_asking_for_more() {
+    require_clients!();
+    let broker = TestBroker::with(|cfg| cfg.mqtt.max_keepalive = 60).await;
+    let mut refused = mosquitto_sub(&broker, &["-k", "61", "-t", "ka/t", "-C", "1"]);
+    let status = refused.wait().await;
+    assert!(!status.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr().contains("identifier rejected"),
+        "{}",
+        refused.describe()
+    );
+
+    let mut accepted = mosquitto_sub(&broker, &["-k", "60", "-t", "ka/t", "-C", "1"]);
+    wait_subscriptions(&broker, 1, &mut accepted).await;
+    publish(&broker, &["-q", "1", "-t", "ka/t", "-m", "welcome"]).await;
+    assert_eq!(accepted.output().await, ["welcome"]);
     broker.stop().await;
 }

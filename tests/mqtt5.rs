@@ -6,7 +6,9 @@
 //! explicit.
 //! A request/response flow uses `rumqttc`'s v5 client, and a few tests run Debian's
 //! `mosquitto_pub` / `mosquitto_sub` with `-V mqttv5`. Each test starts its own broker, so
-//! tests run in parallel; every wait is bounded.
+//! tests run in parallel; every wait is bounded. What happens at a given time (keep-alive,
+//! session expiry, will delay, message expiry) is tested on tokio's paused clock, in
+//! tests/timing.rs.
 //!
 //! Waiting for "nothing more" is a ping round trip (`Client::ping`, `expect_quiet`,
 //! `drain_publishes`); the module doc of `common::client` says why that is enough.
@@ -17,113 +19,16 @@ mod common;
 
 use bytes::{Bytes, BytesMut};
 use common::client::{
-    ack, connect_v311, connect_v5, eventually, filter, opts, text, Client, Event, WAIT,
+    ack, connect_expiry, connect_v311, connect_v5, connect_with_will, eventually, expiry_session,
+    filter, message, opts, plain, props_of, retained, sub_id, text, user_props, will_delay, Client,
+    Event, WAIT,
 };
 use common::TestBroker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use ternmq::protocol::{
-    self, Ack, Auth, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    ReasonCode, SubOptions, Subscribe, Will,
+    self, Ack, Auth, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
+    SubOptions, Subscribe,
 };
-use ternmq::router::Mailbox;
-
-// ---------------------------------------------------------------------------------------
-// Packet builders (the shared ones, and the raw client, are in `common::client`)
-// ---------------------------------------------------------------------------------------
-
-/// A 5.0 CONNECT asking for a Session Expiry Interval of `expiry` seconds.
-fn connect_expiry(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
-    Connect {
-        clean_start,
-        properties: Properties {
-            session_expiry_interval: Some(expiry),
-            ..Properties::default()
-        },
-        ..connect_v5(client_id)
-    }
-}
-
-/// A 5.0 CONNECT with a will on `topic`.
-fn connect_with_will(
-    client_id: &str,
-    topic: &str,
-    payload: &str,
-    will_props: Properties,
-) -> Connect {
-    Connect {
-        will: Some(Will {
-            topic: ByteStr::from(topic),
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: will_props,
-        }),
-        ..connect_v5(client_id)
-    }
-}
-
-/// An application message; the client gives it a packet id when it sends it.
-fn message(topic: &str, payload: &[u8], qos: QoS, properties: Properties) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: ByteStr::from(topic),
-        pkid: 0,
-        payload: Bytes::copy_from_slice(payload),
-        properties: (!properties.is_empty()).then(|| Box::new(properties)),
-    }
-}
-
-/// An application message without properties.
-fn plain(topic: &str, payload: &[u8], qos: QoS) -> Publish {
-    message(topic, payload, qos, Properties::default())
-}
-
-/// A retained application message without properties.
-fn retained(topic: &str, payload: &[u8], qos: QoS) -> Publish {
-    Publish {
-        retain: true,
-        ..plain(topic, payload, qos)
-    }
-}
-
-/// SUBSCRIBE properties with a Subscription Identifier.
-fn sub_id(id: u32) -> Properties {
-    Properties {
-        subscription_identifiers: vec![id],
-        ..Properties::default()
-    }
-}
-
-fn expiry_props(secs: u32) -> Properties {
-    Properties {
-        message_expiry_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
-fn user_props(pairs: &[(&str, &str)]) -> Vec<(ByteStr, ByteStr)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (ByteStr::from(*k), ByteStr::from(*v)))
-        .collect()
-}
-
-/// The properties of a received PUBLISH (default when it has none).
-fn props_of(p: &Publish) -> Properties {
-    p.properties.as_deref().cloned().unwrap_or_default()
-}
-
-/// Waits until the broker has seen `client_id`'s connection go (its session offline or
-/// gone), after an abrupt close.
-async fn wait_offline(b: &TestBroker, client_id: &str) {
-    let broker = b.broker();
-    eventually(&format!("{client_id} offline"), WAIT, || {
-        broker.session(client_id).is_none_or(|s| !s.is_online())
-    })
-    .await;
-}
 
 // =======================================================================================
 // CONNACK properties
@@ -365,6 +270,39 @@ async fn maximum_packet_size_is_announced_and_enforced() {
     );
 }
 
+/// Response Information (`response_information`, `{client_id}` replaced) is returned
+/// only to a client that asks for it with Request Response Information = 1, and only
+/// when configured.
+#[tokio::test]
+async fn response_information_is_returned_only_when_asked() {
+    let b = TestBroker::with(|cfg| {
+        cfg.mqtt.response_information = Some("response/{client_id}/".into());
+    })
+    .await;
+    let asking = |id: &str, request: Option<u8>| Connect {
+        properties: Properties {
+            request_response_information: request,
+            ..Properties::default()
+        },
+        ..connect_v5(id)
+    };
+    for (id, request, want) in [
+        ("asker", Some(1), Some("response/asker/")),
+        ("declines", Some(0), None),
+        ("silent", None, None),
+    ] {
+        let (_c, ack) = Client::accepted(b.addr, asking(id, request)).await;
+        assert_eq!(
+            ack.properties.response_information.as_deref(),
+            want,
+            "{id}: Request Response Information {request:?}"
+        );
+    }
+    let unset = TestBroker::start().await;
+    let (_c, ack) = Client::accepted(unset.addr, asking("asker", Some(1))).await;
+    assert_eq!(ack.properties.response_information, None, "not configured");
+}
+
 /// An empty client id gets an Assigned Client Identifier, under which the session is
 /// known [MQTT-3.2.2-16].
 #[tokio::test]
@@ -404,22 +342,6 @@ async fn server_keep_alive_caps_the_client_keep_alive() {
             "Server Keep Alive for a client keep-alive of {asked}"
         );
     }
-}
-
-/// The Server Keep Alive is the one the broker then enforces [MQTT-3.2.2-21].
-#[tokio::test]
-async fn server_keep_alive_is_enforced() {
-    let b = TestBroker::with(|cfg| cfg.mqtt.max_keepalive = 1).await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_v5("ka-enforced")).await;
-    assert_eq!(ack.properties.server_keep_alive, Some(1));
-    let start = Instant::now();
-    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
-        .await;
-    let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(900),
-        "closed after {took:?}, before the 1 s Server Keep Alive"
-    );
 }
 
 // =======================================================================================
@@ -600,42 +522,96 @@ async fn takeover_with_clean_start_publishes_the_delayed_will() {
     }
 }
 
-/// Takeover with Clean Start 0 resumes the session before the Will Delay Interval has
-/// passed: the will is not published [MQTT-3.1.3-9].
+/// Takeover of a session with Session Expiry 0 (which ends with its connection) by a
+/// CONNECT with Clean Start 0: the old session ended with the connection taken over, so
+/// the new connection gets a fresh one (Session Present 0, no subscription), and the old
+/// connection's will is published as for any end without DISCONNECT.
 #[tokio::test]
-async fn takeover_resuming_the_session_cancels_the_delayed_will() {
+async fn takeover_of_a_session_without_expiry_starts_afresh() {
     let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "twr-sub").await;
-    sub.subscribe("twr/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("twr", "twr/t", "resumed", will_delay(1));
-    connect.properties.session_expiry_interval = Some(60);
-    let (mut old, _) = Client::accepted(b.addr, connect).await;
-    let (_new, ack) = Client::accepted(b.addr, connect_expiry("twr", false, 60)).await;
-    assert!(ack.session_present);
+    let mut sub = Client::connect_v5(b.addr, "tn-sub").await;
+    sub.subscribe("tn/will", QoS::AtLeastOnce).await;
+    let (mut old, _) = Client::accepted(
+        b.addr,
+        connect_with_will("tn", "tn/will", "taken", Properties::default()),
+    )
+    .await;
+    old.subscribe("tn/t", QoS::AtLeastOnce).await;
+    let (mut new, ack) = Client::accepted(b.addr, connect_expiry("tn", false, 60)).await;
+    assert!(
+        !ack.session_present,
+        "the old session ended with its connection"
+    );
     old.expect_disconnect(ReasonCode::SessionTakenOver).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    sub.expect_quiet("past the will delay of a session taken over")
-        .await;
+    assert_eq!(text(&sub.receive().await.payload), "taken");
+    assert_eq!(
+        b.broker().router.subscription_count(),
+        1,
+        "only the watcher's: the old session's subscription went with it"
+    );
+    new.expect_quiet("in a fresh session").await;
 }
 
-/// Keep-alive 1 s and silence: DISCONNECT 0x8D after one and a half times the keep-alive
-/// [MQTT-3.1.2-22].
+/// A will topic that is empty or holds a wildcard: CONNACK 0x90 (Topic Name Invalid),
+/// then the connection is closed.
 #[tokio::test]
-async fn keep_alive_timeout_disconnects_with_0x8d() {
+async fn invalid_will_topic_gets_connack_0x90() {
     let b = TestBroker::start().await;
-    let connect = Connect {
-        keep_alive: 1,
-        ..connect_v5("sleepy")
-    };
-    let (mut c, _) = Client::accepted(b.addr, connect).await;
-    let start = Instant::now();
-    c.expect_disconnect_within(ReasonCode::KeepAliveTimeout, Duration::from_secs(4))
+    for topic in ["", "will/+", "#"] {
+        let connect = connect_with_will("bad-will", topic, "x", Properties::default());
+        let (mut c, ack) = Client::connect_with(b.addr, connect).await;
+        assert_eq!(
+            ack.code,
+            ReasonCode::TopicNameInvalid,
+            "will topic {topic:?}"
+        );
+        c.expect_closed(WAIT).await;
+    }
+}
+
+/// `levels` topic levels named `l`, or `+` for a filter.
+fn deep(levels: usize, level: &str) -> String {
+    vec![level; levels].join("/")
+}
+
+/// A topic or filter of 201 levels (200 `/`) is accepted; one more level is refused: the
+/// filter with 0x8F in the SUBACK, the PUBLISH with DISCONNECT 0x90. mosquitto (2.0)
+/// draws the line at the same depth.
+#[tokio::test]
+async fn topics_and_filters_of_up_to_201_levels_are_accepted() {
+    let b = TestBroker::start().await;
+    let mut c = Client::connect_v5(b.addr, "deep").await;
+    let (topic, too_deep) = (deep(201, "l"), deep(202, "l"));
+    let codes = c
+        .subscribe_with(
+            vec![
+                filter(&topic, opts(QoS::AtLeastOnce)),
+                filter(&too_deep, opts(QoS::AtLeastOnce)),
+                filter(&deep(201, "+"), opts(QoS::AtLeastOnce)),
+                filter(&deep(202, "+"), opts(QoS::AtLeastOnce)),
+            ],
+            Properties::default(),
+        )
         .await;
-    let took = start.elapsed();
-    assert!(
-        took >= Duration::from_millis(1400),
-        "closed after {took:?}, before 1.5 times the keep-alive"
+    use ReasonCode::{GrantedQoS1, TopicFilterInvalid};
+    assert_eq!(
+        codes,
+        [
+            GrantedQoS1,
+            TopicFilterInvalid,
+            GrantedQoS1,
+            TopicFilterInvalid
+        ]
     );
+    c.publish_expect(
+        plain(&topic, b"deep", QoS::AtLeastOnce),
+        ReasonCode::Success,
+    )
+    .await;
+    assert_eq!(&*c.receive().await.topic, topic);
+    c.send(Packet::Publish(plain(&too_deep, b"x", QoS::AtMostOnce)))
+        .await;
+    c.expect_disconnect(ReasonCode::TopicNameInvalid).await;
 }
 
 /// Bytes that break the packet format: DISCONNECT 0x81 (Malformed Packet).
@@ -768,110 +744,6 @@ async fn session_expiry_0_ends_session_at_disconnect() {
     .await;
 }
 
-/// Session Expiry Interval 2 s: resumed within it (session present 1, queued QoS 1
-/// messages delivered), gone after it.
-#[tokio::test]
-async fn session_expiry_keeps_session_for_its_interval() {
-    let b = TestBroker::start().await;
-    let broker = b.broker();
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("lasting", true, 2)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "accepted as asked"
-    );
-    c.subscribe("lasting/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-
-    let mut publisher = Client::connect_v5(b.addr, "lasting-pub").await;
-    for payload in ["m1", "m2"] {
-        publisher
-            .publish_expect(
-                plain("lasting/t", payload.as_bytes(), QoS::AtLeastOnce),
-                ReasonCode::Success,
-            )
-            .await;
-    }
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("lasting", false, 2)).await;
-    assert!(ack.session_present, "resumed within the expiry interval");
-    let got = [c.receive().await, c.receive().await];
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(payloads, ["m1", "m2"], "queued messages delivered in order");
-    assert!(got.iter().all(|p| p.qos == QoS::AtLeastOnce));
-    c.disconnect().await;
-
-    let gone_after = eventually("the session to expire", Duration::from_secs(4), || {
-        broker.session("lasting").is_none()
-    })
-    .await;
-    assert!(
-        gone_after >= Duration::from_millis(1800),
-        "the session ended after {gone_after:?}, before its 2 s expiry"
-    );
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("lasting", false, 2)).await;
-    assert!(!ack.session_present, "the expired session is not resumed");
-    publisher
-        .publish_expect(
-            plain("lasting/t", b"m3", QoS::AtLeastOnce),
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-}
-
-/// Session Expiry Interval 0xFFFFFFFF: the session does not expire.
-#[tokio::test]
-async fn session_expiry_max_never_expires() {
-    let b = TestBroker::start().await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("forever", true, u32::MAX)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "accepted as asked"
-    );
-    c.subscribe("forever/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(b.broker().session("forever").is_some(), "still kept");
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("forever", false, u32::MAX)).await;
-    assert!(ack.session_present, "resumed");
-    assert_eq!(
-        b.broker().router.subscription_count(),
-        1,
-        "with its subscription"
-    );
-}
-
-/// The Session Expiry Interval of the DISCONNECT replaces the CONNECT's.
-#[tokio::test]
-async fn disconnect_changes_session_expiry() {
-    let b = TestBroker::start().await;
-    let broker = b.broker();
-    let (c, _) = Client::accepted(b.addr, connect_expiry("shorter", true, 300)).await;
-    c.disconnect_with(ReasonCode::Success, expiry_session(1))
-        .await;
-    let took = eventually("the session to expire", Duration::from_secs(4), || {
-        broker.session("shorter").is_none()
-    })
-    .await;
-    assert!(
-        took >= Duration::from_millis(800),
-        "ended after {took:?}, before the 1 s set by DISCONNECT"
-    );
-
-    let (c, _) = Client::accepted(b.addr, connect_expiry("now", true, 300)).await;
-    c.disconnect_with(ReasonCode::Success, expiry_session(0))
-        .await;
-    eventually("the session to end", Duration::from_secs(1), || {
-        broker.session("now").is_none()
-    })
-    .await;
-}
-
-fn expiry_session(secs: u32) -> Properties {
-    Properties {
-        session_expiry_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
 /// CONNECT with Session Expiry 0, then DISCONNECT setting a non-zero one: Protocol Error
 /// (3.14.2.2.2), answered with DISCONNECT 0x82.
 #[tokio::test]
@@ -889,40 +761,6 @@ async fn disconnect_cannot_set_expiry_after_connect_set_zero() {
         broker.session("late").is_none()
     })
     .await;
-}
-
-/// max_session_expiry_interval caps the asked interval, and the CONNACK's Session Expiry
-/// Interval tells the client the value in use (3.2.2.3.2).
-#[tokio::test]
-async fn max_session_expiry_interval_caps_the_interval() {
-    let b = TestBroker::with(|cfg| cfg.mqtt.max_session_expiry_interval = 1).await;
-    let broker = b.broker();
-    let (c, ack) = Client::accepted(b.addr, connect_expiry("capped", true, 100)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval,
-        Some(1),
-        "CONNACK gives the capped value"
-    );
-    c.disconnect().await;
-    let took = eventually(
-        "the capped session to expire",
-        Duration::from_secs(4),
-        || broker.session("capped").is_none(),
-    )
-    .await;
-    assert!(took >= Duration::from_millis(800), "ended after {took:?}");
-
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("never", true, u32::MAX)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval,
-        Some(1),
-        "0xFFFFFFFF is capped too"
-    );
-    let (_c, ack) = Client::accepted(b.addr, connect_expiry("within", true, 1)).await;
-    assert_eq!(
-        ack.properties.session_expiry_interval, None,
-        "within the cap: as asked"
-    );
 }
 
 /// The DISCONNECT rule is about the CONNECT packet's value: a client that asked for a
@@ -948,126 +786,6 @@ async fn disconnect_expiry_is_checked_against_the_connect_value() {
         Event::Packet(p) => panic!("expected a plain close, got {p:?}"),
         Event::Timeout => panic!("the broker did not close the connection"),
     }
-}
-
-// =======================================================================================
-// Message Expiry Interval
-// =======================================================================================
-
-/// A message queued for an offline session expires there: after its 1 s it is not
-/// delivered; one without expiry is [MQTT-3.3.2-5].
-#[tokio::test]
-async fn expired_queued_message_is_not_delivered() {
-    let b = TestBroker::start().await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("offline", true, 60)).await;
-    c.subscribe("exp/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-    let mut publisher = Client::connect_v5(b.addr, "exp-pub").await;
-    publisher
-        .publish_expect(
-            message("exp/t", b"short-lived", QoS::AtLeastOnce, expiry_props(1)),
-            ReasonCode::Success,
-        )
-        .await;
-    publisher
-        .publish_expect(
-            plain("exp/t", b"durable", QoS::AtLeastOnce),
-            ReasonCode::Success,
-        )
-        .await;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let (mut c, ack) = Client::accepted(b.addr, connect_expiry("offline", false, 60)).await;
-    assert!(ack.session_present);
-    let got = c.drain_publishes().await;
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(
-        payloads,
-        ["durable"],
-        "only the unexpired message is delivered"
-    );
-}
-
-/// The Message Expiry Interval forwarded is what is left of it [MQTT-3.3.2-6]: no more
-/// than the original, less after waiting in the queue.
-#[tokio::test]
-async fn delivered_message_carries_remaining_expiry() {
-    let b = TestBroker::start().await;
-    let mut online = Client::connect_v5(b.addr, "exp-online").await;
-    online.subscribe("rem/t", QoS::AtLeastOnce).await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("exp-offline", true, 60)).await;
-    c.subscribe("rem/t", QoS::AtLeastOnce).await;
-    c.disconnect().await;
-
-    let mut publisher = Client::connect_v5(b.addr, "rem-pub").await;
-    publisher
-        .publish_expect(
-            message("rem/t", b"x", QoS::AtLeastOnce, expiry_props(10)),
-            ReasonCode::Success,
-        )
-        .await;
-    let p = online.receive().await;
-    let left = props_of(&p)
-        .message_expiry_interval
-        .expect("the expiry is forwarded");
-    assert!(
-        (9..=10).contains(&left),
-        "delivered at once with {left} s left of 10"
-    );
-
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (mut c, _) = Client::accepted(b.addr, connect_expiry("exp-offline", false, 60)).await;
-    let p = c.receive().await;
-    let left = props_of(&p)
-        .message_expiry_interval
-        .expect("the expiry is forwarded");
-    assert!(
-        (1..=9).contains(&left),
-        "after 1.2 s in the queue: {left} s left of 10"
-    );
-}
-
-/// A retained message expires too: a subscriber arriving after its 1 s gets nothing.
-#[tokio::test]
-async fn retained_message_expires() {
-    let b = TestBroker::start().await;
-    let mut publisher = Client::connect_v5(b.addr, "ret-exp-pub").await;
-    publisher
-        .publish_expect(
-            Publish {
-                retain: true,
-                ..message("rx/short", b"short", QoS::AtLeastOnce, expiry_props(1))
-            },
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-    publisher
-        .publish_expect(
-            retained("rx/long", b"long", QoS::AtLeastOnce),
-            ReasonCode::NoMatchingSubscribers,
-        )
-        .await;
-
-    let mut early = Client::connect_v5(b.addr, "ret-early").await;
-    early.subscribe("rx/short", QoS::AtLeastOnce).await;
-    let p = early.receive().await;
-    assert_eq!(text(&p.payload), "short");
-    assert!(p.retain, "sent as retained");
-    assert_eq!(
-        props_of(&p).message_expiry_interval,
-        Some(1),
-        "with what is left of 1 s"
-    );
-
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let mut late = Client::connect_v5(b.addr, "ret-late").await;
-    late.subscribe("rx/#", QoS::AtLeastOnce).await;
-    let got = late.drain_publishes().await;
-    let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
-    assert_eq!(
-        payloads,
-        ["long"],
-        "the expired retained message is not sent"
-    );
 }
 
 // =======================================================================================
@@ -1224,6 +942,241 @@ async fn unknown_topic_alias_disconnects_with_0x82() {
 }
 
 // =======================================================================================
+// Topic aliases (server to client)
+// =======================================================================================
+
+/// A 5.0 CONNECT with a Topic Alias Maximum.
+fn connect_aliases(client_id: &str, max: Option<u16>) -> Connect {
+    Connect {
+        properties: Properties {
+            topic_alias_maximum: max,
+            ..Properties::default()
+        },
+        ..connect_v5(client_id)
+    }
+}
+
+const LONG_A: &str = "plant/building-7/floor-3/line-2/temperature";
+const LONG_B: &str = "plant/building-7/floor-3/line-2/pressure";
+const LONG_C: &str = "plant/building-7/floor-3/line-2/vibration";
+
+/// The order of publications of `server_sets_topic_aliases_*`: the topic published, the
+/// topic on the wire ("" once the alias stands for it) and the alias, for a client taking
+/// 2 aliases.
+const ALIAS_SCRIPT: [(&str, &str, u16); 7] = [
+    (LONG_A, LONG_A, 1),
+    (LONG_B, LONG_B, 2),
+    (LONG_A, "", 1),
+    // No alias left: the least recently used one (B's) now stands for C.
+    (LONG_C, LONG_C, 2),
+    // B again: A's alias is now the least recently used.
+    (LONG_B, LONG_B, 1),
+    (LONG_C, "", 2),
+    (LONG_B, "", 1),
+];
+
+/// A client announcing Topic Alias Maximum 2 gets topic aliases from the broker on the
+/// topics it receives: the first PUBLISH of a topic carries topic and alias, the next
+/// ones the alias and an empty topic; with a third topic the least recently used alias is
+/// replaced. A topic of 3 bytes or less, no longer than the alias, is sent whole.
+#[tokio::test]
+async fn server_sets_topic_aliases_for_a_client_that_accepts_them() {
+    let b = TestBroker::start().await;
+    let (mut sub, _) = Client::accepted(b.addr, connect_aliases("aliased", Some(2))).await;
+    sub.subscribe("#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect_v5(b.addr, "alias-pub").await;
+    for (i, (topic, wire, alias)) in ALIAS_SCRIPT.into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publisher
+            .publish_expect(
+                plain(topic, payload.as_bytes(), QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = sub.receive().await;
+        assert_eq!(
+            (&*p.topic, props_of(&p).topic_alias, text(&p.payload)),
+            (wire, Some(alias), payload),
+            "publication {i}, to {topic}"
+        );
+    }
+    for _ in 0..2 {
+        publisher
+            .publish_expect(
+                plain("a/b", b"short", QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = sub.receive().await;
+        assert_eq!((&*p.topic, props_of(&p).topic_alias), ("a/b", None));
+    }
+}
+
+/// No alias for a client that takes none (Topic Alias Maximum 0 or absent), nor for any
+/// client with `max_outgoing_topic_aliases = 0`.
+#[tokio::test]
+async fn no_topic_aliases_for_clients_that_take_none_or_when_switched_off() {
+    let on = TestBroker::start().await;
+    let off = TestBroker::with(|cfg| cfg.mqtt.max_outgoing_topic_aliases = 0).await;
+    for (b, id, max) in [
+        (&on, "zero", Some(0)),
+        (&on, "absent", None),
+        (&off, "switched-off", Some(10)),
+    ] {
+        let (mut sub, _) = Client::accepted(b.addr, connect_aliases(id, max)).await;
+        sub.subscribe("#", QoS::AtLeastOnce).await;
+        let mut publisher = Client::connect_v5(b.addr, &format!("{id}-pub")).await;
+        for _ in 0..3 {
+            publisher
+                .publish_expect(plain(LONG_A, b"x", QoS::AtLeastOnce), ReasonCode::Success)
+                .await;
+            let p = sub.receive().await;
+            assert_eq!(
+                (&*p.topic, props_of(&p).topic_alias),
+                (LONG_A, None),
+                "{id}"
+            );
+        }
+    }
+}
+
+/// rumqttc's v5 client, announcing Topic Alias Maximum 2, takes the broker's aliases: it
+/// stays connected through the script (an alias it could not resolve would be a protocol
+/// error on its side) and its events show the same aliases on the wire.
+#[tokio::test]
+async fn rumqttc_decodes_server_topic_aliases() {
+    use rumqttc::v5::mqttbytes::v5::Packet as RPacket;
+    use rumqttc::v5::mqttbytes::QoS as RQoS;
+
+    let b = TestBroker::start().await;
+    let (client, mut rx) = rumqttc_client_with(&b, "rumqttc-aliases", |o| {
+        o.set_topic_alias_max(Some(2));
+    })
+    .await;
+    client
+        .subscribe("plant/#", RQoS::AtLeastOnce)
+        .await
+        .unwrap();
+    expect_rumqttc(&mut rx, "SUBACK", |p| matches!(p, RPacket::SubAck(_))).await;
+    let mut publisher = Client::connect_v5(b.addr, "rumqttc-alias-pub").await;
+    let mut resolved = std::collections::HashMap::new();
+    for (i, (topic, wire, alias)) in ALIAS_SCRIPT.into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publisher
+            .publish_expect(
+                plain(topic, payload.as_bytes(), QoS::AtLeastOnce),
+                ReasonCode::Success,
+            )
+            .await;
+        let p = match expect_rumqttc(&mut rx, "PUBLISH", |p| matches!(p, RPacket::Publish(_))).await
+        {
+            RPacket::Publish(p) => p,
+            _ => unreachable!(),
+        };
+        let got_alias = p.properties.as_ref().and_then(|props| props.topic_alias);
+        assert_eq!(
+            (&p.topic[..], got_alias),
+            (wire.as_bytes(), Some(alias)),
+            "publication {i}"
+        );
+        if !p.topic.is_empty() {
+            resolved.insert(alias, p.topic.clone());
+        }
+        assert_eq!(&resolved[&alias][..], topic.as_bytes(), "publication {i}");
+        assert_eq!(&p.payload[..], payload.as_bytes());
+    }
+    // Still connected: a last message arrives.
+    publisher
+        .publish_expect(
+            plain("plant/end", b"end", QoS::AtLeastOnce),
+            ReasonCode::Success,
+        )
+        .await;
+    expect_rumqttc(
+        &mut rx,
+        "the last PUBLISH",
+        |p| matches!(p, RPacket::Publish(p) if &p.payload[..] == b"end"),
+    )
+    .await;
+}
+
+// =======================================================================================
+// Retained messages
+// =======================================================================================
+
+/// Every retained message reaches a new subscription, however many: here 20,000, far past
+/// the session queue's 1,000, each exactly once and at QoS 1, paced by the client's
+/// Receive Maximum of 5. Live messages on another subscription keep arriving during the
+/// walk, none lost: the walk and the session queue take turns at the in-flight window.
+#[tokio::test]
+async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
+    const RETAINED: u16 = 20_000;
+    const LIVE: usize = 10;
+    let b = TestBroker::start().await;
+    let mut publisher = Client::connect_v5(b.addr, "ret-pub").await;
+    let mut burst = BytesMut::new();
+    for pkid in 1..=RETAINED {
+        let p = Publish {
+            pkid,
+            ..retained(&format!("ret/{pkid}"), b"r", QoS::AtLeastOnce)
+        };
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut burst).unwrap();
+    }
+    publisher.send_raw(&burst).await;
+    let acks = publisher.ping().await;
+    assert_eq!(
+        acks.len(),
+        usize::from(RETAINED),
+        "every retained PUBLISH acknowledged"
+    );
+    assert_eq!(b.broker().router.retained_count(), usize::from(RETAINED));
+
+    let connect = Connect {
+        properties: Properties {
+            receive_maximum: Some(5),
+            ..Properties::default()
+        },
+        ..connect_v5("ret-sub")
+    };
+    let (mut sub, _) = Client::accepted(b.addr, connect).await;
+    sub.subscribe("live/t", QoS::AtLeastOnce).await;
+    sub.subscribe("ret/#", QoS::AtLeastOnce).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut live = Vec::new();
+    let mut received = 0;
+    while seen.len() < usize::from(RETAINED) || live.len() < LIVE {
+        let p = sub.receive().await;
+        received += 1;
+        assert_eq!(p.qos, QoS::AtLeastOnce, "{p:?}");
+        if &*p.topic == "live/t" {
+            assert!(!p.retain);
+            live.push((text(&p.payload), seen.len()));
+            continue;
+        }
+        assert!(p.retain, "{p:?}");
+        assert!(seen.insert(p.topic.to_string()), "{} twice", p.topic);
+        if seen.len() == 100 {
+            for i in 0..LIVE {
+                let m = plain("live/t", format!("live {i}").as_bytes(), QoS::AtLeastOnce);
+                publisher.publish_expect(m, ReasonCode::Success).await;
+            }
+        }
+    }
+    let payloads: Vec<&str> = live.iter().map(|(p, _)| p.as_str()).collect();
+    let want: Vec<String> = (0..LIVE).map(|i| format!("live {i}")).collect();
+    assert_eq!(payloads, want, "live messages in order, none lost");
+    // Published after the 100th retained message: they take turns with the walk at the
+    // window, rather than wait for the 19,900 retained messages still to come.
+    assert!(
+        live.iter()
+            .all(|(_, retained_before)| *retained_before < 1_000),
+        "live messages held back by the walk: (payload, retained messages before) {live:?}"
+    );
+    assert_eq!(received, usize::from(RETAINED) + LIVE, "nothing twice");
+    sub.expect_quiet("after every retained message").await;
+}
+
+// =======================================================================================
 // Flow control
 // =======================================================================================
 
@@ -1318,6 +1271,74 @@ async fn broker_receive_maximum_exceeded_disconnects_with_0x93() {
     c.send(Packet::Publish(qos2(4))).await;
     c.expect_disconnect(ReasonCode::ReceiveMaximumExceeded)
         .await;
+}
+
+/// A client pipelining QoS 2 publishes far past Receive Maximum, in one write and without
+/// reading, then still sending after it was answered: its writes go through, and it reads
+/// the PUBRECs, DISCONNECT 0x93 and the end of the stream, not a reset. The broker shuts
+/// its side and reads (and drops) what still comes for a while before it closes: a
+/// lingering close.
+#[tokio::test]
+async fn receive_maximum_exceeded_by_a_pipelining_client_is_read_not_reset() {
+    let b = TestBroker::with(|cfg| cfg.mqtt.receive_maximum = 2).await;
+    let (mut c, _) = Client::accepted(b.addr, connect_v5("pipeliner")).await;
+    let mut burst = BytesMut::new();
+    for pkid in 1..=2000 {
+        let p = Publish {
+            pkid,
+            ..plain("pipe/t", &[b'x'; 100], QoS::ExactlyOnce)
+        };
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut burst).unwrap();
+    }
+    c.send_raw(&burst).await;
+    let packets = c
+        .lingering_close(
+            "DISCONNECT",
+            |p| matches!(p, Packet::Disconnect(_)),
+            &burst[..1000],
+        )
+        .await;
+    match &packets[..] {
+        [Packet::PubRec(a), Packet::PubRec(b), Packet::Disconnect(d)] => {
+            assert_eq!((a.pkid, b.pkid), (1, 2));
+            assert_eq!(d.reason, ReasonCode::ReceiveMaximumExceeded);
+        }
+        other => panic!("expected PUBREC 1, PUBREC 2, DISCONNECT 0x93; got {other:?}"),
+    }
+}
+
+/// The same after a refused CONNECT (here an unknown authentication method, 0x8C) with
+/// more packets behind it: the client reads the CONNACK with its reason code, then the
+/// end of the stream.
+#[tokio::test]
+async fn refused_connect_followed_by_more_bytes_is_read_not_reset() {
+    let b = TestBroker::start().await;
+    let mut c = Client::open(b.addr, "refused", Protocol::V5).await;
+    let connect = Connect {
+        properties: Properties {
+            authentication_method: Some("NO-SUCH-METHOD".into()),
+            ..Properties::default()
+        },
+        ..connect_v5("refused")
+    };
+    let mut publishes = BytesMut::new();
+    for _ in 0..2000 {
+        let p = plain("after/refusal", &[b'x'; 100], QoS::AtMostOnce);
+        protocol::encode(&Packet::Publish(p), Protocol::V5, &mut publishes).unwrap();
+    }
+    c.send(Packet::Connect(Box::new(connect))).await;
+    c.send_raw(&publishes).await;
+    let packets = c
+        .lingering_close(
+            "CONNACK",
+            |p| matches!(p, Packet::ConnAck(_)),
+            &publishes[..1000],
+        )
+        .await;
+    match &packets[..] {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.code, ReasonCode::BadAuthenticationMethod),
+        other => panic!("expected the CONNACK alone, got {other:?}"),
+    }
 }
 
 /// Maximum Packet Size from the client: a larger message is not sent to it
@@ -1904,11 +1925,24 @@ async fn rumqttc_client(
     rumqttc::v5::AsyncClient,
     tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
 ) {
+    rumqttc_client_with(b, id, |_| {}).await
+}
+
+/// `rumqttc_client`, with `tweak` changing the client's options.
+async fn rumqttc_client_with(
+    b: &TestBroker,
+    id: &str,
+    tweak: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
     use rumqttc::v5::mqttbytes::v5::Packet as RPacket;
     use rumqttc::v5::{AsyncClient, Event as REvent, MqttOptions};
 
     let mut options = MqttOptions::new(id, "127.0.0.1", b.port());
     options.set_keep_alive(Duration::from_secs(30));
+    tweak(&mut options);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -1945,83 +1979,6 @@ async fn expect_rumqttc(
 // Will messages
 // =======================================================================================
 
-fn will_delay(secs: u32) -> Properties {
-    Properties {
-        will_delay_interval: Some(secs),
-        ..Properties::default()
-    }
-}
-
-/// Will Delay Interval 2 s: the will is published about 2 s after the connection is lost
-/// [MQTT-3.1.3-9], without the Will Delay property.
-#[tokio::test]
-async fn delayed_will_is_published_after_the_delay() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wd-sub").await;
-    sub.subscribe("wd/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("wd-victim", "wd/t", "gone", will_delay(2));
-    connect.properties.session_expiry_interval = Some(10);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    let start = Instant::now();
-    assert!(
-        sub.recv(Duration::from_millis(1500)).await.is_none(),
-        "nothing before the delay"
-    );
-    let p = sub.receive().await;
-    let took = start.elapsed();
-    assert_eq!((&*p.topic, text(&p.payload)), ("wd/t", "gone".into()));
-    assert!(
-        took >= Duration::from_millis(1800) && took <= Duration::from_millis(4000),
-        "published {took:?} after the connection was lost"
-    );
-    assert_eq!(
-        props_of(&p),
-        Properties::default(),
-        "no Will Delay forwarded"
-    );
-}
-
-/// A session resumed within the Will Delay Interval cancels the will.
-#[tokio::test]
-async fn delayed_will_is_cancelled_when_the_session_resumes() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wc-sub").await;
-    sub.subscribe("wc/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("wc-victim", "wc/t", "gone", will_delay(2));
-    connect.properties.session_expiry_interval = Some(10);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    wait_offline(&b, "wc-victim").await;
-    let start = Instant::now();
-    let (_back, ack) = Client::accepted(b.addr, connect_expiry("wc-victim", false, 10)).await;
-    assert!(ack.session_present, "resumed within the delay");
-    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(start.elapsed())).await;
-    sub.expect_quiet("past the will delay of a resumed session")
-        .await;
-}
-
-/// A Will Delay longer than the Session Expiry Interval: the will is published when the
-/// session ends [MQTT-3.1.3-9].
-#[tokio::test]
-async fn will_is_published_when_the_session_ends_first() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "we-sub").await;
-    sub.subscribe("we/t", QoS::AtLeastOnce).await;
-    let mut connect = connect_with_will("we-victim", "we/t", "gone", will_delay(30));
-    connect.properties.session_expiry_interval = Some(1);
-    let (victim, _) = Client::accepted(b.addr, connect).await;
-    drop(victim);
-    let start = Instant::now();
-    let p = sub.receive().await;
-    let took = start.elapsed();
-    assert_eq!(text(&p.payload), "gone");
-    assert!(
-        took >= Duration::from_millis(800),
-        "published {took:?} after the connection was lost, before the session ended"
-    );
-}
-
 /// Will properties (Content Type, User Properties, Response Topic, Correlation Data,
 /// Payload Format Indicator) are forwarded with the will (3.1.3.2).
 #[tokio::test]
@@ -2046,33 +2003,6 @@ async fn will_properties_are_forwarded() {
     let p = sub.receive().await;
     assert_eq!(text(&p.payload), "gone");
     assert_eq!(props_of(&p), props, "will properties forwarded unchanged");
-}
-
-/// The will's Message Expiry Interval is its lifetime once published ("sent as the
-/// Publication Expiry Interval when the Server publishes the Will Message", 3.1.3.2.4):
-/// a will with 2 s, published 2.5 s after CONNECT, is still delivered, with at most 2 s.
-#[tokio::test]
-async fn will_message_expiry_counts_from_publication() {
-    let b = TestBroker::start().await;
-    let mut sub = Client::connect_v5(b.addr, "wx-sub").await;
-    sub.subscribe("wx/t", QoS::AtLeastOnce).await;
-    let (victim, _) = Client::accepted(
-        b.addr,
-        connect_with_will("wx-victim", "wx/t", "gone", expiry_props(2)),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    drop(victim);
-    let p = match sub.recv(WAIT).await {
-        Some(Packet::Publish(p)) => p,
-        other => panic!("expected the will, got {other:?}"),
-    };
-    assert_eq!(text(&p.payload), "gone");
-    let left = props_of(&p).message_expiry_interval;
-    assert!(
-        matches!(left, Some(1..=2)),
-        "the will's expiry counts from its publication: {left:?}"
-    );
 }
 
 /// DISCONNECT 0x04 (Disconnect with Will Message) publishes the will; a normal DISCONNECT

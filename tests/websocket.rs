@@ -3,62 +3,39 @@
 //! limits, and TCP and WebSocket clients sharing sessions and messages. The last test
 //! drives mqtt.js in headless Chromium (tests/browser/).
 //!
-//! The clients here are raw: tokio-tungstenite (or a TCP socket) and the broker's own
-//! codec, so each test says exactly which bytes and frames go over the wire.
+//! MQTT is spoken by the shared raw client of `common::client`, over the WebSocket's
+//! bytes (`ternmq::transport::ws::WsBytes` on the client side too: one binary message per
+//! write). The frame-level tests (split and empty messages, fragments, pings, text and
+//! close frames) write frames on the tokio-tungstenite socket directly, then hand it to
+//! the client for the MQTT that follows.
 // A test reads best as one sequence of steps, however long.
 #![allow(clippy::too_many_lines)]
 
 mod common;
 
-use bytes::{Bytes, BytesMut};
-use common::client::ack;
+use bytes::Bytes;
+use common::client::{connect_v311, encode, publish_packet, text, Client};
+use common::ws::{open as ws_open, Ws};
 use common::TestBroker;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::Duration;
 use ternmq::protocol::{
-    decode, encode, ByteStr, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    ReasonCode, SubOptions, Subscribe, SubscribeFilter, Will,
+    ByteStr, Connect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubOptions,
+    Subscribe, SubscribeFilter, Will,
 };
+use ternmq::transport::ws::WsBytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Response;
-use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::http::{header, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
 /// How long any single wait of these tests may take.
 const WAIT: Duration = Duration::from_secs(5);
-const NO_LIMIT: usize = 268_435_460;
-
-type Ws = WebSocketStream<TcpStream>;
-
-/// Opens a WebSocket to `path`, offering `protocols` (none if empty), with an optional
-/// `Origin`. Returns the socket and the server's answer, or the handshake error.
-async fn ws_open(
-    addr: SocketAddr,
-    path: &str,
-    protocols: &[&str],
-    origin: Option<&str>,
-) -> Result<(Ws, Response), WsError> {
-    let tcp = TcpStream::connect(addr).await.expect("tcp connect");
-    let mut req = format!("ws://{addr}{path}").into_client_request()?;
-    let headers = req.headers_mut();
-    if !protocols.is_empty() {
-        let offer = HeaderValue::from_str(&protocols.join(", ")).unwrap();
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, offer);
-    }
-    if let Some(origin) = origin {
-        headers.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
-    }
-    timeout(WAIT, tokio_tungstenite::client_async(req, tcp))
-        .await
-        .expect("handshake within the wait")
-}
 
 /// The HTTP status and body of a refused upgrade.
 async fn ws_refused(
@@ -83,201 +60,22 @@ fn subprotocol(resp: &Response) -> Option<&str> {
         .map(|v| v.to_str().unwrap())
 }
 
-enum Link {
-    Ws(Box<Ws>),
-    Tcp(TcpStream),
+/// The shared MQTT client over an upgraded WebSocket.
+fn over_ws(ws: Ws, name: &str, protocol: Protocol) -> Client {
+    Client::over(Box::new(WsBytes::new(ws)), name, protocol)
 }
 
-/// A raw MQTT client over either transport.
-struct Client {
-    link: Link,
-    rbuf: BytesMut,
-    protocol: Protocol,
-    next_pkid: u16,
+/// Connects (3.1.1, clean session) an upgraded WebSocket and disconnects it again.
+async fn connect_and_disconnect(ws: Ws, client_id: &str) {
+    let mut c = over_ws(ws, client_id, Protocol::V311);
+    let ack = c.handshake(connect_v311(client_id)).await;
+    assert_eq!(ack.code, ReasonCode::Success, "CONNACK for {client_id}");
+    c.disconnect().await;
 }
 
-impl Client {
-    fn over_ws(ws: Ws, protocol: Protocol) -> Client {
-        Client {
-            link: Link::Ws(Box::new(ws)),
-            rbuf: BytesMut::new(),
-            protocol,
-            next_pkid: 1,
-        }
-    }
-
-    /// A WebSocket to `/mqtt` (subprotocol `mqtt`), not yet MQTT-connected.
-    async fn ws(addr: SocketAddr, protocol: Protocol) -> Client {
-        let (ws, _) = ws_open(addr, "/mqtt", &["mqtt"], None)
-            .await
-            .expect("upgrade");
-        Client::over_ws(ws, protocol)
-    }
-
-    async fn tcp(addr: SocketAddr, protocol: Protocol) -> Client {
-        Client {
-            link: Link::Tcp(TcpStream::connect(addr).await.expect("tcp connect")),
-            rbuf: BytesMut::new(),
-            protocol,
-            next_pkid: 1,
-        }
-    }
-
-    fn ws_mut(&mut self) -> &mut Ws {
-        match &mut self.link {
-            Link::Ws(ws) => ws,
-            Link::Tcp(_) => panic!("not a WebSocket client"),
-        }
-    }
-
-    fn bytes(&self, packets: &[Packet]) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        for p in packets {
-            encode(p, self.protocol, &mut out).expect("encode");
-        }
-        out.to_vec()
-    }
-
-    /// Sends raw bytes: one binary message over WebSocket.
-    async fn send_bytes(&mut self, bytes: Vec<u8>) {
-        match &mut self.link {
-            Link::Ws(ws) => ws
-                .send(Message::Binary(bytes.into()))
-                .await
-                .expect("ws send"),
-            Link::Tcp(tcp) => tcp.write_all(&bytes).await.expect("tcp send"),
-        }
-    }
-
-    async fn send(&mut self, packet: Packet) {
-        let bytes = self.bytes(&[packet]);
-        self.send_bytes(bytes).await;
-    }
-
-    /// The next packet, or None once the connection is closed. Panics after `WAIT`.
-    async fn recv(&mut self) -> Option<Packet> {
-        timeout(WAIT, self.recv_unbounded())
-            .await
-            .expect("a packet (or the close) within the wait")
-    }
-
-    async fn recv_unbounded(&mut self) -> Option<Packet> {
-        loop {
-            if let Some(p) = decode(&mut self.rbuf, self.protocol, NO_LIMIT).expect("decode") {
-                return Some(p);
-            }
-            match &mut self.link {
-                Link::Ws(ws) => match ws.next().await {
-                    Some(Ok(Message::Binary(data))) => self.rbuf.extend_from_slice(&data),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-                    Some(Ok(other)) => panic!("unexpected message from the broker: {other:?}"),
-                },
-                Link::Tcp(tcp) => match tcp.read_buf(&mut self.rbuf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                },
-            }
-        }
-    }
-
-    async fn expect(&mut self) -> Packet {
-        self.recv()
-            .await
-            .expect("a packet, not the end of the connection")
-    }
-
-    /// Reads until the connection ends, ignoring packets (a 5.0 DISCONNECT, say).
-    async fn expect_closed(&mut self) {
-        while let Some(p) = self.recv().await {
-            assert!(
-                matches!(p, Packet::Disconnect(_)),
-                "expected the end, got {p:?}"
-            );
-        }
-    }
-
-    /// CONNECT and CONNACK (accepted); returns session present.
-    async fn connect(&mut self, id: &str, clean: bool, will: Option<(&str, &str)>) -> bool {
-        self.send(connect_packet(self.protocol, id, clean, will))
-            .await;
-        match self.expect().await {
-            Packet::ConnAck(ack) => {
-                assert_eq!(ack.code.v3_connack(), 0, "CONNACK for {id}");
-                ack.session_present
-            }
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    fn pkid(&mut self) -> u16 {
-        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-        self.next_pkid
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: QoS) {
-        let pkid = self.pkid();
-        self.send(subscribe_packet(pkid, filter, qos)).await;
-        match self.expect().await {
-            Packet::SubAck(ack) => {
-                assert_eq!(ack.pkid, pkid);
-                assert_eq!(ack.codes, [ReasonCode::granted(qos)], "SUBACK for {filter}");
-            }
-            other => panic!("expected SUBACK, got {other:?}"),
-        }
-    }
-
-    /// Publishes and completes the QoS handshake.
-    async fn publish(&mut self, topic: &str, payload: &str, qos: QoS) {
-        let pkid = if qos == QoS::AtMostOnce {
-            0
-        } else {
-            self.pkid()
-        };
-        self.send(publish_packet(topic, payload, qos, pkid)).await;
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                assert!(matches!(self.expect().await, Packet::PubAck(a) if a.pkid == pkid))
-            }
-            QoS::ExactlyOnce => {
-                assert!(matches!(self.expect().await, Packet::PubRec(a) if a.pkid == pkid));
-                self.send(Packet::PubRel(ack(pkid))).await;
-                assert!(matches!(self.expect().await, Packet::PubComp(a) if a.pkid == pkid));
-            }
-        }
-    }
-
-    /// Receives one PUBLISH and acknowledges it as its QoS asks.
-    async fn receive(&mut self) -> Publish {
-        let p = match self.expect().await {
-            Packet::Publish(p) => p,
-            other => panic!("expected PUBLISH, got {other:?}"),
-        };
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(Packet::PubAck(ack(p.pkid))).await,
-            QoS::ExactlyOnce => {
-                self.send(Packet::PubRec(ack(p.pkid))).await;
-                assert!(matches!(self.expect().await, Packet::PubRel(a) if a.pkid == p.pkid));
-                self.send(Packet::PubComp(ack(p.pkid))).await;
-            }
-        }
-        p
-    }
-
-    async fn disconnect(mut self) {
-        self.send(Packet::Disconnect(Disconnect::default())).await;
-        self.expect_closed().await;
-    }
-}
-
-fn connect_packet(protocol: Protocol, id: &str, clean: bool, will: Option<(&str, &str)>) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol,
-        clean_start: clean,
-        keep_alive: 30,
-        client_id: ByteStr::from(id),
+/// A 3.1.1 CONNECT with clean session and, optionally, a QoS 1 will.
+fn connect_will(client_id: &str, will: Option<(&str, &str)>) -> Connect {
+    Connect {
         will: will.map(|(topic, payload)| Will {
             topic: ByteStr::from(topic),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
@@ -285,10 +83,52 @@ fn connect_packet(protocol: Protocol, id: &str, clean: bool, will: Option<(&str,
             retain: false,
             properties: Properties::default(),
         }),
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+        ..connect_v311(client_id)
+    }
+}
+
+/// Sends `packets` (3.1.1) as one binary message, written on the frames directly.
+async fn send_message(ws: &mut Ws, packets: &[Packet]) {
+    let bytes = bytes_of(packets);
+    ws.send(Message::Binary(bytes.into()))
+        .await
+        .expect("ws send");
+}
+
+fn bytes_of(packets: &[Packet]) -> Vec<u8> {
+    packets
+        .iter()
+        .flat_map(|p| encode(p, Protocol::V311).to_vec())
+        .collect()
+}
+
+/// The next WebSocket message other than a ping or pong.
+async fn next_message(ws: &mut Ws) -> Option<Result<Message, WsError>> {
+    loop {
+        match timeout(WAIT, ws.next())
+            .await
+            .expect("a message within the wait")
+        {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => return other,
+        }
+    }
+}
+
+/// CONNECT in one binary message on the frames directly, and its CONNACK (accepted).
+async fn connect_frames(ws: &mut Ws, connect: Connect) {
+    send_message(ws, &[Packet::Connect(Box::new(connect))]).await;
+    match next_message(ws).await {
+        Some(Ok(Message::Binary(data))) => assert_eq!(&data[..], [0x20, 2, 0, 0], "CONNACK"),
+        other => panic!("expected the CONNACK in a binary message, got {other:?}"),
+    }
+}
+
+/// A TCP client subscribed to `filter`, to watch what the broker publishes.
+async fn tcp_watcher(broker: &TestBroker, id: &str, filter: &str) -> Client {
+    let mut c = Client::connect_v311(broker.addr, id).await;
+    c.subscribe_ok(&[(filter, QoS::AtLeastOnce)]).await;
+    c
 }
 
 fn subscribe_packet(pkid: u16, filter: &str, qos: QoS) -> Packet {
@@ -305,42 +145,36 @@ fn subscribe_packet(pkid: u16, filter: &str, qos: QoS) -> Packet {
     })
 }
 
-fn publish_packet(topic: &str, payload: &str, qos: QoS, pkid: u16) -> Packet {
-    Packet::Publish(Publish {
-        qos,
-        topic: ByteStr::from(topic),
-        pkid,
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-        ..Publish::default()
-    })
-}
-
-fn payload(p: &Publish) -> &str {
-    std::str::from_utf8(&p.payload).unwrap()
-}
-
-/// A TCP client subscribed to `filter`, to watch what the broker publishes.
-async fn tcp_watcher(broker: &TestBroker, id: &str, filter: &str) -> Client {
-    let mut c = Client::tcp(broker.addr, Protocol::V311).await;
-    c.connect(id, true, None).await;
-    c.subscribe(filter, QoS::AtLeastOnce).await;
-    c
-}
-
-/// SUBSCRIBE to `echo/#` and two PUBLISHes to it, as bytes: a connected client sending
-/// them gets SUBACK and its two messages back.
-fn echo_packets(client: &Client) -> Vec<u8> {
-    client.bytes(&[
+/// SUBSCRIBE to `echo/#` and two PUBLISHes to it: a connected client sending them gets
+/// SUBACK and its two messages back.
+fn echo_packets() -> Vec<Packet> {
+    vec![
         subscribe_packet(1, "echo/#", QoS::AtMostOnce),
-        publish_packet("echo/1", "first", QoS::AtMostOnce, 0),
-        publish_packet("echo/2", "second", QoS::AtMostOnce, 0),
-    ])
+        Packet::Publish(publish_packet(
+            "echo/1",
+            b"first",
+            QoS::AtMostOnce,
+            false,
+            0,
+        )),
+        Packet::Publish(publish_packet(
+            "echo/2",
+            b"second",
+            QoS::AtMostOnce,
+            false,
+            0,
+        )),
+    ]
 }
 
 async fn expect_echo(client: &mut Client) {
-    assert!(matches!(client.expect().await, Packet::SubAck(a) if a.pkid == 1));
-    assert_eq!(payload(&client.receive().await), "first");
-    assert_eq!(payload(&client.receive().await), "second");
+    let suback = client.expect("SUBACK").await;
+    assert!(
+        matches!(&suback, Packet::SubAck(a) if a.pkid == 1),
+        "{suback:?}"
+    );
+    assert_eq!(text(&client.receive_v311().await.payload), "first");
+    assert_eq!(text(&client.receive_v311().await.payload), "second");
 }
 
 // ---- the upgrade ----
@@ -357,9 +191,7 @@ async fn subprotocol_mqtt_or_mqttv31_is_echoed() {
             .await
             .expect("upgrade");
         assert_eq!(subprotocol(&resp), Some(chosen), "offer {offer:?}");
-        let mut c = Client::over_ws(ws, Protocol::V311);
-        c.connect("subprotocol", true, None).await;
-        c.disconnect().await;
+        connect_and_disconnect(ws, "subprotocol").await;
     }
     broker.stop().await;
 }
@@ -371,9 +203,7 @@ async fn no_subprotocol_offered_none_answered() {
         .await
         .expect("upgrade");
     assert_eq!(subprotocol(&resp), None);
-    let mut c = Client::over_ws(ws, Protocol::V311);
-    c.connect("no-subprotocol", true, None).await;
-    c.disconnect().await;
+    connect_and_disconnect(ws, "no-subprotocol").await;
     broker.stop().await;
 }
 
@@ -395,9 +225,7 @@ async fn default_path_and_root_are_served_other_paths_get_404() {
     let addr = broker.ws_addr();
     for path in ["/mqtt", "/", "/mqtt?token=x"] {
         let (ws, _) = ws_open(addr, path, &["mqtt"], None).await.expect(path);
-        let mut c = Client::over_ws(ws, Protocol::V311);
-        c.connect("paths", true, None).await;
-        c.disconnect().await;
+        connect_and_disconnect(ws, "paths").await;
     }
     for path in ["/other", "/mqtt/", "/mqtt/x", "/MQTT"] {
         let (status, body) = ws_refused(addr, path, &["mqtt"], None).await;
@@ -434,9 +262,7 @@ async fn origin_allow_list() {
         let (ws, _) = ws_open(addr, "/mqtt", &["mqtt"], origin)
             .await
             .expect("allowed");
-        let mut c = Client::over_ws(ws, Protocol::V311);
-        c.connect("origin", true, None).await;
-        c.disconnect().await;
+        connect_and_disconnect(ws, "origin").await;
     }
     for origin in [
         "https://evil.example.com",
@@ -479,22 +305,27 @@ async fn upgrade_must_complete_within_the_connect_timeout() {
     broker.stop().await;
 }
 
+/// The same timers as over TCP (their exact times are tested on the paused clock, in
+/// tests/timing.rs); here, that the ws transport is held to them.
 #[tokio::test]
 async fn connect_timeout_and_keep_alive_apply_over_ws() {
     let broker = TestBroker::with_ws(|c| c.mqtt.connect_timeout = 1).await;
-    // Upgraded, then no CONNECT.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.expect_closed().await;
-
-    // Connected with a 1 s keep-alive, then silence: closed after 1.5 s.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    let mut connect = connect_packet(Protocol::V311, "sleepy", true, None);
-    if let Packet::Connect(c) = &mut connect {
-        c.keep_alive = 1;
-    }
-    c.send(connect).await;
-    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code.v3_connack() == 0));
-    c.expect_closed().await;
+    let target = broker.ws_target();
+    let no_connect = async {
+        // Upgraded, then no CONNECT.
+        let mut c = Client::open(target.clone(), "silent", Protocol::V311).await;
+        c.expect_closed(Duration::from_secs(4)).await;
+    };
+    let silent = async {
+        // Connected with a 1 s keep-alive, then silence: closed after 1.5 s.
+        let connect = Connect {
+            keep_alive: 1,
+            ..connect_v311("sleepy")
+        };
+        let (mut c, _) = Client::connect_accepted(target.clone(), connect).await;
+        c.expect_closed(Duration::from_secs(4)).await;
+    };
+    tokio::join!(no_connect, silent);
     broker.stop().await;
 }
 
@@ -503,16 +334,23 @@ async fn connect_timeout_and_keep_alive_apply_over_ws() {
 #[tokio::test]
 async fn packets_split_over_many_messages() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
+    let (mut ws, _) = ws_open(broker.ws_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .expect("upgrade");
     // One byte per message, with empty messages in between (they must not read as the end).
-    let connect = c.bytes(&[connect_packet(Protocol::V311, "split", true, None)]);
-    for bytes in [connect, echo_packets(&c)] {
+    let connect = bytes_of(&[Packet::Connect(Box::new(connect_v311("split")))]);
+    for bytes in [connect, bytes_of(&echo_packets())] {
         for b in bytes {
-            c.send_bytes(vec![b]).await;
-            c.send_bytes(Vec::new()).await;
+            ws.send(Message::Binary(vec![b].into())).await.unwrap();
+            ws.send(Message::Binary(Bytes::new())).await.unwrap();
         }
     }
-    assert!(matches!(c.expect().await, Packet::ConnAck(a) if a.code.v3_connack() == 0));
+    let mut c = over_ws(ws, "split", Protocol::V311);
+    let connack = c.expect("CONNACK").await;
+    assert!(
+        matches!(&connack, Packet::ConnAck(a) if a.code == ReasonCode::Success),
+        "{connack:?}"
+    );
     expect_echo(&mut c).await;
     c.disconnect().await;
     broker.stop().await;
@@ -521,9 +359,9 @@ async fn packets_split_over_many_messages() {
 #[tokio::test]
 async fn many_packets_in_one_message() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("batched", true, None).await;
-    c.send_bytes(echo_packets(&c)).await;
+    let mut c = Client::connect_v311(broker.ws_target(), "batched").await;
+    // One write of the client's WsBytes is one binary message.
+    c.send_raw(&bytes_of(&echo_packets())).await;
     expect_echo(&mut c).await;
     c.disconnect().await;
     broker.stop().await;
@@ -532,14 +370,15 @@ async fn many_packets_in_one_message() {
 #[tokio::test]
 async fn fragmented_message_with_continuation_frames() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("fragments", true, None).await;
-    let bytes = echo_packets(&c);
+    let (mut ws, _) = ws_open(broker.ws_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .expect("upgrade");
+    connect_frames(&mut ws, connect_v311("fragments")).await;
+    let bytes = bytes_of(&echo_packets());
     // Three fragments cutting through packets, with a ping between them (RFC 6455 allows
     // control frames inside a fragmented message).
     let (a, rest) = bytes.split_at(5);
     let (b, d) = rest.split_at(rest.len() / 2);
-    let ws = c.ws_mut();
     let binary = OpCode::Data(Data::Binary);
     let continuation = OpCode::Data(Data::Continue);
     ws.send(Message::Frame(Frame::message(a.to_vec(), binary, false)))
@@ -562,6 +401,7 @@ async fn fragmented_message_with_continuation_frames() {
     )))
     .await
     .unwrap();
+    let mut c = over_ws(ws, "fragments", Protocol::V311);
     expect_echo(&mut c).await;
     c.disconnect().await;
     broker.stop().await;
@@ -570,9 +410,10 @@ async fn fragmented_message_with_continuation_frames() {
 #[tokio::test]
 async fn ping_frames_are_answered() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("pinger", true, None).await;
-    let ws = c.ws_mut();
+    let (mut ws, _) = ws_open(broker.ws_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .expect("upgrade");
+    connect_frames(&mut ws, connect_v311("pinger")).await;
     ws.send(Message::Ping(Bytes::from_static(b"hello")))
         .await
         .unwrap();
@@ -582,8 +423,8 @@ async fn ping_frames_are_answered() {
         "{pong:?}"
     );
     // MQTT goes on.
-    c.send(Packet::PingReq).await;
-    assert_eq!(c.expect().await, Packet::PingResp);
+    let mut c = over_ws(ws, "pinger", Protocol::V311);
+    assert!(c.ping().await.is_empty());
     c.disconnect().await;
     broker.stop().await;
 }
@@ -592,19 +433,25 @@ async fn ping_frames_are_answered() {
 async fn text_frame_closes_the_connection_and_publishes_the_will() {
     let broker = TestBroker::with_ws(|_| {}).await;
     let mut watcher = tcp_watcher(&broker, "watch-text", "will/#").await;
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("texter", true, Some(("will/texter", "gone")))
-        .await;
-    let ws = c.ws_mut();
+    let (mut ws, _) = ws_open(broker.ws_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .expect("upgrade");
+    connect_frames(
+        &mut ws,
+        connect_will("texter", Some(("will/texter", "gone"))),
+    )
+    .await;
     ws.send(Message::Text("hello".into())).await.unwrap();
     // The broker says why in its close frame, then closes.
-    let close = timeout(WAIT, ws.next()).await.expect("close in time");
-    match close {
+    match next_message(&mut ws).await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Unsupported),
         other => panic!("expected a close frame with code 1003, got {other:?}"),
     }
-    let will = watcher.receive().await;
-    assert_eq!((&*will.topic, payload(&will)), ("will/texter", "gone"));
+    let will = watcher.receive_v311().await;
+    assert_eq!(
+        (&*will.topic, text(&will.payload).as_str()),
+        ("will/texter", "gone")
+    );
     watcher.disconnect().await;
     broker.stop().await;
 }
@@ -615,21 +462,34 @@ async fn close_frame_without_disconnect_publishes_the_will() {
     let mut watcher = tcp_watcher(&broker, "watch-close", "will/#").await;
 
     // DISCONNECT first: no will.
-    let mut polite = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    polite
-        .connect("polite", true, Some(("will/polite", "unexpected")))
-        .await;
+    let (polite, _) = Client::connect_accepted(
+        broker.ws_target(),
+        connect_will("polite", Some(("will/polite", "unexpected"))),
+    )
+    .await;
     polite.disconnect().await;
 
     // A close frame alone is a network close.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("closer", true, Some(("will/closer", "gone")))
-        .await;
-    c.ws_mut().close(None).await.unwrap();
-    c.expect_closed().await;
+    let (mut ws, _) = ws_open(broker.ws_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .expect("upgrade");
+    connect_frames(
+        &mut ws,
+        connect_will("closer", Some(("will/closer", "gone"))),
+    )
+    .await;
+    ws.close(None).await.unwrap();
+    match next_message(&mut ws).await {
+        Some(Ok(Message::Close(_)) | Err(_)) | None => {}
+        Some(Ok(other)) => panic!("expected the end, got {other:?}"),
+    }
 
-    let will = watcher.receive().await;
-    assert_eq!((&*will.topic, payload(&will)), ("will/closer", "gone"));
+    let will = watcher.receive_v311().await;
+    assert_eq!(
+        (&*will.topic, text(&will.payload).as_str()),
+        ("will/closer", "gone")
+    );
+    watcher.expect_quiet("after the close frame").await;
     watcher.disconnect().await;
     broker.stop().await;
 }
@@ -637,39 +497,26 @@ async fn close_frame_without_disconnect_publishes_the_will() {
 #[tokio::test]
 async fn oversized_packet_closes_the_connection() {
     let broker = TestBroker::with_ws(|c| c.mqtt.max_packet_size = 1024).await;
+    let big = || publish_packet("big", &[b'x'; 2000], QoS::AtMostOnce, false, 0);
 
     // The MQTT limit: a 5.0 client is told why (DISCONNECT 0x95) before the close.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V5).await;
-    c.connect("big-v5", true, None).await;
-    c.send(publish_packet("big", &"x".repeat(2000), QoS::AtMostOnce, 0))
-        .await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PacketTooLarge),
-        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
-    }
-    c.expect_closed().await;
+    let mut c = Client::connect_v5(broker.ws_target(), "big-v5").await;
+    c.send(Packet::Publish(big())).await;
+    c.expect_disconnect(ReasonCode::PacketTooLarge).await;
 
     // The same packet split over small messages is refused all the same.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("big-split", true, None).await;
-    let bytes = c.bytes(&[publish_packet("big", &"x".repeat(2000), QoS::AtMostOnce, 0)]);
+    let mut c = Client::connect_v311(broker.ws_target(), "big-split").await;
+    let bytes = encode(&Packet::Publish(big()), Protocol::V311);
     for chunk in bytes.chunks(100) {
-        // The broker may close before the last chunk: ignore send errors.
-        let _ = c
-            .ws_mut()
-            .send(Message::Binary(chunk.to_vec().into()))
-            .await;
+        // One message per write; the broker may close before the last one.
+        let _ = c.stream.write_all(chunk).await;
     }
-    c.expect_closed().await;
+    c.expect_closed(WAIT).await;
 
     // The WebSocket limit (never below 64 KiB) protects memory before any MQTT decoding.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    c.connect("big-frame", true, None).await;
-    let _ = c
-        .ws_mut()
-        .send(Message::Binary(vec![0u8; 100 * 1024].into()))
-        .await;
-    c.expect_closed().await;
+    let mut c = Client::connect_v311(broker.ws_target(), "big-frame").await;
+    let _ = c.stream.write_all(&vec![0u8; 100 * 1024]).await;
+    c.expect_closed(WAIT).await;
     broker.stop().await;
 }
 
@@ -679,20 +526,27 @@ async fn a_slow_ws_reader_gets_everything() {
     // and resume on their own once it reads again, up to the very last byte.
     const COUNT: usize = 200;
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut ws = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    ws.connect("slow-reader", true, None).await;
-    ws.subscribe("bulk", QoS::AtMostOnce).await;
-    let mut tcp = Client::tcp(broker.addr, Protocol::V311).await;
-    tcp.connect("bulk-sender", true, None).await;
-    let body = "x".repeat(64 * 1024);
+    let mut ws = Client::connect_v311(broker.ws_target(), "slow-reader").await;
+    ws.subscribe_ok(&[("bulk", QoS::AtMostOnce)]).await;
+    let mut tcp = Client::connect_v311(broker.addr, "bulk-sender").await;
+    let body = vec![b'x'; 64 * 1024];
     for i in 0..COUNT {
-        tcp.publish("bulk", &format!("{i:04}{body}"), QoS::AtMostOnce)
-            .await;
+        let mut payload = format!("{i:04}").into_bytes();
+        payload.extend_from_slice(&body);
+        tcp.send(Packet::Publish(publish_packet(
+            "bulk",
+            &payload,
+            QoS::AtMostOnce,
+            false,
+            0,
+        )))
+        .await;
     }
+    tcp.barrier().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..COUNT {
-        let p = ws.receive().await;
-        assert_eq!(&payload(&p)[..4], format!("{i:04}"));
+        let p = ws.receive_v311().await;
+        assert_eq!(&p.payload[..4], format!("{i:04}").as_bytes());
         assert_eq!(p.payload.len(), 4 + body.len());
     }
     ws.disconnect().await;
@@ -705,100 +559,107 @@ async fn a_slow_ws_reader_gets_everything() {
 #[tokio::test]
 async fn ws_and_tcp_clients_exchange_messages_at_every_qos() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut ws = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    ws.connect("browser", true, None).await;
-    ws.subscribe("to-browser", QoS::ExactlyOnce).await;
-    let mut tcp = Client::tcp(broker.addr, Protocol::V311).await;
-    tcp.connect("device", true, None).await;
-    tcp.subscribe("to-device", QoS::ExactlyOnce).await;
+    let mut ws = Client::connect_v311(broker.ws_target(), "browser").await;
+    ws.subscribe_ok(&[("to-browser", QoS::ExactlyOnce)]).await;
+    let mut tcp = Client::connect_v311(broker.addr, "device").await;
+    tcp.subscribe_ok(&[("to-device", QoS::ExactlyOnce)]).await;
 
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-        let text = format!("from device at {qos:?}");
-        tcp.publish("to-browser", &text, qos).await;
-        let got = ws.receive().await;
-        assert_eq!((payload(&got), got.qos), (text.as_str(), qos));
+        let sent = format!("from device at {qos:?}");
+        tcp.publish_v311("to-browser", sent.as_bytes(), qos, false)
+            .await;
+        let got = ws.receive_v311().await;
+        assert_eq!((text(&got.payload), got.qos), (sent, qos));
 
-        let text = format!("from browser at {qos:?}");
-        ws.publish("to-device", &text, qos).await;
-        let got = tcp.receive().await;
-        assert_eq!((payload(&got), got.qos), (text.as_str(), qos));
+        let sent = format!("from browser at {qos:?}");
+        ws.publish_v311("to-device", sent.as_bytes(), qos, false)
+            .await;
+        let got = tcp.receive_v311().await;
+        assert_eq!((text(&got.payload), got.qos), (sent, qos));
     }
     ws.disconnect().await;
     tcp.disconnect().await;
     broker.stop().await;
 }
 
+fn plain(topic: &str, payload: &str, qos: QoS) -> Publish {
+    publish_packet(topic, payload.as_bytes(), qos, false, 0)
+}
+
 #[tokio::test]
 async fn mqtt5_over_ws() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut ws = Client::ws(broker.ws_addr(), Protocol::V5).await;
-    ws.connect("browser-v5", true, None).await;
+    let mut ws = Client::connect_v5(broker.ws_target(), "browser-v5").await;
     ws.subscribe("v5/to-browser", QoS::AtLeastOnce).await;
-    let mut tcp = Client::tcp(broker.addr, Protocol::V5).await;
-    tcp.connect("device-v5", true, None).await;
+    let mut tcp = Client::connect_v5(broker.addr, "device-v5").await;
     tcp.subscribe("v5/to-device", QoS::ExactlyOnce).await;
 
-    tcp.publish("v5/to-browser", "hello browser", QoS::AtLeastOnce)
-        .await;
-    assert_eq!(payload(&ws.receive().await), "hello browser");
-    ws.publish("v5/to-device", "hello device", QoS::ExactlyOnce)
-        .await;
-    assert_eq!(payload(&tcp.receive().await), "hello device");
+    tcp.publish_expect(
+        plain("v5/to-browser", "hello browser", QoS::AtLeastOnce),
+        ReasonCode::Success,
+    )
+    .await;
+    assert_eq!(text(&ws.receive().await.payload), "hello browser");
+    ws.publish_expect(
+        plain("v5/to-device", "hello device", QoS::ExactlyOnce),
+        ReasonCode::Success,
+    )
+    .await;
+    assert_eq!(text(&tcp.receive().await.payload), "hello device");
 
     // 5.0 DISCONNECT with reason 0x04 asks for the will: over ws as over tcp.
-    let mut c = Client::ws(broker.ws_addr(), Protocol::V5).await;
-    c.connect("will-v5", true, Some(("v5/to-device", "will v5")))
+    let connect = Connect {
+        protocol: Protocol::V5,
+        ..connect_will("will-v5", Some(("v5/to-device", "will v5")))
+    };
+    let (c, _) = Client::accepted(broker.ws_target(), connect).await;
+    c.disconnect_with(ReasonCode::DisconnectWithWill, Properties::default())
         .await;
-    c.send(Packet::Disconnect(Disconnect {
-        reason: ReasonCode::DisconnectWithWill,
-        ..Disconnect::default()
-    }))
-    .await;
-    c.expect_closed().await;
-    assert_eq!(payload(&tcp.receive().await), "will v5");
+    assert_eq!(text(&tcp.receive().await.payload), "will v5");
 
     ws.disconnect().await;
     tcp.disconnect().await;
     broker.stop().await;
 }
 
+fn persistent(client_id: &str) -> Connect {
+    Connect {
+        clean_start: false,
+        ..connect_v311(client_id)
+    }
+}
+
 #[tokio::test]
 async fn session_resumes_from_tcp_to_ws_and_back() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut publisher = Client::tcp(broker.addr, Protocol::V311).await;
-    publisher.connect("publisher", true, None).await;
+    let mut publisher = Client::connect_v311(broker.addr, "publisher").await;
 
-    let mut tcp = Client::tcp(broker.addr, Protocol::V311).await;
-    assert!(!tcp.connect("roamer", false, None).await);
-    tcp.subscribe("roam", QoS::AtLeastOnce).await;
+    let (mut tcp, present) = Client::connect_accepted(broker.addr, persistent("roamer")).await;
+    assert!(!present);
+    tcp.subscribe_ok(&[("roam", QoS::AtLeastOnce)]).await;
     tcp.disconnect().await;
 
     publisher
-        .publish("roam", "queued for ws", QoS::AtLeastOnce)
+        .publish_v311("roam", b"queued for ws", QoS::AtLeastOnce, false)
         .await;
-    let mut ws = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    assert!(
-        ws.connect("roamer", false, None).await,
-        "session present over ws"
-    );
-    let got = ws.receive().await;
+    let (mut ws, present) =
+        Client::connect_accepted(broker.ws_target(), persistent("roamer")).await;
+    assert!(present, "session present over ws");
+    let got = ws.receive_v311().await;
     assert_eq!(
-        (payload(&got), got.qos),
+        (text(&got.payload).as_str(), got.qos),
         ("queued for ws", QoS::AtLeastOnce)
     );
     ws.disconnect().await;
 
     publisher
-        .publish("roam", "queued for tcp", QoS::AtLeastOnce)
+        .publish_v311("roam", b"queued for tcp", QoS::AtLeastOnce, false)
         .await;
-    let mut tcp = Client::tcp(broker.addr, Protocol::V311).await;
-    assert!(
-        tcp.connect("roamer", false, None).await,
-        "session present over tcp"
-    );
-    let got = tcp.receive().await;
+    let (mut tcp, present) = Client::connect_accepted(broker.addr, persistent("roamer")).await;
+    assert!(present, "session present over tcp");
+    let got = tcp.receive_v311().await;
     assert_eq!(
-        (payload(&got), got.qos),
+        (text(&got.payload).as_str(), got.qos),
         ("queued for tcp", QoS::AtLeastOnce)
     );
     tcp.disconnect().await;
@@ -809,11 +670,10 @@ async fn session_resumes_from_tcp_to_ws_and_back() {
 #[tokio::test]
 async fn ws_connection_takes_over_a_tcp_one() {
     let broker = TestBroker::with_ws(|_| {}).await;
-    let mut tcp = Client::tcp(broker.addr, Protocol::V311).await;
-    tcp.connect("same-id", false, None).await;
-    let mut ws = Client::ws(broker.ws_addr(), Protocol::V311).await;
-    assert!(ws.connect("same-id", false, None).await);
-    tcp.expect_closed().await;
+    let (mut tcp, _) = Client::connect_accepted(broker.addr, persistent("same-id")).await;
+    let (ws, present) = Client::connect_accepted(broker.ws_target(), persistent("same-id")).await;
+    assert!(present);
+    tcp.expect_closed(WAIT).await;
     ws.disconnect().await;
     broker.stop().await;
 }

@@ -62,6 +62,10 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
+    /// While a retained-message walk is under way, whether the queue (live messages) or
+    /// the walk takes the window first next time: they take turns, so that neither
+    /// starves the other.
+    queue_first: bool,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
@@ -105,6 +109,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
+            queue_first: false,
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -600,6 +605,7 @@ impl<'a> Connection<'a> {
             }
             let mut batch = std::mem::take(&mut self.batch);
             let mut resend = Vec::new();
+            let queue_first = self.queue_first;
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
             let mut unreadable = 0;
@@ -607,8 +613,11 @@ impl<'a> Connection<'a> {
                 let room = window.saturating_sub(s.inflight.outstanding());
                 s.inflight.resend(room, &mut resend);
                 let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way.
-                if walk.is_none() {
+                // The hot path: one lock per batch when no walk is under way. During a
+                // walk, the queue and the walk take turns at the window: live messages
+                // must not wait (and overflow the queue) behind a long walk, nor retained
+                // ones behind a steady stream of live ones.
+                if walk.is_none() || queue_first {
                     unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
                 }
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
@@ -624,10 +633,13 @@ impl<'a> Connection<'a> {
             let mut walked = false;
             if let Some((walk, room)) = walk {
                 walked = self.walk_step(walk, room, now, out)?;
-                let authorizer = &self.access.authorizer;
-                let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                unreadable =
-                    self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
+                if !queue_first {
+                    let authorizer = &self.access.authorizer;
+                    let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
+                    unreadable =
+                        self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
+                }
+                self.queue_first = !queue_first;
             }
             if unreadable > 0 {
                 debug!(
@@ -684,7 +696,7 @@ impl<'a> Connection<'a> {
                 // Round robin over the first few walks, so a long one does not hold up
                 // the retained messages of a later subscription.
                 w.after = last;
-                s.walks.insert(MAX_ACTIVE_WALKS.min(s.walks.len()), w);
+                s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
             }
             found
                 .into_iter()

@@ -252,3 +252,242 @@ pub fn within_levels(topic: &str) -> bool {
 pub fn is_shared(filter: &str) -> bool {
     matches!(topic::parse_shared(filter), Ok(Some(_)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ByteStr, QoS};
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// A mailbox that keeps what it is given.
+    struct TestBox {
+        id: u64,
+        online: bool,
+        got: Mutex<Vec<Delivery>>,
+    }
+
+    impl Mailbox for TestBox {
+        fn id(&self) -> u64 {
+            self.id
+        }
+
+        fn deliver(&self, delivery: Delivery) -> bool {
+            self.got.lock().push(delivery);
+            true
+        }
+
+        fn is_online(&self) -> bool {
+            self.online
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Sub {
+        mailbox: usize,
+        filter: String,
+        group: Option<u8>,
+        qos: u8,
+        id: Option<u32>,
+        no_local: bool,
+        retain_as_published: bool,
+    }
+
+    impl Sub {
+        /// The filter as subscribed: `$share/{group}/{filter}` for a shared one.
+        fn full(&self) -> String {
+            match self.group {
+                Some(g) => format!("$share/g{g}/{}", self.filter),
+                None => self.filter.clone(),
+            }
+        }
+
+        fn options(&self) -> SubOptions {
+            SubOptions {
+                qos: QoS::from_u8(self.qos).unwrap(),
+                no_local: self.no_local,
+                retain_as_published: self.retain_as_published,
+                retain_handling: 0,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Subscribe(Sub),
+        /// Unsubscribes the subscription of this index among those in place, if any.
+        Unsubscribe(usize),
+    }
+
+    #[derive(Debug, Clone)]
+    struct Publication {
+        topic: String,
+        qos: u8,
+        retain: bool,
+        /// The publishing mailbox (index), or the broker.
+        origin: Option<usize>,
+    }
+
+    const MAILBOXES: usize = 4;
+
+    fn filter() -> impl Strategy<Value = String> {
+        // `$x` levels make `$` topics; `#` only last; empty levels too.
+        "(a|b|\\$x|\\+|)(/(a|b|\\$x|\\+|)){0,3}(/#)?|#"
+    }
+
+    fn sub() -> impl Strategy<Value = Sub> {
+        (
+            0..MAILBOXES,
+            filter(),
+            prop::option::weighted(0.3, 0u8..2),
+            0u8..3,
+            prop::option::of(1u32..50),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(mailbox, filter, group, qos, id, no_local, rap)| Sub {
+                mailbox,
+                filter,
+                group,
+                qos,
+                id,
+                // No Local on a shared subscription is a protocol error, refused before
+                // the router [MQTT-3.8.3-4].
+                no_local: no_local && group.is_none(),
+                retain_as_published: rap,
+            })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => sub().prop_map(Op::Subscribe),
+            1 => (0usize..20).prop_map(Op::Unsubscribe),
+        ]
+    }
+
+    fn publication() -> impl Strategy<Value = Publication> {
+        (
+            "(a|b|\\$x|\\$SYS|)(/(a|b|\\$x|)){0,3}",
+            0u8..3,
+            any::<bool>(),
+            prop::option::of(0..MAILBOXES),
+        )
+            .prop_map(|(topic, qos, retain, origin)| Publication {
+                topic,
+                qos,
+                retain,
+                origin,
+            })
+    }
+
+    fn sorted(mut ids: Vec<u32>) -> Vec<u32> {
+        ids.sort_unstable();
+        ids
+    }
+
+    proptest! {
+        /// The router against a model built on `topic::matches`: each mailbox gets one
+        /// delivery for all its matching plain subscriptions (at the highest of their QoS,
+        /// with every identifier, none back to its publisher through No Local), and each
+        /// matching shared group gives one more to exactly one of its members (a
+        /// connected one if any).
+        #[test]
+        fn router_matches_the_model(
+            ops in prop::collection::vec(op(), 0..24),
+            online in prop::collection::vec(any::<bool>(), MAILBOXES),
+            publications in prop::collection::vec(publication(), 1..6),
+        ) {
+            let router: Router<TestBox> = Router::default();
+            let boxes: Vec<Arc<TestBox>> = (0..MAILBOXES)
+                .map(|i| Arc::new(TestBox { id: i as u64 + 1, online: online[i], got: Mutex::new(Vec::new()) }))
+                .collect();
+            // The model: the subscription in place per (mailbox, filter as subscribed).
+            let mut model: BTreeMap<(usize, String), Sub> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    // Invalid filters are refused before the router (SUBACK 0x80).
+                    Op::Subscribe(s) if !valid_subscription(&s.full()) => {}
+                    Op::Subscribe(s) => {
+                        let existed = router.subscribe(&s.full(), &boxes[s.mailbox], s.options(), s.id);
+                        let was = model.insert((s.mailbox, s.full()), s);
+                        prop_assert_eq!(existed, was.is_some());
+                    }
+                    Op::Unsubscribe(i) => {
+                        let Some(key) = model.keys().nth(i).cloned() else { continue };
+                        prop_assert!(router.unsubscribe(&key.1, boxes[key.0].id));
+                        model.remove(&key);
+                    }
+                }
+            }
+            prop_assert_eq!(router.subscription_count(), model.len());
+
+            for p in publications.iter().filter(|p| topic::valid_topic_name(&p.topic)) {
+                let origin = p.origin.map_or(0, |i| boxes[i].id);
+                let qos = QoS::from_u8(p.qos).unwrap();
+                let message = Arc::new(Message::new(
+                    ByteStr::from(p.topic.as_str()), Bytes::from_static(b"m"), qos, p.retain,
+                    None, origin, Instant::now(),
+                ));
+                let delivered = router.publish(&message);
+                let got: Vec<Vec<Delivery>> =
+                    boxes.iter().map(|b| std::mem::take(&mut *b.got.lock())).collect();
+                prop_assert_eq!(delivered, got.iter().map(Vec::len).sum::<usize>());
+                let matching: Vec<&Sub> = model
+                    .values()
+                    .filter(|s| topic::matches(&s.filter, &p.topic))
+                    .collect();
+
+                // Plain subscriptions: one delivery per mailbox.
+                for (i, b) in boxes.iter().enumerate() {
+                    let mine: Vec<&&Sub> = matching
+                        .iter()
+                        .filter(|s| s.mailbox == i && s.group.is_none())
+                        .filter(|s| !(s.no_local && b.id == origin))
+                        .collect();
+                    let plain: Vec<&Delivery> = got[i].iter().filter(|d| d.shared.is_none()).collect();
+                    if mine.is_empty() {
+                        prop_assert!(plain.is_empty(), "mailbox {} got {:?}", i, plain);
+                        continue;
+                    }
+                    prop_assert_eq!(plain.len(), 1, "mailbox {}: {:?}", i, plain);
+                    let d = plain[0];
+                    let want_qos = mine.iter().map(|s| qos.min(s.options().qos)).max().unwrap();
+                    prop_assert_eq!(d.qos, want_qos);
+                    prop_assert_eq!(d.retain, p.retain && mine.iter().any(|s| s.retain_as_published));
+                    prop_assert_eq!(sorted(d.sub_ids.clone()), sorted(mine.iter().filter_map(|s| s.id).collect()));
+                }
+
+                // Shared groups: one delivery per matching group, to one of its members.
+                let mut groups: BTreeMap<(u8, &str), Vec<&Sub>> = BTreeMap::new();
+                for s in matching.iter().filter(|s| s.group.is_some()) {
+                    groups.entry((s.group.unwrap_or(0), s.filter.as_str())).or_default().push(s);
+                }
+                let shared: Vec<(usize, &Delivery)> = got
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, ds)| ds.iter().filter(|d| d.shared.is_some()).map(move |d| (i, d)))
+                    .collect();
+                prop_assert_eq!(shared.len(), groups.len(), "one per matching group: {:?}", shared);
+                for ((g, f), members) in &groups {
+                    let name = format!("g{g}");
+                    let to: Vec<&(usize, &Delivery)> = shared
+                        .iter()
+                        .filter(|(_, d)| d.shared.as_ref().is_some_and(|k| *k.group == *name && &*k.filter == *f))
+                        .collect();
+                    prop_assert_eq!(to.len(), 1, "group {} on {}", name, f);
+                    let (i, d) = to[0];
+                    let member = members.iter().find(|s| s.mailbox == *i);
+                    prop_assert!(member.is_some(), "{} is not a member of {} on {}", i, name, f);
+                    let member = member.unwrap();
+                    if members.iter().any(|s| boxes[s.mailbox].online) {
+                        prop_assert!(boxes[*i].online, "a connected member is preferred");
+                    }
+                    prop_assert_eq!(d.qos, qos.min(member.options().qos));
+                    prop_assert_eq!(&d.sub_ids, &member.id.into_iter().collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+}

@@ -23,13 +23,15 @@
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use ternmq::protocol::{
     self, Ack, ByteStr, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    ReasonCode, SubOptions, Subscribe, SubscribeFilter, Unsubscribe,
+    ReasonCode, SubOptions, Subscribe, SubscribeFilter, Unsubscribe, Will,
 };
+use ternmq::transport::ws::WsBytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// How long to wait for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(3);
@@ -127,6 +129,111 @@ pub async fn eventually(
 }
 
 // ---------------------------------------------------------------------------------------
+// MQTT 5.0 packet builders
+// ---------------------------------------------------------------------------------------
+
+/// A 5.0 CONNECT asking for a Session Expiry Interval of `expiry` seconds.
+pub fn connect_expiry(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
+    Connect {
+        clean_start,
+        properties: Properties {
+            session_expiry_interval: Some(expiry),
+            ..Properties::default()
+        },
+        ..connect_v5(client_id)
+    }
+}
+
+/// A 5.0 CONNECT with a will on `topic`.
+pub fn connect_with_will(
+    client_id: &str,
+    topic: &str,
+    payload: &str,
+    will_props: Properties,
+) -> Connect {
+    Connect {
+        will: Some(Will {
+            topic: ByteStr::from(topic),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: will_props,
+        }),
+        ..connect_v5(client_id)
+    }
+}
+
+/// An application message; the client gives it a packet id when it sends it.
+pub fn message(topic: &str, payload: &[u8], qos: QoS, properties: Properties) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: ByteStr::from(topic),
+        pkid: 0,
+        payload: Bytes::copy_from_slice(payload),
+        properties: (!properties.is_empty()).then(|| Box::new(properties)),
+    }
+}
+
+/// An application message without properties.
+pub fn plain(topic: &str, payload: &[u8], qos: QoS) -> Publish {
+    message(topic, payload, qos, Properties::default())
+}
+
+/// A retained application message without properties.
+pub fn retained(topic: &str, payload: &[u8], qos: QoS) -> Publish {
+    Publish {
+        retain: true,
+        ..plain(topic, payload, qos)
+    }
+}
+
+/// SUBSCRIBE properties with a Subscription Identifier.
+pub fn sub_id(id: u32) -> Properties {
+    Properties {
+        subscription_identifiers: vec![id],
+        ..Properties::default()
+    }
+}
+
+/// PUBLISH properties with a Message Expiry Interval.
+pub fn expiry_props(secs: u32) -> Properties {
+    Properties {
+        message_expiry_interval: Some(secs),
+        ..Properties::default()
+    }
+}
+
+pub fn user_props(pairs: &[(&str, &str)]) -> Vec<(ByteStr, ByteStr)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (ByteStr::from(*k), ByteStr::from(*v)))
+        .collect()
+}
+
+/// The properties of a received PUBLISH (default when it has none).
+pub fn props_of(p: &Publish) -> Properties {
+    p.properties.as_deref().cloned().unwrap_or_default()
+}
+
+/// Will properties with a Will Delay Interval.
+pub fn will_delay(secs: u32) -> Properties {
+    Properties {
+        will_delay_interval: Some(secs),
+        ..Properties::default()
+    }
+}
+
+/// CONNECT or DISCONNECT properties with a Session Expiry Interval.
+pub fn expiry_session(secs: u32) -> Properties {
+    Properties {
+        session_expiry_interval: Some(secs),
+        ..Properties::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The raw client
 // ---------------------------------------------------------------------------------------
 
@@ -147,6 +254,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 #[derive(Clone)]
 pub enum Target {
     Tcp(SocketAddr),
+    /// A ws listener: upgraded on `/mqtt` with subprotocol `mqtt`, then MQTT in binary
+    /// messages (`ternmq::transport::ws::WsBytes` on the client's side too).
+    Ws(SocketAddr),
     Memory(std::sync::Arc<ternmq::Broker>),
 }
 
@@ -168,7 +278,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// Opens a TCP connection and sends nothing; `protocol` encodes and decodes packets.
+    /// Opens a connection and sends nothing; `protocol` encodes and decodes packets.
     pub async fn open(target: impl Into<Target>, name: &str, protocol: Protocol) -> Client {
         let stream: Box<dyn Duplex> = match target.into() {
             Target::Tcp(addr) => {
@@ -178,6 +288,12 @@ impl Client {
                     .unwrap_or_else(|e| panic!("{name}: TCP connect failed: {e}"));
                 stream.set_nodelay(true).expect("set_nodelay");
                 Box::new(stream)
+            }
+            Target::Ws(addr) => {
+                let (ws, _) = super::ws::open(addr, "/mqtt", &["mqtt"], None)
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: WebSocket upgrade failed: {e}"));
+                Box::new(WsBytes::new(ws))
             }
             Target::Memory(broker) => Box::new(super::connect_in_memory(&broker)),
         };
@@ -200,12 +316,17 @@ impl Client {
     pub async fn connect_with(addr: impl Into<Target>, connect: Connect) -> (Client, ConnAck) {
         let name = connect.client_id.to_string();
         let mut c = Client::open(addr, &name, connect.protocol).await;
-        c.send(Packet::Connect(Box::new(connect))).await;
-        let ack = match c.expect("CONNACK").await {
-            Packet::ConnAck(ack) => ack,
-            other => panic!("{name}: expected CONNACK, got {other:?}"),
-        };
+        let ack = c.handshake(connect).await;
         (c, ack)
+    }
+
+    /// Sends `connect` on this open stream and returns the CONNACK, whatever its code.
+    pub async fn handshake(&mut self, connect: Connect) -> ConnAck {
+        self.send(Packet::Connect(Box::new(connect))).await;
+        match self.expect("CONNACK").await {
+            Packet::ConnAck(ack) => ack,
+            other => panic!("{}: expected CONNACK, got {other:?}", self.name),
+        }
     }
 
     /// Connects and asserts success (reason code 0x00); returns the CONNACK too.
@@ -377,6 +498,68 @@ impl Client {
                 self.name
             ),
             Event::Packet(p) => panic!("{}: expected the connection closed, got {p:?}", self.name),
+        }
+    }
+
+    /// Every packet up to the first one matching `last`, included.
+    pub async fn read_until(&mut self, what: &str, last: impl Fn(&Packet) -> bool) -> Vec<Packet> {
+        let mut packets: Vec<Packet> = Vec::new();
+        loop {
+            match self.next_event(WAIT).await {
+                Event::Packet(p) if last(&p) => {
+                    packets.push(p);
+                    return packets;
+                }
+                Event::Packet(p) => packets.push(p),
+                Event::Timeout => panic!("{}: no {what} within {WAIT:?}: {packets:?}", self.name),
+                Event::Closed(how) => {
+                    panic!("{}: closed ({how}) before {what}: {packets:?}", self.name)
+                }
+            }
+        }
+    }
+
+    /// For a client still sending when the broker closes the connection (with
+    /// `last_packet`, the reason): the broker's packets up to that one, then `more` bytes
+    /// from the client, which go through (the broker still reads, it does not reset the
+    /// connection), then the clean end of the stream.
+    pub async fn lingering_close(
+        &mut self,
+        last_packet: &str,
+        last: impl Fn(&Packet) -> bool,
+        more: &[u8],
+    ) -> Vec<Packet> {
+        let packets = self.read_until(last_packet, last).await;
+        if let Err(e) = self.stream.write_all(more).await {
+            panic!("{}: writing after {last_packet} failed: {e}", self.name);
+        }
+        let (rest, end) = self.read_to_end().await;
+        assert!(
+            rest.is_empty(),
+            "{}: after {last_packet}: {rest:?}",
+            self.name
+        );
+        assert_eq!(
+            end, "EOF",
+            "{}: the end of the stream after {last_packet}",
+            self.name
+        );
+        packets
+    }
+
+    /// Every packet until the broker closes the connection, and how it closed: "EOF" for a
+    /// clean end of the stream, else the error (a reset, say).
+    pub async fn read_to_end(&mut self) -> (Vec<Packet>, String) {
+        let mut packets: Vec<Packet> = self.pending.drain(..).collect();
+        loop {
+            match self.read_event(WAIT).await {
+                Event::Packet(p) => packets.push(p),
+                Event::Closed(how) => return (packets, how),
+                Event::Timeout => panic!(
+                    "{}: still open after {WAIT:?}, having sent {packets:?}",
+                    self.name
+                ),
+            }
         }
     }
 

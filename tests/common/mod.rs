@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod mosquitto;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +101,11 @@ impl TestBroker {
             tweak(config);
         })
         .await
+    }
+
+    /// Where clients connect over WebSocket (see `with_ws`).
+    pub fn ws_target(&self) -> client::Target {
+        client::Target::Ws(self.ws_addr())
     }
 
     /// The address of the ws listener (see `with_ws`).
