@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod store;
 pub mod transport;
 
 pub use broker::{Broker, Server};
