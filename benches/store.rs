@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ternmq::protocol::{Properties, QoS};
-use ternmq::store::{Delivery, DiskStore, Op, PersistenceConfig, Store, StoredMessage, SyncMode};
+use ternmq::protocol::{ByteStr, Properties, QoS};
+use ternmq::store::{
+    Delivery, DiskStore, Op, PersistenceConfig, Store, StoredMessage, StoredSession, SyncMode,
+};
 
 /// Sizes: the full run, or the smoke test under `cargo test`.
 struct Sizes {
@@ -36,7 +38,7 @@ const FULL: Sizes = Sizes {
 
 const SMOKE: Sizes = Sizes {
     sessions: 50,
-    messages: 2_000,
+    messages: 500,
     retained: 1_000,
     recovery_sessions: 100,
 };
@@ -353,8 +355,6 @@ struct Churn {
     msgs_per_sec: f64,
     /// Bytes written to the device per logical byte submitted.
     write_amp: Option<f64>,
-    /// Disk bytes per queued message, with the queue at its deepest.
-    bytes_per_queued: f64,
 }
 
 /// Enqueues `messages` messages across `sessions`, dequeuing each `LAG` commits later.
@@ -364,7 +364,6 @@ fn churn<E: Engine>(dir: &Path, sizes: &Sizes, sync: Sync) -> Churn {
     let mut seqs = vec![0u64; sizes.sessions as usize];
     let mut in_queue: std::collections::VecDeque<Vec<(u64, u64, u64)>> = Default::default();
     let (mut logical, mut next_id) = (0u64, 1u64);
-    let mut bytes_per_queued = 0.0;
     let written_before = written_bytes();
     let start = Instant::now();
     let mut last_sync = start;
@@ -405,10 +404,6 @@ fn churn<E: Engine>(dir: &Path, sizes: &Sizes, sync: Sync) -> Churn {
             engine.sync();
             last_sync = Instant::now();
         }
-        if b + 1 == LAG.min(batches) {
-            engine.sync();
-            bytes_per_queued = dir_bytes(dir) as f64 / (LAG.min(batches) * BATCH) as f64;
-        }
     }
     if sync != Sync::Never {
         engine.sync();
@@ -422,8 +417,23 @@ fn churn<E: Engine>(dir: &Path, sizes: &Sizes, sync: Sync) -> Churn {
     Churn {
         msgs_per_sec: sizes.messages as f64 / elapsed.as_secs_f64(),
         write_amp,
-        bytes_per_queued,
     }
+}
+
+/// Disk bytes per queued message: sessions x 10 messages of 100 B stored, then closed (for
+/// fjall, with its memtables written to table files, its steady state).
+fn queue_footprint<E: Engine>(root: &Path, sizes: &Sizes) -> f64 {
+    let dir = root.join(format!("{}-footprint", E::NAME));
+    let only_queues = Sizes {
+        retained: 0,
+        ..*sizes
+    };
+    let mut engine = fill::<E>(&dir, &only_queues);
+    engine.flush();
+    engine.close();
+    let bytes = dir_bytes(&dir) as f64 / (sizes.recovery_sessions * 10) as f64;
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
 }
 
 /// Fills a store with the recovery data set; `crash` ends the process without closing it.
@@ -622,14 +632,18 @@ fn engine_report<E: Engine>(root: &Path, sizes: &Sizes, full: bool) {
         let dir = root.join(format!("{}-{sync:?}", E::NAME));
         let r = churn::<E>(&dir, sizes, sync);
         println!(
-            "| {} | {sync:?} | {:.0} msg/s | {} | {:.0} B |",
+            "| {} | {sync:?} | {:.0} msg/s | write amplification {} |",
             E::NAME,
             r.msgs_per_sec,
             r.write_amp.map_or("n/a".into(), |w| format!("{w:.1}x")),
-            r.bytes_per_queued,
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+    println!(
+        "| {} | disk bytes per queued message | {:.0} B |",
+        E::NAME,
+        queue_footprint::<E>(root, sizes)
+    );
     let r = recovery::<E>(root, sizes, full);
     println!(
         "| {} | recovery of {} records | clean {:.0} ms | after a crash {:.0} ms |",
@@ -646,10 +660,13 @@ fn engine_report<E: Engine>(root: &Path, sizes: &Sizes, full: bool) {
 // ---- ternmq's store ----
 
 fn message(id: u64, topic: String) -> StoredMessage {
+    // Payload bytes vary, as real ones do (the engines compress).
     StoredMessage {
         id,
         topic: topic.into(),
-        payload: Bytes::from(vec![0xA5; PAYLOAD]),
+        payload: (0..PAYLOAD as u64)
+            .map(|i| (id.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8)
+            .collect::<Bytes>(),
         qos: QoS::AtLeastOnce,
         retain: false,
         properties: Properties::default(),
@@ -665,45 +682,74 @@ fn store_config(dir: &Path, sync: SyncMode) -> PersistenceConfig {
     }
 }
 
-/// `clients` publishers at once, each submitting one enqueue and waiting for it to be durable
-/// (as a connection waits before its PUBACK), then the dequeue of a message LAG back.
-fn store_churn(dir: &Path, sizes: &Sizes, sync: SyncMode, clients: u64) -> (f64, Option<f64>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn client(n: u64) -> ByteStr {
+    format!("client-{n:06}").into()
+}
+
+fn enqueue(session: u64, seq: u64, m: Arc<StoredMessage>) -> Op {
+    Op::Enqueue {
+        client_id: client(session),
+        seq,
+        delivery: Delivery {
+            message: m,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+        },
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
-    rt.block_on(async {
+        .expect("runtime")
+}
+
+/// `publishers` tasks at once, each submitting one enqueue and waiting for it to be durable
+/// (as a connection waits before its PUBACK), with the dequeue of its message `LAG` back.
+/// Returns messages per second, write amplification, and commits per submit.
+fn store_churn(
+    dir: &Path,
+    sizes: &Sizes,
+    sync: SyncMode,
+    publishers: u64,
+) -> (f64, Option<f64>, f64) {
+    runtime().block_on(async {
         let store = Arc::new(DiskStore::open(&store_config(dir, sync)).expect("open store"));
+        let sessions: Vec<Op> = (0..sizes.sessions)
+            .map(|s| Op::PutSession {
+                client_id: client(s),
+                session: StoredSession::default(),
+            })
+            .collect();
+        store.submit(sessions).await.expect("sessions");
+        let commits_before = store.commits();
         let written_before = written_bytes();
         let start = Instant::now();
-        let per_client = sizes.messages / clients;
+        let per_publisher = sizes.messages / publishers;
         let mut tasks = Vec::new();
-        for c in 0..clients {
+        for p in 0..publishers {
             let store = store.clone();
             let sessions = sizes.sessions;
             tasks.push(tokio::spawn(async move {
                 let mut logical = 0u64;
                 let mut queued = std::collections::VecDeque::new();
-                for i in 0..per_client {
-                    let id = c * per_client + i + 1;
-                    let client_id: Arc<str> = format!("client-{:06}", id % sessions).into();
-                    let m = Arc::new(message(id, format!("bench/{c}/{i}")));
-                    logical += (PAYLOAD + 40 + client_id.len() + 8) as u64;
-                    let mut ops = vec![Op::Enqueue {
-                        client_id: client_id.clone(),
-                        seq: id,
-                        delivery: Delivery {
-                            message: m,
-                            qos: QoS::AtLeastOnce,
-                            retain: false,
-                            subscription_ids: Vec::new(),
-                        },
-                    }];
-                    queued.push_back((client_id, id));
+                for i in 0..per_publisher {
+                    // Ids (and so sequence numbers) only grow: unique keys, as the broker's.
+                    let id = i * publishers + p + 1;
+                    let session = id % sessions;
+                    let m = Arc::new(message(id, format!("bench/{p}/{i}")));
+                    logical += (PAYLOAD + 40 + 14 + 8) as u64;
+                    let mut ops = vec![enqueue(session, id, m)];
+                    queued.push_back((session, id));
                     if queued.len() as u64 > LAG {
-                        let (client_id, seq) = queued.pop_front().expect("queued");
-                        ops.push(Op::Dequeue { client_id, seq });
+                        let (session, seq) = queued.pop_front().expect("queued");
+                        ops.push(Op::Dequeue {
+                            client_id: client(session),
+                            seq,
+                        });
                     }
                     store.submit(ops).await.expect("durable");
                 }
@@ -714,14 +760,65 @@ fn store_churn(dir: &Path, sizes: &Sizes, sync: SyncMode, clients: u64) -> (f64,
         for t in tasks {
             logical += t.await.expect("task");
         }
-        let rate = (per_client * clients) as f64 / start.elapsed().as_secs_f64();
+        let messages = per_publisher * publishers;
+        let rate = messages as f64 / start.elapsed().as_secs_f64();
+        let commits = (store.commits() - commits_before) as f64 / messages as f64;
         store.close().await.expect("close");
         let amp = match (written_before, written_bytes()) {
             (Some(a), Some(b)) if logical > 0 => Some((b - a) as f64 / logical as f64),
             _ => None,
         };
-        (rate, amp)
+        (rate, amp, commits)
     })
+}
+
+/// The recovery data set through the store: retained messages, sessions with 10 queued
+/// messages each. Returns (open + load time, bytes on disk per queued message).
+fn store_recovery(dir: &Path, sizes: &Sizes) -> (Duration, f64, usize) {
+    let rt = runtime();
+    rt.block_on(async {
+        let store = DiskStore::open(&store_config(dir, SyncMode::Never)).expect("open");
+        let mut ops = Vec::new();
+        for i in 0..sizes.retained {
+            let mut m = message(0, format!("site/{:03}/device/{i:08}/state", i % 1000));
+            m.retain = true;
+            ops.push(Op::SetRetained(Arc::new(m)));
+            if ops.len() >= 1000 {
+                drop(store.submit(std::mem::take(&mut ops)));
+            }
+        }
+        let mut id = 0;
+        for s in 0..sizes.recovery_sessions {
+            ops.push(Op::PutSession {
+                client_id: client(s),
+                session: StoredSession::default(),
+            });
+            for seq in 1..=10 {
+                id += 1;
+                ops.push(enqueue(s, seq, Arc::new(message(id, format!("cmd/{s}")))));
+            }
+            if ops.len() >= 1000 {
+                drop(store.submit(std::mem::take(&mut ops)));
+            }
+        }
+        store.submit(ops).await.expect("fill");
+        store.close().await.expect("close");
+    });
+    drop(rt);
+    let rt = runtime();
+    let start = Instant::now();
+    let (snapshot, store) = rt.block_on(async {
+        let store = DiskStore::open(&store_config(dir, SyncMode::Never)).expect("reopen");
+        (store.load(1000).await.expect("load"), store)
+    });
+    let took = start.elapsed();
+    let queued: u64 = snapshot.sessions.iter().map(|s| s.queued).sum();
+    assert_eq!(snapshot.retained.len() as u64, sizes.retained);
+    assert_eq!(queued, sizes.recovery_sessions * 10);
+    assert!(snapshot.recovery.is_clean(), "{:?}", snapshot.recovery);
+    rt.block_on(store.close()).expect("close");
+    let per_message = dir_bytes(dir) as f64 / (sizes.retained + queued) as f64;
+    (took, per_message, snapshot.sessions.len())
 }
 
 fn store_report(root: &Path, sizes: &Sizes) {
@@ -730,16 +827,23 @@ fn store_report(root: &Path, sizes: &Sizes) {
         (SyncMode::Interval, "interval"),
         (SyncMode::Never, "never"),
     ] {
-        for clients in [1, 64] {
-            let dir = root.join(format!("store-{name}-{clients}"));
-            let (rate, amp) = store_churn(&dir, sizes, sync, clients);
+        for publishers in [1, 64] {
+            let dir = root.join(format!("store-{name}-{publishers}"));
+            let (rate, amp, commits) = store_churn(&dir, sizes, sync, publishers);
             println!(
-                "| ternmq store | {name} | {clients} publishers waiting for durability | {rate:.0} msg/s | {} |",
+                "| ternmq store | {name} | {publishers} publishers waiting for durability | {rate:.0} msg/s | write amplification {} | {commits:.3} commits per message |",
                 amp.map_or("n/a".into(), |w| format!("{w:.1}x"))
             );
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+    let dir = root.join("store-recovery");
+    let (took, per_message, sessions) = store_recovery(&dir, sizes);
+    println!(
+        "| ternmq store | recovery (open + load) of {} retained and {sessions} sessions x 10 queued | {:.0} ms | {per_message:.0} disk bytes per stored message |",
+        sizes.retained,
+        took.as_secs_f64() * 1e3
+    );
 }
 
 fn main() {

@@ -1648,7 +1648,7 @@ async fn rumqttc_qos1_and_qos2_messages_arrive_in_order() {
         let p = sub.next_publish().await;
         let i: usize = text(&p.payload)[1..].parse().expect("payload m<i>");
         assert_eq!(p.topic, format!("rq/{}", i % 2));
-        let expected_qos = if i % 2 == 0 {
+        let expected_qos = if i.is_multiple_of(2) {
             rumqttc::QoS::AtLeastOnce
         } else {
             rumqttc::QoS::ExactlyOnce

@@ -92,7 +92,7 @@ fn rich_batch() -> Vec<Op> {
         ..StoredMessage::default()
     });
     let will = StoredWill {
-        message: StoredMessage {
+        message: Arc::new(StoredMessage {
             topic: "dead/d1".into(),
             payload: Bytes::from_static(b"gone"),
             qos: QoS::AtLeastOnce,
@@ -102,7 +102,7 @@ fn rich_batch() -> Vec<Op> {
                 ..props
             },
             ..StoredMessage::default()
-        },
+        }),
         publish_at: 1_800_000_000_000,
     };
     vec![
@@ -348,7 +348,7 @@ async fn random_ops_match_the_in_memory_model_across_restarts() {
         let mut store = DiskStore::open(&config(dir.path(), SyncMode::Never)).unwrap();
         for (i, b) in batches.iter().enumerate() {
             // Unawaited submits: the writer gathers several into one commit.
-            let _ = store.submit(b.clone());
+            drop(store.submit(b.clone()));
             if i % 20 == 19 {
                 store.close().await.unwrap();
                 drop(store);
@@ -646,7 +646,7 @@ async fn zeros_in_the_journal_after_a_clean_shutdown_are_damage() {
     let store = DiskStore::open(&config(dir.path(), SyncMode::Always)).unwrap();
     store.submit(vec![session("c")]).await.unwrap();
     for seq in 1..=200 {
-        let _ = store.submit(vec![enqueue("c", seq, &message(seq, "t", 100))]);
+        drop(store.submit(vec![enqueue("c", seq, &message(seq, "t", 100))]));
     }
     store.close().await.unwrap();
     drop(store);
@@ -703,10 +703,10 @@ async fn zeros_in_a_table_file_stop_or_recover() {
     // Enough to fill memtables, so the data sits in table files: 400 sessions, 40 KiB each.
     for s in 0..400u64 {
         let c = format!("client-{s:04}");
-        let _ = store.submit(vec![
+        drop(store.submit(vec![
             session(&c),
             enqueue(&c, 1, &message(s + 1, "t", 40 << 10)),
-        ]);
+        ]));
     }
     store.close().await.unwrap();
     drop(store);

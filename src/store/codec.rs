@@ -431,7 +431,7 @@ pub(super) fn decode_session(body: &[u8]) -> Result<StoredSession, RecordError> 
         let will = if r.flag()? {
             let publish_at = r.u64()?;
             Some(StoredWill {
-                message: read_message(r)?,
+                message: std::sync::Arc::new(read_message(r)?),
                 publish_at,
             })
         } else {
@@ -536,7 +536,7 @@ mod tests {
                 expiry_interval: u32::MAX,
                 offline_since: Some(5),
                 will: Some(StoredWill {
-                    message: m,
+                    message: Arc::new(m),
                     publish_at: 77,
                 }),
             },

@@ -189,7 +189,7 @@ pub struct StoredSession {
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct StoredWill {
-    pub message: StoredMessage,
+    pub message: Arc<StoredMessage>,
     /// When to publish it, unix milliseconds.
     pub publish_at: u64,
 }
