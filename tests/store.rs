@@ -645,8 +645,12 @@ async fn zeros_in_the_journal_after_a_clean_shutdown_are_damage() {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(&config(dir.path(), SyncMode::Always)).unwrap();
     store.submit(vec![session("c")]).await.unwrap();
-    for seq in 1..=200 {
-        drop(store.submit(vec![enqueue("c", seq, &message(seq, "t", 100))]));
+    // One commit each, so that the damage lands among them.
+    for seq in 1..=60 {
+        store
+            .submit(vec![enqueue("c", seq, &message(seq, "t", 100))])
+            .await
+            .unwrap();
     }
     store.close().await.unwrap();
     drop(store);
@@ -673,7 +677,7 @@ async fn zeros_in_the_journal_after_a_clean_shutdown_are_damage() {
     let snap = store.load(usize::MAX).await.unwrap();
     store.close().await.unwrap();
     let queued = snap.sessions[0].queue.len();
-    assert!(queued > 0 && queued < 200, "{queued} of 200 recovered");
+    assert!(queued > 0 && queued < 60, "{queued} of 60 recovered");
     // What was read is a prefix of what was written.
     let seqs: Vec<u64> = snap.sessions[0].queue.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=queued as u64).collect::<Vec<_>>());

@@ -320,11 +320,13 @@ enum DurableState {
 }
 
 impl Durable {
+    /// Already resolved.
     pub fn ready(result: Result<(), StoreError>) -> Durable {
         Durable(DurableState::Ready(Some(result)))
     }
 
-    pub(crate) fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Durable {
+    /// Resolves with what is sent on `rx` (a dropped sender means the store closed).
+    pub fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Durable {
         Durable(DurableState::Waiting(rx))
     }
 }
