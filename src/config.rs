@@ -10,7 +10,7 @@ use crate::security::SecurityConfig;
 use crate::transport::tls::TlsConfig;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +244,66 @@ impl Default for Limits {
     }
 }
 
+/// `[persistence]`: the store of retained messages and persistent sessions
+/// (docs/persistence.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// Keep state on disk; false keeps it in memory only (lost on restart).
+    pub enabled: bool,
+    /// The data directory, created if missing; relative paths are from the working directory.
+    pub dir: PathBuf,
+    /// When a batch counts as durable.
+    pub sync: SyncMode,
+    /// `interval`: milliseconds between fsyncs (the most a power cut can lose).
+    #[serde(deserialize_with = "sync_interval")]
+    pub sync_interval_ms: u64,
+    /// What to do with a store too damaged to open as it is.
+    pub on_corruption: OnCorruption,
+    /// Disk budget, bytes: past it the broker refuses messages it would have to store.
+    #[serde(deserialize_with = "disk_budget")]
+    pub max_disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync before a batch counts as durable (before PUBACK/PUBREC).
+    Always,
+    /// fsync every `sync_interval_ms`; a batch counts as durable once submitted.
+    Interval,
+    /// Never fsync: the OS writes when it likes (a process crash loses nothing, a power cut may).
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorruption {
+    /// Move the damaged store aside and start with what could be read from it.
+    Recover,
+    /// Refuse to start, naming the damaged store.
+    Stop,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            enabled: true,
+            dir: PathBuf::from("data"),
+            sync: SyncMode::Interval,
+            sync_interval_ms: 100,
+            on_corruption: OnCorruption::Recover,
+            max_disk_bytes: 1 << 30,
+        }
+    }
+}
+
+impl PersistenceConfig {
+    pub fn sync_interval(&self) -> Duration {
+        Duration::from_millis(self.sync_interval_ms)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -441,6 +501,14 @@ fn origins<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     }
 }
 
+fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 1, 60_000, "value")
+}
+
+fn disk_budget<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 1 << 20, 1 << 50, "value")
+}
+
 fn packet_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     // The smallest useful limit still admits a CONNECT with a short client id.
     let max = crate::protocol::MAX_REMAINING_LENGTH as u64 + 5;
@@ -512,6 +580,37 @@ mod tests {
         assert!(err.contains("max_inflight_messages"), "{err}");
         let err = Config::parse("log_level = \"loud\"\n").unwrap_err();
         assert!(err.contains("line 1") && err.contains("log_level"), "{err}");
+    }
+
+    #[test]
+    fn persistence_keys() {
+        let parse = |t: &str| toml::from_str::<PersistenceConfig>(t).map_err(|e| e.to_string());
+        assert_eq!(parse("").unwrap(), PersistenceConfig::default());
+        let c = parse(
+            "enabled = false\ndir = \"/var/lib/ternmq\"\nsync = \"always\"\nsync_interval_ms = 5\non_corruption = \"stop\"\nmax_disk_bytes = 1048576\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            PersistenceConfig {
+                enabled: false,
+                dir: "/var/lib/ternmq".into(),
+                sync: SyncMode::Always,
+                sync_interval_ms: 5,
+                on_corruption: OnCorruption::Stop,
+                max_disk_bytes: 1 << 20,
+            }
+        );
+        for (text, key) in [
+            ("\nsync_interval_ms = 0\n", "sync_interval_ms"),
+            ("\nmax_disk_bytes = 1000\n", "max_disk_bytes"),
+            ("\nsync = \"sometimes\"\n", "sync"),
+            ("\non_corruption = \"ignore\"\n", "on_corruption"),
+            ("\nsink = \"always\"\n", "sink"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("line 2") && err.contains(key), "{err}");
+        }
     }
 
     #[test]

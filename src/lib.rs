@@ -18,6 +18,7 @@ pub mod router;
 pub mod security;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod transport;
 
 pub use broker::Broker;

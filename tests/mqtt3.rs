@@ -1555,6 +1555,11 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
 
     let mut fast = Client::connect_v311(addr, "fast").await;
     fast.subscribe_ok(&[("flood", QoS::AtMostOnce)]).await;
+    // How far the fast subscriber got: the publisher stays at most one chunk ahead of it,
+    // so that the fast one's own queue never overflows however busy the machine is, while
+    // the slow one, which never reads, falls behind without holding anyone up.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = progress.clone();
     // Reads until the last message or until the stream dries up; returns how many
     // arrived and the first gap in the sequence, if any.
     let fast_reader = tokio::spawn(async move {
@@ -1571,6 +1576,7 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
                 first_gap = Some((next, index));
             }
             received += 1;
+            seen.store(received, std::sync::atomic::Ordering::Relaxed);
             next = index + 1;
             if index == MESSAGES as u64 - 1 {
                 break;
@@ -1579,16 +1585,27 @@ async fn slow_qos0_subscriber_does_not_block_the_publisher_or_fast_subscribers()
         (received, first_gap, fast)
     });
 
+    const CHUNK: usize = 500;
     let mut publisher = Client::connect_v311(addr, "pub").await;
-    let mut flood = BytesMut::new();
     let mut payload = vec![0u8; SIZE];
-    for i in 0..MESSAGES {
-        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let packet = publish_packet("flood", &payload, QoS::AtMostOnce, false, 0);
-        protocol::encode(&Packet::Publish(packet), Protocol::V311, &mut flood).unwrap();
-    }
     let start = Instant::now();
-    publisher.send_raw(&flood).await;
+    for chunk in 0..MESSAGES / CHUNK {
+        let mut flood = BytesMut::new();
+        for i in chunk * CHUNK..(chunk + 1) * CHUNK {
+            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let packet = publish_packet("flood", &payload, QoS::AtMostOnce, false, 0);
+            protocol::encode(&Packet::Publish(packet), Protocol::V311, &mut flood).unwrap();
+        }
+        let behind = (chunk * CHUNK).saturating_sub(CHUNK);
+        while progress.load(std::sync::atomic::Ordering::Relaxed) < behind {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the fast subscriber stalled"
+            );
+        }
+        publisher.send_raw(&flood).await;
+    }
     publisher.barrier().await;
     let took = start.elapsed();
     assert!(
@@ -1720,7 +1737,7 @@ async fn rumqttc_qos1_and_qos2_messages_arrive_in_order() {
         let p = sub.next_publish().await;
         let i: usize = text(&p.payload)[1..].parse().expect("payload m<i>");
         assert_eq!(p.topic, format!("rq/{}", i % 2));
-        let expected_qos = if i % 2 == 0 {
+        let expected_qos = if i.is_multiple_of(2) {
             rumqttc::QoS::AtLeastOnce
         } else {
             rumqttc::QoS::ExactlyOnce

@@ -121,6 +121,10 @@ fn parse_varint(b: &[u8]) -> Result<Option<(u32, usize)>, Error> {
 pub(super) struct Reader(Bytes);
 
 impl Reader {
+    pub(super) fn new(bytes: Bytes) -> Reader {
+        Reader(bytes)
+    }
+
     fn need(&self, n: usize) -> Result<(), Error> {
         if self.0.len() < n {
             return Err(Error::Malformed(

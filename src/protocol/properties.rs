@@ -57,6 +57,8 @@ pub(super) enum Context {
     UnsubAck = 1 << 8,
     Disconnect = 1 << 9,
     Auth = 1 << 10,
+    /// A message kept by the store (src/store): the properties of a PUBLISH or of a will.
+    Stored = (1 << 1) | (1 << 3),
 }
 
 /// The contexts in which property `id` is allowed; 0 for an unknown property.
@@ -165,6 +167,22 @@ impl Properties {
                 0x2A => set_once(&mut p.shared_subscription_available, zero_or_one(r.u8()?)?)?,
                 _ => return Err(Error::Malformed("unknown property")),
             }
+        }
+        Ok(p)
+    }
+
+    /// The stored form of a message's properties (src/store): the property block of a
+    /// PUBLISH, length first, so that the store reuses the codec's checks.
+    pub(crate) fn encode_stored(&self, out: &mut bytes::BytesMut) -> Result<(), Error> {
+        self.encode(out)
+    }
+
+    /// Reads what [`Properties::encode_stored`] wrote: the properties of a PUBLISH or a will.
+    pub(crate) fn decode_stored(bytes: Bytes) -> Result<Properties, Error> {
+        let mut r = Reader::new(bytes);
+        let p = Properties::decode(&mut r, Context::Stored)?;
+        if !r.is_empty() {
+            return Err(Error::Malformed("bytes after the stored properties"));
         }
         Ok(p)
     }
