@@ -9,6 +9,7 @@
 //! after that, after a wake-up and whenever the write buffer has room; `handle_timeout`
 //! when `poll_timeout` passed; `close` once, with the first `Exit` any of them returned.
 
+use super::auth::{Exchange, Next};
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
@@ -17,8 +18,8 @@ use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
 use crate::metrics;
 use crate::protocol::{
-    self, Ack, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, UnsubAck, Unsubscribe,
+    self, Ack, Auth, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::router::{is_shared, valid_subscription, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
@@ -117,6 +118,8 @@ impl<'a> Connection<'a> {
                 authorizer: login.authorizer,
                 from_token: login.from_token,
                 generation: broker.security_generation(),
+                method: login.method,
+                reauth: None,
             }),
             batch: Vec::new(),
         }
@@ -220,10 +223,7 @@ impl<'a> Connection<'a> {
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
             Packet::Connect(_) => Err(violation(ReasonCode::ProtocolError, "second CONNECT")),
-            Packet::Auth(_) => Err(violation(
-                ReasonCode::ProtocolError,
-                "AUTH without an authentication method",
-            )),
+            Packet::Auth(a) => self.on_auth(a, out),
             other => Err(violation(
                 ReasonCode::ProtocolError,
                 format!("{} is not sent by clients", other.name()),
@@ -576,6 +576,65 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
+    /// Re-authentication (MQTT 5.0, 4.12.1): AUTH 0x19 starts a new exchange with the
+    /// method of the CONNECT, AUTH 0x18 continues it; success is answered with AUTH 0x00
+    /// and the client's ACL rebuilt, failure ends the connection (DISCONNECT 0x87).
+    fn on_auth(&mut self, a: Auth, out: &mut BytesMut) -> Result<(), Exit> {
+        let Some(method) = self.access.method.clone() else {
+            return Err(violation(
+                ReasonCode::ProtocolError,
+                "AUTH without an authentication method",
+            ));
+        };
+        if a.properties.authentication_method.as_ref() != Some(&method) {
+            return Err(violation(
+                ReasonCode::ProtocolError,
+                "AUTH with another authentication method than CONNECT's",
+            ));
+        }
+        let next = match (a.reason, self.access.reauth.as_mut()) {
+            (ReasonCode::Reauthenticate, None) => {
+                let client_id = &self.session.client_id;
+                let data = a.properties.authentication_data;
+                let methods = &self.broker.auth_methods;
+                let (exchange, next) = Exchange::start(methods, &method, client_id, data);
+                self.access.reauth = exchange.map(Box::new);
+                next
+            }
+            (ReasonCode::ContinueAuthentication, Some(exchange)) => {
+                exchange.on_packet(Packet::Auth(a))
+            }
+            _ => {
+                return Err(violation(
+                    ReasonCode::ProtocolError,
+                    "AUTH out of step with re-authentication",
+                ))
+            }
+        };
+        match next {
+            Next::Challenge(auth) => self.send(out, Packet::Auth(*auth)),
+            Next::Refuse(code) => {
+                metrics::auth_failure();
+                return Err(limit(code, "re-authentication failed"));
+            }
+            Next::Done { data, username } => {
+                self.access.reauth = None;
+                if username.is_some() && username != self.access.username {
+                    return Err(limit(
+                        ReasonCode::NotAuthorized,
+                        "re-authentication as another user",
+                    ));
+                }
+                let mut done = Auth::default();
+                done.properties.authentication_method = Some(method);
+                done.properties.authentication_data = data;
+                self.send(out, Packet::Auth(done));
+                self.rebuild_access(self.broker.security_generation());
+            }
+        }
+        Ok(())
+    }
+
     fn on_disconnect(&mut self, d: Disconnect) -> Result<(), Exit> {
         if let Some(expiry) = d.properties.session_expiry_interval {
             // A session that was to end with the connection cannot be kept now [MQTT-3.14.2-2].
@@ -829,8 +888,16 @@ impl<'a> Connection<'a> {
     /// The client's ACL, rebuilt from the files if they were reloaded since.
     fn refresh_access(&mut self) {
         let generation = self.broker.security_generation();
+        if self.access.generation != generation {
+            self.rebuild_access(generation);
+        }
+    }
+
+    /// Builds the client's ACL again from the current files (unless its rules came with
+    /// a token).
+    fn rebuild_access(&mut self, generation: u64) {
         let a = &mut *self.access;
-        if a.generation != generation && !a.from_token {
+        if !a.from_token {
             let client_id = &self.session.client_id;
             a.authorizer = self
                 .broker
@@ -934,6 +1001,10 @@ struct Access {
     from_token: bool,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
+    /// The MQTT 5 enhanced authentication method of the CONNECT, if any.
+    method: Option<ByteStr>,
+    /// A re-authentication under way.
+    reauth: Option<Box<Exchange>>,
 }
 
 /// Token buckets for the publish rate of one client: a burst of `publish_burst`
