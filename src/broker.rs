@@ -15,7 +15,9 @@ use crate::router::Router;
 use crate::security::backoff::{Backoff, BackoffConfig};
 use crate::security::enhanced::{AuthMethod, Scram};
 use crate::security::{Authenticator, SecurityError};
-use crate::session::{Detached, Ended, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
+use crate::session::journal::Journal;
+use crate::session::{Detached, Ended, Env, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
+use crate::store::Op;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +42,8 @@ pub struct Broker {
     /// Messages held for clients (queued, in flight) and the retained store
     /// (`limits.max_queued_memory`).
     pub memory: Arc<Budget>,
+    /// What sessions share: their limits, the memory budget, the journal to the store.
+    env: Arc<Env>,
     /// Partly received packets and write buffers (`limits.max_buffered_memory`).
     pub buffers: Budget,
     /// Client connections open now, all listeners together.
@@ -58,17 +62,39 @@ pub fn now() -> Instant {
 }
 
 impl Broker {
-    /// A broker with `config`; fails if a file of `[auth]` cannot be used.
+    /// A broker with `config` that keeps its state in memory only; fails if a file of
+    /// `[auth]` cannot be used.
     pub fn new(
         config: Config,
+        auth_methods: Vec<Arc<dyn AuthMethod>>,
+    ) -> Result<Arc<Broker>, SecurityError> {
+        Broker::with_journal(config, auth_methods, Journal::off())
+    }
+
+    /// A broker that records its persistent state in `journal`'s store.
+    pub fn with_journal(
+        config: Config,
         mut auth_methods: Vec<Arc<dyn AuthMethod>>,
+        journal: Journal,
     ) -> Result<Arc<Broker>, SecurityError> {
         let security = Arc::new(Authenticator::load(config.auth.clone())?);
         auth_methods.push(Arc::new(Scram {
             authenticator: security.clone(),
         }));
         let memory = Arc::new(Budget::new(config.limits.max_queued_memory));
+        let s = &config.session;
+        let env = Arc::new(Env {
+            limits: QueueLimits {
+                max_inflight: s.max_inflight_messages,
+                max_queued: s.max_queued_messages,
+                max_queued_bytes: s.max_queued_bytes,
+                queue_qos0: s.queue_qos0_messages,
+            },
+            budget: memory.clone(),
+            journal: Arc::new(journal),
+        });
         Ok(Arc::new(Broker {
+            env,
             security,
             security_generation: AtomicU64::new(0),
             backoff: Backoff::new(BackoffConfig::default()),
@@ -103,14 +129,19 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn queue_limits(&self) -> QueueLimits {
-        let s = &self.config.session;
-        QueueLimits {
-            max_inflight: s.max_inflight_messages,
-            max_queued: s.max_queued_messages,
-            max_queued_bytes: s.max_queued_bytes,
-            queue_qos0: s.queue_qos0_messages,
-        }
+    /// Where persistent state is recorded.
+    pub fn journal(&self) -> &Journal {
+        &self.env.journal
+    }
+
+    /// What every session shares.
+    pub fn session_env(&self) -> Arc<Env> {
+        self.env.clone()
+    }
+
+    /// Registers a restored session (start-up only: before any connection).
+    pub(crate) fn adopt(&self, session: Arc<Session>) {
+        self.sessions.insert(session.client_id.clone(), session);
     }
 
     /// Gives `client_id`'s session to a new connection. A stored session is resumed
@@ -153,12 +184,7 @@ impl Broker {
     }
 
     fn new_session(&self, client_id: &ByteStr, link: Link, expiry: u32) -> Arc<Session> {
-        let s = Session::new(
-            self.next_id(),
-            client_id.clone(),
-            self.queue_limits(),
-            self.memory.clone(),
-        );
+        let s = Session::new(self.next_id(), client_id.clone(), self.env.clone());
         s.attach_new(link, expiry);
         Arc::new(s)
     }
@@ -179,7 +205,7 @@ impl Broker {
         }
         let existed = self.router.subscribe(filter, session, options, id);
         let sub = crate::session::Subscription { options, id };
-        session.with_state(conn_id, |s| s.subscriptions.insert(filter.clone(), sub))?;
+        session.with_state(conn_id, |s| s.subscribe(filter.clone(), sub))?;
         Ok(existed)
     }
 
@@ -194,7 +220,7 @@ impl Broker {
         if !session.is_owned_by(conn_id) {
             return Err(NotOwner);
         }
-        session.with_state(conn_id, |s| s.subscriptions.remove(filter))?;
+        session.with_state(conn_id, |s| s.unsubscribe(filter))?;
         Ok(self.router.unsubscribe(filter, session.id))
     }
 
@@ -203,6 +229,17 @@ impl Broker {
     pub fn publish(&self, message: &Arc<Message>) -> usize {
         if message.retain {
             self.router.retain(message);
+            let journal = &self.env.journal;
+            if journal.is_on() {
+                let op = if message.payload.is_empty() {
+                    Op::ClearRetained {
+                        topic: message.topic.clone(),
+                    }
+                } else {
+                    Op::SetRetained(journal.message(message))
+                };
+                journal.submit(vec![op]);
+            }
         }
         self.router.publish(message)
     }
@@ -242,25 +279,36 @@ impl Broker {
             }
             Detached::Kept { expiry } => expiry,
         };
-        let expiry = (expiry != NEVER_EXPIRE).then(|| Duration::from_secs(u64::from(expiry)));
-        let will_after = (will_delay > 0)
-            .then(|| Duration::from_secs(u64::from(will_delay)))
-            .filter(|w| expiry.is_none_or(|e| *w < e));
-        if expiry.is_none() && will_after.is_none() {
+        let expiry = (expiry != NEVER_EXPIRE).then(|| now + Duration::from_secs(u64::from(expiry)));
+        let will_at = (will_delay > 0).then(|| now + Duration::from_secs(u64::from(will_delay)));
+        self.schedule(session, conn_id, expiry, will_at);
+    }
+
+    /// The timers of an offline session (left by `conn_id`): its delayed will at
+    /// `will_at`, its end at `expires_at`. Each acts only if the session is still offline
+    /// since that same connection; a will due after the session's end goes with the end.
+    pub(crate) fn schedule(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        expires_at: Option<Instant>,
+        will_at: Option<Instant>,
+    ) {
+        let will_at = will_at.filter(|w| expires_at.is_none_or(|e| *w < e));
+        if expires_at.is_none() && will_at.is_none() {
             return;
         }
         let (broker, session) = (self.clone(), session.clone());
-        let start = tokio::time::Instant::from_std(now);
         self.tasks.spawn(async move {
             let timers = async {
-                if let Some(w) = will_after {
-                    tokio::time::sleep_until(start + w).await;
+                if let Some(w) = will_at {
+                    tokio::time::sleep_until(w.into()).await;
                     if let Some(will) = session.take_pending_will(conn_id) {
                         broker.publish_will(&will, self::now());
                     }
                 }
-                if let Some(e) = expiry {
-                    tokio::time::sleep_until(start + e).await;
+                if let Some(e) = expires_at {
+                    tokio::time::sleep_until(e.into()).await;
                     broker.expire(&session, conn_id, self::now());
                 }
             };

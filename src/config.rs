@@ -25,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     /// Password file, ACL and tokens (docs/security.md).
     pub auth: SecurityConfig,
+    /// The store of retained messages and persistent sessions (docs/persistence.md).
+    pub persistence: PersistenceConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -288,7 +290,8 @@ pub enum OnCorruption {
 impl Default for PersistenceConfig {
     fn default() -> Self {
         PersistenceConfig {
-            enabled: true,
+            // Off unless configured, as in mosquitto; the sample broker.toml turns it on.
+            enabled: false,
             dir: PathBuf::from("data"),
             sync: SyncMode::Interval,
             sync_interval_ms: 100,
@@ -317,6 +320,7 @@ impl Default for Config {
             session: SessionLimits::default(),
             limits: Limits::default(),
             auth: SecurityConfig::default(),
+            persistence: PersistenceConfig::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod conn;
 pub mod message;
 pub mod metrics;
 pub mod protocol;
+pub mod recovery;
 pub mod router;
 pub mod security;
 pub mod server;

@@ -4,8 +4,13 @@
 use crate::broker::{Broker, ListenerRules};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
+use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
+use crate::session::journal::Journal;
+use crate::store::{
+    DiskStore, PersistenceConfig, RecoveryReport, Snapshot, Store, StoreError, SyncMode,
+};
 use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,12 +39,15 @@ pub enum StartError {
     Security(#[from] SecurityError),
     #[error("listener {addr}: {source}")]
     Tls { addr: SocketAddr, source: TlsError },
+    /// The store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl StartError {
     /// Whether the configuration is at fault (rather than the machine, e.g. a port in use).
     pub fn is_config(&self) -> bool {
-        !matches!(self, StartError::Bind { .. })
+        matches!(self, StartError::Security(_) | StartError::Tls { .. })
     }
 }
 
@@ -54,7 +62,20 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
-        let broker = Broker::new(config, auth_methods)?;
+        let (journal, snapshot) = open_store(&config.persistence).await?;
+        let broker = Broker::with_journal(config, auth_methods, journal)?;
+        if let Some(snapshot) = snapshot {
+            report(&snapshot.recovery);
+            let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
+            tracing::info!(
+                retained = recovered.retained,
+                sessions = recovered.sessions,
+                queued = recovered.queued,
+                in_flight = recovered.inflight,
+                expired = recovered.expired,
+                "state restored from the store"
+            );
+        }
         let mut server = Server {
             broker: broker.clone(),
             addrs: Vec::new(),
@@ -141,15 +162,54 @@ impl Server {
         self.broker.shutdown.cancelled().await
     }
 
-    /// Stops accepting, closes every connection, and waits up to `grace` for them.
-    /// Returns false if some task was still running when the grace period ended.
+    /// Stops accepting, closes every connection, waits up to `grace` for them, then
+    /// writes and closes the store. Returns false if some task was still running when the
+    /// grace period ended.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.broker.begin_shutdown();
         self.broker.tasks.close();
-        tokio::time::timeout(grace, self.broker.tasks.wait())
+        let all_closed = tokio::time::timeout(grace, self.broker.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if let Some(store) = self.broker.journal().store() {
+            if let Err(e) = store.close().await {
+                tracing::error!("closing the store: {e}");
+            }
+        }
+        all_closed
     }
+}
+
+/// The journal to the configured store, and what the store holds (None without
+/// persistence). Opening takes up to a second on a large store: off the runtime.
+async fn open_store(config: &PersistenceConfig) -> Result<(Journal, Option<Snapshot>), StartError> {
+    if !config.enabled {
+        return Ok((Journal::off(), None));
+    }
+    let cfg = config.clone();
+    let store = tokio::task::spawn_blocking(move || DiskStore::open(&cfg))
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))??;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let snapshot = store.load(usize::MAX).await?;
+    let always = config.sync == SyncMode::Always;
+    let now = crate::broker::now();
+    let journal = Journal::new(Some(store), always, now, snapshot.max_message_id);
+    Ok((journal, Some(snapshot)))
+}
+
+/// Logs what recovery found wrong with the store: never a silent partial start.
+fn report(recovery: &RecoveryReport) {
+    if recovery.is_clean() {
+        return;
+    }
+    tracing::error!(
+        recovered = recovery.recovered,
+        skipped = recovery.skipped,
+        discarded_tail_bytes = recovery.discarded_tail_bytes,
+        moved_aside = ?recovery.moved_aside,
+        "the store was damaged: started with what could be recovered"
+    );
 }
 
 /// The TLS handshake, then MQTT (or the WebSocket upgrade) over the encrypted stream.

@@ -435,6 +435,7 @@ where
     // Clients may send packets right behind CONNECT, before the CONNACK: they are in
     // the buffer already.
     conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
+    await_disk(conn, io, broker).await?;
     loop {
         // Shutdown wakes every connection (`Broker::begin_shutdown`) rather than being
         // one more future in the select: this future lives as long as the connection,
@@ -471,6 +472,7 @@ where
                     Ok(n) => n,
                 };
                 conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
+                await_disk(conn, io, broker).await?;
                 io.after_read(n, spare);
                 // After a large read, the subscribers just woken may sit in this worker's
                 // run queue (tokio's LIFO slot cannot be stolen): let them drain their
@@ -495,6 +497,25 @@ where
             }
         }
     }
+}
+
+/// Under `sync = "always"`, the acknowledgements just written wait until what they
+/// promise is on disk: one fsync for everything this read routed (and, by group commit,
+/// for what other connections submitted meanwhile). If the store failed they are never
+/// sent: the connection closes, and the client sends its messages again elsewhere.
+async fn await_disk<R, W>(
+    conn: &mut Connection<'_>,
+    io: &mut Io<R, W>,
+    broker: &Broker,
+) -> Result<(), Exit> {
+    if !conn.take_awaits_disk() {
+        return Ok(());
+    }
+    broker.journal().barrier().await.map_err(|e| {
+        tracing::error!("the store failed: {e}");
+        io.wbuf.clear();
+        limit(ReasonCode::UnspecifiedError, "the store failed")
+    })
 }
 
 /// Charges the buffers to the broker's budget; while it is exceeded, a connection that

@@ -72,6 +72,9 @@ pub struct Connection<'a> {
     throttle: Option<Box<Throttle>>,
     /// Who the client is and what it may do.
     access: Box<Access>,
+    /// Acknowledgements were written that must not reach the client before the store
+    /// has what they promise (`sync = "always"`).
+    awaits_disk: bool,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
 }
@@ -121,8 +124,14 @@ impl<'a> Connection<'a> {
                 method: login.method,
                 reauth: None,
             }),
+            awaits_disk: false,
             batch: Vec::new(),
         }
+    }
+
+    /// Whether the driver must wait for the store before writing (and clears it).
+    pub fn take_awaits_disk(&mut self) -> bool {
+        std::mem::take(&mut self.awaits_disk)
     }
 
     pub fn wake(&self) -> &Arc<Notify> {
@@ -203,18 +212,18 @@ impl<'a> Connection<'a> {
     ) -> Result<(), Exit> {
         match packet {
             Packet::Publish(p) => self.on_publish(p, now, out),
-            Packet::PubAck(a) => self.owned(|s| s.inflight.complete(a.pkid, false)).map(drop),
+            Packet::PubAck(a) => self.owned(|s| s.acknowledge(a.pkid, false)).map(drop),
             Packet::PubRec(a) => {
-                let known = self.owned(|s| s.inflight.received(a.pkid))?;
+                let known = self.owned(|s| s.pubrec(a.pkid))?;
                 self.send(out, Packet::PubRel(self.ack(a.pkid, known)));
                 Ok(())
             }
             Packet::PubRel(a) => {
-                let known = self.owned(|s| s.inbound_qos2.remove(&a.pkid))?;
+                let known = self.owned(|s| s.release_incoming(a.pkid))?;
                 self.send(out, Packet::PubComp(self.ack(a.pkid, known)));
                 Ok(())
             }
-            Packet::PubComp(a) => self.owned(|s| s.inflight.complete(a.pkid, true)).map(drop),
+            Packet::PubComp(a) => self.owned(|s| s.acknowledge(a.pkid, true)).map(drop),
             Packet::Subscribe(s) => self.on_subscribe(s, out),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u, out),
             Packet::PingReq => {
@@ -290,6 +299,9 @@ impl<'a> Connection<'a> {
             QoS::AtLeastOnce => self.send(out, Packet::PubAck(ack)),
             QoS::ExactlyOnce => self.send(out, Packet::PubRec(ack)),
         }
+        if qos != QoS::AtMostOnce && self.broker.journal().acks_wait() {
+            self.awaits_disk = true;
+        }
         Ok(())
     }
 
@@ -340,9 +352,12 @@ impl<'a> Connection<'a> {
         if size_limit > 0 && p.payload.len() > size_limit {
             return Some("payload larger than message_size_limit");
         }
-        let exhausted = self.broker.memory.level() == Level::Exhausted;
-        (exhausted && (p.qos != QoS::AtMostOnce || p.retain))
-            .then_some("the broker's message memory (max_queued_memory) is used up")
+        let kept = p.qos != QoS::AtMostOnce || p.retain;
+        if kept && self.broker.memory.level() == Level::Exhausted {
+            return Some("the broker's message memory (max_queued_memory) is used up");
+        }
+        (kept && !self.broker.journal().has_room())
+            .then_some("the store cannot take more (max_disk_bytes, or it is failing)")
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
@@ -413,16 +428,15 @@ impl<'a> Connection<'a> {
             usize::MAX
         };
         self.owned(|s| {
-            if s.inbound_qos2.contains(&pkid) {
+            if s.has_incoming(pkid) {
                 Ok(false)
-            } else if s.inbound_qos2.len() >= receive_max {
+            } else if s.incoming_count() >= receive_max {
                 Err(violation(
                     ReasonCode::ReceiveMaximumExceeded,
                     "more unreleased QoS 2 publishes than Receive Maximum",
                 ))
             } else {
-                s.inbound_qos2.insert(pkid);
-                Ok(true)
+                Ok(s.receive_incoming(pkid))
             }
         })?
     }
@@ -539,7 +553,8 @@ impl<'a> Connection<'a> {
             let max = cfg.limits.max_subscriptions;
             let full = max > 0
                 && self.owned(|s| {
-                    s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter)
+                    let subs = s.subscriptions();
+                    subs.len() >= max && !subs.contains_key(filter)
                 })?;
             if !full {
                 return Ok(None);
@@ -763,7 +778,7 @@ impl<'a> Connection<'a> {
                     let qos = m.qos.min(walk.qos);
                     let mut d = Delivery::new(m, qos, true);
                     d.sub_ids.extend(walk.sub_id);
-                    let pkid = s.inflight.send(&d);
+                    let pkid = s.send_direct(&d);
                     (d, pkid)
                 })
                 .collect::<Vec<_>>()
@@ -788,7 +803,7 @@ impl<'a> Connection<'a> {
             count = pkids.len(),
             "messages larger than the client's maximum packet size not sent"
         );
-        self.owned(|s| pkids.iter().for_each(|p| s.inflight.forget(*p)))
+        self.owned(|s| pkids.iter().for_each(|p| s.forget(*p)))
     }
 
     /// Appends one PUBLISH; false if it was larger than the client accepts and so left
@@ -922,7 +937,11 @@ impl<'a> Connection<'a> {
         if let Some(will) = &will_now {
             self.broker.publish_will(will, now);
         }
-        match self.session.detach(self.conn_id, will_later.clone()) {
+        let will_at = Some(now + Duration::from_secs(u64::from(self.will_delay)));
+        match self
+            .session
+            .detach(self.conn_id, will_later.clone(), will_at, now)
+        {
             Some(d) => self
                 .broker
                 .detached(&self.session, self.conn_id, d, self.will_delay, now),

@@ -23,17 +23,25 @@ pub struct SessionState {
     pub expiry: u32,
     /// The connection that last detached, so that a stale expiry timer does nothing.
     pub detached_by: Option<u64>,
+    /// When the client went offline (None while a connection owns the session).
+    pub offline_since: Option<Instant>,
     /// A 5.0 will waiting out its Will Delay Interval; cancelled if the session resumes.
     pub pending_will: Option<Arc<Message>>,
-    pub subscriptions: FxHashMap<ByteStr, Subscription>,
-    /// Messages waiting for the in-flight window or for the client to come back.
-    queue: VecDeque<Delivery>,
+    /// When `pending_will` is due.
+    pub will_at: Option<Instant>,
+    subscriptions: FxHashMap<ByteStr, Subscription>,
+    /// Messages waiting for the in-flight window or for the client to come back, each
+    /// with its sequence number.
+    queue: VecDeque<(u64, Delivery)>,
+    next_seq: u64,
     /// The size of what `queue` holds (`Delivery::size`).
     queued_bytes: usize,
     /// Outbound QoS 1/2 messages sent and not yet fully acknowledged.
     pub inflight: Inflight,
     /// Inbound QoS 2 packet ids received and not yet released by PUBREL.
-    pub inbound_qos2: FxHashSet<u16>,
+    inbound_qos2: FxHashSet<u16>,
+    /// Changes not yet handed to the store, for a session that is stored (`persist`).
+    log: Option<Vec<Change>>,
     /// Retained messages still to send for new subscriptions, oldest first.
     pub walks: VecDeque<RetainedWalk>,
     /// Messages refused because the queue was full.
@@ -60,6 +68,50 @@ pub struct RetainedWalk {
     pub after: Option<ByteStr>,
 }
 
+/// A session as the store kept it, in the broker's live types.
+pub struct Restored {
+    pub expiry: u32,
+    pub offline_since: Instant,
+    pub will: Option<(Arc<Message>, Instant)>,
+    pub subscriptions: Vec<(ByteStr, Subscription)>,
+    /// With their sequence numbers, in order.
+    pub queue: Vec<(u64, Delivery)>,
+    /// Above every sequence number stored.
+    pub next_seq: u64,
+    /// Packet id, send order, stage.
+    pub inflight: Vec<(u16, u64, Stage)>,
+    pub incoming: Vec<u16>,
+}
+
+/// A change to a stored session, for `session::journal` to turn into a store record.
+/// QoS 0 messages are not stored.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The session's own record: expiry, when it went offline, its delayed will.
+    Record,
+    Subscribed(ByteStr, Subscription),
+    Unsubscribed(ByteStr),
+    Enqueued(u64, Delivery),
+    Dequeued(u64),
+    /// A PUBLISH in flight (sent or to be resent).
+    Sent {
+        pkid: u16,
+        order: u64,
+        delivery: Delivery,
+    },
+    /// PUBREC came: the exchange waits for PUBCOMP now.
+    Released {
+        pkid: u16,
+        order: u64,
+    },
+    /// The exchange of this packet id is over.
+    Completed(u16),
+    /// An incoming QoS 2 packet id, until its PUBREL.
+    Received(u16),
+    ReleasedIncoming(u16),
+    Ended,
+}
+
 /// What a session left behind when it ended.
 #[derive(Default)]
 pub struct Ended {
@@ -77,10 +129,161 @@ impl SessionState {
         SessionState::default()
     }
 
+    /// A stored session, offline since the broker stopped (its connection is `detached_by`
+    /// the id 0, which no connection has), recording its changes from now on.
+    pub fn restore(r: Restored) -> SessionState {
+        let (pending_will, will_at) = match r.will {
+            Some((will, at)) => (Some(will), Some(at)),
+            None => (None, None),
+        };
+        let queued_bytes = r.queue.iter().map(|(_, d)| d.size()).sum();
+        SessionState {
+            expiry: r.expiry,
+            detached_by: Some(0),
+            offline_since: Some(r.offline_since),
+            pending_will,
+            will_at,
+            subscriptions: r.subscriptions.into_iter().collect(),
+            queue: r.queue.into(),
+            next_seq: r.next_seq,
+            queued_bytes,
+            inflight: Inflight::restore(r.inflight),
+            inbound_qos2: r.incoming.into_iter().collect(),
+            log: Some(Vec::new()),
+            ..SessionState::default()
+        }
+    }
+
+    /// From now on, changes are recorded for the store (a session that outlives its
+    /// connection); its own record first.
+    pub fn persist(&mut self) {
+        self.log.get_or_insert_with(Vec::new).push(Change::Record);
+    }
+
+    pub fn is_persisted(&self) -> bool {
+        self.log.is_some()
+    }
+
+    fn record(&mut self, change: Change) {
+        if let Some(log) = &mut self.log {
+            log.push(change);
+        }
+    }
+
+    /// The session's own record changed (expiry, offline since, will).
+    pub fn touch(&mut self) {
+        self.record(Change::Record);
+    }
+
+    /// The changes recorded since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        match &mut self.log {
+            Some(log) => std::mem::take(log),
+            None => Vec::new(),
+        }
+    }
+
     /// Appends to the queue.
     pub fn push(&mut self, delivery: Delivery) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.queued_bytes += delivery.size();
-        self.queue.push_back(delivery);
+        if delivery.qos != QoS::AtMostOnce {
+            self.record(Change::Enqueued(seq, delivery.clone()));
+        }
+        self.queue.push_back((seq, delivery));
+    }
+
+    pub fn subscriptions(&self) -> &FxHashMap<ByteStr, Subscription> {
+        &self.subscriptions
+    }
+
+    pub fn subscribe(&mut self, filter: ByteStr, sub: Subscription) {
+        self.record(Change::Subscribed(filter.clone(), sub));
+        self.subscriptions.insert(filter, sub);
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        let Some((filter, _)) = self.subscriptions.remove_entry(filter) else {
+            return false;
+        };
+        self.record(Change::Unsubscribed(filter));
+        true
+    }
+
+    /// An incoming QoS 2 PUBLISH: true the first time its packet id is seen (until its
+    /// PUBREL), false for a resend.
+    pub fn receive_incoming(&mut self, pkid: u16) -> bool {
+        let first = self.inbound_qos2.insert(pkid);
+        if first {
+            self.record(Change::Received(pkid));
+        }
+        first
+    }
+
+    pub fn incoming_count(&self) -> usize {
+        self.inbound_qos2.len()
+    }
+
+    pub fn has_incoming(&self, pkid: u16) -> bool {
+        self.inbound_qos2.contains(&pkid)
+    }
+
+    /// PUBREL: true if the packet id was waiting for it.
+    pub fn release_incoming(&mut self, pkid: u16) -> bool {
+        let known = self.inbound_qos2.remove(&pkid);
+        if known {
+            self.record(Change::ReleasedIncoming(pkid));
+        }
+        known
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (`released`): see `Inflight::complete`.
+    pub fn acknowledge(&mut self, pkid: u16, released: bool) -> bool {
+        let done = self.inflight.complete(pkid, released);
+        if done {
+            self.record(Change::Completed(pkid));
+        }
+        done
+    }
+
+    /// PUBREC: see `Inflight::received`.
+    pub fn pubrec(&mut self, pkid: u16) -> bool {
+        match self.inflight.received(pkid) {
+            Some(order) => {
+                self.record(Change::Released { pkid, order });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops `pkid` from the window, as if acknowledged.
+    pub fn forget(&mut self, pkid: u16) {
+        if self.inflight.contains(pkid) {
+            self.inflight.forget(pkid);
+            self.record(Change::Completed(pkid));
+        }
+    }
+
+    /// Records `delivery` (a retained message for a new subscription) as sent.
+    pub fn send_direct(&mut self, delivery: &Delivery) -> u16 {
+        let pkid = self.inflight.send(delivery);
+        if pkid != 0 {
+            self.record_sent(pkid, delivery);
+        }
+        pkid
+    }
+
+    fn record_sent(&mut self, pkid: u16, delivery: &Delivery) {
+        if self.log.is_some() {
+            let order = self.inflight.order(pkid);
+            self.record(Change::Sent {
+                pkid,
+                order,
+                delivery: delivery.clone(),
+            });
+        }
     }
 
     pub fn queued(&self) -> usize {
@@ -99,13 +302,15 @@ impl SessionState {
 
     /// Drops everything queued (the in-flight window stays).
     pub fn clear_queue(&mut self) {
-        self.queue.clear();
-        self.queued_bytes = 0;
+        while self.pop().is_some() {}
     }
 
     fn pop(&mut self) -> Option<Delivery> {
-        let d = self.queue.pop_front()?;
+        let (seq, d) = self.queue.pop_front()?;
         self.queued_bytes -= d.size();
+        if d.qos != QoS::AtMostOnce {
+            self.record(Change::Dequeued(seq));
+        }
         Some(d)
     }
 
@@ -123,7 +328,7 @@ impl SessionState {
     ) -> usize {
         let mut unreadable = 0;
         while out.len() < limit {
-            let Some(front) = self.queue.front() else {
+            let Some((_, front)) = self.queue.front() else {
                 break;
             };
             if front.qos != QoS::AtMostOnce && self.inflight.outstanding() >= max_inflight {
@@ -139,7 +344,7 @@ impl SessionState {
                 unreadable += 1;
                 continue;
             }
-            let pkid = self.inflight.send(&delivery);
+            let pkid = self.send_direct(&delivery);
             out.push((delivery, pkid));
         }
         unreadable
@@ -162,7 +367,17 @@ impl SessionState {
         self.ended = true;
         self.detached_by = None;
         self.queued_bytes = 0;
-        let mut orphans: Vec<Delivery> = self.queue.drain(..).filter(is_shared).collect();
+        if let Some(log) = &mut self.log {
+            // Removes everything of the session from the store at once.
+            log.clear();
+            log.push(Change::Ended);
+        }
+        let mut orphans: Vec<Delivery> = self
+            .queue
+            .drain(..)
+            .map(|(_, d)| d)
+            .filter(is_shared)
+            .collect();
         orphans.extend(self.inflight.take_unreceived_shared());
         self.inflight = Inflight::default();
         self.inbound_qos2.clear();
@@ -179,8 +394,8 @@ impl SessionState {
     pub fn park(&mut self, keep_qos0: bool) {
         self.inflight.mark_unsent();
         if !keep_qos0 {
-            self.queue.retain(|d| d.qos != QoS::AtMostOnce);
-            self.queued_bytes = self.queue.iter().map(Delivery::size).sum();
+            self.queue.retain(|(_, d)| d.qos != QoS::AtMostOnce);
+            self.queued_bytes = self.queue.iter().map(|(_, d)| d.size()).sum();
         }
     }
 }
@@ -237,6 +452,35 @@ impl Inflight {
         self.unsent
     }
 
+    /// Entries kept by the store (packet id, send order, stage), all to be resent.
+    fn restore(entries: Vec<(u16, u64, Stage)>) -> Inflight {
+        let mut w = Inflight::default();
+        for (pkid, seq, stage) in entries {
+            if let Stage::Publish(d) = &stage {
+                w.held_bytes += d.size();
+            }
+            w.next_seq = w.next_seq.max(seq + 1);
+            w.next_pkid = w.next_pkid.max(pkid);
+            let entry = Entry {
+                seq,
+                stage,
+                sent: false,
+            };
+            w.entries.insert(pkid, entry);
+        }
+        w.unsent = w.entries.len();
+        w
+    }
+
+    pub fn contains(&self, pkid: u16) -> bool {
+        self.entries.contains_key(&pkid)
+    }
+
+    /// The send order of `pkid` (0 if unknown).
+    fn order(&self, pkid: u16) -> u64 {
+        self.entries.get(&pkid).map_or(0, |e| e.seq)
+    }
+
     /// Records `delivery` as sent; returns its packet id (0 for QoS 0, not recorded).
     pub fn send(&mut self, delivery: &Delivery) -> u16 {
         if delivery.qos == QoS::AtMostOnce {
@@ -282,11 +526,10 @@ impl Inflight {
     }
 
     /// PUBREC: the QoS 2 message is received; the exchange moves on to PUBREL, which the
-    /// caller sends now. True if a PUBREL is due (also for a repeated PUBREC).
-    pub fn received(&mut self, pkid: u16) -> bool {
-        let Some(e) = self.entries.get_mut(&pkid) else {
-            return false;
-        };
+    /// caller sends now. The entry's send order if a PUBREL is due (also for a repeated
+    /// PUBREC).
+    pub fn received(&mut self, pkid: u16) -> Option<u64> {
+        let e = self.entries.get_mut(&pkid)?;
         match &e.stage {
             Stage::Publish(d) if d.qos == QoS::ExactlyOnce => {
                 self.held_bytes -= d.size();
@@ -295,10 +538,10 @@ impl Inflight {
                     e.sent = true;
                     self.unsent -= 1;
                 }
-                true
+                Some(e.seq)
             }
-            Stage::Release => true,
-            Stage::Publish(_) => false,
+            Stage::Release => Some(e.seq),
+            Stage::Publish(_) => None,
         }
     }
 
@@ -407,10 +650,13 @@ mod tests {
             !w.complete(q2, false),
             "PUBACK does not end a QoS 2 exchange"
         );
-        assert!(!w.received(q1), "PUBREC does not apply to QoS 1");
+        assert!(!w.received(q1).is_some(), "PUBREC does not apply to QoS 1");
         assert!(!w.complete(q2, true), "PUBCOMP before PUBREC");
-        assert!(w.received(q2));
-        assert!(w.received(q2), "a repeated PUBREC gets PUBREL again");
+        assert!(w.received(q2).is_some());
+        assert!(
+            w.received(q2).is_some(),
+            "a repeated PUBREC gets PUBREL again"
+        );
         assert!(w.complete(q2, true));
         assert!(!w.complete(q2, true));
         assert!(w.complete(q1, false));
@@ -423,7 +669,7 @@ mod tests {
         let ids: Vec<u16> = (0..20)
             .map(|_| w.send(&delivery(QoS::ExactlyOnce)))
             .collect();
-        assert!(w.received(ids[3]));
+        assert!(w.received(ids[3]).is_some());
         w.mark_unsent();
         assert_eq!((w.outstanding(), w.unsent()), (0, 20));
         let mut out = Vec::new();
@@ -433,9 +679,9 @@ mod tests {
         assert!(out[3].1.is_none(), "the released one is resent as PUBREL");
         assert_eq!(w.outstanding(), 5);
         // The client may acknowledge what it got on the earlier connection.
-        assert!(w.received(ids[10]));
+        assert!(w.received(ids[10]).is_some());
         assert_eq!((w.outstanding(), w.unsent()), (6, 14));
-        assert!(w.received(ids[0]));
+        assert!(w.received(ids[0]).is_some());
         assert!(w.complete(ids[0], true));
         out.clear();
         w.resend(1, &mut out);
@@ -457,7 +703,7 @@ mod tests {
         s.push(delivery(QoS::AtLeastOnce));
         s.inflight.send(&shared(QoS::AtLeastOnce));
         let received = s.inflight.send(&shared(QoS::ExactlyOnce));
-        assert!(s.inflight.received(received));
+        assert!(s.inflight.received(received).is_some());
         s.inflight.send(&delivery(QoS::ExactlyOnce));
         let ended = s.end();
         assert_eq!(ended.orphans.len(), 2);
@@ -509,7 +755,7 @@ mod tests {
                                 if ok { prop_assert_eq!(qos, QoS::AtLeastOnce); }
                             }
                             Op::Rec(_) => {
-                                if s.inflight.received(pkid) {
+                                if s.inflight.received(pkid).is_some() {
                                     prop_assert_eq!(qos, QoS::ExactlyOnce);
                                     live[i].2 = true;
                                 }
