@@ -650,7 +650,7 @@ mod tests {
             !w.complete(q2, false),
             "PUBACK does not end a QoS 2 exchange"
         );
-        assert!(!w.received(q1).is_some(), "PUBREC does not apply to QoS 1");
+        assert!(w.received(q1).is_none(), "PUBREC does not apply to QoS 1");
         assert!(!w.complete(q2, true), "PUBCOMP before PUBREC");
         assert!(w.received(q2).is_some());
         assert!(
