@@ -97,6 +97,9 @@ impl Session {
         state.expiry = expiry;
         state.pending_will = None;
         state.detached_by = None;
+        // What is in flight is resent on the new connection [MQTT-4.4.0-1]. A connection
+        // that detached has marked it so already; one taken over never detaches.
+        state.inflight.mark_unsent();
         Some(inner.link.replace(link))
     }
 
