@@ -229,6 +229,9 @@ impl Session {
         state.will_at = None;
         state.detached_by = None;
         state.offline_since = None;
+        // What is in flight is resent on the new connection [MQTT-4.4.0-1]. A connection
+        // that detached has marked it so already; one taken over never detaches.
+        state.inflight.mark_unsent();
         state.touch();
         let previous = inner.link.replace(link);
         inner.settle(&self.env, &self.client_id);

@@ -119,8 +119,8 @@ pub struct Ended {
     pub filters: Vec<ByteStr>,
     /// A will still waiting for its delay: its session is over, so it goes now.
     pub will: Option<Arc<Message>>,
-    /// Messages taken through shared subscriptions that the client never received, for
-    /// another member of the group.
+    /// Messages taken through shared subscriptions that another member of the group may
+    /// have: those never sent to the client, and QoS 1 ones it never acknowledged.
     pub orphans: Vec<Delivery>,
 }
 
@@ -288,6 +288,11 @@ impl SessionState {
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The queued deliveries, in order.
+    pub fn queue(&self) -> impl Iterator<Item = &Delivery> {
+        self.queue.iter().map(|(_, d)| d)
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -591,12 +596,13 @@ impl Inflight {
         }
     }
 
-    /// Shared-subscription messages whose PUBLISH the client never acknowledged: another
-    /// member may have them (a QoS 2 one past PUBREC has been received, and stays).
+    /// Shared-subscription QoS 1 messages whose PUBLISH the client never acknowledged:
+    /// another member may have them. A QoS 2 one, once sent, goes to no other member
+    /// [MQTT-4.8.2-5]: the client may have passed it on before its PUBREC got through.
     fn take_unreceived_shared(&mut self) -> Vec<Delivery> {
         let mut out = Vec::new();
         self.entries.retain(|_, e| match &e.stage {
-            Stage::Publish(d) if d.shared.is_some() => {
+            Stage::Publish(d) if d.shared.is_some() && d.qos == QoS::AtLeastOnce => {
                 out.push(d.clone());
                 false
             }
@@ -699,14 +705,21 @@ mod tests {
             shared: Some(key.clone()),
             ..delivery(qos)
         };
-        s.push(shared(QoS::AtLeastOnce));
+        s.push(shared(QoS::ExactlyOnce));
         s.push(delivery(QoS::AtLeastOnce));
         s.inflight.send(&shared(QoS::AtLeastOnce));
+        // A QoS 2 one sent stays with the member, acknowledged or not [MQTT-4.8.2-5].
         let received = s.inflight.send(&shared(QoS::ExactlyOnce));
         assert!(s.inflight.received(received).is_some());
+        s.inflight.send(&shared(QoS::ExactlyOnce));
         s.inflight.send(&delivery(QoS::ExactlyOnce));
         let ended = s.end();
-        assert_eq!(ended.orphans.len(), 2);
+        let qos: Vec<QoS> = ended.orphans.iter().map(|d| d.qos).collect();
+        assert_eq!(
+            qos,
+            [QoS::ExactlyOnce, QoS::AtLeastOnce],
+            "queued, then in flight"
+        );
         assert!(s.ended && s.queue.is_empty() && s.inflight.is_empty());
         assert_eq!(s.held_bytes(), 0);
     }
