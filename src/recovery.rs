@@ -151,6 +151,7 @@ impl Restorer<'_> {
             subscriptions: subscriptions.clone(),
             queue,
             next_seq: s.last_seq + 1,
+            spilled: (s.queued as usize).saturating_sub(s.queue.len()),
             inflight,
             incoming: s.incoming,
         });

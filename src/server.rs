@@ -62,7 +62,8 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
-        let (journal, snapshot) = open_store(&config.persistence).await?;
+        let queue_head = config.session.max_queued_messages;
+        let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
         let broker = Broker::with_journal(config, auth_methods, journal)?;
         if let Some(snapshot) = snapshot {
             report(&snapshot.recovery);
@@ -180,9 +181,13 @@ impl Server {
     }
 }
 
-/// The journal to the configured store, and what the store holds (None without
-/// persistence). Opening takes up to a second on a large store: off the runtime.
-async fn open_store(config: &PersistenceConfig) -> Result<(Journal, Option<Snapshot>), StartError> {
+/// The journal to the configured store, and what the store holds, each session's queue
+/// up to `queue_head` messages (None without persistence). Opening takes up to a second
+/// on a large store: off the runtime.
+async fn open_store(
+    config: &PersistenceConfig,
+    queue_head: usize,
+) -> Result<(Journal, Option<Snapshot>), StartError> {
     if !config.enabled {
         return Ok((Journal::off(), None));
     }
@@ -191,7 +196,8 @@ async fn open_store(config: &PersistenceConfig) -> Result<(Journal, Option<Snaps
         .await
         .map_err(|e| StoreError::Engine(e.to_string()))??;
     let store: Arc<dyn Store> = Arc::new(store);
-    let snapshot = store.load(usize::MAX).await?;
+    // Longer queues stay on disk until their sessions' connections read them back.
+    let snapshot = store.load(queue_head).await?;
     let always = config.sync == SyncMode::Always;
     let now = crate::broker::now();
     let journal = Journal::new(Some(store), always, now, snapshot.max_message_id);

@@ -445,6 +445,10 @@ where
         }
         if io.wbuf.len() < WRITE_HIGH_WATER {
             conn.poll_transmit(now(), &mut io.wbuf)?;
+            if conn.take_wants_refill() {
+                refill(conn, broker).await?;
+                continue;
+            }
         }
         io.prepare_read();
         check_buffers(io, broker)?;
@@ -495,6 +499,22 @@ where
                 // Moved lazily: resetting the timer on every packet would cost more.
                 deadline.as_mut().reset(deadline_of(conn));
             }
+        }
+    }
+}
+
+/// Reads the next messages of the session's queue back from the store, where they were
+/// spilled while memory ran high (a disk read: only under memory pressure).
+async fn refill(conn: &mut Connection<'_>, broker: &Broker) -> Result<(), Exit> {
+    const REFILL: usize = 256;
+    let Some(store) = broker.journal().store() else {
+        return Ok(());
+    };
+    match store.read_queue(conn.client_id(), 0, REFILL).await {
+        Ok(entries) => conn.refill(entries, now()),
+        Err(e) => {
+            tracing::error!("reading the queue back from the store: {e}");
+            Err(limit(ReasonCode::UnspecifiedError, "the store failed"))
         }
     }
 }

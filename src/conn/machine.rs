@@ -24,6 +24,7 @@ use crate::protocol::{
 use crate::router::{is_shared, valid_subscription, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
 use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
+use crate::store::QueuedEntry;
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct Connection<'a> {
     /// Acknowledgements were written that must not reach the client before the store
     /// has what they promise (`sync = "always"`).
     awaits_disk: bool,
+    /// The session's queue is empty in memory while messages wait on disk: the driver
+    /// reads the next ones back (`refill`).
+    wants_refill: bool,
     /// Reused between drains of the session queue.
     batch: Vec<(Delivery, u16)>,
 }
@@ -125,6 +129,7 @@ impl<'a> Connection<'a> {
                 reauth: None,
             }),
             awaits_disk: false,
+            wants_refill: false,
             batch: Vec::new(),
         }
     }
@@ -132,6 +137,35 @@ impl<'a> Connection<'a> {
     /// Whether the driver must wait for the store before writing (and clears it).
     pub fn take_awaits_disk(&mut self) -> bool {
         std::mem::take(&mut self.awaits_disk)
+    }
+
+    /// Whether the driver must read queued messages back from the store (and clears
+    /// it): then `refill` with what the store returns.
+    pub fn take_wants_refill(&mut self) -> bool {
+        std::mem::take(&mut self.wants_refill)
+    }
+
+    pub fn client_id(&self) -> &ByteStr {
+        &self.session.client_id
+    }
+
+    /// The oldest messages of the session's queue, read back from the store.
+    pub fn refill(&mut self, entries: Vec<QueuedEntry>, now: Instant) -> Result<(), Exit> {
+        let journal = self.broker.journal();
+        let deliveries = entries
+            .into_iter()
+            .map(|e| {
+                let message = Arc::new(journal.restore_message(&e.delivery.message, now));
+                let d = Delivery {
+                    qos: e.delivery.qos,
+                    retain: e.delivery.retain,
+                    sub_ids: e.delivery.subscription_ids,
+                    ..Delivery::new(message, e.delivery.qos, e.delivery.retain)
+                };
+                (e.seq, d)
+            })
+            .collect();
+        self.owned(|s| s.refill(deliveries))
     }
 
     pub fn wake(&self) -> &Arc<Notify> {
@@ -680,6 +714,7 @@ impl<'a> Connection<'a> {
             let mut batch = std::mem::take(&mut self.batch);
             let mut resend = Vec::new();
             let queue_first = self.queue_first;
+            let mut refill = false;
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
             let mut unreadable = 0;
@@ -694,8 +729,10 @@ impl<'a> Connection<'a> {
                 if walk.is_none() || queue_first {
                     unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
                 }
+                refill = s.wants_refill();
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
             })?;
+
             for (pkid, delivery) in &resend {
                 match delivery {
                     Some(d) => {
@@ -732,6 +769,11 @@ impl<'a> Connection<'a> {
             self.batch = batch;
             self.forget(too_large)?;
             metrics::sent(n as u64);
+            if refill {
+                // The rest is on disk: the driver reads it back, then calls again.
+                self.wants_refill = true;
+                return Ok(());
+            }
             if n + unreadable < BATCH && !walked && resend.is_empty() {
                 return Ok(());
             }

@@ -388,16 +388,25 @@ impl Mailbox for Session {
         }
         let state = &mut inner.state;
         let max_bytes = limits.max_queued_bytes;
-        let full = state.queued() >= limits.max_queued
+        let memory_high = self.env.budget.level() >= Level::High;
+        let full = state.queued() + state.spilled() >= limits.max_queued
             || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
-            || (qos0 && self.env.budget.level() >= Level::High);
+            || (qos0 && memory_high);
         if full {
             state.dropped += 1;
             crate::metrics::dropped();
             return false;
         }
-        let was_empty = state.queued() == 0;
-        state.push(delivery);
+        let was_empty = state.queued() == 0 && state.spilled() == 0;
+        // A stored session's messages go to the disk only, rather than fill the memory
+        // budget, once it runs high (and keep going there while earlier ones wait on it,
+        // to stay in order); the connection reads them back as its queue drains.
+        let spill = !qos0 && (memory_high || state.spilled() > 0) && self.env.journal.has_room();
+        if spill && state.is_persisted() {
+            state.spill(delivery);
+        } else {
+            state.push(delivery);
+        }
         inner.settle(&self.env, &self.client_id);
         // A non-empty queue means the connection already knows there is work: it drains
         // until the queue is empty or it is blocked on acks or the socket.

@@ -34,6 +34,9 @@ pub struct SessionState {
     /// with its sequence number.
     queue: VecDeque<(u64, Delivery)>,
     next_seq: u64,
+    /// Queued messages kept on disk only, after those in `queue` (spilled while memory ran
+    /// high, or beyond what was loaded at start-up).
+    spilled: usize,
     /// The size of what `queue` holds (`Delivery::size`).
     queued_bytes: usize,
     /// Outbound QoS 1/2 messages sent and not yet fully acknowledged.
@@ -78,6 +81,8 @@ pub struct Restored {
     pub queue: Vec<(u64, Delivery)>,
     /// Above every sequence number stored.
     pub next_seq: u64,
+    /// Queued entries stored but not loaded.
+    pub spilled: usize,
     /// Packet id, send order, stage.
     pub inflight: Vec<(u16, u64, Stage)>,
     pub incoming: Vec<u16>,
@@ -146,6 +151,7 @@ impl SessionState {
             subscriptions: r.subscriptions.into_iter().collect(),
             queue: r.queue.into(),
             next_seq: r.next_seq,
+            spilled: r.spilled,
             queued_bytes,
             inflight: Inflight::restore(r.inflight),
             inbound_qos2: r.incoming.into_iter().collect(),
@@ -290,6 +296,40 @@ impl SessionState {
         self.queue.len()
     }
 
+    /// Queued messages kept on disk only (read back with `refill`).
+    pub fn spilled(&self) -> usize {
+        self.spilled
+    }
+
+    /// Queues `delivery` on disk only (a stored session, QoS 1/2): it costs no memory
+    /// until read back.
+    pub fn spill(&mut self, delivery: Delivery) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.spilled += 1;
+        self.record(Change::Enqueued(seq, delivery));
+    }
+
+    /// Whether the queue must be read back from the store: it is empty in memory and
+    /// messages wait on disk. Everything the store then holds for the session's queue
+    /// was spilled, oldest first.
+    pub fn wants_refill(&self) -> bool {
+        self.queue.is_empty() && self.spilled > 0
+    }
+
+    /// The oldest spilled messages, read back from the store (in order, with their
+    /// sequence numbers).
+    pub fn refill(&mut self, entries: Vec<(u64, Delivery)>) {
+        for (seq, d) in entries {
+            if self.queue.back().is_some_and(|(last, _)| *last >= seq) {
+                continue;
+            }
+            self.spilled = self.spilled.saturating_sub(1);
+            self.queued_bytes += d.size();
+            self.queue.push_back((seq, d));
+        }
+    }
+
     /// The queued deliveries, in order.
     pub fn queue(&self) -> impl Iterator<Item = &Delivery> {
         self.queue.iter().map(|(_, d)| d)
@@ -377,6 +417,7 @@ impl SessionState {
             log.clear();
             log.push(Change::Ended);
         }
+        self.spilled = 0;
         let mut orphans: Vec<Delivery> = self
             .queue
             .drain(..)
