@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod message;

@@ -158,9 +158,7 @@ impl Restorer<'_> {
         let env = broker.session_env();
         let session = Arc::new(Session::with(broker.next_id(), s.client_id, env, state));
         for (filter, sub) in &subscriptions {
-            broker
-                .router
-                .subscribe(filter, &session, sub.options, sub.id);
+            broker.route(filter, &session, sub.options, sub.id);
         }
         broker.adopt(session.clone());
         let expires_at = ends_ms.map(|end| self.clock.to_instant(end));

@@ -2,6 +2,7 @@
 //! wires shutdown. The only module that knows the transports.
 
 use crate::broker::{Broker, ListenerRules};
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
 use crate::recovery;
@@ -24,6 +25,8 @@ pub struct Server {
     addrs: Vec<(ListenerKind, SocketAddr)>,
     /// The TLS listeners' acceptors, for reloading their certificates.
     tls: Vec<TlsAcceptor>,
+    /// This node's part in its cluster (`[cluster]`).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Why a broker could not start.
@@ -42,6 +45,9 @@ pub enum StartError {
     /// The store cannot be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The node cannot join its cluster (NATS unreachable, refused, ...).
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 impl StartError {
@@ -63,8 +69,22 @@ impl Server {
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
         let queue_head = config.session.max_queued_messages;
-        let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
+        let (journal, snapshot, connected) = match &config.cluster {
+            // A node of a cluster keeps its state in JetStream (src/cluster).
+            Some(c) => {
+                let connected = cluster::connect(c).await?;
+                (connected.journal(), None, Some(connected))
+            }
+            None => {
+                let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
+                (journal, snapshot, None)
+            }
+        };
         let broker = Broker::with_journal(config, auth_methods, journal)?;
+        let cluster = match connected {
+            Some(c) => Some(cluster::start(&broker, c).await?),
+            None => None,
+        };
         if let Some(snapshot) = snapshot {
             report(&snapshot.recovery);
             let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
@@ -81,6 +101,7 @@ impl Server {
             broker: broker.clone(),
             addrs: Vec::new(),
             tls: Vec::new(),
+            cluster,
         };
         for listener in &broker.config.listeners {
             let addr = server.listen(listener).await?;
@@ -130,6 +151,11 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// This node's part in its cluster, with `[cluster]`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The bound address of the first listener of `kind` (useful with port 0).

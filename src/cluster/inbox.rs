@@ -1,0 +1,171 @@
+//! The messages other nodes send to this one, into its sessions: QoS 0 from a core NATS
+//! subscription, QoS 1/2 from this node's durable consumer on the messages stream. A
+//! QoS 1/2 message is acknowledged to JetStream only once it is in the sessions here and
+//! what they stored of it is written (a barrier on the store), so a node that dies before
+//! leaves it in the stream for whoever adopts the node's consumer.
+//!
+//! A received message is routed into this node's own sessions only (plain subscriptions,
+//! or the one member of a shared group the sender picked): never out again.
+
+use super::wire::{self, Envelope};
+use super::{Cluster, ClusterError};
+use crate::broker::Broker;
+use crate::message::{Message, SharedKey};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::Message as JsMessage;
+use futures_util::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Messages routed before one store barrier and their acknowledgements.
+const BATCH: usize = 256;
+
+pub(super) async fn spawn(broker: &Arc<Broker>, cluster: &Arc<Cluster>) -> Result<(), ClusterError> {
+    let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
+    let mut live = cluster
+        .client
+        .subscribe(cluster.names.live_subject(&cluster.node))
+        .await
+        .map_err(|e| nats(&e))?;
+    let consumer = consumer(cluster, &cluster.node).await?;
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = b.shutdown.cancelled() => return,
+                next = live.next() => next,
+            };
+            let Some(message) = next else { return };
+            match wire::decode(&message.payload) {
+                Ok(envelope) => {
+                    deliver(&b, &c, envelope);
+                }
+                Err(e) => tracing::warn!("message from another node dropped: {e}"),
+            }
+        }
+    });
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        let deliver = |envelope: Envelope| {
+            deliver(&b, &c, envelope);
+        };
+        consume(&b, consumer, &deliver, None).await;
+    });
+    Ok(())
+}
+
+/// The durable consumer of `node`'s messages (made if missing).
+pub(super) async fn consumer(cluster: &Cluster, node: &str) -> Result<PullConsumer, ClusterError> {
+    let name = cluster.names.consumer(node);
+    let stream = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+        .map_err(|e| ClusterError::Nats(format!("messages stream: {e}")))?;
+    stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: cluster.names.node_subject(node),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 10_000,
+                num_replicas: cluster.config.replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ClusterError::Nats(format!("consumer {name}: {e}")))
+}
+
+/// Takes messages from `consumer` until shutdown (or, with `idle`, until none came for
+/// that long): each batch is handed to `deliver`, made durable, then acknowledged.
+pub(super) async fn consume(
+    broker: &Arc<Broker>,
+    consumer: PullConsumer,
+    deliver: &(dyn Fn(Envelope) + Sync),
+    idle: Option<Duration>,
+) {
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cannot take messages from the stream: {e}; trying again");
+                tokio::select! {
+                    _ = broker.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let wait = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+            let first = tokio::select! {
+                _ = broker.shutdown.cancelled() => return,
+                next = tokio::time::timeout(wait, messages.next()) => match next {
+                    Err(_) => return,
+                    Ok(next) => next,
+                },
+            };
+            let mut batch: Vec<JsMessage> = Vec::new();
+            match first {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    tracing::debug!("stream consumer: {e}");
+                    continue;
+                }
+                None => break,
+            }
+            while batch.len() < BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
+            }
+            for m in &batch {
+                match wire::decode(&m.payload) {
+                    Ok(envelope) => deliver(envelope),
+                    Err(e) => tracing::warn!("message from another node dropped: {e}"),
+                }
+            }
+            if let Err(e) = broker.journal().barrier().await {
+                // Not acknowledged: JetStream sends them again after the ack wait.
+                tracing::error!("the cluster store failed: {e}; messages will come again");
+                continue;
+            }
+            for m in &batch {
+                if let Err(e) = m.ack().await {
+                    tracing::debug!("acknowledging to JetStream: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A message from another node into this node's sessions.
+pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) -> usize {
+    let message = Arc::new(
+        broker
+            .journal()
+            .restore_message(&envelope.message, crate::broker::now()),
+    );
+    match envelope.shared {
+        None => broker.router.publish_plain(&message),
+        Some((group, filter)) => {
+            let key = Arc::new(SharedKey {
+                group: Box::from(&*group),
+                filter: Box::from(&*filter),
+            });
+            usize::from(deliver_shared(broker, cluster, &message, key))
+        }
+    }
+}
+
+fn deliver_shared(broker: &Broker, cluster: &Cluster, message: &Arc<Message>, key: Arc<SharedKey>) -> bool {
+    let taken = cluster.deliver_shared_here(broker, message, key);
+    if !taken {
+        crate::metrics::dropped();
+    }
+    taken
+}

@@ -1,0 +1,413 @@
+//! The `Store` on JetStream: the sessions' state (records.rs) in the state stream, the
+//! retained messages in the retained bucket, so that a session outlives its node and
+//! every node sees every retained message.
+//!
+//! It also carries the QoS 1/2 messages this node sends to others (`forward`), through
+//! the same writer: a barrier (`submit(vec![])`) resolves once everything submitted
+//! before it, records and messages alike, is acknowledged by JetStream. That is how a
+//! PUBACK/PUBREC waits for both, with the connection's existing wait for the store.
+//!
+//! Group commit, as the disk store: submitters queue and go on; one task takes what was
+//! queued while its previous round was in flight, publishes it all (pipelined), waits
+//! for every acknowledgement and resolves the round's `Durable`s together. Within a
+//! round only the last change of a record is written, and a record that was never
+//! written is not removed (an online subscriber that acknowledges fast costs nothing).
+
+use super::js::last_per_subject;
+use super::names::{token, Names};
+use super::records::{self, Write};
+use crate::protocol::ByteStr;
+use crate::store::{
+    codec, BoxFuture, Durable, Op, QueuedEntry, SessionSnapshot, Snapshot, Store, StoreError,
+};
+use async_nats::jetstream::message::PublishMessage;
+use std::future::IntoFuture;
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+/// Queued bytes past which `has_room` says no (the broker then refuses new messages).
+const MAX_PENDING_BYTES: u64 = 16 << 20;
+/// A round that keeps failing (no JetStream quorum) is retried this many times over
+/// about six seconds, then its `Durable`s fail: the connections waiting on them close
+/// without acknowledging, and their clients publish again.
+const ATTEMPTS: u32 = 5;
+
+pub(super) struct JsStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    js: Context,
+    names: Names,
+    /// `<node>-<start time>-`: with a counter, the `Nats-Msg-Id` of each forwarded
+    /// message, so that a publish retried after a lost acknowledgement is stored once.
+    msg_id_prefix: String,
+    next_msg_id: AtomicU64,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    pending_bytes: AtomicU64,
+    /// Records this node wrote or loaded: only those are removed (no request for a
+    /// record that never reached JetStream).
+    written: Mutex<FxHashSet<String>>,
+    stopped: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<Item>,
+    bytes: u64,
+    waiting: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    closed: bool,
+    done: bool,
+}
+
+enum Item {
+    Op(Op),
+    /// A message for another node (or a shared group there): published to the messages
+    /// stream, in order.
+    Forward { subject: String, payload: Bytes },
+}
+
+impl JsStore {
+    /// A store on `js`, for the cluster `names`, written by `node`. Spawns its writer on
+    /// the current runtime.
+    pub(super) fn start(js: Context, names: Names, node: &str) -> JsStore {
+        let shared = Arc::new(Shared {
+            js,
+            names,
+            msg_id_prefix: format!("{node}-{}-", crate::store::now_millis()),
+            next_msg_id: AtomicU64::new(0),
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            pending_bytes: AtomicU64::new(0),
+            written: Mutex::new(FxHashSet::default()),
+            stopped: Notify::new(),
+        });
+        tokio::spawn(run(shared.clone()));
+        JsStore { shared }
+    }
+
+    /// Queues a QoS 1/2 message for another node; the next barrier covers it.
+    pub(super) fn forward(&self, subject: String, payload: Bytes) {
+        self.push(vec![Item::Forward { subject, payload }], None);
+    }
+
+    fn push(&self, items: Vec<Item>, reply: Option<oneshot::Sender<Result<(), StoreError>>>) {
+        let bytes: u64 = items
+            .iter()
+            .map(|i| match i {
+                Item::Op(op) => op.approx_bytes(),
+                Item::Forward { payload, .. } => payload.len() as u64 + 64,
+            })
+            .sum();
+        let mut q = self.shared.queue.lock();
+        if q.closed {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(StoreError::Closed));
+            }
+            return;
+        }
+        q.items.extend(items);
+        q.bytes += bytes;
+        q.waiting.extend(reply);
+        self.shared.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        drop(q);
+        self.shared.wake.notify_one();
+    }
+
+    /// Resolves once everything submitted before is written.
+    async fn barrier(&self) -> Result<(), StoreError> {
+        self.submit(Vec::new()).await
+    }
+
+    async fn records_of(&self, client_id: &ByteStr) -> Result<Vec<(String, Bytes)>, StoreError> {
+        self.barrier().await?;
+        let s = &self.shared;
+        let filter = format!("{}.>", s.names.state_of(client_id));
+        last_per_subject(&s.js, &s.names.state_stream(), &filter)
+            .await
+            .map_err(|e| StoreError::Engine(e.to_string()))
+    }
+}
+
+impl Store for JsStore {
+    /// Nothing: a node of a cluster loads a session only when it takes it
+    /// (`load_session`), and mirrors the retained messages from their bucket.
+    fn load(&self, _queue_head: usize) -> BoxFuture<'_, Result<Snapshot, StoreError>> {
+        Box::pin(async { Ok(Snapshot::default()) })
+    }
+
+    fn submit(&self, batch: Vec<Op>) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.push(batch.into_iter().map(Item::Op).collect(), Some(tx));
+        Durable::waiting(rx)
+    }
+
+    fn load_session<'a>(
+        &'a self,
+        client_id: &'a ByteStr,
+        queue_head: usize,
+    ) -> BoxFuture<'a, Result<Option<SessionSnapshot>, StoreError>> {
+        Box::pin(async move {
+            let records = self.records_of(client_id).await?;
+            let snapshot = records::session(&self.shared.names, client_id, &records, queue_head)
+                .map_err(|e| StoreError::Engine(e.to_string()))?;
+            if snapshot.is_some() {
+                self.shared
+                    .written
+                    .lock()
+                    .extend(records.into_iter().map(|(subject, _)| subject));
+            }
+            Ok(snapshot)
+        })
+    }
+
+    fn read_queue(
+        &self,
+        client_id: &ByteStr,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<QueuedEntry>, StoreError>> {
+        let client_id = client_id.clone();
+        Box::pin(async move {
+            let records = self.records_of(&client_id).await?;
+            Ok(records::queue(
+                &self.shared.names,
+                &client_id,
+                &records,
+                after_seq,
+                limit,
+            ))
+        })
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        self.shared.pending_bytes.load(Ordering::Relaxed)
+    }
+
+    fn has_room(&self) -> bool {
+        self.pending_bytes() <= MAX_PENDING_BYTES
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let done = {
+                let mut q = self.shared.queue.lock();
+                q.closed = true;
+                q.done
+            };
+            if !done {
+                let stopped = self.shared.stopped.notified();
+                self.shared.wake.notify_one();
+                stopped.await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What one round writes, in the order it must happen.
+#[derive(Default)]
+struct Round {
+    /// Every record of these clients goes first (sessions deleted in this round).
+    remove_all: Vec<String>,
+    /// Records set and retained messages set or cleared: at most one per subject, in
+    /// any order; then messages to other nodes, in order.
+    publishes: Vec<(String, Option<HeaderMap>, Bytes)>,
+    /// Records removed (never one published in this round).
+    removes: Vec<String>,
+}
+
+enum Last {
+    Put(Option<HeaderMap>, Bytes),
+    Remove,
+}
+
+impl Shared {
+    /// Only the last change of each subject, the forwards in order behind them.
+    fn plan(&self, items: Vec<Item>) -> Round {
+        let mut round = Round::default();
+        let mut last: FxHashMap<String, Last> = FxHashMap::default();
+        let mut order: Vec<String> = Vec::new();
+        let mut forwards = Vec::new();
+        let retained = format!("$KV.{}.", self.names.retained_bucket());
+        let mut set = |last: &mut FxHashMap<String, Last>, subject: String, v: Last| {
+            if last.insert(subject.clone(), v).is_none() {
+                order.push(subject);
+            }
+        };
+        for item in items {
+            let op = match item {
+                Item::Forward { subject, payload } => {
+                    let id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("{}{id}", self.msg_id_prefix));
+                    forwards.push((subject, Some(headers), payload));
+                    continue;
+                }
+                Item::Op(op) => op,
+            };
+            match &op {
+                Op::SetRetained(m) => {
+                    if let Ok(value) = codec::message(m) {
+                        let subject = format!("{retained}{}", token(&m.topic));
+                        set(&mut last, subject, Last::Put(None, Bytes::from(value)));
+                    }
+                    continue;
+                }
+                Op::ClearRetained { topic } => {
+                    // A KV delete: the watchers on every node see it.
+                    let mut headers = HeaderMap::new();
+                    headers.insert("KV-Operation", "DEL");
+                    let subject = format!("{retained}{}", token(topic));
+                    set(&mut last, subject, Last::Put(Some(headers), Bytes::new()));
+                    continue;
+                }
+                _ => {}
+            }
+            match records::write(&self.names, &op) {
+                None => {}
+                Some(Write::Put { subject, value }) => {
+                    set(&mut last, subject, Last::Put(None, value))
+                }
+                Some(Write::Remove { subject }) => set(&mut last, subject, Last::Remove),
+                Some(Write::RemoveAll { filter }) => {
+                    let prefix = filter.trim_end_matches('>');
+                    last.retain(|s, _| !s.starts_with(prefix));
+                    round.remove_all.push(filter);
+                }
+            }
+        }
+        let written = self.written.lock();
+        for subject in order {
+            match last.remove(&subject) {
+                Some(Last::Put(headers, value)) => round.publishes.push((subject, headers, value)),
+                Some(Last::Remove) if written.contains(&subject) => round.removes.push(subject),
+                _ => {}
+            }
+        }
+        round.publishes.extend(forwards);
+        round
+    }
+
+    /// Writes a round, retrying what failed (records are idempotent, forwards carry a
+    /// message id the stream deduplicates).
+    async fn write(&self, round: &Round) -> Result<(), StoreError> {
+        let stream = self.names.state_stream();
+        let purge = |filter: String| {
+            let js = self.js.clone();
+            let stream = stream.clone();
+            async move {
+                let s = js
+                    .get_stream_no_info(&stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.purge().filter(filter).await.map(drop).map_err(|e| e.to_string())
+            }
+        };
+        retry(|| async {
+            let results = join_all(round.remove_all.iter().cloned().map(purge)).await;
+            results.into_iter().collect::<Result<(), String>>()
+        })
+        .await?;
+        retry(|| async {
+            let mut acks = Vec::with_capacity(round.publishes.len());
+            for (subject, headers, payload) in &round.publishes {
+                let mut message = PublishMessage::build().payload(payload.clone());
+                if let Some(h) = headers {
+                    message = message.headers(h.clone());
+                }
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), message)
+                    .await
+                    .map_err(|e| format!("publishing to {subject}: {e}"))?;
+                acks.push(ack.into_future());
+            }
+            let purges = join_all(round.removes.iter().cloned().map(purge));
+            let (acks, purges) = tokio::join!(join_all(acks), purges);
+            for a in acks {
+                a.map_err(|e| format!("JetStream did not take a message: {e}"))?;
+            }
+            purges.into_iter().collect::<Result<(), String>>()
+        })
+        .await?;
+        let mut written = self.written.lock();
+        for filter in &round.remove_all {
+            let prefix = filter.trim_end_matches('>');
+            written.retain(|s| !s.starts_with(prefix));
+        }
+        for s in &round.removes {
+            written.remove(s);
+        }
+        let state = self.names.state_prefix();
+        for (subject, _, _) in &round.publishes {
+            if subject.starts_with(&state) {
+                written.insert(subject.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn retry<F, Fut>(mut attempt: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut delay = Duration::from_millis(200);
+    for n in 1..=ATTEMPTS {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(e) if n == ATTEMPTS => {
+                tracing::error!("cluster store: {e}; giving up");
+                return Err(StoreError::Engine(e));
+            }
+            Err(e) => {
+                tracing::warn!("cluster store: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(shared: Arc<Shared>) {
+    loop {
+        let woken = shared.wake.notified();
+        let (items, bytes, waiting, closed) = {
+            let mut q = shared.queue.lock();
+            let bytes = std::mem::take(&mut q.bytes);
+            (
+                std::mem::take(&mut q.items),
+                bytes,
+                std::mem::take(&mut q.waiting),
+                q.closed,
+            )
+        };
+        if items.is_empty() && waiting.is_empty() {
+            if closed {
+                shared.queue.lock().done = true;
+                shared.stopped.notify_waiters();
+                return;
+            }
+            woken.await;
+            continue;
+        }
+        let round = shared.plan(items);
+        let result = shared.write(&round).await;
+        shared.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        for w in waiting {
+            let _ = w.send(result.clone());
+        }
+    }
+}
