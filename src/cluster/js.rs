@@ -5,7 +5,7 @@ use super::names::Names;
 use super::ClusterError;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::{kv, Context};
+use async_nats::jetstream::Context;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::time::Duration;
@@ -92,27 +92,30 @@ pub(super) async fn set_up(js: &Context, names: &Names, replicas: usize) -> Resu
     })
     .await
     .map_err(|err| e(format!("stream {}", names.state_stream()))(&err))?;
-    let bucket = |name: String, max_age: Duration| kv::Config {
-        bucket: name,
-        history: 1,
-        max_age,
-        storage: StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    for config in [
-        bucket(names.interest_bucket(), Duration::ZERO),
-        bucket(names.retained_bucket(), Duration::ZERO),
-        bucket(names.owners_bucket(), Duration::ZERO),
-        bucket(names.nodes_bucket(), HEARTBEAT_MAX_AGE),
+    // KV buckets made as their streams: the client's own bucket creation first asks
+    // for the account's limits in a form nats-server 2.9 does not answer.
+    for (bucket, max_age) in [
+        (names.interest_bucket(), Duration::ZERO),
+        (names.retained_bucket(), Duration::ZERO),
+        (names.owners_bucket(), Duration::ZERO),
+        (names.nodes_bucket(), HEARTBEAT_MAX_AGE),
     ] {
-        let name = config.bucket.clone();
-        if js.get_key_value(&name).await.is_ok() {
-            continue;
-        }
-        js.create_key_value(config)
-            .await
-            .map_err(|err| e(format!("bucket {name}"))(&err))?;
+        let stream = format!("KV_{bucket}");
+        js.get_or_create_stream(Config {
+            name: stream.clone(),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| e(format!("bucket {bucket}"))(&err))?;
     }
     Ok(())
 }

