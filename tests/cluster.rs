@@ -11,17 +11,17 @@
 
 mod common;
 
-use common::client::{plain, Client, WAIT};
+use common::client::{connect_expiry, plain, retained, Client, WAIT};
 use common::mosquitto::{in_ci, on_path};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use ternmq::cluster::Cluster;
 use ternmq::config::{ClusterConfig, Config, Listener, ListenerKind};
-use ternmq::protocol::{Protocol, QoS, ReasonCode};
+use ternmq::protocol::{QoS, ReasonCode};
 use ternmq::Server;
 use tokio::time::Instant;
 
@@ -329,6 +329,165 @@ async fn publish_on_one_node_reaches_subscribers_on_the_others() {
     }
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path, _: Protocol) {}
+/// Waits until `cond` holds (bounded).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn stop_all(nodes: Vec<Node>) {
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// A retained message set on one node is there for a new subscriber on another; so is
+/// its clearing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_cluster_wide() {
+    if !nats_available() {
+        return;
+    }
+    let (_name, nodes) = three_nodes("retained", shared_nats()).await;
+    let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
+    publisher.publish(retained("r/1", b"one", QoS::AtLeastOnce)).await;
+    publisher.publish(retained("r/2", b"two", QoS::AtMostOnce)).await;
+    let c = nodes[2].server.as_ref().unwrap().broker().clone();
+    eventually("the retained messages on c", || c.router.retained_count() == 2).await;
+    let mut sub = Client::connect_v5(nodes[2].addr, "sub").await;
+    sub.subscribe("r/#", QoS::AtLeastOnce).await;
+    let mut got: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    for _ in 0..2 {
+        let p = sub.receive().await;
+        got.push((p.topic.to_string(), p.payload.to_vec(), p.retain));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("r/1".to_string(), b"one".to_vec(), true),
+            ("r/2".to_string(), b"two".to_vec(), true)
+        ]
+    );
+    // Cleared on b: gone on c too.
+    let mut other = Client::connect_v5(nodes[1].addr, "pub2").await;
+    other.publish(retained("r/1", b"", QoS::AtLeastOnce)).await;
+    eventually("the clearing on c", || c.router.retained_count() == 1).await;
+    let mut late = Client::connect_v5(nodes[2].addr, "late").await;
+    late.subscribe("r/#", QoS::AtLeastOnce).await;
+    assert_eq!(&*late.receive().await.topic, "r/2");
+    late.expect_quiet("only r/2 is retained").await;
+    stop_all(nodes).await;
+}
+
+/// A persistent client offline on one node, messages queued for it from another, then
+/// it connects to a third: its session (subscription, queue) is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_client_moves_and_receives_what_was_queued() {
+    if !nats_available() {
+        return;
+    }
+    let (_name, nodes) = three_nodes("moves", shared_nats()).await;
+    let (mut client, ack) = Client::accepted(nodes[0].addr, connect_expiry("p", true, 300)).await;
+    assert!(!ack.session_present);
+    client.subscribe("q/#", QoS::AtLeastOnce).await;
+    client.disconnect().await;
+    wait_interest(&nodes[2], "a", "q/#").await;
+    let mut publisher = Client::connect_v5(nodes[2].addr, "pub").await;
+    for i in 1..=5 {
+        let code = publisher
+            .publish(plain(&format!("q/{i}"), b"x", QoS::AtLeastOnce))
+            .await;
+        assert_eq!(code, ReasonCode::Success);
+    }
+    let (mut client, ack) = Client::accepted(nodes[1].addr, connect_expiry("p", false, 300)).await;
+    assert!(ack.session_present, "the session came along");
+    for i in 1..=5 {
+        let p = client.receive().await;
+        assert_eq!(&*p.topic, format!("q/{i}"), "in order");
+    }
+    let a = nodes[0].server.as_ref().unwrap().broker();
+    assert!(a.session("p").is_none(), "a gave the session up");
+    // Its subscription lives on b now: a message published on a reaches it.
+    wait_interest(&nodes[0], "b", "q/#").await;
+    let mut on_a = Client::connect_v5(nodes[0].addr, "pub-a").await;
+    on_a.publish(plain("q/after", b"y", QoS::AtLeastOnce)).await;
+    assert_eq!(&*client.receive().await.topic, "q/after");
+    client.expect_quiet("each message once").await;
+    stop_all(nodes).await;
+}
+
+/// A client id connecting on another node takes its session over: the old connection
+/// gets DISCONNECT 0x8E.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_on_another_node_takes_the_session_over() {
+    if !nats_available() {
+        return;
+    }
+    let (_name, nodes) = three_nodes("takeover", shared_nats()).await;
+    let (mut old, _) = Client::accepted(nodes[0].addr, connect_expiry("t", true, 300)).await;
+    old.subscribe("k", QoS::AtLeastOnce).await;
+    let (mut new, ack) = Client::accepted(nodes[2].addr, connect_expiry("t", false, 300)).await;
+    assert!(ack.session_present);
+    old.expect_disconnect(ReasonCode::SessionTakenOver).await;
+    wait_interest(&nodes[1], "c", "k").await;
+    let mut publisher = Client::connect_v5(nodes[1].addr, "pub").await;
+    publisher.publish(plain("k", b"v", QoS::AtLeastOnce)).await;
+    assert_eq!(&*new.receive().await.payload, b"v");
+    // And back, with a clean start this time: no session present.
+    let (_again, ack) = Client::accepted(nodes[0].addr, connect_expiry("t", true, 0)).await;
+    assert!(!ack.session_present);
+    new.expect_disconnect(ReasonCode::SessionTakenOver).await;
+    stop_all(nodes).await;
+}
+
+/// A shared subscription with members on three nodes: each message goes to one member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_over_three_nodes_gets_each_message_once() {
+    if !nats_available() {
+        return;
+    }
+    let (_name, nodes) = three_nodes("shared", shared_nats()).await;
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut m = Client::connect_v5(node.addr, &format!("m{i}")).await;
+        m.subscribe("$share/g/s/#", QoS::AtLeastOnce).await;
+        members.push(m);
+    }
+    for owner in ["a", "b", "c"] {
+        wait_interest(&nodes[0], owner, "$share/g/s/#").await;
+    }
+    let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
+    const N: usize = 30;
+    for i in 0..N {
+        publisher
+            .publish(plain(&format!("s/{i}"), b"x", QoS::AtLeastOnce))
+            .await;
+    }
+    let mut seen = Vec::new();
+    let mut per_member = Vec::new();
+    for m in &mut members {
+        let got = m.drain_publishes().await;
+        per_member.push(got.len());
+        seen.extend(got.into_iter().map(|p| p.topic.to_string()));
+    }
+    // Messages forwarded to other nodes may still be on their way: wait for the rest.
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < N && Instant::now() < deadline {
+        for (i, m) in members.iter_mut().enumerate() {
+            let got = m.drain_publishes().await;
+            per_member[i] += got.len();
+            seen.extend(got.into_iter().map(|p| p.topic.to_string()));
+        }
+    }
+    seen.sort();
+    let mut want: Vec<String> = (0..N).map(|i| format!("s/{i}")).collect();
+    want.sort();
+    assert_eq!(seen, want, "each message once, to one member");
+    assert!(per_member.iter().all(|&n| n > 0), "every node's member took some: {per_member:?}");
+    stop_all(nodes).await;
+}
 
