@@ -329,6 +329,76 @@ async fn publish_on_one_node_reaches_subscribers_on_the_others() {
     }
 }
 
+/// A node run as the real binary (`kill -9` can hit it), logging to a file.
+struct BinaryNode {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl BinaryNode {
+    fn start(dir: &std::path::Path, name: &str, node: &str, urls: &[String]) -> BinaryNode {
+        let port = free_port();
+        let nats = urls
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.join(format!("{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "log_level = \"info\"\n\n[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
+                 allow_anonymous = true\n\n[cluster]\nname = \"{name}\"\nnode = \"{node}\"\n\
+                 nats = [{nats}]\nnode_timeout_ms = 1500\ntakeover_timeout_ms = 1000\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{node}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_ternmq"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
+            .spawn()
+            .expect("ternmq starts");
+        BinaryNode {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+        }
+    }
+
+    /// Waits until the node accepts connections.
+    async fn ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("ternmq exited ({status}): {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "ternmq not listening: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to hand anything over.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BinaryNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// Waits until `cond` holds (bounded).
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -342,6 +412,86 @@ async fn stop_all(nodes: Vec<Node>) {
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// `kill -9` of the node holding a subscriber's session while a publisher on another
+/// node sends QoS 1 messages: every message the publisher had acknowledged reaches the
+/// subscriber once it reconnects to a third node (at least once: those it had received
+/// but not acknowledged come again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
+    if !nats_available() {
+        return;
+    }
+    let nats = shared_nats();
+    let name = cluster_name("kill9");
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<BinaryNode> = ["a", "b", "c"]
+        .iter()
+        .map(|n| BinaryNode::start(dir.path(), &name, n, &nats.urls()))
+        .collect();
+    for n in &mut nodes {
+        n.ready().await;
+    }
+    let (mut sub, _) = Client::accepted(nodes[0].addr, connect_expiry("s", true, 600)).await;
+    sub.subscribe("load/#", QoS::AtLeastOnce).await;
+    // The subscription is known on c once a probe from c arrives.
+    let mut publisher = Client::connect_v5(nodes[2].addr, "p").await;
+    let mut received: std::collections::BTreeSet<String> = Default::default();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "c never routed to a");
+        publisher.publish(plain("load/probe", b"", QoS::AtLeastOnce)).await;
+        if let Some(ternmq::protocol::Packet::Publish(p)) = sub.recv(Duration::from_millis(100)).await {
+            sub.acknowledge(&p).await;
+            break;
+        }
+    }
+    // Load: the publisher sends, a is killed part way, the publisher goes on.
+    const N: usize = 300;
+    let mut acked = Vec::new();
+    for i in 0..N {
+        if i == N / 3 {
+            nodes[0].kill9();
+        }
+        let topic = format!("load/{i}");
+        if publisher.publish(plain(&topic, b"x", QoS::AtLeastOnce)).await == ReasonCode::Success {
+            acked.push(topic);
+        }
+        // What the subscriber takes before the kill is acknowledged as it comes.
+        if i < N / 3 {
+            while let Some(ternmq::protocol::Packet::Publish(p)) = sub.recv(Duration::ZERO).await {
+                sub.acknowledge(&p).await;
+                received.insert(p.topic.to_string());
+            }
+        }
+    }
+    assert!(acked.len() > N / 2, "the publisher's node kept acknowledging: {}", acked.len());
+    eprintln!(
+        "kill -9: {} acknowledged, {} received before the kill",
+        acked.len(),
+        received.len()
+    );
+    // The subscriber comes back on b: a's sessions and messages are adopted meanwhile.
+    let (mut sub, ack) = Client::accepted(nodes[1].addr, connect_expiry("s", false, 600)).await;
+    assert!(ack.session_present, "the session survived its node: {}", nodes[1].log());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.iter().any(|t| !received.contains(t)) {
+        assert!(
+            Instant::now() < deadline,
+            "missing {} of {} acknowledged messages; b: {}\nc: {}",
+            acked.iter().filter(|t| !received.contains(*t)).count(),
+            acked.len(),
+            nodes[1].log(),
+            nodes[2].log()
+        );
+        if let Some(ternmq::protocol::Packet::Publish(p)) = sub.recv(Duration::from_millis(200)).await {
+            sub.acknowledge(&p).await;
+            received.insert(p.topic.to_string());
+        }
+    }
+    let adopted = nodes[1].log() + &nodes[2].log();
+    assert!(adopted.contains("node adopted"), "a was adopted: {adopted}");
 }
 
 /// A retained message set on one node is there for a new subscriber on another; so is

@@ -22,12 +22,12 @@ const BATCH: usize = 256;
 
 pub(super) async fn spawn(broker: &Arc<Broker>, cluster: &Arc<Cluster>) -> Result<(), ClusterError> {
     let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
+    let consumer = consumer(cluster, &cluster.node).await?;
     let mut live = cluster
         .client
         .subscribe(cluster.names.live_subject(&cluster.node))
         .await
         .map_err(|e| nats(&e))?;
-    let consumer = consumer(cluster, &cluster.node).await?;
     let (b, c) = (broker.clone(), cluster.clone());
     broker.tasks.spawn(async move {
         loop {

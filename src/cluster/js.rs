@@ -14,6 +14,29 @@ use std::time::Duration;
 /// timeout, so that a node that was never seen alive is not mistaken for a fresh one.
 const HEARTBEAT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a node keeps trying a JetStream call at start: streams made a moment ago
+/// by another node elect their leaders first.
+const START_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Runs `f` until it succeeds or `START_PATIENCE` is over (then its last error).
+pub(super) async fn patiently<T, F, Fut>(mut f: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let deadline = std::time::Instant::now() + START_PATIENCE;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!("cluster start: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
 /// The last message of every subject matching `filter` in `stream`, as `(subject,
 /// payload)`, in stream order: an ephemeral consumer that delivers the last message per
 /// subject, read up to what was pending when it was made.

@@ -121,7 +121,7 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         .max_ack_inflight(16 * 1024)
         .build(client.clone());
     let names = Names::new(&config.name);
-    js::set_up(&js, &names, config.replicas).await?;
+    js::patiently(|| js::set_up(&js, &names, config.replicas)).await?;
     let store = Arc::new(JsStore::start(js.clone(), names.clone(), &config.node));
     Ok(Connected {
         config: config.clone(),
@@ -163,11 +163,14 @@ pub async fn start(broker: &Arc<Broker>, connected: Connected) -> Result<Arc<Clu
     } = connected;
     let bucket = |name: String| {
         let js = js.clone();
-        async move {
-            js.get_key_value(&name)
-                .await
-                .map_err(|err| ClusterError::Nats(format!("bucket {name}: {err}")))
-        }
+        js::patiently(move || {
+            let (js, name) = (js.clone(), name.clone());
+            async move {
+                js.get_key_value(&name)
+                    .await
+                    .map_err(|err| ClusterError::Nats(format!("bucket {name}: {err}")))
+            }
+        })
     };
     let owners = bucket(names.owners_bucket()).await?;
     let nodes = bucket(names.nodes_bucket()).await?;
@@ -193,15 +196,15 @@ pub async fn start(broker: &Arc<Broker>, connected: Connected) -> Result<Arc<Clu
     let _ = cluster.broker.set(Arc::downgrade(broker));
     broker.join(cluster.clone());
 
-    cluster.liveness.announce(&cluster).await?;
+    js::patiently(|| cluster.liveness.announce(&cluster)).await?;
     let ready = mirror::Ready::default();
     mirror::spawn_interest_writer(broker, &cluster, interest_kv.clone(), changes);
-    mirror::spawn_interest_watch(broker, &cluster, interest_kv, &ready).await?;
-    mirror::spawn_retained_watch(broker, &cluster, retained_kv, &ready).await?;
+    js::patiently(|| mirror::spawn_interest_watch(broker, &cluster, interest_kv.clone(), &ready)).await?;
+    js::patiently(|| mirror::spawn_retained_watch(broker, &cluster, retained_kv.clone(), &ready)).await?;
     ready.wait().await;
-    let restored = liveness::take_back_own_sessions(&cluster, broker).await?;
-    inbox::spawn(broker, &cluster).await?;
-    ownership::spawn_responder(broker, &cluster).await?;
+    let restored = js::patiently(|| liveness::take_back_own_sessions(&cluster, broker)).await?;
+    js::patiently(|| inbox::spawn(broker, &cluster)).await?;
+    js::patiently(|| ownership::spawn_responder(broker, &cluster)).await?;
     liveness::spawn(broker, &cluster);
     spawn_live_sender(broker, cluster.client.clone(), live_rx);
     tracing::info!(
