@@ -351,7 +351,9 @@ fn default_takeover_timeout() -> u64 {
 }
 
 fn default_node_timeout() -> u64 {
-    3000
+    // Above the 4 to 9 s nats-server 2.9 takes to elect a stream's new leader, so that a
+    // node cut off that long by a lost NATS server is not taken for dead.
+    10_000
 }
 
 impl ClusterConfig {

@@ -89,7 +89,15 @@ pub(super) async fn consume(
     idle: Option<Duration>,
 ) {
     loop {
-        let mut messages = match consumer.messages().await {
+        // Short pull requests with heartbeats: a pull lost with a NATS server is noticed
+        // within seconds, and made again on another.
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(1))
+            .messages();
+        let mut messages = match pull.await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("cannot take messages from the stream: {e}; trying again");

@@ -56,6 +56,8 @@ impl Mailbox for RemoteNode {
 pub(super) enum Change {
     Put { key: String, filter: String },
     Delete { key: String },
+    /// Answered once every change before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 pub(super) struct Interest {
@@ -127,6 +129,14 @@ impl Interest {
     /// node's own puts for those sessions, since both go through the same writer.
     pub(super) fn delete_foreign(&self, key: String) {
         let _ = self.changes.send(Change::Delete { key });
+    }
+
+    /// Resolves once every change made before is in the bucket.
+    pub(super) async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.changes.send(Change::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Filters this node holds now (for tests and the log).

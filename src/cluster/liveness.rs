@@ -31,6 +31,9 @@ use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A dead node's consumer is read until no message came for this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
 /// How long a node waits for another's adoption of a dead node to finish.
 const ADOPTION_WAIT: Duration = Duration::from_secs(60);
 
@@ -66,7 +69,14 @@ struct Seen {
     revision: u64,
     /// When this entry was written, unix milliseconds.
     at_ms: u64,
+    /// This node's own heartbeats written when the entry was seen.
+    beats: u64,
 }
+
+/// Own heartbeats a node must have written since another's last one before it calls the
+/// other dead: while the bucket is unavailable to all (a NATS server lost, its streams
+/// electing leaders) nobody writes, and nobody is called dead.
+const BEATS_BEFORE_DEAD: u64 = 3;
 
 pub(super) struct Liveness {
     instance: String,
@@ -74,6 +84,8 @@ pub(super) struct Liveness {
     nodes: Mutex<FxHashMap<String, Seen>>,
     /// This node's own last revision, for its CAS.
     revision: Mutex<u64>,
+    /// This node's heartbeats written so far.
+    beats: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -93,6 +105,7 @@ impl Liveness {
             timeout: config.node_timeout(),
             nodes: Mutex::new(FxHashMap::default()),
             revision: Mutex::new(0),
+            beats: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -149,20 +162,24 @@ impl Liveness {
         };
         // History is dated by the server; live updates by their arrival (no clock skew).
         let at_ms = if live { now_ms() } else { created_ms(entry) };
+        let beats = self.beats.load(std::sync::atomic::Ordering::Relaxed);
         self.nodes.lock().insert(
             entry.key.clone(),
             Seen {
                 state,
                 revision: entry.revision,
                 at_ms,
+                beats,
             },
         );
     }
 
-    /// Nodes whose heartbeat is older than the timeout, with the revision of their entry.
+    /// Nodes whose heartbeat is older than the timeout while this node kept writing its
+    /// own, with the revision of their entry.
     fn dead(&self, me: &str) -> Vec<(String, u64)> {
         let now = now_ms();
         let timeout = self.timeout.as_millis() as u64;
+        let beats = self.beats.load(std::sync::atomic::Ordering::Relaxed);
         self.nodes
             .lock()
             .iter()
@@ -170,6 +187,7 @@ impl Liveness {
                 name.as_str() != me
                     && matches!(seen.state, State::Alive(_))
                     && now.saturating_sub(seen.at_ms) > timeout
+                    && beats.saturating_sub(seen.beats) >= BEATS_BEFORE_DEAD
             })
             .map(|(name, seen)| (name.clone(), seen.revision))
             .collect()
@@ -222,7 +240,10 @@ pub(super) fn spawn(broker: &Arc<Broker>, cluster: &Arc<Cluster>) {
             let revision = *c.liveness.revision.lock();
             let alive = encode(&State::Alive(c.liveness.instance.clone()));
             match c.nodes.update(c.node.clone(), alive, revision).await {
-                Ok(r) => *c.liveness.revision.lock() = r,
+                Ok(r) => {
+                    *c.liveness.revision.lock() = r;
+                    c.liveness.beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::error!(node = %c.node, "another node declared this one dead and adopted its sessions; stopping");
                     b.begin_shutdown();
@@ -297,9 +318,9 @@ pub(super) async fn take_back_own_sessions(cluster: &Arc<Cluster>, broker: &Arc<
 /// Adopts `dead` if this node is the first to claim it (CAS on its entry at `revision`).
 async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u64) {
     let claim = encode(&State::Adopting(cluster.node.clone()));
-    if cluster.nodes.update(dead.to_owned(), claim, revision).await.is_err() {
+    let Ok(claimed) = cluster.nodes.update(dead.to_owned(), claim, revision).await else {
         return;
-    }
+    };
     tracing::warn!(node = dead, "node is gone: adopting its sessions and messages");
     match adopt_claimed(cluster, broker, dead).await {
         Ok(sessions) => {
@@ -309,7 +330,13 @@ async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u6
             }
             tracing::warn!(node = dead, sessions, "node adopted");
         }
-        Err(e) => tracing::error!(node = dead, "adoption failed: {e}; another node will try"),
+        Err(e) => {
+            tracing::error!(node = dead, "adoption failed: {e}; another node will try");
+            // Back to a heartbeat nobody keeps fresh: taken for dead again after the
+            // timeout, by whichever node is first then.
+            let unclaimed = encode(&State::Alive("unadopted".into()));
+            let _ = cluster.nodes.update(dead.to_owned(), unclaimed, claimed).await;
+        }
     }
 }
 
@@ -353,7 +380,10 @@ async fn adopt_claimed(cluster: &Cluster, broker: &Arc<Broker>, dead: &str) -> R
         }
     }
     // 3. What is left in its consumer, into the adopted sessions only (they were its
-    // sessions; the others had their copy), until no more comes for a while.
+    // sessions; the others had their copy). Once the deletes above are written, the
+    // other nodes stop sending to it within the time their watchers take: the consumer
+    // is read until nothing more comes for a moment.
+    cluster.interest.flush().await;
     let router: Router<Session> = Router::default();
     for session in &adopted {
         for (filter, sub) in session.inspect(|s| s.subscriptions().clone()) {
@@ -381,7 +411,7 @@ async fn adopt_claimed(cluster: &Cluster, broker: &Arc<Broker>, dead: &str) -> R
             }
         }
     };
-    inbox::consume(broker, consumer, &deliver, Some(cluster.liveness.timeout)).await;
+    inbox::consume(broker, consumer, &deliver, Some(DRAIN_IDLE)).await;
     let _ = broker.journal().barrier().await;
     if let Ok(stream) = cluster.js.get_stream_no_info(cluster.names.messages_stream()).await {
         let _ = stream.delete_consumer(&cluster.names.consumer(dead)).await;

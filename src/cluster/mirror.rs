@@ -61,7 +61,14 @@ pub(super) fn spawn_interest_writer(
                 _ = shutdown.cancelled() => return,
                 c = changes.recv() => c,
             };
-            let Some(change) = change else { return };
+            let change = match change {
+                None => return,
+                Some(Change::Flush(done)) => {
+                    let _ = done.send(());
+                    continue;
+                }
+                Some(c) => c,
+            };
             let mut delay = Duration::from_millis(100);
             loop {
                 let result = match &change {
@@ -71,6 +78,7 @@ pub(super) fn spawn_interest_writer(
                         .map(drop)
                         .map_err(|e| e.to_string()),
                     Change::Delete { key } => kv.delete(key).await.map_err(|e| e.to_string()),
+                    Change::Flush(_) => Ok(()),
                 };
                 match result {
                     Ok(()) => break,

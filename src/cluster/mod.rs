@@ -84,7 +84,11 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
         // Reconnects for ever: the cluster of NATS servers comes back, this node waits.
-        .max_reconnects(None);
+        .max_reconnects(None)
+        // Soon: a node that stays away longer than the node timeout is taken for dead.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis(50 * attempts.min(20) as u64)
+        });
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
@@ -117,7 +121,7 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
             error: e.to_string(),
         })?;
     let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(2))
         .max_ack_inflight(16 * 1024)
         .build(client.clone());
     let names = Names::new(&config.name);
@@ -161,8 +165,13 @@ pub async fn start(broker: &Arc<Broker>, connected: Connected) -> Result<Arc<Clu
         names,
         store,
     } = connected;
+    // Bucket calls give up sooner than bulk writes: a claim or a heartbeat tries again
+    // at once, which finds a stream's new leader sooner after a NATS server is lost.
+    let quick = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
     let bucket = |name: String| {
-        let js = js.clone();
+        let js = quick.clone();
         js::patiently(move || {
             let (js, name) = (js.clone(), name.clone());
             async move {

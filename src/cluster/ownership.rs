@@ -26,8 +26,9 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Tries of one claim (each waits a little longer) before the CONNECT is refused.
-const TRIES: u32 = 40;
+/// How long a claim keeps trying (the owner busy, a NATS server lost and its streams
+/// electing new leaders: 4 to 9 s with nats-server 2.9) before the CONNECT is refused.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(20);
 const RELEASE: &str = "release";
 const RELEASED: &[u8] = b"ok";
 const BUSY: &[u8] = b"busy";
@@ -81,7 +82,8 @@ enum Attempt {
 /// until the connection has opened the session.
 pub(super) async fn claim(cluster: &Cluster, client_id: &ByteStr) -> Result<Claimed, String> {
     let mut delay = Duration::from_millis(5);
-    for _ in 0..TRIES {
+    let deadline = std::time::Instant::now() + CLAIM_PATIENCE;
+    while std::time::Instant::now() < deadline {
         if let Some(busy) = cluster.claims.take(client_id) {
             match attempt(cluster, client_id).await {
                 Attempt::Done => return Ok(Box::new(busy)),
@@ -94,14 +96,17 @@ pub(super) async fn claim(cluster: &Cluster, client_id: &ByteStr) -> Result<Clai
         tokio::time::sleep(delay + jitter).await;
         delay = (delay * 2).min(Duration::from_millis(200));
     }
-    Err("the session could not be taken over from the node that holds it (busy)".into())
+    Err("the session could not be claimed in time (its node busy, or NATS unavailable)".into())
 }
 
 async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
     let key = token(client_id);
     let entry = match cluster.owners.entry(key.clone()).await {
         Ok(e) => e,
-        Err(e) => return Attempt::Failed(format!("reading the owner of the session: {e}")),
+        Err(e) => {
+            tracing::debug!(%client_id, "reading the owner: {e}; trying again");
+            return Attempt::Again;
+        }
     };
     let (owner, revision) = match &entry {
         None => (None, 0),
@@ -144,7 +149,11 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
     }
     match load(cluster, &broker, client_id).await {
         Ok(()) => Attempt::Done,
-        Err(e) => Attempt::Failed(e),
+        Err(e) => {
+            // Owned here now: the next attempt finds it so and loads again.
+            tracing::warn!(%client_id, "{e}; trying again");
+            Attempt::Again
+        }
     }
 }
 

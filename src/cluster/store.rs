@@ -35,10 +35,11 @@ use tokio::sync::{oneshot, Notify};
 
 /// Queued bytes past which `has_room` says no (the broker then refuses new messages).
 const MAX_PENDING_BYTES: u64 = 16 << 20;
-/// A round that keeps failing (no JetStream quorum) is retried this many times over
-/// about six seconds, then its `Durable`s fail: the connections waiting on them close
-/// without acknowledging, and their clients publish again.
-const ATTEMPTS: u32 = 5;
+/// A round that keeps failing is retried for this long (a stream whose leader was lost
+/// has none for the election: 4 to 9 s with nats-server 2.9), then its `Durable`s fail:
+/// the connections waiting on them close without acknowledging, and their clients
+/// publish again.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 pub(super) struct JsStore {
     shared: Arc<Shared>,
@@ -363,22 +364,22 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let mut delay = Duration::from_millis(200);
-    for n in 1..=ATTEMPTS {
+    let mut delay = Duration::from_millis(100);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
         match attempt().await {
             Ok(()) => return Ok(()),
-            Err(e) if n == ATTEMPTS => {
+            Err(e) if std::time::Instant::now() >= deadline => {
                 tracing::error!("cluster store: {e}; giving up");
                 return Err(StoreError::Engine(e));
             }
             Err(e) => {
                 tracing::warn!("cluster store: {e}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
     }
-    Ok(())
 }
 
 async fn run(shared: Arc<Shared>) {
