@@ -334,7 +334,10 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// How long a node waits for another to hand over a client's session before it takes
     /// the session from JetStream as it stands, milliseconds.
-    #[serde(default = "default_takeover_timeout", deserialize_with = "cluster_millis")]
+    #[serde(
+        default = "default_takeover_timeout",
+        deserialize_with = "cluster_millis"
+    )]
     pub takeover_timeout_ms: u64,
     /// A node whose heartbeat is older than this is dead and its sessions are adopted,
     /// milliseconds.
@@ -386,7 +389,8 @@ impl ClusterConfig {
 fn cluster_token<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
     let ok = (1..=32).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !ok {
         return Err(serde::de::Error::custom(format!(
             "must be 1 to 32 characters of A-Z, a-z, 0-9, '-' and '_' (got {s:?})"
@@ -403,7 +407,10 @@ fn nats_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         ));
     }
     let schemes = ["nats://", "tls://"];
-    match urls.iter().find(|u| !schemes.iter().any(|s| u.starts_with(s))) {
+    match urls
+        .iter()
+        .find(|u| !schemes.iter().any(|s| u.starts_with(s)))
+    {
         Some(bad) => Err(serde::de::Error::custom(format!(
             "NATS URLs start with nats:// or tls:// (got {bad:?})"
         ))),
@@ -749,7 +756,8 @@ mod tests {
 
     #[test]
     fn cluster_keys() {
-        let base = "[cluster]\nname = \"prod\"\nnode = \"n-1\"\nnats = [\"nats://127.0.0.1:4222\"]\n";
+        let base =
+            "[cluster]\nname = \"prod\"\nnode = \"n-1\"\nnats = [\"nats://127.0.0.1:4222\"]\n";
         let c = Config::parse(base).unwrap().cluster.unwrap();
         assert_eq!(
             c,
@@ -765,8 +773,9 @@ mod tests {
             let err = Config::parse(&format!("{base}{extra}")).unwrap_err();
             assert!(err.contains("line 5") && err.contains(key), "{err}");
         }
-        let err = Config::parse("[cluster]\nname = \"a.b\"\nnode = \"n\"\nnats = [\"nats://h:1\"]\n")
-            .unwrap_err();
+        let err =
+            Config::parse("[cluster]\nname = \"a.b\"\nnode = \"n\"\nnats = [\"nats://h:1\"]\n")
+                .unwrap_err();
         assert!(err.contains("line 2") && err.contains("name"), "{err}");
         let err = Config::parse("[cluster]\nname = \"a\"\nnode = \"n\"\nnats = [\"http://h:1\"]\n")
             .unwrap_err();

@@ -182,6 +182,8 @@ async fn serve_signals(server: &Server) -> anyhow::Result<()> {
         tokio::select! {
             r = tokio::signal::ctrl_c() => return r.context("cannot listen for SIGINT"),
             _ = term.recv() => return Ok(()),
+            // The broker stopped by itself (a cluster node declared dead by the others).
+            _ = server.stopped() => return Ok(()),
             _ = hup.recv() => {
                 let errors = server.reload();
                 if errors.is_empty() {

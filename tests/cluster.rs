@@ -179,7 +179,11 @@ impl Nats {
                         if let Ok(client) = async_nats::connect(&url).await {
                             let info = client.request("$JS.API.INFO", "".into());
                             let info = tokio::time::timeout(Duration::from_millis(500), info).await;
-                            if info.is_ok_and(|i| i.is_ok_and(|m| !String::from_utf8_lossy(&m.payload).contains("\"error\""))) {
+                            if info.is_ok_and(|i| {
+                                i.is_ok_and(|m| {
+                                    !String::from_utf8_lossy(&m.payload).contains("\"error\"")
+                                })
+                            }) {
                                 break;
                             }
                         }
@@ -189,11 +193,6 @@ impl Nats {
             })
         });
         check.join().expect("NATS cluster ready");
-    }
-
-    fn log(&self, i: usize) -> String {
-        let log = self.servers[i].config.with_extension("conf.log");
-        std::fs::read_to_string(log).unwrap_or_default()
     }
 }
 
@@ -214,7 +213,11 @@ fn shared_nats() -> &'static Nats {
 /// A cluster name of its own for each test.
 fn cluster_name(test: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{test}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{test}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,7 +258,11 @@ impl Node {
     }
 
     fn cluster(&self) -> &Arc<Cluster> {
-        self.server.as_ref().unwrap().cluster().expect("in a cluster")
+        self.server
+            .as_ref()
+            .unwrap()
+            .cluster()
+            .expect("in a cluster")
     }
 
     async fn stop(mut self) {
@@ -287,7 +294,11 @@ async fn wait_interest(node: &Node, owner: &str, filter: &str) {
 async fn wait_interest_within(node: &Node, owner: &str, filter: &str, wait: Duration) {
     let deadline = Instant::now() + wait;
     while !node.cluster().knows(owner, filter) {
-        assert!(Instant::now() < deadline, "{} never saw {owner}'s {filter}", node.cluster().node());
+        assert!(
+            Instant::now() < deadline,
+            "{} never saw {owner}'s {filter}",
+            node.cluster().node()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -322,7 +333,10 @@ async fn publish_on_one_node_reaches_subscribers_on_the_others() {
         assert_eq!(code, ReasonCode::Success);
         for sub in &mut subs {
             let p = sub.receive().await;
-            assert_eq!((&*p.topic, &p.payload[..], p.qos), ("t/x", payload.as_bytes(), qos));
+            assert_eq!(
+                (&*p.topic, &p.payload[..], p.qos),
+                ("t/x", payload.as_bytes(), qos)
+            );
         }
     }
     // Exactly once: nothing more came.
@@ -365,7 +379,9 @@ impl BinaryNode {
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
             .spawn()
             .expect("ternmq starts");
         BinaryNode {
@@ -382,7 +398,11 @@ impl BinaryNode {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("ternmq exited ({status}): {}", self.log());
             }
-            assert!(Instant::now() < deadline, "ternmq not listening: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "ternmq not listening: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -404,11 +424,36 @@ impl Drop for BinaryNode {
     }
 }
 
+/// Publishes probes on `topic` until `sub` receives one: the subscription is known on the
+/// publisher's node (nodes run as binaries cannot be asked).
+async fn wait_routed(publisher: &mut Client, sub: &mut Client, topic: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "{topic} never routed");
+        publisher.publish(plain(topic, b"", QoS::AtLeastOnce)).await;
+        if let Some(ternmq::protocol::Packet::Publish(p)) =
+            sub.recv(Duration::from_millis(100)).await
+        {
+            sub.acknowledge(&p).await;
+            return;
+        }
+    }
+}
+
 /// Connects, waiting longer than usual for the CONNACK: a node takes a session from a
 /// dead node only once that node's heartbeat has timed out and it is adopted.
-async fn connect_within(addr: SocketAddr, connect: ternmq::protocol::Connect) -> (Client, ternmq::protocol::ConnAck) {
-    let mut c = Client::open(addr, &connect.client_id.to_string(), ternmq::protocol::Protocol::V5).await;
-    c.send(ternmq::protocol::Packet::Connect(Box::new(connect))).await;
+async fn connect_within(
+    addr: SocketAddr,
+    connect: ternmq::protocol::Connect,
+) -> (Client, ternmq::protocol::ConnAck) {
+    let mut c = Client::open(
+        addr,
+        connect.client_id.as_ref(),
+        ternmq::protocol::Protocol::V5,
+    )
+    .await;
+    c.send(ternmq::protocol::Packet::Connect(Box::new(connect)))
+        .await;
     match c.recv(Duration::from_secs(15)).await {
         Some(ternmq::protocol::Packet::ConnAck(ack)) => {
             assert_eq!(ack.code, ReasonCode::Success);
@@ -485,18 +530,9 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     }
     let (mut sub, _) = Client::accepted(nodes[0].addr, connect_expiry("s", true, 600)).await;
     sub.subscribe("load/#", QoS::AtLeastOnce).await;
-    // The subscription is known on c once a probe from c arrives.
     let mut publisher = Client::connect_v5(nodes[2].addr, "p").await;
+    wait_routed(&mut publisher, &mut sub, "load/probe").await;
     let mut received: std::collections::BTreeSet<String> = Default::default();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "c never routed to a");
-        publisher.publish(plain("load/probe", b"", QoS::AtLeastOnce)).await;
-        if let Some(ternmq::protocol::Packet::Publish(p)) = sub.recv(Duration::from_millis(100)).await {
-            sub.acknowledge(&p).await;
-            break;
-        }
-    }
     // Load: the publisher sends, a is killed part way, the publisher goes on.
     const N: usize = 300;
     let mut acked = Vec::new();
@@ -505,7 +541,11 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
             nodes[0].kill9();
         }
         let topic = format!("load/{i}");
-        if publisher.publish(plain(&topic, b"x", QoS::AtLeastOnce)).await == ReasonCode::Success {
+        if publisher
+            .publish(plain(&topic, b"x", QoS::AtLeastOnce))
+            .await
+            == ReasonCode::Success
+        {
             acked.push(topic);
         }
         // What the subscriber takes before the kill is acknowledged as it comes.
@@ -516,7 +556,11 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
             }
         }
     }
-    assert!(acked.len() > N / 2, "the publisher's node kept acknowledging: {}", acked.len());
+    assert!(
+        acked.len() > N / 2,
+        "the publisher's node kept acknowledging: {}",
+        acked.len()
+    );
     eprintln!(
         "kill -9: {} acknowledged, {} received before the kill",
         acked.len(),
@@ -524,7 +568,11 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     );
     // The subscriber comes back on b: a's sessions and messages are adopted meanwhile.
     let (mut sub, ack) = connect_within(nodes[1].addr, connect_expiry("s", false, 600)).await;
-    assert!(ack.session_present, "the session survived its node: {}", nodes[1].log());
+    assert!(
+        ack.session_present,
+        "the session survived its node: {}",
+        nodes[1].log()
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while acked.iter().any(|t| !received.contains(t)) {
         assert!(
@@ -535,7 +583,9 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
             nodes[1].log(),
             nodes[2].log()
         );
-        if let Some(ternmq::protocol::Packet::Publish(p)) = sub.recv(Duration::from_millis(200)).await {
+        if let Some(ternmq::protocol::Packet::Publish(p)) =
+            sub.recv(Duration::from_millis(200)).await
+        {
             sub.acknowledge(&p).await;
             received.insert(p.topic.to_string());
         }
@@ -558,7 +608,9 @@ async fn the_cluster_keeps_serving_when_a_nats_server_dies() {
     sub.subscribe("n/#", QoS::AtLeastOnce).await;
     wait_interest(&nodes[0], "b", "n/#").await;
     let mut publisher = Client::connect_v5(nodes[0].addr, "p").await;
-    publisher.publish(plain("n/before", b"x", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(plain("n/before", b"x", QoS::AtLeastOnce))
+        .await;
     assert_eq!(&*sub.receive().await.topic, "n/before");
     nats.servers[0].kill();
     // While NATS elects new leaders for what the dead server led, deliveries may pause
@@ -567,19 +619,35 @@ async fn the_cluster_keeps_serving_when_a_nats_server_dies() {
     for i in 0..20 {
         let topic = format!("n/{i}");
         publish_within(&mut publisher, &topic, Duration::from_secs(25)).await;
-        assert_eq!(&*receive_within(&mut sub, Duration::from_secs(15)).await.topic, topic);
+        assert_eq!(
+            &*receive_within(&mut sub, Duration::from_secs(15))
+                .await
+                .topic,
+            topic
+        );
     }
-    eprintln!("20 messages across nodes after a NATS server died: {:?}", started.elapsed());
+    eprintln!(
+        "20 messages across nodes after a NATS server died: {:?}",
+        started.elapsed()
+    );
     // New subscriptions and sessions still work too.
     // (The owners bucket's stream may be electing a new leader: a CONNECT can take a
     // few seconds then.)
     let started = Instant::now();
     let (mut late, _) = connect_within(nodes[2].addr, connect_expiry("late", true, 0)).await;
-    eprintln!("a new session after a NATS server died: CONNACK in {:?}", started.elapsed());
+    eprintln!(
+        "a new session after a NATS server died: CONNACK in {:?}",
+        started.elapsed()
+    );
     late.subscribe("n/#", QoS::AtLeastOnce).await;
     wait_interest_within(&nodes[0], "c", "n/#", Duration::from_secs(15)).await;
     publish_within(&mut publisher, "n/late", Duration::from_secs(25)).await;
-    assert_eq!(&*receive_within(&mut late, Duration::from_secs(15)).await.topic, "n/late");
+    assert_eq!(
+        &*receive_within(&mut late, Duration::from_secs(15))
+            .await
+            .topic,
+        "n/late"
+    );
     stop_all(nodes).await;
 }
 
@@ -597,9 +665,13 @@ async fn state_survives_restarting_every_node_and_nats_server() {
     client.disconnect().await;
     wait_interest(&nodes[1], "a", "z/#").await;
     let mut publisher = Client::connect_v5(nodes[1].addr, "pub").await;
-    publisher.publish(retained("y/kept", b"r", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(retained("y/kept", b"r", QoS::AtLeastOnce))
+        .await;
     for i in 0..3 {
-        publisher.publish(plain(&format!("z/{i}"), b"q", QoS::AtLeastOnce)).await;
+        publisher
+            .publish(plain(&format!("z/{i}"), b"q", QoS::AtLeastOnce))
+            .await;
     }
     drop(publisher);
     // Everything stops at once (no node outlives the others to adopt them).
@@ -641,18 +713,41 @@ async fn mosquitto_clients_on_different_nodes() {
     let mut sub = common::mosquitto::Proc::spawn(
         {
             let mut cmd = Command::new("stdbuf");
-            cmd.args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &port(&nodes[1])])
-                .args(["-W", "10", "-q", "1", "-t", "room/#", "-C", "3", "-v"]);
+            cmd.args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port(&nodes[1]),
+            ])
+            .args(["-W", "10", "-q", "1", "-t", "room/#", "-C", "3", "-v"]);
             cmd
         },
         None,
     );
     let b = nodes[1].server.as_ref().unwrap().broker().clone();
-    common::mosquitto::wait_until("mosquitto_sub subscribed", || b.router.subscription_count() == 1, &mut [&mut sub]).await;
+    common::mosquitto::wait_until(
+        "mosquitto_sub subscribed",
+        || b.router.subscription_count() == 1,
+        &mut [&mut sub],
+    )
+    .await;
     wait_interest(&nodes[0], "b", "room/#").await;
     for (topic, text) in [("room/1", "hello"), ("room/2", "from"), ("room/1", "a")] {
         let mut cmd = Command::new("mosquitto_pub");
-        cmd.args(["-h", "127.0.0.1", "-p", &port(&nodes[0]), "-q", "1", "-t", topic, "-m", text]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port(&nodes[0]),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            text,
+        ]);
         common::mosquitto::Proc::spawn(cmd, None).output().await;
     }
     let lines = sub.output().await;
@@ -669,10 +764,17 @@ async fn retained_messages_are_cluster_wide() {
     }
     let (_name, nodes) = three_nodes("retained", shared_nats()).await;
     let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
-    publisher.publish(retained("r/1", b"one", QoS::AtLeastOnce)).await;
-    publisher.publish(retained("r/2", b"two", QoS::AtMostOnce)).await;
+    publisher
+        .publish(retained("r/1", b"one", QoS::AtLeastOnce))
+        .await;
+    publisher
+        .publish(retained("r/2", b"two", QoS::AtMostOnce))
+        .await;
     let c = nodes[2].server.as_ref().unwrap().broker().clone();
-    eventually("the retained messages on c", || c.router.retained_count() == 2).await;
+    eventually("the retained messages on c", || {
+        c.router.retained_count() == 2
+    })
+    .await;
     let mut sub = Client::connect_v5(nodes[2].addr, "sub").await;
     sub.subscribe("r/#", QoS::AtLeastOnce).await;
     let mut got: Vec<(String, Vec<u8>, bool)> = Vec::new();
@@ -803,7 +905,9 @@ async fn a_shared_group_over_three_nodes_gets_each_message_once() {
     let mut want: Vec<String> = (0..N).map(|i| format!("s/{i}")).collect();
     want.sort();
     assert_eq!(seen, want, "each message once, to one member");
-    assert!(per_member.iter().all(|&n| n > 0), "every node's member took some: {per_member:?}");
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "every node's member took some: {per_member:?}"
+    );
     stop_all(nodes).await;
 }
-

@@ -20,7 +20,10 @@ use std::time::Duration;
 /// Messages routed before one store barrier and their acknowledgements.
 const BATCH: usize = 256;
 
-pub(super) async fn spawn(broker: &Arc<Broker>, cluster: &Arc<Cluster>) -> Result<(), ClusterError> {
+pub(super) async fn spawn(
+    broker: &Arc<Broker>,
+    cluster: &Arc<Cluster>,
+) -> Result<(), ClusterError> {
     let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
     let consumer = consumer(cluster, &cluster.node).await?;
     let mut live = cluster
@@ -170,7 +173,12 @@ pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) ->
     }
 }
 
-fn deliver_shared(broker: &Broker, cluster: &Cluster, message: &Arc<Message>, key: Arc<SharedKey>) -> bool {
+fn deliver_shared(
+    broker: &Broker,
+    cluster: &Cluster,
+    message: &Arc<Message>,
+    key: Arc<SharedKey>,
+) -> bool {
     let taken = cluster.deliver_shared_here(broker, message, key);
     if !taken {
         crate::metrics::dropped();

@@ -54,8 +54,13 @@ impl Mailbox for RemoteNode {
 /// A change of this node's interest, for the bucket, in order.
 #[derive(Debug)]
 pub(super) enum Change {
-    Put { key: String, filter: String },
-    Delete { key: String },
+    Put {
+        key: String,
+        filter: String,
+    },
+    Delete {
+        key: String,
+    },
     /// Answered once every change before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -207,7 +212,6 @@ impl Interest {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,10 +279,16 @@ mod tests {
         );
         // `#` matches its parent level; `$` topics do not match leading wildcards.
         assert_eq!(names(&interest.targets(&message("s"))), ["b", "d"]);
-        assert_eq!(names(&interest.targets(&message("$SYS/x"))), Vec::<String>::new());
+        assert_eq!(
+            names(&interest.targets(&message("$SYS/x"))),
+            Vec::<String>::new()
+        );
         interest.delete(&interest_key("d", "#"));
         interest.delete(&interest_key("b", "s/#"));
-        assert_eq!(names(&interest.targets(&message("s"))), Vec::<String>::new());
+        assert_eq!(
+            names(&interest.targets(&message("s"))),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -90,8 +90,14 @@ pub(super) async fn last_per_subject(
 }
 
 /// Makes the streams and buckets of the cluster (or finds them as made by another node).
-pub(super) async fn set_up(js: &Context, names: &Names, replicas: usize) -> Result<(), ClusterError> {
-    let e = |what: String| move |err: &dyn std::fmt::Display| ClusterError::Nats(format!("{what}: {err}"));
+pub(super) async fn set_up(
+    js: &Context,
+    names: &Names,
+    replicas: usize,
+) -> Result<(), ClusterError> {
+    let e = |what: String| {
+        move |err: &dyn std::fmt::Display| ClusterError::Nats(format!("{what}: {err}"))
+    };
     js.get_or_create_stream(Config {
         name: names.messages_stream(),
         subjects: vec![names.messages_subjects()],

@@ -118,7 +118,11 @@ impl Liveness {
         let limit = self.timeout * 3 + ADOPTION_WAIT;
         let mut seen_revision = None;
         loop {
-            let entry = cluster.nodes.entry(cluster.node.clone()).await.map_err(|e| nats(&e))?;
+            let entry = cluster
+                .nodes
+                .entry(cluster.node.clone())
+                .await
+                .map_err(|e| nats(&e))?;
             let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
                 break;
             };
@@ -145,7 +149,10 @@ impl Liveness {
         }
         let revision = cluster
             .nodes
-            .put(cluster.node.clone(), encode(&State::Alive(self.instance.clone())))
+            .put(
+                cluster.node.clone(),
+                encode(&State::Alive(self.instance.clone())),
+            )
             .await
             .map_err(|e| nats(&e))?;
         *self.revision.lock() = revision;
@@ -305,7 +312,10 @@ async fn owned_by(cluster: &Cluster, node: &str) -> Result<Vec<ByteStr>, Cluster
 }
 
 /// At start: the sessions this node owned when it stopped, loaded from the store.
-pub(super) async fn take_back_own_sessions(cluster: &Arc<Cluster>, broker: &Arc<Broker>) -> Result<usize, ClusterError> {
+pub(super) async fn take_back_own_sessions(
+    cluster: &Arc<Cluster>,
+    broker: &Arc<Broker>,
+) -> Result<usize, ClusterError> {
     let mine = owned_by(cluster, &cluster.node).await?;
     for client_id in &mine {
         ownership::load(cluster, broker, client_id)
@@ -321,7 +331,10 @@ async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u6
     let Ok(claimed) = cluster.nodes.update(dead.to_owned(), claim, revision).await else {
         return;
     };
-    tracing::warn!(node = dead, "node is gone: adopting its sessions and messages");
+    tracing::warn!(
+        node = dead,
+        "node is gone: adopting its sessions and messages"
+    );
     match adopt_claimed(cluster, broker, dead).await {
         Ok(sessions) => {
             let done = encode(&State::Adopted(cluster.node.clone()));
@@ -335,12 +348,19 @@ async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u6
             // Back to a heartbeat nobody keeps fresh: taken for dead again after the
             // timeout, by whichever node is first then.
             let unclaimed = encode(&State::Alive("unadopted".into()));
-            let _ = cluster.nodes.update(dead.to_owned(), unclaimed, claimed).await;
+            let _ = cluster
+                .nodes
+                .update(dead.to_owned(), unclaimed, claimed)
+                .await;
         }
     }
 }
 
-async fn adopt_claimed(cluster: &Cluster, broker: &Arc<Broker>, dead: &str) -> Result<usize, ClusterError> {
+async fn adopt_claimed(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+) -> Result<usize, ClusterError> {
     // 1. Its sessions, each by CAS on its owner entry.
     let mut adopted: Vec<Arc<Session>> = Vec::new();
     for client_id in owned_by(cluster, dead).await? {
@@ -352,7 +372,12 @@ async fn adopt_claimed(cluster: &Cluster, broker: &Arc<Broker>, dead: &str) -> R
             continue;
         }
         let value = owner_value(&cluster.node, &client_id);
-        if cluster.owners.update(&key, value, entry.revision).await.is_err() {
+        if cluster
+            .owners
+            .update(&key, value, entry.revision)
+            .await
+            .is_err()
+        {
             continue;
         }
         ownership::load(cluster, broker, &client_id)
@@ -413,7 +438,11 @@ async fn adopt_claimed(cluster: &Cluster, broker: &Arc<Broker>, dead: &str) -> R
     };
     inbox::consume(broker, consumer, &deliver, Some(DRAIN_IDLE)).await;
     let _ = broker.journal().barrier().await;
-    if let Ok(stream) = cluster.js.get_stream_no_info(cluster.names.messages_stream()).await {
+    if let Ok(stream) = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+    {
         let _ = stream.delete_consumer(&cluster.names.consumer(dead)).await;
     }
     Ok(adopted.len())

@@ -191,7 +191,9 @@ pub(super) async fn spawn_retained_watch(
                     return;
                 };
                 if entry.key.starts_with('=') {
-                    hashed.lock().insert(entry.key.clone(), stored.topic.clone());
+                    hashed
+                        .lock()
+                        .insert(entry.key.clone(), stored.topic.clone());
                 }
                 let message = broker.journal().restore_message(&stored, now);
                 broker.router.retain(&message);

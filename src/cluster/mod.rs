@@ -40,7 +40,6 @@ use std::time::Duration;
 use store::JsStore;
 use tokio::sync::mpsc;
 
-
 /// Why a node could not join its cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -86,19 +85,18 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         // Reconnects for ever: the cluster of NATS servers comes back, this node waits.
         .max_reconnects(None)
         // Soon: a node that stays away longer than the node timeout is taken for dead.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(50 * attempts.min(20) as u64)
-        });
+        .reconnect_delay_callback(|attempts| Duration::from_millis(50 * attempts.min(20) as u64));
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
     if let Some(path) = &config.creds_file {
-        options = options.credentials_file(path).await.map_err(|e| {
-            ClusterError::Credentials {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| ClusterError::Credentials {
                 path: path.display().to_string(),
                 error: e.to_string(),
-            }
-        })?;
+            })?;
     }
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -157,7 +155,10 @@ pub struct Cluster {
 /// nodes' interest and the retained messages, takes back this node's own sessions, and
 /// starts taking messages, hand-over requests and heartbeats. Returns once the node is
 /// ready to serve clients.
-pub async fn start(broker: &Arc<Broker>, connected: Connected) -> Result<Arc<Cluster>, ClusterError> {
+pub async fn start(
+    broker: &Arc<Broker>,
+    connected: Connected,
+) -> Result<Arc<Cluster>, ClusterError> {
     let Connected {
         config,
         client,
@@ -208,8 +209,10 @@ pub async fn start(broker: &Arc<Broker>, connected: Connected) -> Result<Arc<Clu
     js::patiently(|| cluster.liveness.announce(&cluster)).await?;
     let ready = mirror::Ready::default();
     mirror::spawn_interest_writer(broker, &cluster, interest_kv.clone(), changes);
-    js::patiently(|| mirror::spawn_interest_watch(broker, &cluster, interest_kv.clone(), &ready)).await?;
-    js::patiently(|| mirror::spawn_retained_watch(broker, &cluster, retained_kv.clone(), &ready)).await?;
+    js::patiently(|| mirror::spawn_interest_watch(broker, &cluster, interest_kv.clone(), &ready))
+        .await?;
+    js::patiently(|| mirror::spawn_retained_watch(broker, &cluster, retained_kv.clone(), &ready))
+        .await?;
     ready.wait().await;
     let restored = js::patiently(|| liveness::take_back_own_sessions(&cluster, broker)).await?;
     js::patiently(|| inbox::spawn(broker, &cluster)).await?;
@@ -253,7 +256,12 @@ impl Cluster {
 
     /// Hands a message taken for a shared group to one local member (the group's pick
     /// was this node). False if no member took it.
-    fn deliver_shared_here(&self, broker: &Broker, message: &Arc<Message>, key: Arc<crate::message::SharedKey>) -> bool {
+    fn deliver_shared_here(
+        &self,
+        broker: &Broker,
+        message: &Arc<Message>,
+        key: Arc<crate::message::SharedKey>,
+    ) -> bool {
         let delivery = Delivery {
             shared: Some(key),
             ..Delivery::new(message.clone(), message.qos, message.retain)
@@ -263,7 +271,12 @@ impl Cluster {
     }
 
     /// Sends `message` to the nodes and groups `targets` name.
-    fn send(&self, broker: &Broker, message: &Arc<Message>, targets: Vec<interest::Target>) -> usize {
+    fn send(
+        &self,
+        broker: &Broker,
+        message: &Arc<Message>,
+        targets: Vec<interest::Target>,
+    ) -> usize {
         let stored = broker.journal().message(message);
         let body = match wire::body(&stored) {
             Ok(b) => b,
@@ -287,7 +300,11 @@ impl Cluster {
             let shared_names = shared.as_ref().map(|k| (&*k.group, &*k.filter));
             let frame = wire::frame(&self.node, shared_names, &body);
             if message.qos == crate::protocol::QoS::AtMostOnce {
-                if self.live.try_send((self.names.live_subject(&node), frame)).is_err() {
+                if self
+                    .live
+                    .try_send((self.names.live_subject(&node), frame))
+                    .is_err()
+                {
                     crate::metrics::dropped();
                     continue;
                 }
@@ -330,7 +347,11 @@ impl Peers for Cluster {
 }
 
 /// Sends QoS 0 messages to other nodes over core NATS (no JetStream, no wait).
-fn spawn_live_sender(broker: &Arc<Broker>, client: async_nats::Client, mut rx: mpsc::Receiver<(String, Bytes)>) {
+fn spawn_live_sender(
+    broker: &Arc<Broker>,
+    client: async_nats::Client,
+    mut rx: mpsc::Receiver<(String, Bytes)>,
+) {
     let shutdown = broker.shutdown.clone();
     broker.tasks.spawn(async move {
         loop {
@@ -338,7 +359,9 @@ fn spawn_live_sender(broker: &Arc<Broker>, client: async_nats::Client, mut rx: m
                 _ = shutdown.cancelled() => return,
                 next = rx.recv() => next,
             };
-            let Some((subject, payload)) = next else { return };
+            let Some((subject, payload)) = next else {
+                return;
+            };
             if let Err(e) = client.publish(subject, payload).await {
                 tracing::debug!("QoS 0 message to another node not sent: {e}");
                 crate::metrics::dropped();

@@ -124,18 +124,30 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
                 // Not answering: adopted once its heartbeat has stopped, then asked again.
                 return match cluster.liveness.wait_gone(cluster, &other).await {
                     Ok(()) => Attempt::Again,
-                    Err(e) => Attempt::Failed(format!("node {other} holds the session and {why}; {e}")),
+                    Err(e) => {
+                        Attempt::Failed(format!("node {other} holds the session and {why}; {e}"))
+                    }
                 };
             }
         }
     }
     let value = owner_value(&cluster.node, client_id);
     let set = if entry.is_none() {
-        cluster.owners.create(&key, value).await.map(drop).map_err(|e| e.to_string())
+        cluster
+            .owners
+            .create(&key, value)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     } else {
         // Also when this node already owns it: a new revision makes a pending release of
         // an ended session (session_ended) fail.
-        cluster.owners.update(&key, value, revision).await.map(drop).map_err(|e| e.to_string())
+        cluster
+            .owners
+            .update(&key, value, revision)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     };
     if let Err(e) = set {
         tracing::debug!(%client_id, "owner not set ({e}); trying again");
@@ -158,7 +170,11 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
 }
 
 /// Loads the stored session of `client_id` (if any) into the broker, offline.
-pub(super) async fn load(cluster: &Cluster, broker: &Arc<crate::Broker>, client_id: &ByteStr) -> Result<(), String> {
+pub(super) async fn load(
+    cluster: &Cluster,
+    broker: &Arc<crate::Broker>,
+    client_id: &ByteStr,
+) -> Result<(), String> {
     let head = broker.config.session.max_queued_messages;
     let snapshot = cluster
         .store_dyn()
@@ -206,13 +222,18 @@ pub(super) fn session_ended(cluster: &Cluster, client_id: &ByteStr) {
         let mine = entry.operation == Operation::Put
             && parse_owner(&entry.value).is_some_and(|(n, _)| n == node);
         if mine {
-            let _ = owners.delete_expect_revision(&key, Some(entry.revision)).await;
+            let _ = owners
+                .delete_expect_revision(&key, Some(entry.revision))
+                .await;
         }
     });
 }
 
 /// Answers the other nodes' hand-over requests on this node's control subject.
-pub(super) async fn spawn_responder(broker: &Arc<crate::Broker>, cluster: &Arc<Cluster>) -> Result<(), super::ClusterError> {
+pub(super) async fn spawn_responder(
+    broker: &Arc<crate::Broker>,
+    cluster: &Arc<Cluster>,
+) -> Result<(), super::ClusterError> {
     let mut requests = cluster
         .client
         .subscribe(cluster.names.control_subject(&cluster.node))
@@ -226,7 +247,9 @@ pub(super) async fn spawn_responder(broker: &Arc<crate::Broker>, cluster: &Arc<C
                 next = requests.next() => next,
             };
             let Some(request) = next else { return };
-            let Some(reply) = request.reply.clone() else { continue };
+            let Some(reply) = request.reply.clone() else {
+                continue;
+            };
             let text = String::from_utf8_lossy(&request.payload).into_owned();
             let Some((RELEASE, client_id)) = text.split_once('\n') else {
                 tracing::warn!("unknown control request; ignored");

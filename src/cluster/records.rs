@@ -156,7 +156,9 @@ pub(super) fn session(
                 let (order, d) = codec::decode_inflight(entry).map_err(|_| bad("in-flight"))?;
                 let stage = match d {
                     None => InflightStage::PubRel,
-                    Some(d) => InflightStage::Publish(resolve(d, message).ok_or_else(|| bad("message"))?),
+                    Some(d) => {
+                        InflightStage::Publish(resolve(d, message).ok_or_else(|| bad("message"))?)
+                    }
                 };
                 snapshot.inflight.push(InflightEntry { pkid, order, stage });
             }
@@ -255,6 +257,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one op of each kind, then every field checked
     fn a_session_round_trips_through_its_records() {
         let names = Names::new("c");
         let c: ByteStr = "client.with *dots*".into();
@@ -338,7 +341,9 @@ mod tests {
         assert_eq!(&*s.queue[0].delivery.message.topic, "a/c");
         assert_eq!(s.queue[0].delivery.subscription_ids, vec![7]);
         assert_eq!(s.inflight.len(), 2);
-        assert!(matches!(&s.inflight[0].stage, InflightStage::Publish(d) if &*d.message.topic == "a/e"));
+        assert!(
+            matches!(&s.inflight[0].stage, InflightStage::Publish(d) if &*d.message.topic == "a/e")
+        );
         assert_eq!(s.inflight[1].stage, InflightStage::PubRel);
         assert_eq!(s.incoming, vec![9]);
         let q = queue(&names, &c, &records, 10, 5);
@@ -346,7 +351,13 @@ mod tests {
 
         apply(
             &mut records,
-            write(&names, &Op::DeleteSession { client_id: c.clone() }).unwrap(),
+            write(
+                &names,
+                &Op::DeleteSession {
+                    client_id: c.clone(),
+                },
+            )
+            .unwrap(),
         );
         assert_eq!(session(&names, &c, &records, 10).unwrap(), None);
         assert!(session(&names, &other, &records, 10).unwrap().is_some());

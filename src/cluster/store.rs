@@ -21,13 +21,13 @@ use crate::store::{
     codec, BoxFuture, Durable, Op, QueuedEntry, SessionSnapshot, Snapshot, Store, StoreError,
 };
 use async_nats::jetstream::message::PublishMessage;
-use std::future::IntoFuture;
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +74,10 @@ enum Item {
     Op(Op),
     /// A message for another node (or a shared group there): published to the messages
     /// stream, in order.
-    Forward { subject: String, payload: Bytes },
+    Forward {
+        subject: String,
+        payload: Bytes,
+    },
 }
 
 impl JsStore {
@@ -119,7 +122,9 @@ impl JsStore {
         q.items.extend(items);
         q.bytes += bytes;
         q.waiting.extend(reply);
-        self.shared.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.shared
+            .pending_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
         drop(q);
         self.shared.wake.notify_one();
     }
@@ -311,7 +316,11 @@ impl Shared {
                     .get_stream_no_info(&stream)
                     .await
                     .map_err(|e| e.to_string())?;
-                s.purge().filter(filter).await.map(drop).map_err(|e| e.to_string())
+                s.purge()
+                    .filter(filter)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
         };
         retry(|| async {

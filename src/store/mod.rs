@@ -60,7 +60,7 @@ pub trait Store: Send + Sync {
             Ok(snapshot
                 .sessions
                 .into_iter()
-                .find(|s| &s.client_id == client_id))
+                .find(|s| s.client_id == *client_id))
         })
     }
 
