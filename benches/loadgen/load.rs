@@ -114,6 +114,8 @@ impl Topology {
 /// Everything the threads share.
 struct Shared {
     addr: SocketAddr,
+    /// Where subscribers connect (`--sub-port`), else `addr`.
+    sub_addr: SocketAddr,
     topology: Topology,
     qos: u8,
     payload: usize,
@@ -304,6 +306,9 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
     let base = Instant::now();
     let shared = Arc::new(Shared {
         addr,
+        sub_addr: args
+            .sub_port
+            .map_or(addr, |port| SocketAddr::new(addr.ip(), port)),
         topology,
         qos: args.qos,
         payload: args.payload,
@@ -362,6 +367,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         }
         bail!("{why}");
     }
+    std::thread::sleep(Duration::from_millis(args.settle_ms));
 
     let pid = args.pid;
     let rss_before = pid.and_then(procfs::memory);
@@ -756,7 +762,7 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
 
 async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> {
     let client_id = format!("lg{:08x}s{s}", sh.run);
-    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
+    let mut conn = Conn::open(sh.sub_addr, &client_id, sh.keep_alive).await?;
     let filter = sh.topology.filter(&sh.prefix, s);
     mqtt::subscribe(&mut conn.wbuf, 1, &filter, sh.qos);
     conn.flush().await?;

@@ -84,6 +84,8 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         .request_timeout(Some(Duration::from_secs(5)))
         // Reconnects for ever: the cluster of NATS servers comes back, this node waits.
         .max_reconnects(None)
+        // A node started with its NATS servers waits for them (see `js::patiently`).
+        .retry_on_initial_connect()
         // Soon: a node that stays away longer than the node timeout is taken for dead.
         .reconnect_delay_callback(|attempts| Duration::from_millis(50 * attempts.min(20) as u64));
     if let (Some(user), Some(password)) = (&config.user, &config.password) {

@@ -277,6 +277,7 @@ async fn release(broker: &crate::Broker, cluster: &Cluster, client_id: &ByteStr)
     if let Err(e) = broker.journal().barrier().await {
         tracing::error!(%client_id, "the session's state may not all be stored: {e}");
     }
+    cluster.store.forget(&cluster.names, client_id);
     RELEASED
 }
 

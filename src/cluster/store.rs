@@ -57,7 +57,7 @@ struct Shared {
     pending_bytes: AtomicU64,
     /// Records this node wrote or loaded: only those are removed (no request for a
     /// record that never reached JetStream).
-    written: Mutex<FxHashSet<String>>,
+    written: Mutex<Written>,
     stopped: Notify,
 }
 
@@ -92,7 +92,7 @@ impl JsStore {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             pending_bytes: AtomicU64::new(0),
-            written: Mutex::new(FxHashSet::default()),
+            written: Mutex::new(Written::default()),
             stopped: Notify::new(),
         });
         tokio::spawn(run(shared.clone()));
@@ -127,6 +127,15 @@ impl JsStore {
             .fetch_add(bytes, Ordering::Relaxed);
         drop(q);
         self.shared.wake.notify_one();
+    }
+
+    /// The session of `client_id` went to another node: what this node knew of its
+    /// records is forgotten (that node loads them).
+    pub(super) fn forget(&self, names: &Names, client_id: &str) {
+        self.shared
+            .written
+            .lock()
+            .forget(&names.state_of(client_id));
     }
 
     /// Resolves once everything submitted before is written.
@@ -167,10 +176,10 @@ impl Store for JsStore {
             let snapshot = records::session(&self.shared.names, client_id, &records, queue_head)
                 .map_err(|e| StoreError::Engine(e.to_string()))?;
             if snapshot.is_some() {
-                self.shared
-                    .written
-                    .lock()
-                    .extend(records.into_iter().map(|(subject, _)| subject));
+                let mut written = self.shared.written.lock();
+                for (subject, _) in records {
+                    written.insert(subject);
+                }
             }
             Ok(snapshot)
         })
@@ -352,8 +361,7 @@ impl Shared {
         .await?;
         let mut written = self.written.lock();
         for filter in &round.remove_all {
-            let prefix = filter.trim_end_matches('>');
-            written.retain(|s| !s.starts_with(prefix));
+            written.forget(filter.trim_end_matches(".>"));
         }
         for s in &round.removes {
             written.remove(s);
@@ -365,6 +373,45 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// The records known to be in the stream, by client (`<prefix>.state.<client>`).
+#[derive(Default)]
+struct Written(FxHashMap<String, FxHashSet<String>>);
+
+impl Written {
+    /// The client part of a record's subject: its first four tokens.
+    fn client_of(subject: &str) -> &str {
+        subject
+            .match_indices('.')
+            .nth(3)
+            .map_or(subject, |(i, _)| &subject[..i])
+    }
+
+    fn insert(&mut self, subject: String) {
+        let client = Written::client_of(&subject).to_owned();
+        self.0.entry(client).or_default().insert(subject);
+    }
+
+    fn contains(&self, subject: &str) -> bool {
+        self.0
+            .get(Written::client_of(subject))
+            .is_some_and(|s| s.contains(subject))
+    }
+
+    fn remove(&mut self, subject: &str) {
+        let client = Written::client_of(subject);
+        if let Some(set) = self.0.get_mut(client) {
+            set.remove(subject);
+            if set.is_empty() {
+                self.0.remove(client);
+            }
+        }
+    }
+
+    fn forget(&mut self, client: &str) {
+        self.0.remove(client);
     }
 }
 
@@ -419,5 +466,26 @@ async fn run(shared: Arc<Shared>) {
         for w in waiting {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_records_are_kept_by_client() {
+        let names = Names::new("c");
+        let (a, b) = (names.state_of("a.b"), names.state_of("a"));
+        let mut w = Written::default();
+        w.insert(format!("{a}.S"));
+        w.insert(format!("{a}.Q.1"));
+        w.insert(format!("{b}.S"));
+        assert_eq!(Written::client_of(&format!("{a}.Q.1")), a);
+        assert!(w.contains(&format!("{a}.Q.1")) && !w.contains(&format!("{a}.Q.2")));
+        w.remove(&format!("{a}.Q.1"));
+        assert!(!w.contains(&format!("{a}.Q.1")) && w.contains(&format!("{a}.S")));
+        w.forget(&a);
+        assert!(!w.contains(&format!("{a}.S")) && w.contains(&format!("{b}.S")));
     }
 }
