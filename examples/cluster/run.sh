@@ -7,7 +7,8 @@
 # MQTT on 127.0.0.1:1883 (node a), 1884 (b), 1885 (c); NATS clients on 4222-4224, NATS
 # routes on 6222-6224. State and logs under ./cluster-data (DATA=... to move it); delete
 # that directory to start afresh. TERNMQ=path/to/ternmq to use another binary (default:
-# target/release/ternmq, built if missing).
+# target/release/ternmq, built if missing). NODE_TOML=... adds lines to every node's
+# configuration (benches/cluster.sh sets the benchmark limits with it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -56,6 +57,7 @@ name = "demo"
 node = "$node"
 nats = [$(IFS=,; echo "${urls[*]}")]
 replicas = 3
+${NODE_TOML:-}
 CONF
   # A node waits (and retries) until JetStream has elected its leaders.
   "$BIN" --config "$DATA/$node.toml" >"$DATA/$node.log" 2>&1 &

@@ -148,6 +148,8 @@ pub struct Cluster {
     owners: kv::Store,
     nodes: kv::Store,
     live: mpsc::Sender<(String, Bytes)>,
+    /// NATS's largest message (the servers' `max_payload`, 1 MiB by default).
+    max_payload: usize,
     claims: ownership::Claims,
     liveness: liveness::Liveness,
     broker: OnceLock<Weak<Broker>>,
@@ -190,6 +192,10 @@ pub async fn start(
     let retained_kv = bucket(names.retained_bucket()).await?;
     let (interest, changes) = Interest::new(&config.node);
     let (live, live_rx) = mpsc::channel(LIVE_QUEUE);
+    let max_payload = match client.server_info().max_payload {
+        0 => 1 << 20,
+        n => n,
+    };
     let cluster = Arc::new(Cluster {
         node: config.node.clone(),
         liveness: liveness::Liveness::new(&config),
@@ -202,6 +208,7 @@ pub async fn start(
         owners,
         nodes,
         live,
+        max_payload,
         claims: ownership::Claims::default(),
         broker: OnceLock::new(),
     });
@@ -301,6 +308,15 @@ impl Cluster {
             }
             let shared_names = shared.as_ref().map(|k| (&*k.group, &*k.filter));
             let frame = wire::frame(&self.node, shared_names, &body);
+            if frame.len() > self.max_payload {
+                tracing::warn!(
+                    topic = %message.topic,
+                    size = frame.len(),
+                    "message larger than NATS's max_payload: not sent to other nodes"
+                );
+                crate::metrics::dropped();
+                continue;
+            }
             if message.qos == crate::protocol::QoS::AtMostOnce {
                 if self
                     .live

@@ -20,6 +20,7 @@ use crate::protocol::ByteStr;
 use crate::store::{
     codec, BoxFuture, Durable, Op, QueuedEntry, SessionSnapshot, Snapshot, Store, StoreError,
 };
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
@@ -344,11 +345,18 @@ impl Shared {
                 if let Some(h) = headers {
                     message = message.headers(h.clone());
                 }
-                let ack = self
-                    .js
-                    .send_publish(subject.clone(), message)
-                    .await
-                    .map_err(|e| format!("publishing to {subject}: {e}"))?;
+                let ack = match self.js.send_publish(subject.clone(), message).await {
+                    Ok(ack) => ack,
+                    // Trying again would not help, nor hold up everything else.
+                    Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                        tracing::error!(
+                            subject,
+                            "not stored in JetStream: {e} (raise max_payload in nats-server, or lower limits.message_size_limit)"
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(format!("publishing to {subject}: {e}")),
+                };
                 acks.push(ack.into_future());
             }
             let purges = join_all(round.removes.iter().cloned().map(purge));
