@@ -154,6 +154,31 @@ pub(super) async fn consume(
     }
 }
 
+/// Waits (briefly) until this node has taken every message its consumer holds: before a
+/// session is handed over, what was sent to it here is in it (and so in the store).
+pub(super) async fn settle(cluster: &Cluster) {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let name = cluster.names.consumer(&cluster.node);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let Ok(stream) = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+    else {
+        return;
+    };
+    while tokio::time::Instant::now() < deadline {
+        let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&name).await else {
+            return;
+        };
+        match consumer.info().await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+}
+
 /// A message from another node into this node's sessions.
 pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) -> usize {
     let message = Arc::new(

@@ -372,19 +372,21 @@ async fn adopt_claimed(
             continue;
         }
         let value = owner_value(&cluster.node, &client_id);
-        if cluster
-            .owners
-            .update(&key, value, entry.revision)
-            .await
-            .is_err()
-        {
+        let Ok(revision) = cluster.owners.update(&key, value, entry.revision).await else {
             continue;
-        }
+        };
         ownership::load(cluster, broker, &client_id)
             .await
             .map_err(ClusterError::Nats)?;
-        if let Some(session) = broker.session(&client_id) {
-            adopted.push(session);
+        match broker.session(&client_id) {
+            Some(session) => adopted.push(session),
+            // A session that ended with its connection: nothing to keep an owner for.
+            None => {
+                let _ = cluster
+                    .owners
+                    .delete_expect_revision(&key, Some(revision))
+                    .await;
+            }
         }
     }
     // 2. Its interest, after this node's own for the adopted sessions (same writer).

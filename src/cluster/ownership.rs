@@ -15,7 +15,7 @@
 //! two nodes claiming the same client id from each other cannot wait on each other.
 
 use super::names::token;
-use super::Cluster;
+use super::{inbox, Cluster};
 use crate::broker::Claimed;
 use crate::protocol::ByteStr;
 use crate::store::Snapshot;
@@ -271,6 +271,9 @@ async fn release(broker: &crate::Broker, cluster: &Cluster, client_id: &ByteStr)
     let Some(_busy) = cluster.claims.take(client_id) else {
         return BUSY;
     };
+    if broker.session(client_id).is_some() {
+        inbox::settle(cluster).await;
+    }
     if broker.release(client_id) {
         tracing::info!(%client_id, "session handed over to another node");
     }
