@@ -135,9 +135,18 @@ pub(super) async fn consume(
                 }
             }
             for m in &batch {
-                match wire::decode(&m.payload) {
-                    Ok(envelope) => deliver(envelope),
-                    Err(e) => tracing::warn!("message from another node dropped: {e}"),
+                let frames = match wire::split(&m.payload) {
+                    Ok(frames) => frames,
+                    Err(e) => {
+                        tracing::warn!("messages from another node dropped: {e}");
+                        continue;
+                    }
+                };
+                for frame in frames {
+                    match wire::decode(frame) {
+                        Ok(envelope) => deliver(envelope),
+                        Err(e) => tracing::warn!("message from another node dropped: {e}"),
+                    }
                 }
             }
             if let Err(e) = broker.journal().barrier().await {

@@ -191,9 +191,15 @@ impl Liveness {
             .lock()
             .iter()
             .filter(|(name, seen)| {
+                let age = now.saturating_sub(seen.at_ms);
+                // An adoption that never finished (its adopter died too) is taken up again.
+                let stale = match seen.state {
+                    State::Alive(_) => age > timeout,
+                    State::Adopting(_) => age > ADOPTION_WAIT.as_millis() as u64,
+                    State::Adopted(_) => false,
+                };
                 name.as_str() != me
-                    && matches!(seen.state, State::Alive(_))
-                    && now.saturating_sub(seen.at_ms) > timeout
+                    && stale
                     && beats.saturating_sub(seen.beats) >= BEATS_BEFORE_DEAD
             })
             .map(|(name, seen)| (name.clone(), seen.revision))
@@ -217,6 +223,11 @@ impl Liveness {
             match parse(&entry.value) {
                 Some(State::Adopted(_)) | None => return Ok(()),
                 Some(State::Alive(_)) if age > self.timeout => {
+                    if let Some(broker) = cluster.broker() {
+                        adopt(cluster, &broker, node, entry.revision).await;
+                    }
+                }
+                Some(State::Adopting(_)) if age > ADOPTION_WAIT => {
                     if let Some(broker) = cluster.broker() {
                         adopt(cluster, &broker, node, entry.revision).await;
                     }
@@ -361,7 +372,18 @@ async fn adopt_claimed(
     broker: &Arc<Broker>,
     dead: &str,
 ) -> Result<usize, ClusterError> {
-    // 1. Its sessions, each by CAS on its owner entry.
+    let adopted = adopt_sessions(cluster, broker, dead).await?;
+    forget_interest(cluster, dead).await?;
+    drain(cluster, broker, dead, &adopted).await?;
+    Ok(adopted.len())
+}
+
+/// Adoption, first: the dead node's sessions, each by CAS on its owner entry, loaded here.
+async fn adopt_sessions(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+) -> Result<Vec<Arc<Session>>, ClusterError> {
     let mut adopted: Vec<Arc<Session>> = Vec::new();
     for client_id in owned_by(cluster, dead).await? {
         let key = super::names::token(&client_id);
@@ -389,7 +411,11 @@ async fn adopt_claimed(
             }
         }
     }
-    // 2. Its interest, after this node's own for the adopted sessions (same writer).
+    Ok(adopted)
+}
+
+/// Adoption, second: its interest, deleted after this node's own for the adopted sessions (same writer).
+async fn forget_interest(cluster: &Cluster, dead: &str) -> Result<(), ClusterError> {
     let bucket = cluster.names.interest_bucket();
     let entries = super::js::last_per_subject(
         &cluster.js,
@@ -406,13 +432,22 @@ async fn adopt_claimed(
             cluster.interest.delete_foreign(key.to_owned());
         }
     }
-    // 3. What is left in its consumer, into the adopted sessions only (they were its
-    // sessions; the others had their copy). Once the deletes above are written, the
-    // other nodes stop sending to it within the time their watchers take: the consumer
-    // is read until nothing more comes for a moment.
+    Ok(())
+}
+
+/// Adoption, last: what is left in its consumer, into the adopted sessions only (they were its
+/// sessions; the others had their copy). Once the deletes above are written, the other
+/// nodes stop sending to it within the time their watchers take: the consumer is read
+/// until nothing more comes for a moment, then deleted.
+async fn drain(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+    adopted: &[Arc<Session>],
+) -> Result<(), ClusterError> {
     cluster.interest.flush().await;
     let router: Router<Session> = Router::default();
-    for session in &adopted {
+    for session in adopted {
         for (filter, sub) in session.inspect(|s| s.subscriptions().clone()) {
             if !is_shared(&filter) {
                 router.subscribe(&filter, session, sub.options, sub.id);
@@ -427,10 +462,15 @@ async fn adopt_claimed(
                 .restore_message(&envelope.message, crate::broker::now()),
         );
         match envelope.shared {
-            // For a shared group: picked again, among the members there are now.
-            Some(_) => {
+            // For a shared group: that group's member picked again, among the members
+            // there are now (the other groups had their copy).
+            Some((group, filter)) => {
+                let same = |k: &Option<Arc<crate::message::SharedKey>>| {
+                    k.as_ref()
+                        .is_some_and(|k| *k.group == *group && *k.filter == *filter)
+                };
                 let targets = cluster.interest.targets(&message);
-                let shared = targets.into_iter().filter(|(_, s)| s.is_some()).collect();
+                let shared = targets.into_iter().filter(|(_, k)| same(k)).collect();
                 cluster.send(broker, &message, shared);
             }
             None => {
@@ -447,5 +487,5 @@ async fn adopt_claimed(
     {
         let _ = stream.delete_consumer(&cluster.names.consumer(dead)).await;
     }
-    Ok(adopted.len())
+    Ok(())
 }

@@ -34,6 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
+/// Messages for one node are sent in JetStream messages of at most this size (well below
+/// NATS's default `max_payload` of 1 MiB; a larger single message goes alone).
+const BATCH_BYTES: usize = 256 * 1024;
+
 /// Queued bytes past which `has_room` says no (the broker then refuses new messages).
 const MAX_PENDING_BYTES: u64 = 16 << 20;
 /// A round that keeps failing is retried for this long (a stream whose leader was lost
@@ -253,7 +257,7 @@ impl Shared {
         let mut round = Round::default();
         let mut last: FxHashMap<String, Last> = FxHashMap::default();
         let mut order: Vec<String> = Vec::new();
-        let mut forwards = Vec::new();
+        let mut forwards: Vec<(String, Vec<Bytes>)> = Vec::new();
         let retained = format!("$KV.{}.", self.names.retained_bucket());
         let mut set = |last: &mut FxHashMap<String, Last>, subject: String, v: Last| {
             if last.insert(subject.clone(), v).is_none() {
@@ -263,10 +267,10 @@ impl Shared {
         for item in items {
             let op = match item {
                 Item::Forward { subject, payload } => {
-                    let id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", format!("{}{id}", self.msg_id_prefix));
-                    forwards.push((subject, Some(headers), payload));
+                    match forwards.iter_mut().find(|(s, _)| *s == subject) {
+                        Some((_, frames)) => frames.push(payload),
+                        None => forwards.push((subject, vec![payload])),
+                    }
                     continue;
                 }
                 Item::Op(op) => op,
@@ -310,7 +314,19 @@ impl Shared {
                 _ => {}
             }
         }
-        round.publishes.extend(forwards);
+        // One JetStream message per node and round, of every message for that node in
+        // order: the stream's cost is per message, so this is what lets a busy node send
+        // thousands of messages a second to another.
+        for (subject, frames) in forwards {
+            for batch in super::wire::batches(&frames, BATCH_BYTES) {
+                let id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{}{id}", self.msg_id_prefix));
+                round
+                    .publishes
+                    .push((subject.clone(), Some(headers), batch));
+            }
+        }
         round
     }
 

@@ -5,6 +5,9 @@
 //!
 //! `[version: u8][origin: u8 length, bytes][shared: u8 0|1, then group and filter, each
 //! u16 LE length and bytes][message: store::codec's message body]`
+//!
+//! QoS 1/2 messages for one node travel in batches, one JetStream message each:
+//! `[BATCH: u8][count: u32 LE]` then each message as `[length: u32 LE][message]`.
 
 use crate::protocol::ByteStr;
 use crate::store::codec;
@@ -12,6 +15,8 @@ use crate::store::StoredMessage;
 use bytes::{BufMut, Bytes, BytesMut};
 
 const VERSION: u8 = 1;
+/// The first byte of a batch (never a message's version).
+const BATCH: u8 = 0xB1;
 
 /// A message received from another node.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +89,51 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
     })
 }
 
+/// The messages in `frames` (from `frame`) as batches of about `max_bytes` each, in order.
+pub fn batches(frames: &[Bytes], max_bytes: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut rest = frames;
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut size = 5;
+        while n < rest.len() && (n == 0 || size + 4 + rest[n].len() <= max_bytes) {
+            size += 4 + rest[n].len();
+            n += 1;
+        }
+        let mut b = BytesMut::with_capacity(size);
+        b.put_u8(BATCH);
+        b.put_u32_le(n as u32);
+        for f in &rest[..n] {
+            b.put_u32_le(f.len() as u32);
+            b.put_slice(f);
+        }
+        out.push(b.freeze());
+        rest = &rest[n..];
+    }
+    out
+}
+
+/// The messages of what one JetStream or NATS message carried: a batch, or one message.
+pub fn split(bytes: &[u8]) -> Result<Vec<&[u8]>, WireError> {
+    let mut r = bytes;
+    if r.first() != Some(&BATCH) {
+        return Ok(vec![bytes]);
+    }
+    take(&mut r, 1)?;
+    let count = take(&mut r, 4)?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    let mut out = Vec::with_capacity(count.min(r.len() / 4));
+    for _ in 0..count {
+        let len = take(&mut r, 4)?;
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        out.push(take(&mut r, len)?);
+    }
+    if !r.is_empty() {
+        return Err(WireError::Malformed("bytes after the batch"));
+    }
+    Ok(out)
+}
+
 fn take<'a>(r: &mut &'a [u8], n: usize) -> Result<&'a [u8], WireError> {
     if r.len() < n {
         return Err(WireError::Malformed("shorter than its content"));
@@ -137,6 +187,22 @@ mod tests {
         let shared = decode(&frame("b", Some(("g", "s/+")), &body)).unwrap();
         assert_eq!(shared.shared, Some(("g".into(), "s/+".into())));
         assert_eq!(shared.message, m);
+    }
+
+    #[test]
+    fn batches_keep_order_and_size() {
+        let frames: Vec<Bytes> = (0..10u8).map(|i| frame("n", None, &[i; 100])).collect();
+        let sent = batches(&frames, 350);
+        assert!(sent.len() > 1 && sent.iter().all(|b| b.len() <= 350));
+        let back: Vec<&[u8]> = sent.iter().flat_map(|b| split(b).unwrap()).collect();
+        assert_eq!(back, frames.iter().map(|f| &f[..]).collect::<Vec<_>>());
+        // A message larger than the size goes alone; a single message is not a batch.
+        assert_eq!(batches(&frames[..1], 10).len(), 1);
+        assert_eq!(split(&frames[0]).unwrap(), vec![&frames[0][..]]);
+        let whole = &sent[0];
+        for cut in 1..whole.len() {
+            assert!(split(&whole[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]
