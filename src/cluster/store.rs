@@ -22,6 +22,7 @@ use crate::store::{
 };
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -148,6 +149,25 @@ impl JsStore {
         self.submit(Vec::new()).await
     }
 
+    /// Whether the session record of `client_id` is stored (its other records are kept
+    /// only with it).
+    async fn has_session(&self, client_id: &ByteStr) -> Result<bool, StoreError> {
+        self.barrier().await?;
+        let s = &self.shared;
+        let engine = |e: &dyn std::fmt::Display| StoreError::Engine(e.to_string());
+        let stream = s
+            .js
+            .get_stream_no_info(s.names.state_stream())
+            .await
+            .map_err(|e| engine(&e))?;
+        let subject = format!("{}.S", s.names.state_of(client_id));
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(engine(&e)),
+        }
+    }
+
     async fn records_of(&self, client_id: &ByteStr) -> Result<Vec<(String, Bytes)>, StoreError> {
         self.barrier().await?;
         let s = &self.shared;
@@ -177,6 +197,11 @@ impl Store for JsStore {
         queue_head: usize,
     ) -> BoxFuture<'a, Result<Option<SessionSnapshot>, StoreError>> {
         Box::pin(async move {
+            // Most CONNECTs find no stored session: one read of its record says so,
+            // without the consumer that reading all of its records takes.
+            if !self.has_session(client_id).await? {
+                return Ok(None);
+            }
             let records = self.records_of(client_id).await?;
             let snapshot = records::session(&self.shared.names, client_id, &records, queue_head)
                 .map_err(|e| StoreError::Engine(e.to_string()))?;
