@@ -123,8 +123,9 @@ pub(super) async fn consume(
             match first {
                 Some(Ok(m)) => batch.push(m),
                 Some(Err(e)) => {
-                    tracing::debug!("stream consumer: {e}");
-                    continue;
+                    // Missed heartbeats, a lost server: pull again, afresh.
+                    tracing::debug!("stream consumer: {e}; pulling again");
+                    break;
                 }
                 None => break,
             }

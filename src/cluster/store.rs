@@ -155,11 +155,10 @@ impl JsStore {
         self.barrier().await?;
         let s = &self.shared;
         let engine = |e: &dyn std::fmt::Display| StoreError::Engine(e.to_string());
-        let stream = s
-            .js
-            .get_stream_no_info(s.names.state_stream())
-            .await
-            .map_err(|e| engine(&e))?;
+        let stream =
+            s.js.get_stream_no_info(s.names.state_stream())
+                .await
+                .map_err(|e| engine(&e))?;
         let subject = format!("{}.S", s.names.state_of(client_id));
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(_) => Ok(true),
