@@ -782,6 +782,10 @@ mod tests {
         assert!(err.contains("line 4") && err.contains("nats"), "{err}");
         let err = Config::parse(&format!("{base}[persistence]\nenabled = true\n")).unwrap_err();
         assert!(err.contains("JetStream"), "{err}");
+        let err = Config::parse(&format!("{base}user = \"u\"\n")).unwrap_err();
+        assert!(err.contains("`user` and `password`"), "{err}");
+        let both = format!("{base}user = \"u\"\npassword = \"p\"\ncreds_file = \"c\"\n");
+        assert!(Config::parse(&both).unwrap_err().contains("creds_file"));
     }
 
     #[test]

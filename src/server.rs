@@ -82,7 +82,14 @@ impl Server {
         };
         let broker = Broker::with_journal(config, auth_methods, journal)?;
         let cluster = match connected {
-            Some(c) => Some(cluster::start(&broker, c).await?),
+            Some(c) => match cluster::start(&broker, c).await {
+                Ok(cluster) => Some(cluster),
+                Err(e) => {
+                    // Stops the cluster tasks already started.
+                    broker.begin_shutdown();
+                    return Err(e.into());
+                }
+            },
             None => None,
         };
         if let Some(snapshot) = snapshot {
