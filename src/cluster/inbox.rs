@@ -39,12 +39,9 @@ pub(super) async fn spawn(
                 next = live.next() => next,
             };
             let Some(message) = next else { return };
-            match wire::decode(&message.payload) {
-                Ok(envelope) => {
-                    deliver(&b, &c, envelope);
-                }
-                Err(e) => tracing::warn!("message from another node dropped: {e}"),
-            }
+            each_envelope(&message.payload, |envelope| {
+                deliver(&b, &c, envelope);
+            });
         }
     });
     let (b, c) = (broker.clone(), cluster.clone());
@@ -136,19 +133,7 @@ pub(super) async fn consume(
                 }
             }
             for m in &batch {
-                let frames = match wire::split(&m.payload) {
-                    Ok(frames) => frames,
-                    Err(e) => {
-                        tracing::warn!("messages from another node dropped: {e}");
-                        continue;
-                    }
-                };
-                for frame in frames {
-                    match wire::decode(frame) {
-                        Ok(envelope) => deliver(envelope),
-                        Err(e) => tracing::warn!("message from another node dropped: {e}"),
-                    }
-                }
+                each_envelope(&m.payload, deliver);
             }
             if let Err(e) = broker.journal().barrier().await {
                 // Not acknowledged: JetStream sends them again after the ack wait.
@@ -185,6 +170,21 @@ pub(super) async fn settle(cluster: &Cluster) {
             Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(_) => return,
+        }
+    }
+}
+
+/// Each message of what one NATS or JetStream message carried (a batch, or one), to `f`;
+/// what cannot be read is dropped with a warning.
+fn each_envelope(payload: &[u8], mut f: impl FnMut(Envelope)) {
+    let frames = match wire::split(payload) {
+        Ok(frames) => frames,
+        Err(e) => return tracing::warn!("messages from another node dropped: {e}"),
+    };
+    for frame in frames {
+        match wire::decode(frame) {
+            Ok(envelope) => f(envelope),
+            Err(e) => tracing::warn!("message from another node dropped: {e}"),
         }
     }
 }
