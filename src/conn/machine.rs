@@ -9,10 +9,12 @@
 //! after that, after a wake-up and whenever the write buffer has room; `handle_timeout`
 //! when `poll_timeout` passed; `close` once, with the first `Exit` any of them returned.
 
+use super::aliases::Aliases;
 use super::auth::{Exchange, Next};
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
+use super::throttle::Throttle;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
@@ -26,7 +28,6 @@ use crate::security::acl::{Access as Acl, Authorizer};
 use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
 use crate::store::QueuedEntry;
 use bytes::BytesMut;
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -1066,176 +1067,4 @@ struct Access {
     method: Option<ByteStr>,
     /// A re-authentication under way.
     reauth: Option<Box<Exchange>>,
-}
-
-/// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
-/// paid back: TCP backpressure slows the client, nothing is refused or lost.
-struct Throttle {
-    /// Messages and bytes per second (0 = not limited).
-    rates: [f64; 2],
-    burst: f64,
-    tokens: [f64; 2],
-    last: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl Throttle {
-    fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
-        let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
-        if rates == [0.0, 0.0] {
-            return None;
-        }
-        let burst = f64::from(limits.publish_burst);
-        Some(Throttle {
-            rates,
-            burst,
-            tokens: rates.map(|r| r * burst),
-            last: now,
-            paused_until: None,
-        })
-    }
-
-    /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
-    fn spend(&mut self, bytes: usize, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        let mut wait: f64 = 0.0;
-        for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
-            let rate = self.rates[i];
-            if rate == 0.0 {
-                continue;
-            }
-            self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < 0.0 {
-                wait = wait.max(-self.tokens[i] / rate);
-            }
-        }
-        if wait > 0.0 {
-            self.paused_until = Some(now + Duration::from_secs_f64(wait));
-        }
-    }
-
-    fn resume(&mut self) {
-        self.paused_until = None;
-    }
-}
-
-/// The topic aliases of one 5.0 connection.
-#[derive(Default)]
-struct Aliases {
-    /// Set by the client.
-    incoming: FxHashMap<u16, ByteStr>,
-    /// Set by the server.
-    outgoing: OutgoingAliases,
-}
-
-/// Server-to-client topic aliases: at most a fixed number per connection, the least
-/// recently used one replaced by a new topic.
-#[derive(Default)]
-struct OutgoingAliases {
-    by_topic: FxHashMap<ByteStr, u16>,
-    /// Alias n is `slots[n - 1]`: its topic and when it was last used.
-    slots: Vec<(ByteStr, u64)>,
-    clock: u64,
-}
-
-impl OutgoingAliases {
-    fn alias_for(&mut self, topic: &ByteStr, max: u16) -> Alias {
-        self.clock += 1;
-        if let Some(&alias) = self.by_topic.get(topic) {
-            self.slots[usize::from(alias) - 1].1 = self.clock;
-            return Alias { alias, set: false };
-        }
-        // A copy, so that the alias does not pin the publisher's read buffer.
-        let topic = ByteStr::from(&**topic);
-        let index = if self.slots.len() < usize::from(max) {
-            self.slots.push((topic.clone(), self.clock));
-            self.slots.len() - 1
-        } else {
-            let (index, _) = self
-                .slots
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, used))| *used)
-                .unwrap_or((0, &(ByteStr::new(), 0)));
-            let old = std::mem::replace(&mut self.slots[index], (topic.clone(), self.clock));
-            self.by_topic.remove(&old.0);
-            index
-        };
-        let alias = index as u16 + 1;
-        self.by_topic.insert(topic, alias);
-        Alias { alias, set: true }
-    }
-
-    /// The client never saw `alias` set: free it.
-    fn forget(&mut self, alias: u16) {
-        if let Some(slot) = self.slots.get_mut(usize::from(alias) - 1) {
-            self.by_topic.remove(&slot.0);
-            *slot = (ByteStr::new(), 0);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outgoing_aliases_replace_the_least_recently_used() {
-        let mut a = OutgoingAliases::default();
-        let t = |s: &str| ByteStr::from(s);
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: false
-            }
-        );
-        // "two" is the least recently used.
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        a.forget(1);
-        assert_eq!(
-            a.alias_for(&t("four"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: false
-            }
-        );
-        assert!(a.slots.len() <= 2 && a.by_topic.len() <= 2);
-    }
 }

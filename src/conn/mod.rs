@@ -2,12 +2,14 @@
 //! an accepted connection (`machine`), how it ends (`exit`), and the task that drives it
 //! over a byte stream (`driver`, the only async part).
 
+mod aliases;
 mod auth;
 mod driver;
 mod exit;
 mod handshake;
 mod login;
 mod machine;
+mod throttle;
 
 pub use driver::serve;
 pub use exit::{Exit, Outcome};
