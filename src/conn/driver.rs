@@ -533,7 +533,7 @@ where
 }
 
 /// An id for a client that sent none, in mosquitto's style ("auto-" and random hex).
-fn assign_client_id(broker: &Broker) -> ByteStr {
+pub(crate) fn assign_client_id(broker: &Broker) -> ByteStr {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(broker.next_id());

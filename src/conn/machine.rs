@@ -12,6 +12,7 @@
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
+use super::subscribe;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
@@ -20,9 +21,11 @@ use crate::protocol::{
     self, Ack, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubAck,
     Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{is_shared, valid_subscription, within_levels};
+use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
-use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
+use crate::session::outbox::{Due, Outbox};
+use crate::session::{Session, SessionState};
+use crate::throttle::Throttle;
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -33,8 +36,6 @@ use tracing::{debug, info, warn};
 /// Stop moving messages from the session queue into the write buffer past this: the
 /// rest waits in the (bounded) queue until the socket drains.
 pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
-/// Messages taken from the session queue per lock.
-const BATCH: usize = 64;
 
 pub struct Connection<'a> {
     broker: &'a Arc<Broker>,
@@ -62,17 +63,15 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// While a retained-message walk is under way, whether the queue (live messages) or
-    /// the walk takes the window first next time: they take turns, so that neither
-    /// starves the other.
-    queue_first: bool,
+    /// What the session has due for the client (shared with the HTTP streams).
+    outbox: Outbox,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
     /// Who the client is and what it may do.
     access: Box<Access>,
-    /// Reused between drains of the session queue.
-    batch: Vec<(Delivery, u16)>,
+    /// Reused between drains of the session.
+    due: Vec<Due>,
 }
 
 impl<'a> Connection<'a> {
@@ -109,7 +108,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            queue_first: false,
+            outbox: Outbox::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -118,7 +117,7 @@ impl<'a> Connection<'a> {
                 from_token: login.from_token,
                 generation: broker.security_generation(),
             }),
-            batch: Vec::new(),
+            due: Vec::new(),
         }
     }
 
@@ -491,13 +490,7 @@ impl<'a> Connection<'a> {
                 .map_err(|_| Exit::TakenOver)?;
             debug!(%filter, qos = ?options.qos, "subscribed");
             codes.push(ReasonCode::granted(options.qos));
-            // Retained messages are not sent for shared subscriptions (MQTT 5.0, 4.8.2).
-            let wanted = match options.retain_handling {
-                0 => true,
-                1 => !existed,
-                _ => false,
-            };
-            if !shared && wanted {
+            if subscribe::wants_retained(options.retain_handling, existed, shared) {
                 walks.push((filter, options.qos));
             }
         }
@@ -521,32 +514,18 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is: not a valid
-    /// filter, not allowed by the ACL, a feature switched off, or past
-    /// `limits.max_subscriptions` (a subscription the session has is only replaced).
+    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is.
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
-        let cfg = &self.broker.config;
-        let code = if !valid_subscription(filter) {
-            ReasonCode::TopicFilterInvalid
-        } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
-            metrics::not_authorized();
-            ReasonCode::NotAuthorized
-        } else if shared && !cfg.mqtt.shared_subscription_available {
-            ReasonCode::SharedSubscriptionsNotSupported
-        } else if !cfg.mqtt.wildcard_subscription_available && filter.contains(['+', '#']) {
-            ReasonCode::WildcardSubscriptionsNotSupported
-        } else {
-            let max = cfg.limits.max_subscriptions;
-            let full = max > 0
-                && self.owned(|s| {
-                    s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter)
-                })?;
-            if !full {
-                return Ok(None);
-            }
-            ReasonCode::QuotaExceeded
-        };
-        Ok(Some(code))
+        let authorizer = &self.access.authorizer;
+        subscribe::refusal(
+            self.broker,
+            authorizer,
+            &self.session,
+            self.conn_id,
+            filter,
+            shared,
+        )
+        .map_err(|_| Exit::TakenOver)
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -598,126 +577,47 @@ impl<'a> Connection<'a> {
     /// then the queue, as far as the in-flight window and the write buffer allow.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
         self.refresh_access();
-        let window = self.max_inflight;
         loop {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut batch = std::mem::take(&mut self.batch);
-            let mut resend = Vec::new();
-            let queue_first = self.queue_first;
+            let mut due = std::mem::take(&mut self.due);
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-            let mut unreadable = 0;
-            let walk = self.owned(|s| {
-                let room = window.saturating_sub(s.inflight.outstanding());
-                s.inflight.resend(room, &mut resend);
-                let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way. During a
-                // walk, the queue and the walk take turns at the window: live messages
-                // must not wait (and overflow the queue) behind a long walk, nor retained
-                // ones behind a steady stream of live ones.
-                if walk.is_none() || queue_first {
-                    unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
-                }
-                walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
-            })?;
-            for (pkid, delivery) in &resend {
-                match delivery {
-                    Some(d) => {
-                        self.write_delivery(d, *pkid, true, now, out);
-                    }
-                    None => self.send(out, Packet::PubRel(self.ack(*pkid, true))),
-                }
-            }
-            let mut walked = false;
-            if let Some((walk, room)) = walk {
-                walked = self.walk_step(walk, room, now, out)?;
-                if !queue_first {
-                    let authorizer = &self.access.authorizer;
-                    let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                    unreadable =
-                        self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
-                }
-                self.queue_first = !queue_first;
-            }
-            if unreadable > 0 {
-                debug!(
-                    count = unreadable,
-                    "messages the client may not read not sent"
-                );
-                (0..unreadable).for_each(|_| metrics::not_authorized());
-            }
-            let n = batch.len();
+            let more = self
+                .outbox
+                .take(
+                    &self.broker.router,
+                    &self.session,
+                    self.conn_id,
+                    self.max_inflight,
+                    &readable,
+                    now,
+                    &mut due,
+                )
+                .map_err(|_| Exit::TakenOver)?;
             let mut too_large = Vec::new();
-            for (d, pkid) in batch.drain(..) {
-                if !self.write_delivery(&d, pkid, false, now, out) && pkid != 0 {
-                    too_large.push(pkid);
+            for item in due.drain(..) {
+                match item {
+                    Due::Message {
+                        delivery,
+                        pkid,
+                        dup,
+                    } => {
+                        if !self.write_delivery(&delivery, pkid, dup, now, out) && pkid != 0 && !dup
+                        {
+                            too_large.push(pkid);
+                        }
+                    }
+                    Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.batch = batch;
+            self.due = due;
             self.forget(too_large)?;
-            metrics::sent(n as u64);
-            if n + unreadable < BATCH && !walked && resend.is_empty() {
+            if !more {
                 return Ok(());
             }
         }
-    }
-
-    /// Sends the next retained messages of the walk `walk`, as many as `room` in the
-    /// window allows (any number at QoS 0). Returns whether the walk moved on.
-    fn walk_step(
-        &mut self,
-        walk: RetainedWalk,
-        room: usize,
-        now: Instant,
-        out: &mut BytesMut,
-    ) -> Result<bool, Exit> {
-        let limit = if walk.qos == QoS::AtMostOnce {
-            BATCH
-        } else {
-            room.min(BATCH)
-        };
-        if limit == 0 {
-            return Ok(false);
-        }
-        let mut found = Vec::new();
-        let (last, done) = self.broker.router.retained_step(
-            &walk.filter,
-            walk.after.as_deref(),
-            limit,
-            now,
-            &mut found,
-        );
-        let sends = self.owned(|s| {
-            if done {
-                s.walks.pop_front();
-            } else if let Some(mut w) = s.walks.pop_front() {
-                // Round robin over the first few walks, so a long one does not hold up
-                // the retained messages of a later subscription.
-                w.after = last;
-                s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
-            }
-            found
-                .into_iter()
-                .map(|m| {
-                    let qos = m.qos.min(walk.qos);
-                    let mut d = Delivery::new(m, qos, true);
-                    d.sub_ids.extend(walk.sub_id);
-                    let pkid = s.inflight.send(&d);
-                    (d, pkid)
-                })
-                .collect::<Vec<_>>()
-        })?;
-        let mut too_large = Vec::new();
-        for (d, pkid) in &sends {
-            if !self.write_delivery(d, *pkid, false, now, out) && *pkid != 0 {
-                too_large.push(*pkid);
-            }
-        }
-        self.forget(too_large)?;
-        metrics::sent(sends.len() as u64);
-        Ok(true)
     }
 
     /// Drops messages that could not be sent from the window, as if acknowledged.
@@ -934,59 +834,6 @@ struct Access {
     from_token: bool,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
-}
-
-/// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
-/// paid back: TCP backpressure slows the client, nothing is refused or lost.
-struct Throttle {
-    /// Messages and bytes per second (0 = not limited).
-    rates: [f64; 2],
-    burst: f64,
-    tokens: [f64; 2],
-    last: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl Throttle {
-    fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
-        let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
-        if rates == [0.0, 0.0] {
-            return None;
-        }
-        let burst = f64::from(limits.publish_burst);
-        Some(Throttle {
-            rates,
-            burst,
-            tokens: rates.map(|r| r * burst),
-            last: now,
-            paused_until: None,
-        })
-    }
-
-    /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
-    fn spend(&mut self, bytes: usize, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        let mut wait: f64 = 0.0;
-        for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
-            let rate = self.rates[i];
-            if rate == 0.0 {
-                continue;
-            }
-            self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < 0.0 {
-                wait = wait.max(-self.tokens[i] / rate);
-            }
-        }
-        if wait > 0.0 {
-            self.paused_until = Some(now + Duration::from_secs_f64(wait));
-        }
-    }
-
-    fn resume(&mut self) {
-        self.paused_until = None;
-    }
 }
 
 /// The topic aliases of one 5.0 connection.

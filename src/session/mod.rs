@@ -11,6 +11,7 @@
 //! a change of ownership (attach, discard, expiry) also takes, so the two are atomic with
 //! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
 
+pub mod outbox;
 pub mod state;
 
 use crate::budget::{Budget, Level};

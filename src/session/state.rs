@@ -302,6 +302,25 @@ impl Inflight {
         }
     }
 
+    /// The send order of `pkid`'s entry (increasing over the session's life, kept across
+    /// resends): the event id an HTTP stream shows for it.
+    pub fn seq(&self, pkid: u16) -> Option<u64> {
+        self.entries.get(&pkid).map(|e| e.seq)
+    }
+
+    /// Ends every exchange sent up to and including send order `seq`: an HTTP client
+    /// confirms at once everything it received up to there. Returns how many ended.
+    pub fn complete_through(&mut self, seq: u64) -> usize {
+        let done: Vec<u16> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.seq <= seq)
+            .map(|(pkid, _)| *pkid)
+            .collect();
+        done.iter().for_each(|pkid| self.forget(*pkid));
+        done.len()
+    }
+
     /// Drops `pkid`, as if acknowledged.
     pub fn forget(&mut self, pkid: u16) {
         if let Some(e) = self.entries.remove(&pkid) {
@@ -440,6 +459,29 @@ mod tests {
         out.clear();
         w.resend(1, &mut out);
         assert_eq!(out[0].0, ids[5]);
+    }
+
+    #[test]
+    fn complete_through_ends_what_was_sent_up_to_a_send_order() {
+        let mut w = Inflight::default();
+        let ids: Vec<u16> = (0..5)
+            .map(|_| w.send(&delivery(QoS::AtLeastOnce)))
+            .collect();
+        let seqs: Vec<u64> = ids.iter().map(|p| w.seq(*p).unwrap()).collect();
+        assert!(seqs.windows(2).all(|s| s[0] < s[1]));
+        w.mark_unsent();
+        assert_eq!(w.complete_through(seqs[2]), 3);
+        assert_eq!((w.len(), w.unsent()), (2, 2));
+        assert_eq!(w.seq(ids[0]), None);
+        assert_eq!(w.complete_through(seqs[2]), 0);
+        let mut out = Vec::new();
+        w.resend(10, &mut out);
+        assert_eq!(out.iter().map(|(p, _)| *p).collect::<Vec<_>>(), ids[3..]);
+        assert_eq!(
+            w.seq(ids[3]),
+            Some(seqs[3]),
+            "a resend keeps its send order"
+        );
     }
 
     #[test]
