@@ -28,14 +28,23 @@ fn poll_path(topics: &[&str], extra: &str) -> String {
 async fn sse_sends_retained_messages_first_then_live_ones_with_ids() {
     let b = TestBroker::with_http(|c| c.listeners[1].http.retry = 1500).await;
     let mut publisher = Client::connect_v5(b.target(), "pub").await;
-    publisher.publish(retained("chat/old", b"from before", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(retained("chat/old", b"from before", QoS::AtLeastOnce))
+        .await;
 
     let mut sse = Sse::connect(b.http_addr(), &sse_path(&["chat/#"], ""), &[]).await;
     let head = sse.next_block(WAIT).await.unwrap();
     assert_eq!(head.retry, Some(1500), "retry: is advertised first");
     let first = sse.next_event().await.unwrap();
     let j = first.json();
-    assert_eq!((j["topic"].as_str(), j["payload"].as_str(), j["retain"].as_bool()), (Some("chat/old"), Some("from before"), Some(true)));
+    assert_eq!(
+        (
+            j["topic"].as_str(),
+            j["payload"].as_str(),
+            j["retain"].as_bool()
+        ),
+        (Some("chat/old"), Some("from before"), Some(true))
+    );
     assert_eq!(first.event, "message");
 
     let props = Properties {
@@ -43,31 +52,57 @@ async fn sse_sends_retained_messages_first_then_live_ones_with_ids() {
         user_properties: user_props(&[("from", "pub")]),
         ..Properties::default()
     };
-    publisher.publish(message("chat/new", b"live", QoS::AtLeastOnce, props)).await;
-    publisher.publish(plain("chat/bin", b"\xff\x01", QoS::AtLeastOnce)).await;
-    publisher.publish(plain("chat/q0", b"zero", QoS::AtMostOnce)).await;
-    publisher.publish(plain("other", b"not for us", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(message("chat/new", b"live", QoS::AtLeastOnce, props))
+        .await;
+    publisher
+        .publish(plain("chat/bin", b"\xff\x01", QoS::AtLeastOnce))
+        .await;
+    publisher
+        .publish(plain("chat/q0", b"zero", QoS::AtMostOnce))
+        .await;
+    publisher
+        .publish(plain("other", b"not for us", QoS::AtLeastOnce))
+        .await;
     let events = sse.events(3).await;
     let live = events[0].json();
-    assert_eq!((live["payload"].as_str(), live["retain"].as_bool(), live["qos"].as_u64()), (Some("live"), Some(false), Some(1)));
+    assert_eq!(
+        (
+            live["payload"].as_str(),
+            live["retain"].as_bool(),
+            live["qos"].as_u64()
+        ),
+        (Some("live"), Some(false), Some(1))
+    );
     assert_eq!(live["properties"]["content_type"], "text/plain");
     assert_eq!(live["properties"]["user_properties"]["from"], "pub");
     let bin = events[1].json();
-    assert_eq!((bin["payload"].as_str(), bin["encoding"].as_str()), (Some("/wE="), Some("base64")));
+    assert_eq!(
+        (bin["payload"].as_str(), bin["encoding"].as_str()),
+        (Some("/wE="), Some("base64"))
+    );
     let ids: Vec<u64> = [&first, &events[0], &events[1]]
         .iter()
         .map(|e| e.id.as_deref().unwrap().parse().unwrap())
         .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
-    assert_eq!(events[2].id, None, "a QoS 0 event cannot be acknowledged: no id");
+    assert_eq!(
+        events[2].id, None,
+        "a QoS 0 event cannot be acknowledged: no id"
+    );
     assert_eq!(events[2].json()["qos"], 0);
 
     // The stream's session is a session like any other; it ends with the stream.
     assert_eq!(b.broker().session_count(), 2);
     drop(sse);
-    publisher.publish(plain("chat/x", b"wakes the stream", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(plain("chat/x", b"wakes the stream", QoS::AtLeastOnce))
+        .await;
     let broker = b.broker().clone();
-    eventually("the stream's session ends", WAIT, || broker.session_count() == 1).await;
+    eventually("the stream's session ends", WAIT, || {
+        broker.session_count() == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -78,7 +113,13 @@ async fn sse_resumes_with_last_event_id_without_duplicates() {
     let mut sse = Sse::connect(b.http_addr(), &path, &[]).await;
     sse.next_block(WAIT).await;
     for i in 1..=2 {
-        publisher.publish(plain("inbox/a", format!("m{i}").as_bytes(), QoS::AtLeastOnce)).await;
+        publisher
+            .publish(plain(
+                "inbox/a",
+                format!("m{i}").as_bytes(),
+                QoS::AtLeastOnce,
+            ))
+            .await;
     }
     let got = sse.events(2).await;
     let last = got[1].id.clone().unwrap();
@@ -91,21 +132,40 @@ async fn sse_resumes_with_last_event_id_without_duplicates() {
 
     // Published while the page was away: queued in its session.
     for i in 3..=4 {
-        publisher.publish(plain("inbox/a", format!("m{i}").as_bytes(), QoS::AtLeastOnce)).await;
+        publisher
+            .publish(plain(
+                "inbox/a",
+                format!("m{i}").as_bytes(),
+                QoS::AtLeastOnce,
+            ))
+            .await;
     }
     let mut sse = Sse::connect(b.http_addr(), &path, &[("Last-Event-ID", &last)]).await;
-    let got: Vec<String> = sse.events(2).await.iter().map(|e| e.json()["payload"].as_str().unwrap().to_owned()).collect();
+    let got: Vec<String> = sse
+        .events(2)
+        .await
+        .iter()
+        .map(|e| e.json()["payload"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(got, ["m3", "m4"], "what was acknowledged is not sent again");
     drop(sse);
 
     // Without an acknowledgement, what was sent comes again, with the same ids.
-    eventually("left again", WAIT, || broker.session("page-1").is_some_and(|s| !s.is_online())).await;
+    eventually("left again", WAIT, || {
+        broker.session("page-1").is_some_and(|s| !s.is_online())
+    })
+    .await;
     let mut sse = Sse::connect(b.http_addr(), &format!("{path}&last_event_id={last}"), &[]).await;
     let again = sse.events(2).await;
     let payloads: Vec<&str> = again.iter().map(|e| e.data.as_str()).collect();
-    assert!(payloads[0].contains("m3") && payloads[1].contains("m4"), "{payloads:?}");
+    assert!(
+        payloads[0].contains("m3") && payloads[1].contains("m4"),
+        "{payloads:?}"
+    );
     let id3 = again[0].id.clone().unwrap();
-    publisher.publish(plain("inbox/a", b"m5", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(plain("inbox/a", b"m5", QoS::AtLeastOnce))
+        .await;
     let next = sse.next_event().await.unwrap();
     assert!(next.data.contains("m5"));
     assert!(next.id.unwrap().parse::<u64>().unwrap() > id3.parse::<u64>().unwrap());
@@ -140,24 +200,46 @@ async fn long_poll_answers_at_once_holds_and_redelivers_until_acknowledged() {
     let r = request(addr, "GET", &p("&timeout=0"), &[], b"").await;
     assert_eq!((r.status, r.json()), (200, serde_json::json!([])));
     assert!(b.broker().session("poller").is_some());
-    publisher.publish(plain("news/1", b"while away", QoS::AtLeastOnce)).await;
+    publisher
+        .publish(plain("news/1", b"while away", QoS::AtLeastOnce))
+        .await;
     let r = request(addr, "GET", &p("&timeout=5"), &[], b"").await;
     let got = r.json();
     assert_eq!(got[0]["payload"], "while away");
     let seq = got[0]["seq"].as_u64().unwrap();
 
     // Not acknowledged: sent again, with the same seq.
-    let again = request(addr, "GET", &p("&timeout=0"), &[], b"").await.json();
-    assert_eq!((again[0]["payload"].as_str(), again[0]["seq"].as_u64()), (Some("while away"), Some(seq)));
+    let again = request(addr, "GET", &p("&timeout=0"), &[], b"")
+        .await
+        .json();
+    assert_eq!(
+        (again[0]["payload"].as_str(), again[0]["seq"].as_u64()),
+        (Some("while away"), Some(seq))
+    );
 
     // A held poll answers when a message comes.
-    let held = tokio::spawn(request(addr, "GET", p(&format!("&timeout=20&ack={seq}")).leak(), &[], b""));
+    let held = tokio::spawn(request(
+        addr,
+        "GET",
+        p(&format!("&timeout=20&ack={seq}")).leak(),
+        &[],
+        b"",
+    ));
     let broker = b.broker().clone();
-    eventually("the poll is held", WAIT, || broker.session("poller").is_some_and(|s| s.is_online())).await;
-    publisher.publish(plain("news/2", b"fresh", QoS::AtLeastOnce)).await;
+    eventually("the poll is held", WAIT, || {
+        broker.session("poller").is_some_and(|s| s.is_online())
+    })
+    .await;
+    publisher
+        .publish(plain("news/2", b"fresh", QoS::AtLeastOnce))
+        .await;
     let r = held.await.unwrap();
     let got = r.json();
-    assert_eq!(got.as_array().unwrap().len(), 1, "the acknowledged one is gone: {got}");
+    assert_eq!(
+        got.as_array().unwrap().len(),
+        1,
+        "the acknowledged one is gone: {got}"
+    );
     assert_eq!(got[0]["payload"], "fresh");
     let seq2 = got[0]["seq"].as_u64().unwrap();
     assert!(seq2 > seq);
@@ -168,8 +250,19 @@ async fn long_poll_answers_at_once_holds_and_redelivers_until_acknowledged() {
 
     // Errors.
     let r = request(addr, "GET", &poll_path(&["news/#"], ""), &[], b"").await;
-    assert_eq!((r.status, r.error().as_str()), (400, "bad_request"), "client_id is needed");
-    let r = request(addr, "GET", &poll_path(&["a/#/b"], "&client_id=x"), &[], b"").await;
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (400, "bad_request"),
+        "client_id is needed"
+    );
+    let r = request(
+        addr,
+        "GET",
+        &poll_path(&["a/#/b"], "&client_id=x"),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!((r.status, r.error().as_str()), (400, "bad_topic"));
     let r = request(addr, "GET", "/poll?client_id=x", &[], b"").await;
     assert_eq!(r.status, 400);
@@ -184,29 +277,68 @@ async fn publish_json_and_raw_reach_mqtt_subscribers() {
 
     let body = br#"{"topic":"app/json","payload":"aGk=","encoding":"base64","qos":1,
         "properties":{"content_type":"text/plain","user_properties":{"k":"v"}}}"#;
-    let r = request(addr, "POST", "/publish", &[("Content-Type", "application/json")], body).await;
+    let r = request(
+        addr,
+        "POST",
+        "/publish",
+        &[("Content-Type", "application/json")],
+        body,
+    )
+    .await;
     assert_eq!((r.status, r.json()["receivers"].as_u64()), (200, Some(1)));
     let p = sub.receive().await;
-    assert_eq!((&*p.topic, &p.payload[..], p.qos), ("app/json", &b"hi"[..], QoS::AtLeastOnce));
+    assert_eq!(
+        (&*p.topic, &p.payload[..], p.qos),
+        ("app/json", &b"hi"[..], QoS::AtLeastOnce)
+    );
     let props = p.properties.unwrap();
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
     assert_eq!(props.user_properties, user_props(&[("k", "v")]));
 
-    let r = request(addr, "POST", "/publish?topic=app%2Fraw&qos=1&retain=true", &[], b"\x00raw\xff").await;
+    let r = request(
+        addr,
+        "POST",
+        "/publish?topic=app%2Fraw&qos=1&retain=true",
+        &[],
+        b"\x00raw\xff",
+    )
+    .await;
     assert_eq!(r.status, 200);
     let p = sub.receive().await;
-    assert_eq!((&*p.topic, &p.payload[..]), ("app/raw", &b"\x00raw\xff"[..]));
-    assert_eq!(b.broker().router.retained_count(), 1, "retained through Broker::publish");
+    assert_eq!(
+        (&*p.topic, &p.payload[..]),
+        ("app/raw", &b"\x00raw\xff"[..])
+    );
+    assert_eq!(
+        b.broker().router.retained_count(),
+        1,
+        "retained through Broker::publish"
+    );
 
     for (path, body, status, code) in [
-        ("/publish", &br#"{"topic":"a/+","payload":"x"}"#[..], 400, "bad_topic"),
+        (
+            "/publish",
+            &br#"{"topic":"a/+","payload":"x"}"#[..],
+            400,
+            "bad_topic",
+        ),
         ("/publish?topic=", b"x", 400, "bad_topic"),
         ("/publish", b"{not json", 400, "bad_request"),
         ("/publish", br#"{"topic":"t","qos":7}"#, 400, "bad_request"),
-        ("/publish", br#"{"topic":"$SYS/x","payload":"x"}"#, 403, "not_authorized"),
+        (
+            "/publish",
+            br#"{"topic":"$SYS/x","payload":"x"}"#,
+            403,
+            "not_authorized",
+        ),
     ] {
         let r = request(addr, "POST", path, &[], body).await;
-        assert_eq!((r.status, r.error().as_str()), (status, code), "{path} {}", String::from_utf8_lossy(body));
+        assert_eq!(
+            (r.status, r.error().as_str()),
+            (status, code),
+            "{path} {}",
+            String::from_utf8_lossy(body)
+        );
     }
     let r = request(addr, "GET", "/publish", &[], b"").await;
     assert_eq!((r.status, r.header("allow")), (405, Some("POST, OPTIONS")));
@@ -235,7 +367,9 @@ async fn publish_limits_answer_413_429_and_503() {
     }
     let r = request(addr, "POST", "/publish?topic=t", &[], b"3").await;
     assert_eq!((r.status, r.error().as_str()), (429, "rate_limited"));
-    assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+    assert!(r
+        .header("retry-after")
+        .is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
 
     // Retained messages fill the message memory (1 MiB); then what must be held is
     // refused. (Anonymous requests share their address's rate, so these come as
@@ -243,7 +377,14 @@ async fn publish_limits_answer_413_429_and_503() {
     let mut refused = None;
     for i in 0..12 {
         let auth = format!("Basic {}", base64_of(&format!("u{i}:")));
-        let r = request(addr, "POST", &format!("/publish?topic=fill/{i}&retain=1&qos=1"), &[("Authorization", &auth)], &[b'r'; 150_000]).await;
+        let r = request(
+            addr,
+            "POST",
+            &format!("/publish?topic=fill/{i}&retain=1&qos=1"),
+            &[("Authorization", &auth)],
+            &[b'r'; 150_000],
+        )
+        .await;
         if r.status != 200 {
             refused = Some(r);
             break;
@@ -257,4 +398,333 @@ async fn publish_limits_answer_413_429_and_503() {
 fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+mod auth {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use ternmq::security::jwt::JwtConfig;
+    use ternmq::security::password::{NewHash, PasswordFile};
+
+    fn token(sub: &str, acl: serde_json::Value) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 300;
+        let claims = serde_json::json!({"sub": sub, "exp": exp, "acl": acl});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"k3y"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn credentials_and_acl_apply_as_for_mqtt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = PasswordFile::empty().unwrap();
+        file.set("alice", b"secret", NewHash::ScramSha256).unwrap();
+        file.save(&dir.path().join("passwd")).unwrap();
+        // Anonymous MQTT clients (the test's publisher) may write anything.
+        std::fs::write(
+            dir.path().join("acl"),
+            "topic write #\nuser alice\ntopic readwrite alice/#\n",
+        )
+        .unwrap();
+        let b = TestBroker::with_http(|c| {
+            c.auth.password_file = Some(dir.path().join("passwd"));
+            c.auth.acl_file = Some(dir.path().join("acl"));
+            c.auth.jwt = Some(JwtConfig {
+                secret: Some("k3y".into()),
+                ..JwtConfig::default()
+            });
+            c.listeners[1].allow_anonymous = false;
+        })
+        .await;
+        let addr = b.http_addr();
+        let alice = format!("Basic {}", base64_of("alice:secret"));
+        let wrong = format!("Basic {}", base64_of("alice:nope"));
+
+        let r = request(addr, "GET", &sse_path(&["alice/#"], ""), &[], b"").await;
+        assert_eq!(
+            (r.status, r.error().as_str()),
+            (401, "unauthorized"),
+            "anonymous is not allowed here"
+        );
+        assert!(r
+            .header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer")));
+        let r = request(
+            addr,
+            "GET",
+            &sse_path(&["alice/#"], ""),
+            &[("Authorization", &wrong)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        let r = request(
+            addr,
+            "GET",
+            &sse_path(&["alice/#"], "&access_token=not-a-jwt"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 401, "a token that does not verify");
+
+        // Basic: the password file; reading is checked on every delivery.
+        let mut sse = Sse::connect(addr, &sse_path(&["#"], ""), &[("Authorization", &alice)]).await;
+        let mut mqtt = Client::connect_v5(b.target(), "x").await;
+        mqtt.publish(plain("elsewhere/1", b"not hers", QoS::AtLeastOnce))
+            .await;
+        mqtt.publish(plain("alice/1", b"hers", QoS::AtLeastOnce))
+            .await;
+        assert_eq!(sse.next_event().await.unwrap().json()["payload"], "hers");
+
+        // Publishing: write is checked.
+        let r = request(
+            addr,
+            "POST",
+            "/publish?topic=alice/2",
+            &[("Authorization", &alice)],
+            b"ok",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = request(
+            addr,
+            "POST",
+            "/publish?topic=bob/2",
+            &[("Authorization", &alice)],
+            b"no",
+        )
+        .await;
+        assert_eq!((r.status, r.error().as_str()), (403, "not_authorized"));
+
+        // A JWT, as Bearer or (EventSource) access_token; its ACL claim checks subscribe.
+        let bob = token("bob", serde_json::json!({"sub": ["user/%u/#"]}));
+        let bearer = format!("Bearer {bob}");
+        let r = request(
+            addr,
+            "GET",
+            &sse_path(&["user/carol/#"], ""),
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await;
+        assert_eq!((r.status, r.error().as_str()), (403, "not_authorized"));
+        let mut sse = Sse::connect(
+            addr,
+            &sse_path(&["user/bob/#"], &format!("&access_token={bob}")),
+            &[],
+        )
+        .await;
+        mqtt.publish(plain("user/bob/notify", b"liked", QoS::AtLeastOnce))
+            .await;
+        assert_eq!(sse.next_event().await.unwrap().json()["payload"], "liked");
+        let r = request(
+            addr,
+            "POST",
+            "/publish?topic=user/bob/x",
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 403, "the claim gives bob no write");
+    }
+
+    #[tokio::test]
+    async fn cors_allow_list() {
+        let b = TestBroker::with_http(|c| {
+            c.listeners[1].http.cors_origins = vec!["http://app.test".into()];
+        })
+        .await;
+        let addr = b.http_addr();
+        let r = request(
+            addr,
+            "POST",
+            "/publish?topic=t",
+            &[("Origin", "http://evil.test")],
+            b"x",
+        )
+        .await;
+        assert_eq!((r.status, r.error().as_str()), (403, "origin_not_allowed"));
+        let r = request(
+            addr,
+            "POST",
+            "/publish?topic=t",
+            &[("Origin", "http://app.test")],
+            b"x",
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.header("access-control-allow-origin")),
+            (200, Some("http://app.test"))
+        );
+        let r = request(
+            addr,
+            "OPTIONS",
+            "/publish",
+            &[
+                ("Origin", "http://app.test"),
+                ("Access-Control-Request-Method", "POST"),
+            ],
+            b"",
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.header("access-control-allow-methods")),
+            (204, Some("POST, OPTIONS"))
+        );
+        assert!(r
+            .header("access-control-allow-headers")
+            .unwrap()
+            .contains("Authorization"));
+        let r = request(
+            addr,
+            "OPTIONS",
+            "/sse",
+            &[("Origin", "http://evil.test")],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        // Requests without Origin (servers, curl) are served.
+        assert_eq!(
+            request(addr, "POST", "/publish?topic=t", &[], b"x")
+                .await
+                .status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_sse_reader_that_stops_reading_is_bounded() {
+    const QUEUE: usize = 100;
+    const PAYLOAD: usize = 4096;
+    let b = TestBroker::with_http(|c| c.session.max_queued_messages = QUEUE).await;
+    let addr = b.http_addr();
+    // A stream without client id: its events are done once written, so only the
+    // socket side (hyper's 64 KiB buffer, the kernel's) and the queue hold them.
+    let mut sse = Sse::connect(addr, "/sse?topic=flood", &[]).await;
+    sse.next_block(WAIT).await;
+    let dropped_before = ternmq::metrics::snapshot().dropped;
+    // 16 MiB, far more than the queue, hyper's buffer and the kernel's socket buffers
+    // hold; the publisher gets every acknowledgement (it is never held up).
+    let mut publisher = Client::connect_v5(b.target(), "pub").await;
+    let payload = vec![b'p'; PAYLOAD];
+    for _ in 0..4000 {
+        publisher
+            .publish(plain("flood", &payload, QoS::AtLeastOnce))
+            .await;
+    }
+    assert!(
+        ternmq::metrics::snapshot().dropped > dropped_before,
+        "the full queue drops"
+    );
+    let held = b.broker().memory.used();
+    // The queue bound at ~4.2 KB a message: what this reader can cost in messages,
+    // however long it stays.
+    let bound = QUEUE * (PAYLOAD + 256);
+    assert!(held <= bound, "held {held} bytes, bound {bound}");
+    // Reading again, the stream goes on.
+    let e = sse.next_event().await.unwrap();
+    assert_eq!(e.json()["topic"], "flood");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+/// 1,000 SSE streams and 1,000 held polls on one broker; one message reaches them all.
+/// Prints the memory per stream (the test process's RSS, clients included: an upper
+/// bound; docs/http.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_and_a_thousand_held_polls() {
+    const N: usize = 1000;
+    let b = TestBroker::with_http(|_| {}).await;
+    let addr = b.http_addr();
+    let before = rss_kib();
+    let mut streams = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut s = Sse::connect(addr, "/sse?topic=fan", &[]).await;
+        s.next_block(WAIT).await;
+        streams.push(s);
+    }
+    let after_streams = rss_kib();
+    let polls: Vec<_> = (0..N)
+        .map(|i| {
+            let path = format!("/poll?topic=fan&client_id=p{i}&timeout=30");
+            tokio::spawn(async move { request(addr, "GET", &path, &[], b"").await })
+        })
+        .collect();
+    let broker = b.broker().clone();
+    eventually("every poll is held", Duration::from_secs(30), || {
+        (0..N).all(|i| {
+            broker
+                .session(&format!("p{i}"))
+                .is_some_and(|s| s.is_online())
+        })
+    })
+    .await;
+    let after_polls = rss_kib();
+    let per_stream = (after_streams - before) * 1024 / N as u64;
+    let per_poll = (after_polls - after_streams) * 1024 / N as u64;
+    eprintln!("memory per SSE stream: {per_stream} B; per held poll: {per_poll} B (RSS of the test process, clients included)");
+    assert_eq!(b.broker().session_count(), 2 * N);
+
+    let mut publisher = Client::connect_v5(b.target(), "pub").await;
+    publisher
+        .publish(plain("fan", b"to everyone", QoS::AtLeastOnce))
+        .await;
+    for s in &mut streams {
+        assert_eq!(
+            s.next_event().await.unwrap().json()["payload"],
+            "to everyone"
+        );
+    }
+    for p in polls {
+        let r = p.await.unwrap();
+        assert_eq!(r.json()[0]["payload"], "to everyone");
+    }
+    assert!(
+        per_stream < 64 * 1024 && per_poll < 64 * 1024,
+        "{per_stream} / {per_poll}"
+    );
+}
+
+#[tokio::test]
+async fn mqtt_over_websocket_shares_the_http_port() {
+    let b = TestBroker::with_http(|_| {}).await;
+    let (ws, resp) = common::ws::open(b.http_addr(), "/mqtt", &["mqtt"], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "mqtt");
+    let stream = Box::new(ternmq::transport::ws::WsBytes::new(ws));
+    let mut c = Client::over(stream, "ws-on-http", ternmq::protocol::Protocol::V5);
+    c.handshake(common::client::connect_v5("ws-on-http")).await;
+    c.subscribe("both/#", QoS::AtLeastOnce).await;
+    let r = request(
+        b.http_addr(),
+        "POST",
+        "/publish?topic=both/ways&qos=1",
+        &[],
+        b"hi",
+    )
+    .await;
+    assert_eq!(r.json()["receivers"], 1);
+    assert_eq!(&c.receive().await.payload[..], b"hi");
+    // Elsewhere than the path, an upgrade is not served.
+    assert!(common::ws::open(b.http_addr(), "/other", &["mqtt"], None)
+        .await
+        .is_err());
 }

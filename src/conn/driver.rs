@@ -546,7 +546,7 @@ mod tests {
     use crate::config::Config;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// The future of one connection over TCP halves: 864 bytes when measured (test
+    /// The future of one connection over TCP halves: 832 bytes when measured (test
     /// profile, rustc 1.95). It is allocated for the connection's whole life, so it is most
     /// of what an idle connection costs (docs/architecture.md, "Bounded memory"); this
     /// bound makes growing it a decision, not an accident.

@@ -63,15 +63,14 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// What the session has due for the client (shared with the HTTP streams).
-    outbox: Outbox,
+    /// What the session has due for the client (shared with the HTTP streams); behind
+    /// a pointer, with its buffers, as this struct lives as long as the connection.
+    outbox: Box<Outbox>,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
     /// Who the client is and what it may do.
     access: Box<Access>,
-    /// Reused between drains of the session.
-    due: Vec<Due>,
 }
 
 impl<'a> Connection<'a> {
@@ -108,7 +107,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            outbox: Outbox::default(),
+            outbox: Box::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -117,7 +116,6 @@ impl<'a> Connection<'a> {
                 from_token: login.from_token,
                 generation: broker.security_generation(),
             }),
-            due: Vec::new(),
         }
     }
 
@@ -581,7 +579,7 @@ impl<'a> Connection<'a> {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut due = std::mem::take(&mut self.due);
+            let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
             let more = self
@@ -612,7 +610,7 @@ impl<'a> Connection<'a> {
                     Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.due = due;
+            self.outbox.due = due;
             self.forget(too_large)?;
             if !more {
                 return Ok(());

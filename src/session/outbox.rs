@@ -38,6 +38,9 @@ pub struct Outbox {
     queue_first: bool,
     /// Reused between batches.
     batch: Vec<(Delivery, u16)>,
+    /// What `take` returned, for callers that keep their outbox boxed (an idle MQTT
+    /// connection's size counts) and reuse it between batches.
+    pub due: Vec<Due>,
 }
 
 impl Outbox {

@@ -121,7 +121,9 @@ impl TestBroker {
     /// The address of the http listener (see `with_http`).
     pub fn http_addr(&self) -> SocketAddr {
         let server = self.server.as_ref().expect("running");
-        server.local_addr(ListenerKind::Http).expect("http listener")
+        server
+            .local_addr(ListenerKind::Http)
+            .expect("http listener")
     }
 
     /// Where clients connect over WebSocket (see `with_ws`).
