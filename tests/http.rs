@@ -728,3 +728,152 @@ async fn mqtt_over_websocket_shares_the_http_port() {
         .await
         .is_err());
 }
+
+mod tools {
+    use super::*;
+    use common::mosquitto::{self, on_path, Proc};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+    use std::process::Command;
+
+    fn curl_available() -> bool {
+        if on_path("curl") {
+            return true;
+        }
+        assert!(!mosquitto::in_ci(), "CI=true and curl is not installed");
+        eprintln!("note: skipping: curl not found");
+        false
+    }
+
+    fn curl(args: &[&str]) -> Proc {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10"]).args(args);
+        Proc::spawn(cmd, None)
+    }
+
+    /// The README's example: `curl -N` prints what mosquitto_pub sends.
+    #[tokio::test]
+    async fn curl_receives_what_mosquitto_pub_sends() {
+        if !curl_available() || !mosquitto::clients_available() {
+            return;
+        }
+        let b = TestBroker::with_http(|_| {}).await;
+        let url = format!("http://{}/sse?topic=chat/%23", b.http_addr());
+        let mut sse = curl(&["-N", &url]);
+        let broker = b.broker().clone();
+        mosquitto::wait_until(
+            "curl's stream is open",
+            || broker.session_count() == 1,
+            &mut [&mut sse],
+        )
+        .await;
+        mosquitto::publish(
+            &b,
+            &[
+                "-t",
+                "chat/room1",
+                "-m",
+                "hello from mosquitto_pub",
+                "-q",
+                "1",
+            ],
+        )
+        .await;
+        mosquitto::wait_until(
+            "curl prints the event",
+            || {
+                sse.lines()
+                    .iter()
+                    .any(|l| l.starts_with("data: ") && l.contains("hello from mosquitto_pub"))
+            },
+            &mut [],
+        )
+        .await;
+        let lines = sse.lines();
+        assert!(lines.iter().any(|l| l == "event: message"), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("id: ")), "{lines:?}");
+    }
+
+    /// TLS on the http listener: HTTP/2 through ALPN for clients that offer it, HTTP/1.1
+    /// for the others; SSE over both.
+    #[tokio::test]
+    async fn tls_serves_http2_and_http1() {
+        if !curl_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let path = |n: &str| dir.path().join(n);
+        std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(path("server.pem"), cert.pem()).unwrap();
+        std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
+        let b = TestBroker::with_http(|c| {
+            c.listeners[1].tls = Some(ternmq::transport::tls::TlsConfig::new(
+                path("server.pem"),
+                path("server.key"),
+            ));
+        })
+        .await;
+        let port = b.http_addr().port();
+        let resolve = format!("localhost:{port}:127.0.0.1");
+        let ca_file = path("ca.pem").display().to_string();
+        let base = format!("https://localhost:{port}");
+        for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+            let out = curl(&[
+                flag,
+                "--resolve",
+                &resolve,
+                "--cacert",
+                &ca_file,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                "-X",
+                "POST",
+                &format!("{base}/publish?topic=t"),
+                "-d",
+                "x",
+            ])
+            .output()
+            .await;
+            assert_eq!(out, [format!("{version} 200")], "{flag}");
+        }
+        let mut sse = curl(&[
+            "--http2",
+            "-N",
+            "--resolve",
+            &resolve,
+            "--cacert",
+            &ca_file,
+            &format!("{base}/sse?topic=tls"),
+        ]);
+        let broker = b.broker().clone();
+        mosquitto::wait_until(
+            "the h2 stream is open",
+            || broker.session_count() == 1,
+            &mut [&mut sse],
+        )
+        .await;
+        let mut publisher = Client::connect_v5(b.target(), "pub").await;
+        publisher
+            .publish(plain("tls", b"over h2", QoS::AtLeastOnce))
+            .await;
+        mosquitto::wait_until(
+            "the event arrives over HTTP/2",
+            || sse.lines().iter().any(|l| l.contains("over h2")),
+            &mut [],
+        )
+        .await;
+    }
+}
