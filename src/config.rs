@@ -767,6 +767,14 @@ mod tests {
 
     #[test]
     fn http_listener_keys() {
+        let sample = Config::parse(include_str!("../broker.toml")).unwrap();
+        let l = sample
+            .listeners
+            .iter()
+            .find(|l| l.kind == ListenerKind::Http);
+        let l = l.expect("broker.toml shows an http listener");
+        assert_eq!((l.bind.port(), &l.http), (8080, &HttpSettings::default()));
+
         let http = "[[listeners]]\ntype = \"http\"\nbind = \"127.0.0.1:8080\"\n";
         let c = Config::parse(http).unwrap();
         let l = &c.listeners[0];

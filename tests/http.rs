@@ -1,3 +1,6 @@
+// Test cases read best as one sequence of steps, however long.
+#![allow(clippy::too_many_lines)]
+
 //! The http listener (docs/http.md): Server-Sent Events, long polling and HTTP publish
 //! over real sockets, with MQTT clients on the other side; authentication, ACL and CORS;
 //! bounds (a reader that stops, 1,000 streams and 1,000 held polls); TLS with HTTP/2 and

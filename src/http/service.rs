@@ -29,7 +29,6 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -54,12 +53,8 @@ pub struct HttpService {
 }
 
 impl Handler for HttpService {
-    fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: Peer,
-    ) -> impl Future<Output = Response<Body>> + Send {
-        async move { self.dispatch(req, peer).await }
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        self.dispatch(req, peer).await
     }
 }
 
