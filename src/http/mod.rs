@@ -13,8 +13,8 @@
 //! `credentials`, `cors`, `event` (JSON and SSE framing), `publish` (a request → a
 //! message or the error), `stream` (`Subscriber`: a session drained by a stream or a
 //! poll). `service` is the async edge: authentication off the runtime, the SSE body,
-//! the held poll. `reply` (bodies, JSON errors) and `transport::http` (the hyper
-//! connection) are the reusable core of any HTTP listener.
+//! the held poll. `transport::http` (the hyper connection, `Handler`, `Body`) and `reply`
+//! (JSON answers and errors) are the reusable core of any HTTP listener.
 
 pub mod cors;
 pub mod credentials;

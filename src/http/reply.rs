@@ -1,77 +1,10 @@
-//! What an HTTP listener answers: a body that is either complete or streamed, and JSON
-//! errors with their status. Nothing here is specific to SSE or MQTT: an admin or metrics
-//! listener on `transport::http` can answer with the same types.
+//! JSON answers and errors with their status. Nothing here is specific to SSE or MQTT:
+//! an admin or metrics listener on `transport::http` can answer with the same.
 
+pub use crate::transport::http::Body;
 use bytes::Bytes;
-use futures_util::Stream;
-use hyper::body::{Frame, SizeHint};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-/// A response body: whole, or a stream of chunks (sent chunked, or as HTTP/2 DATA).
-pub struct Body {
-    kind: Kind,
-}
-
-enum Kind {
-    Full(Option<Bytes>),
-    Stream(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
-}
-
-impl Body {
-    pub fn empty() -> Body {
-        Body {
-            kind: Kind::Full(None),
-        }
-    }
-
-    pub fn full(bytes: impl Into<Bytes>) -> Body {
-        let bytes = bytes.into();
-        Body {
-            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
-        }
-    }
-
-    /// A body whose chunks `stream` yields; the response ends with the stream. The stream
-    /// is polled only as the connection takes what it gave before (backpressure).
-    pub fn stream(stream: impl Stream<Item = Bytes> + Send + 'static) -> Body {
-        Body {
-            kind: Kind::Stream(Box::pin(stream)),
-        }
-    }
-}
-
-impl hyper::body::Body for Body {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match &mut self.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream(s) => s
-                .as_mut()
-                .poll_next(cx)
-                .map(|c| c.map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.kind, Kind::Full(None))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream(_) => SizeHint::default(),
-        }
-    }
-}
 
 /// A response with a JSON body.
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

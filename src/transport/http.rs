@@ -5,15 +5,18 @@
 
 use crate::broker::Broker;
 use crate::conn::Peer;
-use crate::http::Body;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use futures_util::Stream;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
@@ -24,6 +27,68 @@ use tracing::debug;
 const MAX_BUF: usize = 64 * 1024;
 /// How long open requests get to finish when the broker shuts down.
 const GRACE: Duration = Duration::from_secs(1);
+
+/// A response body: whole, or a stream of chunks (sent chunked, or as HTTP/2 DATA).
+pub struct Body {
+    kind: Kind,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Stream(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Full(None),
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+        }
+    }
+
+    /// A body whose chunks `stream` yields; the response ends with the stream. The stream
+    /// is polled only as the connection takes what it gave before (backpressure).
+    pub fn stream(stream: impl Stream<Item = Bytes> + Send + 'static) -> Body {
+        Body {
+            kind: Kind::Stream(Box::pin(stream)),
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut self.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => s
+                .as_mut()
+                .poll_next(cx)
+                .map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream(_) => SizeHint::default(),
+        }
+    }
+}
 
 /// Answers the requests of one listener.
 pub trait Handler: Send + Sync + 'static {

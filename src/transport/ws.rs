@@ -71,8 +71,8 @@ pub fn upgrade(
     req: hyper::Request<hyper::body::Incoming>,
     peer: Peer,
     policy: &Policy,
-) -> hyper::Response<crate::http::Body> {
-    use crate::http::Body;
+) -> hyper::Response<super::http::Body> {
+    use super::http::Body;
     let bad = |why: &str| {
         let mut resp = hyper::Response::new(Body::full(format!("{why}\n")));
         *resp.status_mut() = StatusCode::BAD_REQUEST;
