@@ -29,7 +29,11 @@ fn poll_path(topics: &[&str], extra: &str) -> String {
 
 #[tokio::test]
 async fn sse_sends_retained_messages_first_then_live_ones_with_ids() {
-    let b = TestBroker::with_http(|c| c.listeners[1].http.retry = 1500).await;
+    let b = TestBroker::with_http(|c| {
+        c.listeners[1].http.retry = 1500;
+        c.listeners[1].http.heartbeat = 1;
+    })
+    .await;
     let mut publisher = Client::connect_v5(b.target(), "pub").await;
     publisher
         .publish(retained("chat/old", b"from before", QoS::AtLeastOnce))
@@ -94,6 +98,11 @@ async fn sse_sends_retained_messages_first_then_live_ones_with_ids() {
         "a QoS 0 event cannot be acknowledged: no id"
     );
     assert_eq!(events[2].json()["qos"], 0);
+    let ping = sse.next_block(WAIT).await.unwrap();
+    assert!(
+        ping.comment,
+        "a quiet stream gets a heartbeat comment: {ping:?}"
+    );
 
     // The stream's session is a session like any other; it ends with the stream.
     assert_eq!(b.broker().session_count(), 2);
@@ -106,6 +115,12 @@ async fn sse_sends_retained_messages_first_then_live_ones_with_ids() {
         broker.session_count() == 1
     })
     .await;
+
+    // Shutdown ends open streams.
+    let mut sse = Sse::connect(b.http_addr(), &sse_path(&["chat/#"], ""), &[]).await;
+    sse.next_block(WAIT).await;
+    b.stop().await;
+    while sse.next_block(WAIT).await.is_some() {}
 }
 
 #[tokio::test]
@@ -250,6 +265,17 @@ async fn long_poll_answers_at_once_holds_and_redelivers_until_acknowledged() {
     // Acknowledged and nothing new: an empty answer once the timeout passes.
     let r = request(addr, "GET", &p(&format!("&timeout=1&ack={seq2}")), &[], b"").await;
     assert_eq!(r.json(), serde_json::json!([]));
+
+    // A held poll whose session another takes is answered 409.
+    let held = tokio::spawn(request(addr, "GET", p("&timeout=20").leak(), &[], b""));
+    eventually("the poll is held again", WAIT, || {
+        broker.session("poller").is_some_and(|s| s.is_online())
+    })
+    .await;
+    let mut sse = Sse::connect(addr, &sse_path(&["news/#"], "&client_id=poller"), &[]).await;
+    let r = held.await.unwrap();
+    assert_eq!((r.status, r.error().as_str()), (409, "taken_over"));
+    sse.next_block(WAIT).await;
 
     // Errors.
     let r = request(addr, "GET", &poll_path(&["news/#"], ""), &[], b"").await;
@@ -478,9 +504,16 @@ mod auth {
         .await;
         assert_eq!(r.status, 401, "a token that does not verify");
 
-        // Basic: the password file; reading is checked on every delivery.
-        let mut sse = Sse::connect(addr, &sse_path(&["#"], ""), &[("Authorization", &alice)]).await;
+        // Basic: the password file; reading is checked on every delivery, retained
+        // messages too.
         let mut mqtt = Client::connect_v5(b.target(), "x").await;
+        mqtt.publish(retained(
+            "elsewhere/r",
+            b"not hers either",
+            QoS::AtLeastOnce,
+        ))
+        .await;
+        let mut sse = Sse::connect(addr, &sse_path(&["#"], ""), &[("Authorization", &alice)]).await;
         mqtt.publish(plain("elsewhere/1", b"not hers", QoS::AtLeastOnce))
             .await;
         mqtt.publish(plain("alice/1", b"hers", QoS::AtLeastOnce))
