@@ -158,6 +158,18 @@ impl TryFrom<RawListener> for Listener {
                 return Err(e);
             }
         }
+        if raw.kind == ListenerKind::Http {
+            if let Some(p) = raw
+                .path
+                .as_deref()
+                .filter(|p| ["/sse", "/poll", "/publish"].contains(p))
+            {
+                return Err(format!(
+                    "listener {}: `path` {p:?} is an endpoint of the http listener; choose another",
+                    raw.bind
+                ));
+            }
+        }
         let d = HttpSettings::default();
         let http = HttpSettings {
             cors_origins: raw.cors_origins,
@@ -815,6 +827,8 @@ mod tests {
             let err = Config::parse(&format!("{http}{text}\n")).unwrap_err();
             assert!(err.contains("line 4") && err.contains(key), "{err}");
         }
+        let err = Config::parse(&format!("{http}path = \"/sse\"\n")).unwrap_err();
+        assert!(err.contains("`path`") && err.contains("/sse"), "{err}");
         let ws = "[[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:8083\"\n";
         let err = Config::parse(&format!("{ws}heartbeat = 5\n")).unwrap_err();
         assert!(

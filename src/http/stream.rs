@@ -63,7 +63,6 @@ pub struct Subscriber {
     window: usize,
     resumed: bool,
     outbox: Outbox,
-    due: Vec<Due>,
 }
 
 impl Subscriber {
@@ -105,7 +104,6 @@ impl Subscriber {
             window: if persistent { window } else { usize::MAX },
             resumed,
             outbox: Outbox::default(),
-            due: Vec::new(),
         }
     }
 
@@ -217,7 +215,7 @@ impl Subscriber {
         self.refresh_access();
         let mut written = 0;
         while out.len() < max_bytes {
-            let mut due = std::mem::take(&mut self.due);
+            let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Access::Read);
             let more = self.outbox.take(
@@ -265,7 +263,7 @@ impl Subscriber {
                     written += 1;
                 }
             }
-            self.due = due;
+            self.outbox.due = due;
             if !more {
                 break;
             }
