@@ -11,6 +11,7 @@ pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod protocol;
@@ -20,6 +21,7 @@ pub mod security;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod transport;
 
 pub use broker::Broker;

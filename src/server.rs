@@ -4,6 +4,7 @@
 use crate::broker::{Broker, ListenerRules};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
+use crate::http::HttpService;
 use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
@@ -106,6 +107,7 @@ impl Server {
                 let alpn: &[&[u8]] = match listener.kind {
                     ListenerKind::Tcp => &[tls::ALPN_MQTT],
                     ListenerKind::Ws => &[tls::ALPN_HTTP1],
+                    ListenerKind::Http => &[tls::ALPN_H2, tls::ALPN_HTTP1],
                 };
                 let timeout = broker.config.mqtt.connect_timeout();
                 let acceptor = TlsAcceptor::new(cfg.clone(), alpn, timeout)
@@ -114,15 +116,25 @@ impl Server {
                 Some(acceptor)
             }
         };
-        let ws = (listener.kind == ListenerKind::Ws)
-            .then(|| Arc::new(transport::ws::Policy::new(listener)));
-        match (tls, ws) {
-            (None, None) => spawn_accept(broker, socket, rules, transport::tcp::serve),
-            (None, Some(policy)) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                transport::ws::serve(b, stream, peer, policy.clone())
-            }),
-            (Some(tls), ws) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                serve_tls(b, stream, peer, tls.clone(), ws.clone())
+        let proto = match listener.kind {
+            ListenerKind::Tcp => Proto::Mqtt,
+            ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
+            ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(broker, listener))),
+        };
+        match (tls, proto) {
+            (None, Proto::Mqtt) => spawn_accept(broker, socket, rules, transport::tcp::serve),
+            (None, Proto::Ws(policy)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::ws::serve(b, stream, peer, policy.clone())
+                })
+            }
+            (None, Proto::Http(service)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::http::serve(b, stream, peer, service.clone())
+                })
+            }
+            (Some(tls), proto) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                serve_tls(b, stream, peer, tls.clone(), proto.clone())
             }),
         }
         Ok(addr)
@@ -218,22 +230,31 @@ fn report(recovery: &RecoveryReport) {
     );
 }
 
-/// The TLS handshake, then MQTT (or the WebSocket upgrade) over the encrypted stream.
+/// What a listener speaks over its sockets.
+#[derive(Clone)]
+enum Proto {
+    Mqtt,
+    Ws(Arc<transport::ws::Policy>),
+    Http(Arc<HttpService>),
+}
+
+/// The TLS handshake, then MQTT, the WebSocket upgrade or HTTP over the encrypted stream.
 async fn serve_tls(
     broker: Arc<Broker>,
     stream: TcpStream,
     mut peer: Peer,
     tls: TlsAcceptor,
-    ws: Option<Arc<transport::ws::Policy>>,
+    proto: Proto,
 ) {
     let (stream, proved) = match tls.accept(stream).await {
         Ok(accepted) => accepted,
         Err(e) => return tracing::debug!(peer = %peer.addr, "TLS handshake failed: {e}"),
     };
     peer.tls_identity = proved.identity;
-    match ws {
-        Some(policy) => transport::ws::serve(broker, stream, peer, policy).await,
-        None => transport::tcp::serve_stream(broker, stream, peer).await,
+    match proto {
+        Proto::Ws(policy) => transport::ws::serve(broker, stream, peer, policy).await,
+        Proto::Http(service) => transport::http::serve(broker, stream, peer, service).await,
+        Proto::Mqtt => transport::tcp::serve_stream(broker, stream, peer).await,
     }
 }
 

@@ -27,6 +27,7 @@ need mosquitto_pub mosquitto-clients # tests/mosquitto.rs
 need mosquitto_sub mosquitto-clients
 need stdbuf coreutils # line-buffers mosquitto_sub's output
 need openssl openssl   # src/transport/tls.rs tests: the docs' test-CA recipe and s_client
+need curl curl         # tests/http.rs: SSE with curl -N, HTTP/2 over TLS
 need mosquitto_passwd mosquitto # password files in mosquitto's format (security::password, tests/cli.rs)
 need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
 need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)

@@ -14,7 +14,7 @@ use super::auth::{Exchange, Next};
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
-use super::throttle::Throttle;
+use super::subscribe;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
@@ -23,10 +23,11 @@ use crate::protocol::{
     self, Ack, Auth, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{is_shared, valid_subscription, within_levels};
+use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
-use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
-use crate::store::QueuedEntry;
+use crate::session::outbox::{Due, Outbox, Progress};
+use crate::session::{Session, SessionState};
+use crate::throttle::Throttle;
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +37,6 @@ use tracing::{debug, info, warn};
 /// Stop moving messages from the session queue into the write buffer past this: the
 /// rest waits in the (bounded) queue until the socket drains.
 pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
-/// Messages taken from the session queue per lock.
-const BATCH: usize = 64;
 
 pub struct Connection<'a> {
     broker: &'a Arc<Broker>,
@@ -65,10 +64,9 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// While a retained-message walk is under way, whether the queue (live messages) or
-    /// the walk takes the window first next time: they take turns, so that neither
-    /// starves the other.
-    queue_first: bool,
+    /// What the session has due for the client (shared with the HTTP streams); behind
+    /// a pointer, with its buffers, as this struct lives as long as the connection.
+    outbox: Box<Outbox>,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
@@ -80,8 +78,6 @@ pub struct Connection<'a> {
     /// The session's queue is empty in memory while messages wait on disk: the driver
     /// reads the next ones back (`refill`).
     wants_refill: bool,
-    /// Reused between drains of the session queue.
-    batch: Vec<(Delivery, u16)>,
 }
 
 impl<'a> Connection<'a> {
@@ -118,7 +114,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            queue_first: false,
+            outbox: Box::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -131,7 +127,6 @@ impl<'a> Connection<'a> {
             }),
             awaits_disk: false,
             wants_refill: false,
-            batch: Vec::new(),
         }
     }
 
@@ -146,27 +141,9 @@ impl<'a> Connection<'a> {
         std::mem::take(&mut self.wants_refill)
     }
 
-    pub fn client_id(&self) -> &ByteStr {
-        &self.session.client_id
-    }
-
-    /// The oldest messages of the session's queue, read back from the store.
-    pub fn refill(&mut self, entries: Vec<QueuedEntry>, now: Instant) -> Result<(), Exit> {
-        let journal = self.broker.journal();
-        let deliveries = entries
-            .into_iter()
-            .map(|e| {
-                let message = Arc::new(journal.restore_message(&e.delivery.message, now));
-                let d = Delivery {
-                    qos: e.delivery.qos,
-                    retain: e.delivery.retain,
-                    sub_ids: e.delivery.subscription_ids,
-                    ..Delivery::new(message, e.delivery.qos, e.delivery.retain)
-                };
-                (e.seq, d)
-            })
-            .collect();
-        self.owned(|s| s.refill(deliveries))
+    /// The session this connection owns, and its id as the owner (for `Journal::refill`).
+    pub fn session(&self) -> (&Session, u64) {
+        (&self.session, self.conn_id)
     }
 
     pub fn wake(&self) -> &Arc<Notify> {
@@ -540,13 +517,7 @@ impl<'a> Connection<'a> {
                 .map_err(|_| Exit::TakenOver)?;
             debug!(%filter, qos = ?options.qos, "subscribed");
             codes.push(ReasonCode::granted(options.qos));
-            // Retained messages are not sent for shared subscriptions (MQTT 5.0, 4.8.2).
-            let wanted = match options.retain_handling {
-                0 => true,
-                1 => !existed,
-                _ => false,
-            };
-            if !shared && wanted {
+            if subscribe::wants_retained(options.retain_handling, existed, shared) {
                 walks.push((filter, options.qos));
             }
         }
@@ -570,33 +541,18 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is: not a valid
-    /// filter, not allowed by the ACL, a feature switched off, or past
-    /// `limits.max_subscriptions` (a subscription the session has is only replaced).
+    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is.
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
-        let cfg = &self.broker.config;
-        let code = if !valid_subscription(filter) {
-            ReasonCode::TopicFilterInvalid
-        } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
-            metrics::not_authorized();
-            ReasonCode::NotAuthorized
-        } else if shared && !cfg.mqtt.shared_subscription_available {
-            ReasonCode::SharedSubscriptionsNotSupported
-        } else if !cfg.mqtt.wildcard_subscription_available && filter.contains(['+', '#']) {
-            ReasonCode::WildcardSubscriptionsNotSupported
-        } else {
-            let max = cfg.limits.max_subscriptions;
-            let full = max > 0
-                && self.owned(|s| {
-                    let subs = s.subscriptions();
-                    subs.len() >= max && !subs.contains_key(filter)
-                })?;
-            if !full {
-                return Ok(None);
-            }
-            ReasonCode::QuotaExceeded
-        };
-        Ok(Some(code))
+        let authorizer = &self.access.authorizer;
+        subscribe::refusal(
+            self.broker,
+            authorizer,
+            &self.session,
+            self.conn_id,
+            filter,
+            shared,
+        )
+        .map_err(|_| Exit::TakenOver)
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -707,134 +663,52 @@ impl<'a> Connection<'a> {
     /// then the queue, as far as the in-flight window and the write buffer allow.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
         self.refresh_access();
-        let window = self.max_inflight;
         loop {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut batch = std::mem::take(&mut self.batch);
-            let mut resend = Vec::new();
-            let queue_first = self.queue_first;
-            let mut refill = false;
+            let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-            let mut unreadable = 0;
-            let walk = self.owned(|s| {
-                let room = window.saturating_sub(s.inflight.outstanding());
-                s.inflight.resend(room, &mut resend);
-                let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way. During a
-                // walk, the queue and the walk take turns at the window: live messages
-                // must not wait (and overflow the queue) behind a long walk, nor retained
-                // ones behind a steady stream of live ones.
-                if walk.is_none() || queue_first {
-                    unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
-                }
-                refill = s.wants_refill();
-                walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
-            })?;
-
-            for (pkid, delivery) in &resend {
-                match delivery {
-                    Some(d) => {
-                        self.write_delivery(d, *pkid, true, now, out);
-                    }
-                    None => self.send(out, Packet::PubRel(self.ack(*pkid, true))),
-                }
-            }
-            let mut walked = false;
-            if let Some((walk, room)) = walk {
-                walked = self.walk_step(walk, room, now, out)?;
-                if !queue_first {
-                    let authorizer = &self.access.authorizer;
-                    let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                    unreadable =
-                        self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
-                }
-                self.queue_first = !queue_first;
-            }
-            if unreadable > 0 {
-                debug!(
-                    count = unreadable,
-                    "messages the client may not read not sent"
-                );
-                (0..unreadable).for_each(|_| metrics::not_authorized());
-            }
-            let n = batch.len();
+            let progress = self
+                .outbox
+                .take(
+                    &self.broker.router,
+                    &self.session,
+                    self.conn_id,
+                    self.max_inflight,
+                    &readable,
+                    now,
+                    &mut due,
+                )
+                .map_err(|_| Exit::TakenOver)?;
             let mut too_large = Vec::new();
-            for (d, pkid) in batch.drain(..) {
-                if !self.write_delivery(&d, pkid, false, now, out) && pkid != 0 {
-                    too_large.push(pkid);
+            for item in due.drain(..) {
+                match item {
+                    Due::Message {
+                        delivery,
+                        pkid,
+                        dup,
+                    } => {
+                        if !self.write_delivery(&delivery, pkid, dup, now, out) && pkid != 0 && !dup
+                        {
+                            too_large.push(pkid);
+                        }
+                    }
+                    Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.batch = batch;
+            self.outbox.due = due;
             self.forget(too_large)?;
-            metrics::sent(n as u64);
-            if refill {
+            if progress == Progress::Refill {
                 // The rest is on disk: the driver reads it back, then calls again.
                 self.wants_refill = true;
                 return Ok(());
             }
-            if n + unreadable < BATCH && !walked && resend.is_empty() {
+            if progress == Progress::Idle {
                 return Ok(());
             }
         }
-    }
-
-    /// Sends the next retained messages of the walk `walk`, as many as `room` in the
-    /// window allows (any number at QoS 0). Returns whether the walk moved on.
-    fn walk_step(
-        &mut self,
-        walk: RetainedWalk,
-        room: usize,
-        now: Instant,
-        out: &mut BytesMut,
-    ) -> Result<bool, Exit> {
-        let limit = if walk.qos == QoS::AtMostOnce {
-            BATCH
-        } else {
-            room.min(BATCH)
-        };
-        if limit == 0 {
-            return Ok(false);
-        }
-        let mut found = Vec::new();
-        let (last, done) = self.broker.router.retained_step(
-            &walk.filter,
-            walk.after.as_deref(),
-            limit,
-            now,
-            &mut found,
-        );
-        let sends = self.owned(|s| {
-            if done {
-                s.walks.pop_front();
-            } else if let Some(mut w) = s.walks.pop_front() {
-                // Round robin over the first few walks, so a long one does not hold up
-                // the retained messages of a later subscription.
-                w.after = last;
-                s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
-            }
-            found
-                .into_iter()
-                .map(|m| {
-                    let qos = m.qos.min(walk.qos);
-                    let mut d = Delivery::new(m, qos, true);
-                    d.sub_ids.extend(walk.sub_id);
-                    let pkid = s.send_direct(&d);
-                    (d, pkid)
-                })
-                .collect::<Vec<_>>()
-        })?;
-        let mut too_large = Vec::new();
-        for (d, pkid) in &sends {
-            if !self.write_delivery(d, *pkid, false, now, out) && *pkid != 0 {
-                too_large.push(*pkid);
-            }
-        }
-        self.forget(too_large)?;
-        metrics::sent(sends.len() as u64);
-        Ok(true)
     }
 
     /// Drops messages that could not be sent from the window, as if acknowledged.

@@ -7,10 +7,11 @@ mod auth;
 mod driver;
 mod exit;
 mod handshake;
-mod login;
+pub(crate) mod login;
 mod machine;
-mod throttle;
+pub mod subscribe;
 
+pub(crate) use driver::assign_client_id;
 pub use driver::serve;
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};

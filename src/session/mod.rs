@@ -12,6 +12,7 @@
 //! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
 
 pub mod journal;
+pub mod outbox;
 pub mod state;
 
 use crate::budget::{Budget, Level};

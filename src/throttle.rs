@@ -1,25 +1,23 @@
 //! The publish rate limit of one client (`limits.publish_rate`, `publish_bytes_rate`,
-//! `publish_burst`): token buckets on the time passed in. Past them the connection stops
-//! reading until the deficit is paid back: TCP backpressure slows the client, nothing is
-//! refused or lost.
+//! `publish_burst`): token buckets, with time passed in. MQTT connections pause reading
+//! while paused; the http listener answers 429 meanwhile.
 
-use crate::config::Limits;
 use std::time::{Duration, Instant};
 
 /// Token buckets for the publish rate of one client: a burst of `publish_burst`
 /// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
 /// paid back: TCP backpressure slows the client, nothing is refused or lost.
-pub(super) struct Throttle {
+pub struct Throttle {
     /// Messages and bytes per second (0 = not limited).
     rates: [f64; 2],
     burst: f64,
     tokens: [f64; 2],
     last: Instant,
-    pub(super) paused_until: Option<Instant>,
+    pub paused_until: Option<Instant>,
 }
 
 impl Throttle {
-    pub(super) fn new(limits: &Limits, now: Instant) -> Option<Throttle> {
+    pub fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
         let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
         if rates == [0.0, 0.0] {
             return None;
@@ -35,7 +33,7 @@ impl Throttle {
     }
 
     /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
-    pub(super) fn spend(&mut self, bytes: usize, now: Instant) {
+    pub fn spend(&mut self, bytes: usize, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         let mut wait: f64 = 0.0;
@@ -54,7 +52,7 @@ impl Throttle {
         }
     }
 
-    pub(super) fn resume(&mut self) {
+    pub fn resume(&mut self) {
         self.paused_until = None;
     }
 }
