@@ -298,8 +298,9 @@ impl Broker {
         if expires_at.is_none() && will_at.is_none() {
             return;
         }
-        let (broker, session) = (self.clone(), session.clone());
-        self.tasks.spawn(async move {
+        let (broker, owner) = (self.clone(), session.clone());
+        let session = owner.clone();
+        let timer = self.tasks.spawn(async move {
             let timers = async {
                 if let Some(w) = will_at {
                     tokio::time::sleep_until(w.into()).await;
@@ -317,6 +318,9 @@ impl Broker {
                 _ = timers => {}
             }
         });
+        // One timer per session: a session that comes and goes (a long poll, a flaky
+        // device) does not pile up sleeping tasks until its expiry.
+        owner.set_timer(timer.abort_handle());
     }
 
     /// Ends `session` if it is still offline since `conn_id` left it: decided and

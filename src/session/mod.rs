@@ -32,6 +32,7 @@ pub use state::{
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 /// How many messages a session may hold, and which.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +81,8 @@ struct Inner {
     /// What this session is charged in `budget` (its state's `held_bytes` as of the
     /// last change).
     charged: usize,
+    /// The task of its expiry and will-delay timers, while it is offline.
+    timer: Option<AbortHandle>,
 }
 
 impl Inner {
@@ -200,6 +203,7 @@ impl Session {
                 state,
                 link: None,
                 charged: 0,
+                timer: None,
             }),
         };
         session.lock().settle(&session.env, &session.client_id);
@@ -230,6 +234,10 @@ impl Session {
         state.will_at = None;
         state.detached_by = None;
         state.offline_since = None;
+        if let Some(timer) = inner.timer.take() {
+            timer.abort();
+        }
+        let state = &mut inner.state;
         // What is in flight is resent on the new connection [MQTT-4.4.0-1]. A connection
         // that detached has marked it so already; one taken over never detaches.
         state.inflight.mark_unsent();
@@ -325,6 +333,13 @@ impl Session {
         inner.state.touch();
         inner.settle(&self.env, &self.client_id);
         will
+    }
+
+    /// The task of the session's timers (replacing and stopping an earlier one).
+    pub fn set_timer(&self, timer: AbortHandle) {
+        if let Some(old) = self.inner.lock().timer.replace(timer) {
+            old.abort();
+        }
     }
 
     /// Wakes the connection serving this session, if any.
