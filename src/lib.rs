@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod admin;
 pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod message;
 pub mod metrics;
+pub mod observe;
 pub mod protocol;
 pub mod router;
 pub mod security;

@@ -15,7 +15,7 @@ use super::login::Login;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
-use crate::metrics;
+use crate::metrics::{self, Counter, Dropped};
 use crate::protocol::{
     self, Ack, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubAck,
     Subscribe, UnsubAck, Unsubscribe,
@@ -138,16 +138,26 @@ impl<'a> Connection<'a> {
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
         let max = self.broker.config.mqtt.max_packet_size;
-        loop {
+        // Counted once per read, not per packet.
+        let mut tally = metrics::Tally::default();
+        let result = loop {
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
-                    self.handle_packet(packet, now, out)?;
+                    tally.packets += 1;
+                    if let Packet::Publish(p) = &packet {
+                        tally.publish(p.qos, p.payload.len());
+                    }
+                    if let Err(exit) = self.handle_packet(packet, now, out) {
+                        break Err(exit);
+                    }
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(violation(e.reason_code(), e.to_string())),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(violation(e.reason_code(), e.to_string())),
             }
-        }
+        };
+        tally.received();
+        result
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
@@ -183,13 +193,20 @@ impl<'a> Connection<'a> {
         self.throttle.as_deref().and_then(|t| t.paused_until)
     }
 
-    /// After a wake-up: the session may have been taken by another connection.
+    /// After a wake-up: the session may have been taken by another connection, or an
+    /// administrator may have closed this one.
     pub fn check_owner(&self) -> Result<(), Exit> {
-        if self.session.is_owned_by(self.conn_id) {
-            Ok(())
-        } else {
-            Err(Exit::TakenOver)
+        if !self.session.is_owned_by(self.conn_id) {
+            return Err(Exit::TakenOver);
         }
+        if self
+            .broker
+            .clients
+            .is_kicked(&self.session.client_id, self.conn_id)
+        {
+            return Err(Exit::Administrative);
+        }
+        Ok(())
     }
 
     fn handle_packet(
@@ -232,7 +249,6 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
-        metrics::received();
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -249,8 +265,8 @@ impl<'a> Connection<'a> {
         if let Some(code) = self.refuse_payload(&p) {
             return self.refuse_publish(&p, code, "payload is not UTF-8", out);
         }
-        if let Some(why) = self.over_limit(&p) {
-            return self.refuse_for_limit(&p, why, out);
+        if let Some((reason, why)) = self.over_limit(&p) {
+            return self.refuse_for_limit(&p, reason, why, out);
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
@@ -335,14 +351,19 @@ impl<'a> Connection<'a> {
 
     /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
     /// budget (refused before acknowledging, so nothing acknowledged is dropped).
-    fn over_limit(&self, p: &Publish) -> Option<&'static str> {
+    fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
-            return Some("payload larger than message_size_limit");
+            return Some((
+                Dropped::TooLarge,
+                "payload larger than message_size_limit",
+            ));
         }
         let exhausted = self.broker.memory.level() == Level::Exhausted;
-        (exhausted && (p.qos != QoS::AtMostOnce || p.retain))
-            .then_some("the broker's message memory (max_queued_memory) is used up")
+        (exhausted && (p.qos != QoS::AtMostOnce || p.retain)).then_some((
+            Dropped::Memory,
+            "the broker's message memory (max_queued_memory) is used up",
+        ))
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
@@ -350,7 +371,7 @@ impl<'a> Connection<'a> {
     /// from mosquitto); QoS 0 is dropped.
     fn refuse_unauthorized(&self, p: &Publish, out: &mut BytesMut) -> Result<(), Exit> {
         info!(topic = %p.topic, "PUBLISH not authorized");
-        metrics::not_authorized();
+        metrics::dropped(Dropped::NotAuthorized);
         if p.qos == QoS::AtMostOnce {
             return Ok(());
         }
@@ -371,10 +392,11 @@ impl<'a> Connection<'a> {
     fn refuse_for_limit(
         &self,
         p: &Publish,
+        reason: Dropped,
         why: &'static str,
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
-        metrics::dropped();
+        metrics::dropped(reason);
         if p.qos == QoS::AtMostOnce {
             debug!(topic = %p.topic, "QoS 0 message dropped: {why}");
             return Ok(());
@@ -529,7 +551,7 @@ impl<'a> Connection<'a> {
         let code = if !valid_subscription(filter) {
             ReasonCode::TopicFilterInvalid
         } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
-            metrics::not_authorized();
+            metrics::add(Counter::SubscribeDenied, 1);
             ReasonCode::NotAuthorized
         } else if shared && !cfg.mqtt.shared_subscription_available {
             ReasonCode::SharedSubscriptionsNotSupported
@@ -622,10 +644,14 @@ impl<'a> Connection<'a> {
                 }
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
             })?;
+            let mut tally = metrics::Tally::default();
             for (pkid, delivery) in &resend {
                 match delivery {
                     Some(d) => {
-                        self.write_delivery(d, *pkid, true, now, out);
+                        if self.write_delivery(d, *pkid, true, now, out) {
+                            tally.packets += 1;
+                            tally.publish(d.qos, d.message.payload.len());
+                        }
                     }
                     None => self.send(out, Packet::PubRel(self.ack(*pkid, true))),
                 }
@@ -646,18 +672,16 @@ impl<'a> Connection<'a> {
                     count = unreadable,
                     "messages the client may not read not sent"
                 );
-                (0..unreadable).for_each(|_| metrics::not_authorized());
+                metrics::add(Counter::DroppedNotAuthorized, unreadable as u64);
             }
             let n = batch.len();
             let mut too_large = Vec::new();
             for (d, pkid) in batch.drain(..) {
-                if !self.write_delivery(&d, pkid, false, now, out) && pkid != 0 {
-                    too_large.push(pkid);
-                }
+                self.write_counted(&d, pkid, now, out, &mut tally, &mut too_large);
             }
             self.batch = batch;
             self.forget(too_large)?;
-            metrics::sent(n as u64);
+            tally.sent();
             if n + unreadable < BATCH && !walked && resend.is_empty() {
                 return Ok(());
             }
@@ -710,14 +734,35 @@ impl<'a> Connection<'a> {
                 .collect::<Vec<_>>()
         })?;
         let mut too_large = Vec::new();
+        let mut tally = metrics::Tally::default();
         for (d, pkid) in &sends {
-            if !self.write_delivery(d, *pkid, false, now, out) && *pkid != 0 {
-                too_large.push(*pkid);
-            }
+            self.write_counted(d, *pkid, now, out, &mut tally, &mut too_large);
         }
         self.forget(too_large)?;
-        metrics::sent(sends.len() as u64);
+        tally.sent();
         Ok(true)
+    }
+
+    /// `write_delivery` of a first send, counted in `tally`; a message too large for the
+    /// client is counted as dropped, and its packet id kept in `too_large`.
+    fn write_counted(
+        &mut self,
+        d: &Delivery,
+        pkid: u16,
+        now: Instant,
+        out: &mut BytesMut,
+        tally: &mut metrics::Tally,
+        too_large: &mut Vec<u16>,
+    ) {
+        if self.write_delivery(d, pkid, false, now, out) {
+            tally.packets += 1;
+            tally.publish(d.qos, d.message.payload.len());
+        } else {
+            metrics::dropped(Dropped::TooLarge);
+            if pkid != 0 {
+                too_large.push(pkid);
+            }
+        }
     }
 
     /// Drops messages that could not be sent from the window, as if acknowledged.
@@ -844,6 +889,9 @@ impl<'a> Connection<'a> {
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
         exit.log();
+        self.broker
+            .clients
+            .remove(&self.session.client_id, self.conn_id);
         let outcome = exit.outcome();
         let will = self.will.take().filter(|_| outcome.publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.
@@ -896,6 +944,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         return;
     }
     if out.len() - before <= max {
+        metrics::add(Counter::PacketsSent, 1);
         return;
     }
     out.truncate(before);
@@ -903,6 +952,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         props.reason_string = None;
         props.user_properties.clear();
         if protocol::encode(&packet, protocol, out).is_ok() && out.len() - before <= max {
+            metrics::add(Counter::PacketsSent, 1);
             return;
         }
         out.truncate(before);

@@ -15,6 +15,7 @@ pub mod state;
 
 use crate::budget::{Budget, Level};
 use crate::message::{Delivery, Message};
+use crate::metrics::Dropped;
 use crate::protocol::{ByteStr, QoS};
 use crate::router::Mailbox;
 use parking_lot::{Mutex, MutexGuard};
@@ -249,12 +250,16 @@ impl Mailbox for Session {
         }
         let state = &mut inner.state;
         let max_bytes = self.limits.max_queued_bytes;
-        let full = state.queued() >= self.limits.max_queued
+        let full = if state.queued() >= self.limits.max_queued
             || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
-            || (qos0 && self.budget.level() >= Level::High);
-        if full {
+        {
+            Some(Dropped::QueueFull)
+        } else {
+            (qos0 && self.budget.level() >= Level::High).then_some(Dropped::Memory)
+        };
+        if let Some(why) = full {
             state.dropped += 1;
-            crate::metrics::dropped();
+            crate::metrics::dropped(why);
             return false;
         }
         let was_empty = state.queued() == 0;
