@@ -616,6 +616,8 @@ mod tests {
         );
         assert_eq!(c.mqtt.response_information, d.mqtt.response_information);
         assert_eq!(c.log_level, d.log_level);
+        assert_eq!(c.log_format, d.log_format);
+        assert_eq!(c.sys_interval, d.sys_interval);
     }
 
     #[test]

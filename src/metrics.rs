@@ -134,9 +134,8 @@ impl Local {
         if let Some(shard) = FREE.lock().pop() {
             return Local(shard);
         }
-        let shard: &'static Shard = Box::leak(Box::new(Shard(
-            [const { AtomicU64::new(0) }; COUNTERS],
-        )));
+        let shard: &'static Shard =
+            Box::leak(Box::new(Shard([const { AtomicU64::new(0) }; COUNTERS])));
         SHARDS.lock().push(shard);
         Local(shard)
     }
@@ -345,6 +344,9 @@ mod tests {
         assert!(diff(Counter::PublishSent1) >= 1);
         assert!(diff(Counter::PublishSent2) >= 2);
         assert!(diff(Counter::PublishBytesSent2) >= 10);
-        assert_eq!(offset(Counter::PublishBytesReceived0, 2), Counter::PublishBytesReceived2);
+        assert_eq!(
+            offset(Counter::PublishBytesReceived0, 2),
+            Counter::PublishBytesReceived2
+        );
     }
 }

@@ -40,9 +40,9 @@ impl Api<'_> {
         let sessions = b.session_count();
         let online = b.clients.len().min(sessions);
         let uptime = crate::broker::now().saturating_duration_since(b.started);
-        let process = process::usage().map(|u| {
-            json!({ "rss_bytes": u.rss, "cpu_seconds": u.cpu_seconds, "open_fds": u.open_fds })
-        });
+        let process = process::usage().map(
+            |u| json!({ "rss_bytes": u.rss, "cpu_seconds": u.cpu_seconds, "open_fds": u.open_fds }),
+        );
         let dropped: u64 = Dropped::ALL.iter().map(|d| c.dropped(*d)).sum();
         Reply::ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -174,12 +174,17 @@ impl Api<'_> {
                 }
             });
         }
-        rows.sort_by(|a, b| {
-            (&a.0, a.1["filter"].as_str()).cmp(&(&b.0, b.1["filter"].as_str()))
-        });
+        rows.sort_by(|a, b| (&a.0, a.1["filter"].as_str()).cmp(&(&b.0, b.1["filter"].as_str())));
         let total = rows.len();
-        let page: Vec<Value> = rows.into_iter().skip(offset).take(limit).map(|r| r.1).collect();
-        Reply::ok(json!({ "total": total, "offset": offset, "limit": limit, "subscriptions": page }))
+        let page: Vec<Value> = rows
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|r| r.1)
+            .collect();
+        Reply::ok(
+            json!({ "total": total, "offset": offset, "limit": limit, "subscriptions": page }),
+        )
     }
 
     /// `GET /api/v1/retained?filter=&after=&limit=`: retained messages matching `filter`
@@ -200,12 +205,16 @@ impl Api<'_> {
         let after = q.get("after").filter(|a| !a.is_empty());
         let mut found = Vec::new();
         let now = crate::broker::now();
-        let (last, done) =
-            self.broker
-                .router
-                .retained_step(filter, after, limit, now, &mut found);
+        let (last, done) = self
+            .broker
+            .router
+            .retained_step(filter, after, limit, now, &mut found);
         let messages: Vec<Value> = found.iter().map(|m| retained_json(m)).collect();
-        let next = if done { None } else { last.map(|t| t.to_string()) };
+        let next = if done {
+            None
+        } else {
+            last.map(|t| t.to_string())
+        };
         Reply::ok(json!({ "filter": filter, "messages": messages, "next": next }))
     }
 
@@ -310,7 +319,9 @@ fn client_json(s: &Session, live: Option<&LiveClient>, with_subscriptions: bool)
         let list: Vec<Value> = if with_subscriptions {
             let mut l: Vec<_> = st.subscriptions.iter().collect();
             l.sort_by(|a, b| a.0.cmp(b.0));
-            l.into_iter().map(|(f, sub)| subscription_json(f, sub)).collect()
+            l.into_iter()
+                .map(|(f, sub)| subscription_json(f, sub))
+                .collect()
         } else {
             Vec::new()
         };

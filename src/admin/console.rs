@@ -14,6 +14,8 @@ pub(super) fn file(path: &str) -> Option<Reply> {
         "/" | "/index.html" => ("text/html; charset=utf-8", INDEX),
         "/console.js" => ("text/javascript; charset=utf-8", SCRIPT),
         "/console.css" => ("text/css; charset=utf-8", STYLE),
+        // Browsers ask for it; nothing to show, and no reason for a 401 in the console.
+        "/favicon.ico" => ("image/x-icon", ""),
         _ => return None,
     };
     Some(Reply::static_file(content_type, body))

@@ -101,7 +101,11 @@ impl Admin {
         let segments: Vec<String> = path
             .trim_start_matches('/')
             .split('/')
-            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let a = api::Api {
@@ -110,10 +114,9 @@ impl Admin {
             addrs: &self.addrs,
         };
         match (method, &segments[..]) {
-            (&Method::GET, ["metrics"]) => Reply::metrics(prometheus::render(
-                &self.broker,
-                &self.listeners,
-            )),
+            (&Method::GET, ["metrics"]) => {
+                Reply::metrics(prometheus::render(&self.broker, &self.listeners))
+            }
             (&Method::GET, ["api", "v1", "summary"]) => a.summary(),
             (&Method::GET, ["api", "v1", "clients"]) => a.clients(query),
             (&Method::GET, ["api", "v1", "clients", id]) => a.client(id),
@@ -123,7 +126,10 @@ impl Admin {
             (&Method::DELETE, ["api", "v1", "retained"]) => a.delete_retained(query),
             (&Method::POST, ["api", "v1", "publish"]) => a.publish(body),
             (_, ["metrics"])
-            | (_, ["api", "v1", "summary" | "clients" | "subscriptions" | "retained" | "publish"])
+            | (
+                _,
+                ["api", "v1", "summary" | "clients" | "subscriptions" | "retained" | "publish"],
+            )
             | (_, ["api", "v1", "clients", _]) => Reply::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed here (docs/observability.md)",

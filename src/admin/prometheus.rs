@@ -17,11 +17,7 @@ pub fn render(broker: &Broker, listeners: &[Arc<ListenerRules>]) -> String {
     let c = metrics::snapshot();
     let mut e = Exposition::default();
     e.family("ternmq_info", "gauge", "The broker's version (always 1).");
-    e.sample(
-        "ternmq_info",
-        &[("version", env!("CARGO_PKG_VERSION"))],
-        1,
-    );
+    e.sample("ternmq_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
     connections(&mut e, broker, listeners);
     sessions(&mut e, broker, &c);
     messages(&mut e, &c);

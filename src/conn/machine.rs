@@ -354,10 +354,7 @@ impl<'a> Connection<'a> {
     fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
-            return Some((
-                Dropped::TooLarge,
-                "payload larger than message_size_limit",
-            ));
+            return Some((Dropped::TooLarge, "payload larger than message_size_limit"));
         }
         let exhausted = self.broker.memory.level() == Level::Exhausted;
         (exhausted && (p.qos != QoS::AtMostOnce || p.retain)).then_some((
@@ -712,6 +709,13 @@ impl<'a> Connection<'a> {
             limit,
             now,
             &mut found,
+        );
+        // Retained messages are deliveries too: the ACL decides what the client reads.
+        let stepped = found.len();
+        found.retain(|m| self.access.authorizer.check(&m.topic, Acl::Read));
+        metrics::add(
+            Counter::DroppedNotAuthorized,
+            (stepped - found.len()) as u64,
         );
         let sends = self.owned(|s| {
             if done {

@@ -81,6 +81,9 @@ mod tests {
     #[test]
     fn this_process_has_memory_and_descriptors() {
         let u = usage().expect("/proc is readable");
-        assert!(u.rss > 0 && u.peak_rss >= u.rss / 2 && u.open_fds > 0, "{u:?}");
+        assert!(
+            u.rss > 0 && u.peak_rss >= u.rss / 2 && u.open_fds > 0,
+            "{u:?}"
+        );
     }
 }

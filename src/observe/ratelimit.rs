@@ -78,7 +78,9 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         assert_eq!(limit.check(t0), Some(0));
-        let held = (1..500).filter(|i| limit.check(t0 + s(*i % 10)).is_some()).count();
+        let held = (1..500)
+            .filter(|i| limit.check(t0 + s(*i % 10)).is_some())
+            .count();
         assert_eq!(held, 0, "nothing more within the interval");
         assert_eq!(limit.check(t0 + s(10)), Some(499));
         assert_eq!(limit.check(t0 + s(19)), None);

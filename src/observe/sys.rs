@@ -237,7 +237,8 @@ fn publish(broker: &Broker, topic: String, payload: String) {
         ByteStr::from(topic),
         Bytes::from(payload),
         QoS::ExactlyOnce,
-        true,
+        // Not kept where the broker keeps no retained messages.
+        broker.config.mqtt.retain_available,
         None,
         0,
         now,
@@ -283,7 +284,10 @@ mod tests {
         assert_eq!(find(&first, "messages/stored"), Some("7"));
         assert_eq!(find(&first, "heap/current"), Some("1000"));
         assert_eq!(find(&first, "load/connections/15min"), Some("0.00"));
-        assert_eq!(first.iter().filter(|(t, _)| t.contains("/load/")).count(), 27);
+        assert_eq!(
+            first.iter().filter(|(t, _)| t.contains("/load/")).count(),
+            27
+        );
 
         // Nothing changed but the time: only the uptime goes out.
         let second = tree.update(&s, Duration::from_secs(10));
