@@ -120,6 +120,7 @@ sys_interval = 0
 [[listeners]]
 type = "tcp"
 bind = "127.0.0.1:18830"
+allow_anonymous = true
 [mqtt]
 receive_maximum = $INFLIGHT
 [session]

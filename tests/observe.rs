@@ -975,3 +975,81 @@ mod browser {
         assert!(out.join("console.png").is_file(), "screenshot saved");
     }
 }
+
+/// Every reason a message is not delivered is counted under its name.
+#[tokio::test(start_paused = true)]
+async fn dropped_messages_are_counted_by_reason() {
+    use common::client::{expiry_props, message};
+    use ternmq::metrics::{snapshot, Dropped};
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite d/#\n").unwrap();
+    let b = TestBroker::in_memory(|c| {
+        c.session.max_queued_messages = 2;
+        c.limits.message_size_limit = 100;
+        c.auth.acl_file = Some(acl.clone());
+    });
+    let before = snapshot();
+    for (id, filter) in [("full", "d/q"), ("late", "d/e")] {
+        let (mut c, _) = Client::connect_accepted(b.target(), connect_expiry(id, true, 3600)).await;
+        c.subscribe(filter, QoS::AtLeastOnce).await;
+        c.disconnect().await;
+    }
+    let mut publisher = Client::connect_v5(b.target(), "dropper").await;
+    for i in 0..5u8 {
+        publisher
+            .publish(plain("d/q", &[i], QoS::AtLeastOnce))
+            .await;
+    }
+    publisher
+        .publish(message(
+            "d/e",
+            b"soon stale",
+            QoS::AtLeastOnce,
+            expiry_props(1),
+        ))
+        .await;
+    publisher
+        .publish_expect(
+            plain("d/big", &[0; 101], QoS::AtLeastOnce),
+            ReasonCode::QuotaExceeded,
+        )
+        .await;
+    publisher
+        .publish_expect(
+            plain("forbidden", b"x", QoS::AtLeastOnce),
+            ReasonCode::NotAuthorized,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut late, present) =
+        Client::connect_accepted(b.target(), connect_expiry("late", false, 3600)).await;
+    assert!(present);
+    assert!(
+        late.drain_publishes().await.is_empty(),
+        "the expired message is not sent"
+    );
+
+    let after = snapshot();
+    let grew = |why| after.dropped(why) - before.dropped(why);
+    assert!(
+        grew(Dropped::QueueFull) >= 3,
+        "queue_full +{}",
+        grew(Dropped::QueueFull)
+    );
+    assert!(
+        grew(Dropped::Expired) >= 1,
+        "expired +{}",
+        grew(Dropped::Expired)
+    );
+    assert!(
+        grew(Dropped::TooLarge) >= 1,
+        "too_large +{}",
+        grew(Dropped::TooLarge)
+    );
+    assert!(
+        grew(Dropped::NotAuthorized) >= 1,
+        "not_authorized +{}",
+        grew(Dropped::NotAuthorized)
+    );
+}

@@ -18,7 +18,7 @@ pub fn render(broker: &Broker, listeners: &[Arc<ListenerRules>]) -> String {
     let mut e = Exposition::default();
     e.family("ternmq_info", "gauge", "The broker's version (always 1).");
     e.sample("ternmq_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
-    connections(&mut e, broker, listeners);
+    connections(&mut e, listeners);
     sessions(&mut e, broker, &c);
     messages(&mut e, &c);
     e.family(
@@ -48,7 +48,7 @@ pub fn render(broker: &Broker, listeners: &[Arc<ListenerRules>]) -> String {
     e.out
 }
 
-fn connections(e: &mut Exposition, broker: &Broker, listeners: &[Arc<ListenerRules>]) {
+fn connections(e: &mut Exposition, listeners: &[Arc<ListenerRules>]) {
     e.family(
         "ternmq_connections",
         "gauge",
@@ -100,7 +100,6 @@ fn connections(e: &mut Exposition, broker: &Broker, listeners: &[Arc<ListenerRul
             l.accept_errors.load(Relaxed),
         );
     }
-    let _ = broker;
 }
 
 fn sessions(e: &mut Exposition, broker: &Broker, c: &Snapshot) {
