@@ -113,8 +113,8 @@ struct Shard([AtomicU64; COUNTERS]);
 
 impl Shard {
     /// Only the thread holding the shard writes it: load and store, no read-modify-write.
-    fn add(&self, c: Counter, n: u64) {
-        let cell = &self.0[c as usize];
+    fn add(&self, i: usize, n: u64) {
+        let cell = &self.0[i];
         cell.store(cell.load(Relaxed).wrapping_add(n), Relaxed);
     }
 }
@@ -151,13 +151,20 @@ thread_local! {
     static LOCAL: Local = Local::claim();
 }
 
+/// Adds each `(counter index, n)`, with one look-up of this thread's shard.
+fn add_all(adds: &[(usize, u64)]) {
+    let local = LOCAL.try_with(|l| adds.iter().for_each(|&(i, n)| l.0.add(i, n)));
+    if local.is_err() {
+        for &(i, n) in adds {
+            SHARED[i].fetch_add(n, Relaxed);
+        }
+    }
+}
+
 /// Adds `n` to counter `c`.
 pub fn add(c: Counter, n: u64) {
-    if n == 0 {
-        return;
-    }
-    if LOCAL.try_with(|l| l.0.add(c, n)).is_err() {
-        SHARED[c as usize].fetch_add(n, Relaxed);
+    if n > 0 {
+        add_all(&[(c as usize, n)]);
     }
 }
 
@@ -188,66 +195,35 @@ impl Tally {
 
     /// Adds what was received.
     pub fn received(&self) {
-        add_tally(self, Counter::PacketsReceived, Counter::PublishReceived0);
-        add_payload(self, Counter::PublishBytesReceived0);
+        self.add(
+            Counter::PacketsReceived,
+            Counter::PublishReceived0,
+            Counter::PublishBytesReceived0,
+        );
     }
 
     /// Adds what was sent.
     pub fn sent(&self) {
-        add_tally(self, Counter::PacketsSent, Counter::PublishSent0);
-        add_payload(self, Counter::PublishBytesSent0);
-    }
-}
-
-fn add_tally(t: &Tally, packets: Counter, first_qos: Counter) {
-    let write = |shard: &Shard| {
-        shard.add(packets, t.packets);
-        for (q, n) in t.publishes.iter().enumerate() {
-            shard.add(offset(first_qos, q), *n);
-        }
-    };
-    if LOCAL.try_with(|l| write(l.0)).is_err() {
-        SHARED[packets as usize].fetch_add(t.packets, Relaxed);
-        for (q, n) in t.publishes.iter().enumerate() {
-            SHARED[offset(first_qos, q) as usize].fetch_add(*n, Relaxed);
-        }
-    }
-}
-
-fn add_payload(t: &Tally, first_qos: Counter) {
-    for (q, n) in t.payload.iter().enumerate() {
-        add(offset(first_qos, q), *n);
-    }
-}
-
-/// The counter `q` places after `first` (the QoS-indexed families are consecutive).
-fn offset(first: Counter, q: usize) -> Counter {
-    const QOS_FAMILIES: [[Counter; 3]; 4] = [
-        [
-            Counter::PublishReceived0,
-            Counter::PublishReceived1,
-            Counter::PublishReceived2,
-        ],
-        [
+        self.add(
+            Counter::PacketsSent,
             Counter::PublishSent0,
-            Counter::PublishSent1,
-            Counter::PublishSent2,
-        ],
-        [
-            Counter::PublishBytesReceived0,
-            Counter::PublishBytesReceived1,
-            Counter::PublishBytesReceived2,
-        ],
-        [
             Counter::PublishBytesSent0,
-            Counter::PublishBytesSent1,
-            Counter::PublishBytesSent2,
-        ],
-    ];
-    QOS_FAMILIES
-        .iter()
-        .find(|f| f[0] == first)
-        .map_or(first, |f| f[q.min(2)])
+        );
+    }
+
+    /// The QoS families are three consecutive counters from their QoS 0 one.
+    fn add(&self, packets: Counter, publishes: Counter, payload: Counter) {
+        let (p, b) = (publishes as usize, payload as usize);
+        add_all(&[
+            (packets as usize, self.packets),
+            (p, self.publishes[0]),
+            (p + 1, self.publishes[1]),
+            (p + 2, self.publishes[2]),
+            (b, self.payload[0]),
+            (b + 1, self.payload[1]),
+            (b + 2, self.payload[2]),
+        ]);
+    }
 }
 
 /// Every counter's total.
@@ -267,7 +243,7 @@ impl Snapshot {
 
     /// The three QoS counters of a family starting at `first` (e.g. `PublishReceived0`).
     pub fn by_qos(&self, first: Counter) -> [u64; 3] {
-        [0, 1, 2].map(|q| self.get(offset(first, q)))
+        [0, 1, 2].map(|q| self.0[first as usize + q])
     }
 
     /// PUBLISH packets received, all QoS.
@@ -344,9 +320,23 @@ mod tests {
         assert!(diff(Counter::PublishSent1) >= 1);
         assert!(diff(Counter::PublishSent2) >= 2);
         assert!(diff(Counter::PublishBytesSent2) >= 10);
-        assert_eq!(
-            offset(Counter::PublishBytesReceived0, 2),
-            Counter::PublishBytesReceived2
-        );
+    }
+
+    #[test]
+    fn qos_families_are_consecutive() {
+        use Counter::*;
+        for [q0, q1, q2] in [
+            [PublishReceived0, PublishReceived1, PublishReceived2],
+            [PublishSent0, PublishSent1, PublishSent2],
+            [
+                PublishBytesReceived0,
+                PublishBytesReceived1,
+                PublishBytesReceived2,
+            ],
+            [PublishBytesSent0, PublishBytesSent1, PublishBytesSent2],
+        ] {
+            let (q0, q1, q2) = (q0 as usize, q1 as usize, q2 as usize);
+            assert_eq!((q1, q2), (q0 + 1, q0 + 2));
+        }
     }
 }
