@@ -110,7 +110,7 @@ impl Api<'_> {
                     .broker
                     .clients
                     .get(&s.client_id)
-                    .filter(|l| Arc::ptr_eq(&l.session, &s));
+                    .filter(|l| s.is_owned_by(l.conn_id));
                 (s, live)
             })
             .filter(|(s, live)| search.is_empty() || matches_search(s, live.as_deref(), search))
@@ -135,7 +135,7 @@ impl Api<'_> {
             .broker
             .clients
             .get(id)
-            .filter(|l| Arc::ptr_eq(&l.session, &session));
+            .filter(|l| session.is_owned_by(l.conn_id));
         Reply::ok(client_json(&session, live.as_deref(), true))
     }
 
@@ -340,8 +340,8 @@ fn client_json(s: &Session, live: Option<&LiveClient>, with_subscriptions: bool)
         "listener": live.map(|l| l.listener.name.clone()),
         "protocol": live.map(|l| protocol_name(l.protocol)),
         "keep_alive": live.map(|l| l.keep_alive),
-        "connected_since": live.map(|l| unix_seconds(l.since)),
-        "username": live.and_then(|l| l.username.clone()),
+        "connected_since": live.map(|l| l.since),
+        "username": live.and_then(|l| l.username.as_deref()),
         "session_expiry_interval": expiry,
         "queued": queued,
         "inflight": inflight,

@@ -245,17 +245,18 @@ where
         resumed = present,
         "connected"
     );
-    broker.clients.register(LiveClient::new(
-        conn_id,
+    broker.clients.register(
         negotiated.client_id.clone(),
-        peer.addr,
-        peer.listener.clone(),
-        protocol,
-        negotiated.keep_alive,
-        login.username.clone(),
-        session.clone(),
-        wake.clone(),
-    ));
+        LiveClient::new(
+            conn_id,
+            peer.addr,
+            peer.listener.clone(),
+            protocol,
+            negotiated.keep_alive,
+            login.username.as_deref(),
+            wake.clone(),
+        ),
+    );
     let mut ack = negotiated.connack(&broker.config, present);
     ack.properties.authentication_method = login.method.clone();
     ack.properties.authentication_data = login.data.take();
