@@ -10,6 +10,7 @@
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::message::Message;
+use crate::observe::clients::Clients;
 use crate::protocol::{ByteStr, SubOptions};
 use crate::router::Router;
 use crate::security::backoff::{Backoff, BackoffConfig};
@@ -22,7 +23,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,6 +55,11 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Every task of the broker (accept loops, connections, timers), for shutdown.
     pub tasks: TaskTracker,
+    /// The clients connected now (for the admin API and `/metrics`).
+    pub clients: Clients,
+    /// When the broker started, on its clock (`now()`) and on the wall clock.
+    pub started: Instant,
+    pub started_at: SystemTime,
 }
 
 /// The clock the broker runs on: tokio's, so that tests can pause it.
@@ -108,6 +114,9 @@ impl Broker {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            clients: Clients::default(),
+            started: now(),
+            started_at: SystemTime::now(),
         }))
     }
 
@@ -337,6 +346,7 @@ impl Broker {
         });
         if let Some(ended) = ended {
             tracing::debug!(client_id = %session.client_id, "session expired");
+            crate::metrics::add(crate::metrics::Counter::SessionsExpired, 1);
             let _control = session.control();
             self.clean_up(session, ended, now);
         }
@@ -358,7 +368,7 @@ impl Broker {
                 .router
                 .redeliver_shared(orphan, session.id, max_waiting)
             {
-                crate::metrics::dropped();
+                crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
             }
         }
     }
@@ -399,6 +409,12 @@ impl Broker {
             .get(&ByteStr::from(client_id))
             .map(|s| s.clone())
     }
+
+    /// Every session, connected or not, in no particular order (for the admin API and
+    /// `$SYS`; holds each registry shard's read lock while it copies it).
+    pub fn all_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.iter().map(|s| s.value().clone()).collect()
+    }
 }
 
 /// What a listener allows, shared by its connections.
@@ -412,6 +428,13 @@ pub struct ListenerRules {
     pub identity_as_username: bool,
     /// Connections open now on this listener.
     open: AtomicUsize,
+    /// How `/metrics` names the listener (e.g. `mqtt://127.0.0.1:1883`).
+    pub name: String,
+    /// Connections accepted, and accept calls that failed, since the start.
+    pub accepted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// MQTT clients connected now (past CONNECT), by protocol version (3.1, 3.1.1, 5.0).
+    pub clients: [AtomicUsize; 3],
 }
 
 impl ListenerRules {
@@ -424,7 +447,16 @@ impl ListenerRules {
                 .as_ref()
                 .is_some_and(|t| t.identity_as_username.is_some()),
             open: AtomicUsize::new(0),
+            name: String::new(),
+            accepted: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            clients: Default::default(),
         }
+    }
+
+    /// Connections open now on this listener (in the handshake or connected).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// A listener with no limit of its own that lets anonymous clients in (tests, tools).

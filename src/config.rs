@@ -19,6 +19,12 @@ pub struct Config {
     /// error | warn | info | debug | trace (RUST_LOG, if set, wins).
     #[serde(deserialize_with = "log_level")]
     pub log_level: String,
+    /// How log lines are written: plain text, or one JSON object per line.
+    pub log_format: LogFormat,
+    /// Seconds between updates of the `$SYS` topics (0 = none), as mosquitto's
+    /// `sys_interval` (docs/observability.md).
+    #[serde(deserialize_with = "sys_interval")]
+    pub sys_interval: u64,
     pub listeners: Vec<Listener>,
     pub mqtt: Mqtt,
     pub session: SessionLimits,
@@ -38,6 +44,18 @@ pub enum ListenerKind {
     /// Server-Sent Events, long polling and HTTP publish, and MQTT over WebSocket at
     /// `path` (docs/http.md).
     Http,
+    /// HTTP for operators: `/metrics`, the admin API and the web console
+    /// (docs/observability.md). Not MQTT.
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, with the connection's peer and client id.
+    Json,
 }
 
 /// The path a ws listener serves when none is configured (`/` is always served too).
@@ -59,6 +77,8 @@ pub struct Listener {
     pub max_connections: usize,
     /// Clients without credentials may connect (false by default, as in mosquitto 2).
     pub allow_anonymous: bool,
+    /// admin only: the bearer token every request but the console's files must carry.
+    pub token: Option<String>,
     /// http only: SSE, long polling and HTTP publish.
     pub http: HttpSettings,
 }
@@ -95,6 +115,10 @@ impl Default for HttpSettings {
     }
 }
 
+/// The shortest admin token accepted: a guessable token on an HTTP API that can
+/// disconnect clients is worse than none.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
 /// A listener as written, before the checks that involve several of its keys.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +147,7 @@ struct RawListener {
     max_poll_timeout: Option<u64>,
     #[serde(default, deserialize_with = "unacked")]
     max_unacked: Option<usize>,
+    token: Option<String>,
 }
 
 impl TryFrom<RawListener> for Listener {
@@ -172,6 +197,7 @@ impl TryFrom<RawListener> for Listener {
                 ));
             }
         }
+        check_admin(&raw)?;
         let d = HttpSettings::default();
         let http = HttpSettings {
             cors_origins: raw.cors_origins,
@@ -190,7 +216,43 @@ impl TryFrom<RawListener> for Listener {
             max_connections: raw.max_connections,
             allow_anonymous: raw.allow_anonymous,
             http,
+            token: raw.token,
         })
+    }
+}
+
+/// An admin listener needs a token, and takes none of the MQTT listeners' keys; the
+/// others take no token.
+fn check_admin(raw: &RawListener) -> Result<(), String> {
+    let bind = raw.bind;
+    if raw.kind != ListenerKind::Admin {
+        return match raw.token {
+            Some(_) => Err(format!(
+                "listener {bind}: `token` is only for type = \"admin\" listeners"
+            )),
+            None => Ok(()),
+        };
+    }
+    let mqtt_only = [
+        ("tls", raw.tls.is_some()),
+        ("max_connections", raw.max_connections != 0),
+        ("allow_anonymous", raw.allow_anonymous),
+    ];
+    if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+        return Err(format!(
+            "listener {bind}: `{key}` is not for type = \"admin\" listeners"
+        ));
+    }
+    match &raw.token {
+        Some(t) if t.chars().count() >= MIN_ADMIN_TOKEN && !t.contains(char::is_whitespace) => {
+            Ok(())
+        }
+        Some(_) => Err(format!(
+            "listener {bind}: the admin `token` must be at least {MIN_ADMIN_TOKEN} characters, without spaces"
+        )),
+        None => Err(format!(
+            "listener {bind}: an admin listener needs a `token` (e.g. the output of `openssl rand -hex 24`)"
+        )),
     }
 }
 
@@ -206,6 +268,7 @@ impl Listener {
             max_connections: 0,
             allow_anonymous: false,
             http: HttpSettings::default(),
+            token: None,
         }
     }
 
@@ -402,6 +465,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             log_level: "info".into(),
+            log_format: LogFormat::Text,
+            sys_interval: 10,
             // Without a config file, as mosquitto 2: local clients only, anonymous.
             listeners: vec![Listener {
                 allow_anonymous: true,
@@ -616,6 +681,10 @@ fn unacked<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     ranged(d, 1, 65_535, "max_unacked").map(|v| Some(v as usize))
 }
 
+fn sys_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 0, 86_400, "value (seconds)")
+}
+
 fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     ranged(d, 1, 60_000, "value")
 }
@@ -662,6 +731,8 @@ mod tests {
         );
         assert_eq!(c.mqtt.response_information, d.mqtt.response_information);
         assert_eq!(c.log_level, d.log_level);
+        assert_eq!(c.log_format, d.log_format);
+        assert_eq!(c.sys_interval, d.sys_interval);
     }
 
     #[test]

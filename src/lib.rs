@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod admin;
 pub mod broker;
 pub mod budget;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod conn;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod observe;
 pub mod protocol;
 pub mod recovery;
 pub mod router;

@@ -15,6 +15,7 @@ use crate::store::{
 use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +26,8 @@ pub struct Server {
     addrs: Vec<(ListenerKind, SocketAddr)>,
     /// The TLS listeners' acceptors, for reloading their certificates.
     tls: Vec<TlsAcceptor>,
+    /// The MQTT listeners' rules and counts, for `/metrics`.
+    rules: Vec<Arc<ListenerRules>>,
 }
 
 /// Why a broker could not start.
@@ -82,32 +85,64 @@ impl Server {
             broker: broker.clone(),
             addrs: Vec::new(),
             tls: Vec::new(),
+            rules: Vec::new(),
         };
+        // Admin listeners start last, so that they know every MQTT listener.
+        let mut admins = Vec::new();
         for listener in &broker.config.listeners {
-            let addr = server.listen(listener).await?;
+            let addr = match listener.kind {
+                ListenerKind::Admin => {
+                    let (socket, addr) = bind(listener).await?;
+                    admins.push((socket, listener.token.clone().unwrap_or_default()));
+                    addr
+                }
+                _ => server.listen(listener).await?,
+            };
             tracing::info!(%addr, kind = ?listener.kind, tls = listener.tls.is_some(), "listening");
             server.addrs.push((listener.kind, addr));
         }
+        let mqtt_listeners: Vec<_> = server
+            .addrs
+            .iter()
+            .filter(|(k, _)| *k != ListenerKind::Admin)
+            .copied()
+            .collect();
+        for (socket, token) in admins {
+            let admin = crate::admin::Admin::new(
+                broker.clone(),
+                token,
+                server.rules.clone(),
+                mqtt_listeners.clone(),
+            );
+            crate::admin::spawn(admin, socket);
+        }
+        crate::observe::sys::spawn(&broker);
         Ok(server)
     }
 
     /// Binds one listener and starts its accept loop; returns its address.
     async fn listen(&mut self, listener: &Listener) -> Result<SocketAddr, StartError> {
-        let bind = |source| StartError::Bind {
-            addr: listener.bind,
-            source,
+        let (socket, addr) = bind(listener).await?;
+        let mut rules = ListenerRules::new(listener);
+        let scheme = match (listener.kind, listener.tls.is_some()) {
+            (ListenerKind::Ws, false) => "ws",
+            (ListenerKind::Ws, true) => "wss",
+            (ListenerKind::Http, false) => "http",
+            (ListenerKind::Http, true) => "https",
+            (_, false) => "mqtt",
+            (_, true) => "mqtts",
         };
-        let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
-        let addr = socket.local_addr().map_err(bind)?;
-        let rules = Arc::new(ListenerRules::new(listener));
+        rules.name = format!("{scheme}://{addr}");
+        let rules = Arc::new(rules);
+        self.rules.push(rules.clone());
         let broker = &self.broker;
         let tls = match &listener.tls {
             None => None,
             Some(cfg) => {
                 let alpn: &[&[u8]] = match listener.kind {
-                    ListenerKind::Tcp => &[tls::ALPN_MQTT],
                     ListenerKind::Ws => &[tls::ALPN_HTTP1],
                     ListenerKind::Http => &[tls::ALPN_H2, tls::ALPN_HTTP1],
+                    _ => &[tls::ALPN_MQTT],
                 };
                 let timeout = broker.config.mqtt.connect_timeout();
                 let acceptor = TlsAcceptor::new(cfg.clone(), alpn, timeout)
@@ -117,7 +152,8 @@ impl Server {
             }
         };
         let proto = match listener.kind {
-            ListenerKind::Tcp => Proto::Mqtt,
+            // Admin listeners never get here: `crate::admin` serves them.
+            ListenerKind::Tcp | ListenerKind::Admin => Proto::Mqtt,
             ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
             ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(broker, listener))),
         };
@@ -238,6 +274,17 @@ enum Proto {
     Http(Arc<HttpService>),
 }
 
+/// Binds the socket of `listener`; returns it with its address.
+async fn bind(listener: &Listener) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind = |source| StartError::Bind {
+        addr: listener.bind,
+        source,
+    };
+    let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
+    let addr = socket.local_addr().map_err(bind)?;
+    Ok((socket, addr))
+}
+
 /// The TLS handshake, then MQTT, the WebSocket upgrade or HTTP over the encrypted stream.
 async fn serve_tls(
     broker: Arc<Broker>,
@@ -280,6 +327,8 @@ fn spawn_accept<F, Fut>(
             };
             match accepted {
                 Ok((stream, addr)) => {
+                    rules.accepted.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::add(crate::metrics::Counter::SocketsAccepted, 1);
                     // MQTT packets are small and latency matters more than segment count.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%addr, "set_nodelay: {e}");
@@ -291,9 +340,13 @@ fn spawn_accept<F, Fut>(
                     };
                     broker.tasks.spawn(serve(broker.clone(), stream, peer));
                 }
-                Err(e) if is_out_of_descriptors(&e) => exhausted.refuse_one(&listener).await,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    exhausted.refuse_one(&listener).await
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(listener = %rules.name, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -12,6 +12,7 @@ use common::client::{eventually, message, plain, retained, user_props, Client};
 use common::http::{enc, request, Sse};
 use common::TestBroker;
 use std::time::Duration;
+use ternmq::metrics::Dropped;
 use ternmq::protocol::{Properties, QoS};
 use ternmq::router::Mailbox;
 
@@ -648,7 +649,7 @@ async fn an_sse_reader_that_stops_reading_is_bounded() {
     // socket side (hyper's 64 KiB buffer, the kernel's) and the queue hold them.
     let mut sse = Sse::connect(addr, "/sse?topic=flood", &[]).await;
     sse.next_block(WAIT).await;
-    let dropped_before = ternmq::metrics::snapshot().dropped;
+    let dropped_before = ternmq::metrics::snapshot().dropped(Dropped::QueueFull);
     // 16 MiB, far more than the queue, hyper's buffer and the kernel's socket buffers
     // hold; the publisher gets every acknowledgement (it is never held up).
     let mut publisher = Client::connect_v5(b.target(), "pub").await;
@@ -659,7 +660,7 @@ async fn an_sse_reader_that_stops_reading_is_bounded() {
             .await;
     }
     assert!(
-        ternmq::metrics::snapshot().dropped > dropped_before,
+        ternmq::metrics::snapshot().dropped(Dropped::QueueFull) > dropped_before,
         "the full queue drops"
     );
     let held = b.broker().memory.used();

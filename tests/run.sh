@@ -32,6 +32,7 @@ need mosquitto_passwd mosquitto # password files in mosquitto's format (security
 need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
 need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)
 need npm npm
+need promtool prometheus # tests/observe.rs: checks /metrics with Prometheus's own checker
 
 install_missing() {
   ((${#missing_packages[@]})) || return 0

@@ -18,7 +18,7 @@ use super::subscribe;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
-use crate::metrics;
+use crate::metrics::{self, Counter, Dropped};
 use crate::protocol::{
     self, Ack, Auth, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
@@ -162,16 +162,26 @@ impl<'a> Connection<'a> {
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
         let max = self.broker.config.mqtt.max_packet_size;
-        loop {
+        // Counted once per read, not per packet.
+        let mut tally = metrics::Tally::default();
+        let result = loop {
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
-                    self.handle_packet(packet, now, out)?;
+                    tally.packets += 1;
+                    if let Packet::Publish(p) = &packet {
+                        tally.publish(p.qos, p.payload.len());
+                    }
+                    if let Err(exit) = self.handle_packet(packet, now, out) {
+                        break Err(exit);
+                    }
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(violation(e.reason_code(), e.to_string())),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(violation(e.reason_code(), e.to_string())),
             }
-        }
+        };
+        tally.received();
+        result
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
@@ -207,13 +217,20 @@ impl<'a> Connection<'a> {
         self.throttle.as_deref().and_then(|t| t.paused_until)
     }
 
-    /// After a wake-up: the session may have been taken by another connection.
+    /// After a wake-up: the session may have been taken by another connection, or an
+    /// administrator may have closed this one.
     pub fn check_owner(&self) -> Result<(), Exit> {
-        if self.session.is_owned_by(self.conn_id) {
-            Ok(())
-        } else {
-            Err(Exit::TakenOver)
+        if !self.session.is_owned_by(self.conn_id) {
+            return Err(Exit::TakenOver);
         }
+        if self
+            .broker
+            .clients
+            .is_kicked(&self.session.client_id, self.conn_id)
+        {
+            return Err(Exit::Administrative);
+        }
+        Ok(())
     }
 
     fn handle_packet(
@@ -253,7 +270,6 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
-        metrics::received();
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -270,8 +286,8 @@ impl<'a> Connection<'a> {
         if let Some(code) = self.refuse_payload(&p) {
             return self.refuse_publish(&p, code, "payload is not UTF-8", out);
         }
-        if let Some(why) = self.over_limit(&p) {
-            return self.refuse_for_limit(&p, why, out);
+        if let Some((reason, why)) = self.over_limit(&p) {
+            return self.refuse_for_limit(&p, reason, why, out);
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
@@ -359,17 +375,22 @@ impl<'a> Connection<'a> {
 
     /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
     /// budget (refused before acknowledging, so nothing acknowledged is dropped).
-    fn over_limit(&self, p: &Publish) -> Option<&'static str> {
+    fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
-            return Some("payload larger than message_size_limit");
+            return Some((Dropped::TooLarge, "payload larger than message_size_limit"));
         }
         let kept = p.qos != QoS::AtMostOnce || p.retain;
         if kept && self.broker.memory.level() == Level::Exhausted {
-            return Some("the broker's message memory (max_queued_memory) is used up");
+            return Some((
+                Dropped::Memory,
+                "the broker's message memory (max_queued_memory) is used up",
+            ));
         }
-        (kept && !self.broker.journal().has_room())
-            .then_some("the store cannot take more (max_disk_bytes, or it is failing)")
+        (kept && !self.broker.journal().has_room()).then_some((
+            Dropped::Memory,
+            "the store cannot take more (max_disk_bytes, or it is failing)",
+        ))
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
@@ -377,7 +398,7 @@ impl<'a> Connection<'a> {
     /// from mosquitto); QoS 0 is dropped.
     fn refuse_unauthorized(&self, p: &Publish, out: &mut BytesMut) -> Result<(), Exit> {
         info!(topic = %p.topic, "PUBLISH not authorized");
-        metrics::not_authorized();
+        metrics::dropped(Dropped::NotAuthorized);
         if p.qos == QoS::AtMostOnce {
             return Ok(());
         }
@@ -398,10 +419,11 @@ impl<'a> Connection<'a> {
     fn refuse_for_limit(
         &self,
         p: &Publish,
+        reason: Dropped,
         why: &'static str,
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
-        metrics::dropped();
+        metrics::dropped(reason);
         if p.qos == QoS::AtMostOnce {
             debug!(topic = %p.topic, "QoS 0 message dropped: {why}");
             return Ok(());
@@ -682,6 +704,7 @@ impl<'a> Connection<'a> {
                     &mut due,
                 )
                 .map_err(|_| Exit::TakenOver)?;
+            let mut tally = metrics::Tally::default();
             let mut too_large = Vec::new();
             for item in due.drain(..) {
                 match item {
@@ -690,9 +713,14 @@ impl<'a> Connection<'a> {
                         pkid,
                         dup,
                     } => {
-                        if !self.write_delivery(&delivery, pkid, dup, now, out) && pkid != 0 && !dup
-                        {
-                            too_large.push(pkid);
+                        if self.write_delivery(&delivery, pkid, dup, now, out) {
+                            tally.packets += 1;
+                            tally.publish(delivery.qos, delivery.message.payload.len());
+                        } else {
+                            metrics::dropped(Dropped::TooLarge);
+                            if pkid != 0 && !dup {
+                                too_large.push(pkid);
+                            }
                         }
                     }
                     Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
@@ -700,6 +728,7 @@ impl<'a> Connection<'a> {
             }
             self.outbox.due = due;
             self.forget(too_large)?;
+            tally.sent();
             if progress == Progress::Refill {
                 // The rest is on disk: the driver reads it back, then calls again.
                 self.wants_refill = true;
@@ -843,6 +872,9 @@ impl<'a> Connection<'a> {
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
         exit.log();
+        self.broker
+            .clients
+            .remove(&self.session.client_id, self.conn_id);
         let outcome = exit.outcome();
         let will = self.will.take().filter(|_| outcome.publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.
@@ -899,6 +931,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         return;
     }
     if out.len() - before <= max {
+        metrics::add(Counter::PacketsSent, 1);
         return;
     }
     out.truncate(before);
@@ -906,6 +939,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         props.reason_string = None;
         props.user_properties.clear();
         if protocol::encode(&packet, protocol, out).is_ok() && out.len() - before <= max {
+            metrics::add(Counter::PacketsSent, 1);
             return;
         }
         out.truncate(before);

@@ -3,7 +3,7 @@
 //! messages follow. No I/O.
 
 use crate::broker::Broker;
-use crate::metrics;
+use crate::metrics::{self, Counter};
 use crate::protocol::ReasonCode;
 use crate::router::valid_subscription;
 use crate::security::acl::{Access, Authorizer};
@@ -25,7 +25,7 @@ pub fn refusal(
     let code = if !valid_subscription(filter) {
         ReasonCode::TopicFilterInvalid
     } else if !authorizer.check(filter, Access::Subscribe) {
-        metrics::not_authorized();
+        metrics::add(Counter::SubscribeDenied, 1);
         ReasonCode::NotAuthorized
     } else if shared && !cfg.mqtt.shared_subscription_available {
         ReasonCode::SharedSubscriptionsNotSupported

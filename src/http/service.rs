@@ -14,7 +14,7 @@ use crate::config::{HttpSettings, Listener};
 use crate::conn::login::{self, Login};
 use crate::conn::{assign_client_id, Peer};
 use crate::message::Message;
-use crate::metrics;
+use crate::metrics::{self, Dropped, Tally};
 use crate::protocol::ByteStr;
 use crate::security::acl::Access;
 use crate::security::AuthResult;
@@ -348,7 +348,7 @@ impl HttpService {
         };
         request.check(config)?;
         if !login.authorizer.check(&request.topic, Access::Write) {
-            metrics::not_authorized();
+            metrics::dropped(Dropped::NotAuthorized);
             return Err(HttpError::new(
                 StatusCode::FORBIDDEN,
                 "not_authorized",
@@ -357,12 +357,14 @@ impl HttpService {
         }
         if let Some(e) = publish::memory_refusal(broker.memory.level(), request.qos, request.retain)
         {
-            metrics::dropped();
+            metrics::dropped(Dropped::Memory);
             return Err(e);
         }
         let now = now();
         self.spend(&key, request.payload.len(), now);
-        metrics::received();
+        let mut tally = Tally::default();
+        tally.publish(request.qos, request.payload.len());
+        tally.received();
         let message = Arc::new(Message::new(
             request.topic,
             request.payload,

@@ -16,6 +16,7 @@ use crate::broker::{now, Broker};
 use crate::conn::login::Login;
 use crate::conn::subscribe;
 use crate::message::Delivery;
+use crate::metrics::Tally;
 use crate::protocol::{ByteStr, QoS, ReasonCode, SubOptions};
 use crate::router::is_shared;
 use crate::security::acl::{Access, Authorizer};
@@ -217,6 +218,7 @@ impl Subscriber {
     ) -> Result<usize, Gone> {
         self.refresh_access();
         let mut written = 0;
+        let mut tally = Tally::default();
         while out.len() < max_bytes {
             let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.authorizer;
@@ -263,6 +265,8 @@ impl Subscriber {
                             event::write_json(&delivery, seq, now, out);
                         }
                     }
+                    tally.packets += 1;
+                    tally.publish(delivery.qos, delivery.message.payload.len());
                     written += 1;
                 }
             }
@@ -276,6 +280,7 @@ impl Subscriber {
                 }
             }
         }
+        tally.sent();
         Ok(written)
     }
 

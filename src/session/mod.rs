@@ -17,6 +17,7 @@ pub mod state;
 
 use crate::budget::{Budget, Level};
 use crate::message::{Delivery, Message};
+use crate::metrics::Dropped;
 use crate::protocol::{ByteStr, QoS};
 use crate::router::Mailbox;
 use crate::store::{
@@ -405,12 +406,16 @@ impl Mailbox for Session {
         let state = &mut inner.state;
         let max_bytes = limits.max_queued_bytes;
         let memory_high = self.env.budget.level() >= Level::High;
-        let full = state.queued() + state.spilled() >= limits.max_queued
+        let full = if state.queued() + state.spilled() >= limits.max_queued
             || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
-            || (qos0 && memory_high);
-        if full {
+        {
+            Some(Dropped::QueueFull)
+        } else {
+            (qos0 && memory_high).then_some(Dropped::Memory)
+        };
+        if let Some(why) = full {
             state.dropped += 1;
-            crate::metrics::dropped();
+            crate::metrics::dropped(why);
             return false;
         }
         let was_empty = state.queued() == 0 && state.spilled() == 0;

@@ -8,7 +8,7 @@
 
 use super::{NotOwner, RetainedWalk, Session, MAX_ACTIVE_WALKS};
 use crate::message::Delivery;
-use crate::metrics;
+use crate::metrics::{self, Counter};
 use crate::protocol::QoS;
 use crate::router::Router;
 use std::time::Instant;
@@ -116,10 +116,9 @@ impl Outbox {
                 count = unreadable,
                 "messages the client may not read not sent"
             );
-            (0..unreadable).for_each(|_| metrics::not_authorized());
+            metrics::add(Counter::DroppedNotAuthorized, unreadable as u64);
         }
         let n = batch.len();
-        metrics::sent(n as u64);
         out.extend(batch.drain(..).map(|(delivery, pkid)| Due::Message {
             delivery,
             pkid,
@@ -170,7 +169,6 @@ fn walk_step(
     let mut found = Vec::new();
     let (last, done) =
         router.retained_step(&walk.filter, walk.after.as_deref(), limit, now, &mut found);
-    let before = out.len();
     let mut unreadable = 0;
     session.with_state(conn_id, |s| {
         if done {
@@ -198,7 +196,6 @@ fn walk_step(
             });
         }
     })?;
-    metrics::sent((out.len() - before) as u64);
     Ok(Step {
         moved: true,
         unreadable,

@@ -393,6 +393,7 @@ impl SessionState {
                 break;
             };
             if delivery.message.is_expired(now) {
+                crate::metrics::dropped(crate::metrics::Dropped::Expired);
                 continue;
             }
             if !readable(&delivery) {

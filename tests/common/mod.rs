@@ -55,6 +55,9 @@ impl TestBroker {
                 allow_anonymous: true,
                 ..Listener::new(ListenerKind::Tcp, "127.0.0.1:0".parse().unwrap())
             }],
+            // No $SYS task unless a test asks: its retained messages and its task would
+            // show in what other tests count.
+            sys_interval: 0,
             ..Config::default()
         };
         tweak(&mut config);
