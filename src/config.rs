@@ -233,14 +233,9 @@ fn check_admin(raw: &RawListener) -> Result<(), String> {
             None => Ok(()),
         };
     }
-    let mqtt_only = [
-        ("tls", raw.tls.is_some()),
-        ("max_connections", raw.max_connections != 0),
-        ("allow_anonymous", raw.allow_anonymous),
-    ];
-    if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+    if raw.allow_anonymous {
         return Err(format!(
-            "listener {bind}: `{key}` is not for type = \"admin\" listeners"
+            "listener {bind}: `allow_anonymous` is not for type = \"admin\" listeners (the token is required)"
         ));
     }
     match &raw.token {
