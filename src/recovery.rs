@@ -5,6 +5,9 @@
 //! Sessions come back offline (as after a disconnect at the moment the broker stopped):
 //! their in-flight messages are resent, with DUP, when their client returns; their
 //! expiry and delayed will count from when they went offline, in wall-clock time.
+//!
+//! Wills due at start and the timers of the sessions go only once every session is back,
+//! so that a will reaches every restored subscriber, whatever order the store gave.
 
 use crate::broker::Broker;
 use crate::message::{Delivery, Message};
@@ -37,7 +40,9 @@ pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recove
         now_ms: journal.clock().to_unix(now),
         messages: FxHashMap::default(),
         done: Recovered::default(),
-        forgotten: Vec::new(),
+        fixes: Vec::new(),
+        wills: Vec::new(),
+        timers: Vec::new(),
     };
     for m in &snapshot.retained {
         r.retained(m);
@@ -45,7 +50,13 @@ pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recove
     for s in snapshot.sessions {
         r.session(s);
     }
-    journal.submit(r.forgotten);
+    journal.submit(r.fixes);
+    for will in &r.wills {
+        broker.publish_will(will, now);
+    }
+    for (session, expires_at, will_at) in &r.timers {
+        broker.schedule(session, 0, *expires_at, *will_at);
+    }
     r.done
 }
 
@@ -57,14 +68,21 @@ struct Restorer<'a> {
     /// One live message for each stored one, however many sessions hold it.
     messages: FxHashMap<u64, Arc<Message>>,
     done: Recovered,
-    /// What expired while the broker was down, to remove from the store.
-    forgotten: Vec<Op>,
+    /// What expired while the broker was down, to remove from the store, and sessions
+    /// that were online when it crashed, to record as offline since the restart.
+    fixes: Vec<Op>,
+    /// Wills of sessions that ended while the broker was down.
+    wills: Vec<Arc<Message>>,
+    /// Each restored session's end and delayed will.
+    timers: Vec<Timers>,
 }
+
+type Timers = (Arc<Session>, Option<Instant>, Option<Instant>);
 
 impl Restorer<'_> {
     fn retained(&mut self, m: &StoredMessage) {
         if m.expires_at.is_some_and(|at| at <= self.now_ms) {
-            self.forgotten.push(Op::ClearRetained {
+            self.fixes.push(Op::ClearRetained {
                 topic: m.topic.clone(),
             });
             self.done.expired += 1;
@@ -105,10 +123,8 @@ impl Restorer<'_> {
         });
         if ends_ms.is_some_and(|end| end <= self.now_ms) {
             // Ended while the broker was down: its will is due now.
-            if let Some((will, _)) = &will {
-                broker.publish_will(will, self.now);
-            }
-            self.forgotten.push(Op::DeleteSession {
+            self.wills.extend(will.map(|(will, _)| will));
+            self.fixes.push(Op::DeleteSession {
                 client_id: s.client_id,
             });
             self.done.expired += 1;
@@ -144,6 +160,15 @@ impl Restorer<'_> {
             })
             .collect();
         let will_at = will.as_ref().map(|(_, at)| *at);
+        if s.session.offline_since.is_none() {
+            // Online when the broker crashed: offline since now, also for the next start.
+            let mut record = s.session.clone();
+            record.offline_since = Some(offline_ms);
+            self.fixes.push(Op::PutSession {
+                client_id: s.client_id.clone(),
+                session: record,
+            });
+        }
         let state = SessionState::restore(Restored {
             expiry,
             offline_since: self.clock.to_instant(offline_ms),
@@ -163,7 +188,7 @@ impl Restorer<'_> {
         }
         broker.adopt(session.clone());
         let expires_at = ends_ms.map(|end| self.clock.to_instant(end));
-        broker.schedule(&session, 0, expires_at, will_at);
+        self.timers.push((session, expires_at, will_at));
         self.done.sessions += 1;
     }
 }
