@@ -551,6 +551,14 @@ mod tests {
         );
         assert_eq!(c.mqtt.response_information, d.mqtt.response_information);
         assert_eq!(c.log_level, d.log_level);
+        // The sample turns persistence on (into ./data); every other key at its default.
+        assert_eq!(
+            c.persistence,
+            PersistenceConfig {
+                enabled: true,
+                ..d.persistence
+            }
+        );
     }
 
     #[test]
