@@ -26,7 +26,8 @@ pub struct Recovered {
     pub sessions: usize,
     pub queued: usize,
     pub inflight: usize,
-    /// Sessions and retained messages that expired while the broker was down.
+    /// Sessions, retained messages and queued messages that expired while the broker was
+    /// down.
     pub expired: usize,
 }
 
@@ -111,6 +112,30 @@ impl Restorer<'_> {
         }
     }
 
+    /// A session's queue, less what expired while the broker was down: a queued message
+    /// past its expiry is not sent, and goes (one in flight is resent, its delivery having
+    /// begun).
+    fn queue(&mut self, s: &SessionSnapshot) -> Vec<(u64, Delivery)> {
+        let mut queue = Vec::with_capacity(s.queue.len());
+        for q in &s.queue {
+            if q.delivery
+                .message
+                .expires_at
+                .is_some_and(|at| at <= self.now_ms)
+            {
+                self.fixes.push(Op::Dequeue {
+                    client_id: s.client_id.clone(),
+                    seq: q.seq,
+                });
+                self.done.expired += 1;
+            } else {
+                queue.push((q.seq, self.delivery(&q.delivery)));
+            }
+        }
+        self.done.queued += queue.len();
+        queue
+    }
+
     fn session(&mut self, s: SessionSnapshot) {
         let broker = self.broker;
         // A session online when the broker crashed went offline then.
@@ -130,7 +155,6 @@ impl Restorer<'_> {
             self.done.expired += 1;
             return;
         }
-        self.done.queued += s.queue.len();
         self.done.inflight += s.inflight.len();
         let subscriptions: Vec<(ByteStr, Subscription)> = s
             .subscriptions
@@ -143,11 +167,7 @@ impl Restorer<'_> {
                 (f.clone(), sub)
             })
             .collect();
-        let queue = s
-            .queue
-            .iter()
-            .map(|q| (q.seq, self.delivery(&q.delivery)))
-            .collect();
+        let queue = self.queue(&s);
         let inflight = s
             .inflight
             .iter()

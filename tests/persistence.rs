@@ -606,6 +606,12 @@ async fn what_expired_while_the_broker_was_down_is_gone() {
             .await;
         c.disconnect().await;
     }
+    let restored = b.broker().session("long").expect("long's session is back");
+    assert_eq!(
+        restored.inspect(|s| s.queued()),
+        1,
+        "the expired message left the queue at start"
+    );
     let mut long = connect(&b, connect_expiry("long", false, 3600), true).await;
     let got = drain(&mut long).await;
     assert_eq!(
@@ -1152,4 +1158,18 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         "a prefix, in order"
     );
     broker.terminate().await;
+}
+
+#[tokio::test]
+async fn a_sigterm_as_soon_as_the_broker_listens_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = binary_config(dir.path(), &data, "interval", "stop");
+    let (mut broker, _) = Binary::start(&config).await;
+    broker.terminate().await;
+    assert!(
+        data.join("clean-shutdown").exists(),
+        "a clean shutdown, not the signal's default action:\n{}",
+        broker.log()
+    );
 }

@@ -129,6 +129,10 @@ impl Store for DiskStore {
         self.writer.has_room()
     }
 
+    fn is_behind(&self) -> bool {
+        self.writer.is_behind()
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.writer.close())
     }

@@ -183,6 +183,11 @@ impl Writer {
         self.shared.commits.load(Ordering::Relaxed)
     }
 
+    /// Past the memory bound: submits wait for the write (see `submit`).
+    pub(super) fn is_behind(&self) -> bool {
+        self.pending_bytes() > MAX_PENDING_BYTES
+    }
+
     pub(super) fn has_room(&self) -> bool {
         !self.shared.failed.load(Ordering::Relaxed)
             && self.pending_bytes() <= MAX_PENDING_BYTES
