@@ -728,6 +728,14 @@ mod tests {
         assert_eq!(c.log_level, d.log_level);
         assert_eq!(c.log_format, d.log_format);
         assert_eq!(c.sys_interval, d.sys_interval);
+        // The sample turns persistence on (into ./data); every other key at its default.
+        assert_eq!(
+            c.persistence,
+            PersistenceConfig {
+                enabled: true,
+                ..d.persistence
+            }
+        );
     }
 
     #[test]

@@ -67,11 +67,14 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
+        let started = std::time::Instant::now();
         let queue_head = config.session.max_queued_messages;
         let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
         let broker = Broker::with_journal(config, auth_methods, journal)?;
         if let Some(snapshot) = snapshot {
+            let read_ms = started.elapsed().as_millis() as u64;
             report(&snapshot.recovery);
+            let records = snapshot.recovery.recovered;
             let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
             tracing::info!(
                 retained = recovered.retained,
@@ -79,6 +82,9 @@ impl Server {
                 queued = recovered.queued,
                 in_flight = recovered.inflight,
                 expired = recovered.expired,
+                records,
+                read_ms,
+                total_ms = started.elapsed().as_millis() as u64,
                 "state restored from the store"
             );
         }

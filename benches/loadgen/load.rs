@@ -121,6 +121,8 @@ struct Shared {
     payload: usize,
     window: u32,
     open_loop: bool,
+    /// Subscribers use persistent sessions.
+    persistent: bool,
     /// Per publisher, messages per second (0: as fast as the window allows).
     rate: f64,
     count: u32,
@@ -312,6 +314,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         payload: args.payload,
         window: args.window,
         open_loop: args.open_loop,
+        persistent: args.persistent,
         rate: total_rate as f64 / publishers as f64,
         count: args.count.unwrap_or(u32::MAX),
         duration: Duration::from_secs_f64(args.duration),
@@ -670,6 +673,16 @@ struct Conn {
 
 impl Conn {
     async fn open(addr: SocketAddr, client_id: &str, keep_alive: u16) -> anyhow::Result<Conn> {
+        Conn::open_session(addr, client_id, keep_alive, true).await
+    }
+
+    /// `open`, with Clean Session `clean`.
+    async fn open_session(
+        addr: SocketAddr,
+        client_id: &str,
+        keep_alive: u16,
+        clean: bool,
+    ) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -681,7 +694,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(4096),
             wbuf: Vec::with_capacity(4096),
         };
-        mqtt::connect(&mut conn.wbuf, client_id, keep_alive);
+        mqtt::connect_session(&mut conn.wbuf, client_id, keep_alive, clean);
         conn.flush().await?;
         loop {
             if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
@@ -903,7 +916,8 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         return sse::subscriber(sh, local, s, addr).await;
     }
     let client_id = format!("lg{:08x}s{s}", sh.run);
-    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
+    let clean = !sh.persistent;
+    let mut conn = Conn::open_session(sh.addr, &client_id, sh.keep_alive, clean).await?;
     let filter = sh.topology.filter(&sh.prefix, s);
     mqtt::subscribe(&mut conn.wbuf, 1, &filter, sh.qos);
     conn.flush().await?;
@@ -952,6 +966,13 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         }
     }
     conn.close().await;
+    if sh.persistent {
+        // A clean connection discards the session, so that runs do not pile up sessions.
+        Conn::open(sh.addr, &client_id, sh.keep_alive)
+            .await?
+            .close()
+            .await;
+    }
     local.counters.borrow_mut().add(&inbox.totals());
     Ok(())
 }

@@ -62,6 +62,10 @@ pub struct Args {
     /// by its subscribers unless --open-loop.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub window: u32,
+    /// Subscribers ask for persistent sessions (Clean Session 0), which a broker with
+    /// persistence stores; each is discarded (a clean reconnect) when the run ends.
+    #[arg(long)]
+    pub persistent: bool,
     /// Let publishers run ahead of their subscribers (QoS 0: no limit at all; QoS 1/2:
     /// only the acknowledgement window). The broker may then queue or drop.
     #[arg(long)]
@@ -197,6 +201,7 @@ fn load_lines(args: &Args, r: &load::Report) -> (String, Json) {
         .int("threads", args.threads as u64)
         .int("window", u64::from(args.window))
         .bool("open_loop", args.open_loop)
+        .bool("persistent", args.persistent)
         .int("rate_target", args.rate)
         .int("sent", c.sent)
         .int("acked", c.acked)
