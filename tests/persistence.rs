@@ -511,6 +511,31 @@ async fn what_clients_removed_stays_removed_after_a_restart() {
     b.stop().await;
 }
 
+#[tokio::test]
+async fn sys_topics_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::with(|c| {
+        persistent(c, dir.path(), SyncMode::Always);
+        c.sys_interval = 1;
+    })
+    .await;
+    let mut watcher = Client::connect_v311(b.addr, "watcher").await;
+    watcher
+        .subscribe_ok(&[("$SYS/broker/version", QoS::AtMostOnce)])
+        .await;
+    assert!(watcher.receive_v311().await.retain, "$SYS is retained");
+    watcher.disconnect().await;
+    b.stop().await;
+
+    // Without $SYS publishing after the restart, nothing of the last run's is there.
+    let b = start(dir.path()).await;
+    let mut watcher = Client::connect_v311(b.addr, "watcher").await;
+    watcher.subscribe_ok(&[("$SYS/#", QoS::AtMostOnce)]).await;
+    watcher.expect_quiet("from $SYS of the last run").await;
+    watcher.disconnect().await;
+    b.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Restart: wills and expiry deadlines (wall-clock time passes while the broker is down)
 // ---------------------------------------------------------------------------------------
