@@ -10,6 +10,7 @@
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::message::Message;
+use crate::observe::clients::Clients;
 use crate::protocol::{ByteStr, SubOptions};
 use crate::router::Router;
 use crate::security::backoff::{Backoff, BackoffConfig};
@@ -22,7 +23,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,6 +55,11 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Every task of the broker (accept loops, connections, timers), for shutdown.
     pub tasks: TaskTracker,
+    /// The clients connected now (for the admin API and `/metrics`).
+    pub clients: Clients,
+    /// When the broker started, on its clock (`now()`) and on the wall clock.
+    pub started: Instant,
+    pub started_at: SystemTime,
     /// The other nodes, when this broker is one node of a cluster (src/cluster).
     peers: OnceLock<Arc<dyn Peers>>,
 }
@@ -134,6 +140,9 @@ impl Broker {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            clients: Clients::default(),
+            started: now(),
+            started_at: SystemTime::now(),
             peers: OnceLock::new(),
         }))
     }
@@ -179,6 +188,15 @@ impl Broker {
 
     pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
         self.peers.get()
+    }
+
+    /// In a cluster, makes this node the owner of `client_id` before its session is
+    /// opened (see `Peers::claim`): the guard is held until it is. Alone, nothing to do.
+    pub async fn claim(&self, client_id: &ByteStr) -> Result<Option<Claimed>, String> {
+        match self.peers.get() {
+            None => Ok(None),
+            Some(peers) => peers.claim(client_id).await.map(Some),
+        }
     }
 
     /// Subscribes `session` in the router, and tells the other nodes of a filter it did
@@ -315,7 +333,9 @@ impl Broker {
         if message.retain {
             self.router.retain(message);
             let journal = &self.env.journal;
-            if journal.is_on() {
+            // $SYS values are the running broker's own: made afresh after a restart,
+            // never read back from the store (as mosquitto).
+            if journal.is_on() && !message.topic.starts_with("$SYS/") {
                 let op = if message.payload.is_empty() {
                     Op::ClearRetained {
                         topic: message.topic.clone(),
@@ -327,9 +347,12 @@ impl Broker {
             }
         }
         match self.peers.get() {
-            None => self.router.publish(message),
             // Shared subscriptions are served cluster-wide: the peers pick the member.
-            Some(peers) => self.router.publish_plain(message) + peers.publish(message),
+            // $SYS topics are each node's own, never sent to the others.
+            Some(peers) if !message.topic.starts_with("$SYS/") => {
+                self.router.publish_plain(message) + peers.publish(message)
+            }
+            _ => self.router.publish(message),
         }
     }
 
@@ -392,8 +415,9 @@ impl Broker {
         if expires_at.is_none() && will_at.is_none() {
             return;
         }
-        let (broker, session) = (self.clone(), session.clone());
-        self.tasks.spawn(async move {
+        let (broker, owner) = (self.clone(), session.clone());
+        let session = owner.clone();
+        let timer = self.tasks.spawn(async move {
             let timers = async {
                 if let Some(w) = will_at {
                     tokio::time::sleep_until(w.into()).await;
@@ -411,6 +435,9 @@ impl Broker {
                 _ = timers => {}
             }
         });
+        // One timer per session: a session that comes and goes (a long poll, a flaky
+        // device) does not pile up sleeping tasks until its expiry.
+        owner.set_timer(timer.abort_handle());
     }
 
     /// Ends `session` if it is still offline since `conn_id` left it: decided and
@@ -427,6 +454,7 @@ impl Broker {
         });
         if let Some(ended) = ended {
             tracing::debug!(client_id = %session.client_id, "session expired");
+            crate::metrics::add(crate::metrics::Counter::SessionsExpired, 1);
             let control = session.control();
             self.clean_up(session, ended, now);
             drop(control);
@@ -452,7 +480,7 @@ impl Broker {
                 .router
                 .redeliver_shared(orphan, session.id, max_waiting)
             {
-                crate::metrics::dropped();
+                crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
             }
         }
     }
@@ -493,6 +521,12 @@ impl Broker {
             .get(&ByteStr::from(client_id))
             .map(|s| s.clone())
     }
+
+    /// Every session, connected or not, in no particular order (for the admin API and
+    /// `$SYS`; holds each registry shard's read lock while it copies it).
+    pub fn all_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.iter().map(|s| s.value().clone()).collect()
+    }
 }
 
 /// What a listener allows, shared by its connections.
@@ -506,6 +540,13 @@ pub struct ListenerRules {
     pub identity_as_username: bool,
     /// Connections open now on this listener.
     open: AtomicUsize,
+    /// How `/metrics` names the listener (e.g. `mqtt://127.0.0.1:1883`).
+    pub name: String,
+    /// Connections accepted, and accept calls that failed, since the start.
+    pub accepted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// MQTT clients connected now (past CONNECT), by protocol version (3.1, 3.1.1, 5.0).
+    pub clients: [AtomicUsize; 3],
 }
 
 impl ListenerRules {
@@ -518,7 +559,16 @@ impl ListenerRules {
                 .as_ref()
                 .is_some_and(|t| t.identity_as_username.is_some()),
             open: AtomicUsize::new(0),
+            name: String::new(),
+            accepted: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            clients: Default::default(),
         }
+    }
+
+    /// Connections open now on this listener (in the handshake or connected).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// A listener with no limit of its own that lets anonymous clients in (tests, tools).

@@ -1,10 +1,12 @@
 //! Starting and stopping a broker: binds the listeners, runs their accept loop, and
 //! wires shutdown. The only module that knows the transports.
 
+use crate::admin::Admin;
 use crate::broker::{Broker, ListenerRules};
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
+use crate::http::HttpService;
 use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
@@ -15,6 +17,7 @@ use crate::store::{
 use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +28,8 @@ pub struct Server {
     addrs: Vec<(ListenerKind, SocketAddr)>,
     /// The TLS listeners' acceptors, for reloading their certificates.
     tls: Vec<TlsAcceptor>,
+    /// The MQTT listeners' rules and counts, for `/metrics`.
+    rules: Vec<Arc<ListenerRules>>,
     /// This node's part in its cluster (`[cluster]`).
     cluster: Option<Arc<Cluster>>,
 }
@@ -68,6 +73,7 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
+        let started = std::time::Instant::now();
         let queue_head = config.session.max_queued_messages;
         let (journal, snapshot, connected) = match &config.cluster {
             // A node of a cluster keeps its state in JetStream (src/cluster).
@@ -93,7 +99,9 @@ impl Server {
             None => None,
         };
         if let Some(snapshot) = snapshot {
+            let read_ms = started.elapsed().as_millis() as u64;
             report(&snapshot.recovery);
+            let records = snapshot.recovery.recovered;
             let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
             tracing::info!(
                 retained = recovered.retained,
@@ -101,6 +109,9 @@ impl Server {
                 queued = recovered.queued,
                 in_flight = recovered.inflight,
                 expired = recovered.expired,
+                records,
+                read_ms,
+                total_ms = started.elapsed().as_millis() as u64,
                 "state restored from the store"
             );
         }
@@ -108,32 +119,60 @@ impl Server {
             broker: broker.clone(),
             addrs: Vec::new(),
             tls: Vec::new(),
+            rules: Vec::new(),
             cluster,
         };
-        for listener in &broker.config.listeners {
-            let addr = server.listen(listener).await?;
-            tracing::info!(%addr, kind = ?listener.kind, tls = listener.tls.is_some(), "listening");
-            server.addrs.push((listener.kind, addr));
+        // The admin listeners last: they report on the others.
+        let (admins, others): (Vec<&Listener>, Vec<&Listener>) = broker
+            .config
+            .listeners
+            .iter()
+            .partition(|l| l.kind == ListenerKind::Admin);
+        for listener in others {
+            let proto = match listener.kind {
+                ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
+                ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(&broker, listener))),
+                ListenerKind::Tcp | ListenerKind::Admin => Proto::Mqtt,
+            };
+            server.listen(listener, proto).await?;
         }
+        let (reported, addrs) = (server.rules.clone(), server.addrs.clone());
+        for listener in admins {
+            let token = listener.token.clone().unwrap_or_default();
+            let admin = Admin::new(broker.clone(), token, reported.clone(), addrs.clone());
+            server
+                .listen(listener, Proto::Admin(Arc::new(admin)))
+                .await?;
+        }
+        crate::observe::sys::spawn(&broker);
         Ok(server)
     }
 
-    /// Binds one listener and starts its accept loop; returns its address.
-    async fn listen(&mut self, listener: &Listener) -> Result<SocketAddr, StartError> {
-        let bind = |source| StartError::Bind {
-            addr: listener.bind,
-            source,
+    /// Binds one listener and starts its accept loop, serving `proto`.
+    async fn listen(&mut self, listener: &Listener, proto: Proto) -> Result<(), StartError> {
+        let (socket, addr) = bind(listener).await?;
+        let mut rules = ListenerRules::new(listener);
+        let secure = listener.tls.is_some();
+        let scheme = match listener.kind {
+            ListenerKind::Tcp => ["mqtt", "mqtts"],
+            ListenerKind::Ws => ["ws", "wss"],
+            ListenerKind::Http | ListenerKind::Admin => ["http", "https"],
         };
-        let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
-        let addr = socket.local_addr().map_err(bind)?;
-        let rules = Arc::new(ListenerRules::new(listener));
+        rules.name = format!("{}://{addr}", scheme[usize::from(secure)]);
+        let rules = Arc::new(rules);
+        if listener.kind != ListenerKind::Admin {
+            self.rules.push(rules.clone());
+        }
+        tracing::info!(%addr, kind = ?listener.kind, tls = secure, "listening");
+        self.addrs.push((listener.kind, addr));
         let broker = &self.broker;
         let tls = match &listener.tls {
             None => None,
             Some(cfg) => {
                 let alpn: &[&[u8]] = match listener.kind {
-                    ListenerKind::Tcp => &[tls::ALPN_MQTT],
                     ListenerKind::Ws => &[tls::ALPN_HTTP1],
+                    ListenerKind::Http | ListenerKind::Admin => &[tls::ALPN_H2, tls::ALPN_HTTP1],
+                    _ => &[tls::ALPN_MQTT],
                 };
                 let timeout = broker.config.mqtt.connect_timeout();
                 let acceptor = TlsAcceptor::new(cfg.clone(), alpn, timeout)
@@ -142,18 +181,28 @@ impl Server {
                 Some(acceptor)
             }
         };
-        let ws = (listener.kind == ListenerKind::Ws)
-            .then(|| Arc::new(transport::ws::Policy::new(listener)));
-        match (tls, ws) {
-            (None, None) => spawn_accept(broker, socket, rules, transport::tcp::serve),
-            (None, Some(policy)) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                transport::ws::serve(b, stream, peer, policy.clone())
-            }),
-            (Some(tls), ws) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                serve_tls(b, stream, peer, tls.clone(), ws.clone())
+        match (tls, proto) {
+            (None, Proto::Mqtt) => spawn_accept(broker, socket, rules, transport::tcp::serve),
+            (None, Proto::Ws(policy)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::ws::serve(b, stream, peer, policy.clone())
+                })
+            }
+            (None, Proto::Http(service)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::http::serve(b, stream, peer, service.clone())
+                })
+            }
+            (None, Proto::Admin(admin)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::http::serve(b, stream, peer, admin.clone())
+                })
+            }
+            (Some(tls), proto) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                serve_tls(b, stream, peer, tls.clone(), proto.clone())
             }),
         }
-        Ok(addr)
+        Ok(())
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -251,22 +300,44 @@ fn report(recovery: &RecoveryReport) {
     );
 }
 
-/// The TLS handshake, then MQTT (or the WebSocket upgrade) over the encrypted stream.
+/// What a listener speaks over its sockets.
+#[derive(Clone)]
+enum Proto {
+    Mqtt,
+    Ws(Arc<transport::ws::Policy>),
+    Http(Arc<HttpService>),
+    Admin(Arc<Admin>),
+}
+
+/// Binds the socket of `listener`; returns it with its address.
+async fn bind(listener: &Listener) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind = |source| StartError::Bind {
+        addr: listener.bind,
+        source,
+    };
+    let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
+    let addr = socket.local_addr().map_err(bind)?;
+    Ok((socket, addr))
+}
+
+/// The TLS handshake, then MQTT, the WebSocket upgrade or HTTP over the encrypted stream.
 async fn serve_tls(
     broker: Arc<Broker>,
     stream: TcpStream,
     mut peer: Peer,
     tls: TlsAcceptor,
-    ws: Option<Arc<transport::ws::Policy>>,
+    proto: Proto,
 ) {
     let (stream, proved) = match tls.accept(stream).await {
         Ok(accepted) => accepted,
         Err(e) => return tracing::debug!(peer = %peer.addr, "TLS handshake failed: {e}"),
     };
     peer.tls_identity = proved.identity;
-    match ws {
-        Some(policy) => transport::ws::serve(broker, stream, peer, policy).await,
-        None => transport::tcp::serve_stream(broker, stream, peer).await,
+    match proto {
+        Proto::Ws(policy) => transport::ws::serve(broker, stream, peer, policy).await,
+        Proto::Http(service) => transport::http::serve(broker, stream, peer, service).await,
+        Proto::Admin(admin) => transport::http::serve(broker, stream, peer, admin).await,
+        Proto::Mqtt => transport::tcp::serve_stream(broker, stream, peer).await,
     }
 }
 
@@ -292,6 +363,8 @@ fn spawn_accept<F, Fut>(
             };
             match accepted {
                 Ok((stream, addr)) => {
+                    rules.accepted.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::add(crate::metrics::Counter::SocketsAccepted, 1);
                     // MQTT packets are small and latency matters more than segment count.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%addr, "set_nodelay: {e}");
@@ -303,9 +376,13 @@ fn spawn_accept<F, Fut>(
                     };
                     broker.tasks.spawn(serve(broker.clone(), stream, peer));
                 }
-                Err(e) if is_out_of_descriptors(&e) => exhausted.refuse_one(&listener).await,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    exhausted.refuse_one(&listener).await
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(listener = %rules.name, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

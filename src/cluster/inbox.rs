@@ -216,7 +216,7 @@ fn deliver_shared(
 ) -> bool {
     let taken = cluster.deliver_shared_here(broker, message, key);
     if !taken {
-        crate::metrics::dropped();
+        crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
     }
     taken
 }

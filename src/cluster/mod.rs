@@ -28,6 +28,7 @@ pub mod wire;
 use crate::broker::{Broker, Claimed, Peers};
 use crate::config::ClusterConfig;
 use crate::message::{Delivery, Message};
+use crate::metrics::Dropped;
 use crate::protocol::ByteStr;
 use crate::session::journal::Journal;
 use crate::store::{BoxFuture, Store};
@@ -303,7 +304,7 @@ impl Cluster {
                     if self.deliver_shared_here(broker, message, key) {
                         taken += 1;
                     } else {
-                        crate::metrics::dropped();
+                        crate::metrics::dropped(Dropped::QueueFull);
                     }
                 }
                 continue;
@@ -316,7 +317,7 @@ impl Cluster {
                     size = frame.len(),
                     "message larger than NATS's max_payload: not sent to other nodes"
                 );
-                crate::metrics::dropped();
+                crate::metrics::dropped(Dropped::TooLarge);
                 continue;
             }
             if message.qos == crate::protocol::QoS::AtMostOnce {
@@ -325,7 +326,7 @@ impl Cluster {
                     .try_send((self.names.live_subject(&node), frame))
                     .is_err()
                 {
-                    crate::metrics::dropped();
+                    crate::metrics::dropped(Dropped::QueueFull);
                     continue;
                 }
             } else {
@@ -397,8 +398,9 @@ fn spawn_live_sender(
             for (subject, frames) in by_node {
                 for batch in wire::batches(&frames, LIVE_BATCH_BYTES) {
                     if let Err(e) = client.publish(subject.clone(), batch).await {
+                        // The NATS connection is closed: its outgoing queue takes nothing.
                         tracing::debug!("QoS 0 messages to another node not sent: {e}");
-                        crate::metrics::dropped();
+                        crate::metrics::dropped(Dropped::QueueFull);
                     }
                 }
             }

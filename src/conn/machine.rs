@@ -9,24 +9,26 @@
 //! after that, after a wake-up and whenever the write buffer has room; `handle_timeout`
 //! when `poll_timeout` passed; `close` once, with the first `Exit` any of them returned.
 
+use super::aliases::Aliases;
 use super::auth::{Exchange, Next};
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
+use super::subscribe;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
-use crate::metrics;
+use crate::metrics::{self, Counter, Dropped};
 use crate::protocol::{
     self, Ack, Auth, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{is_shared, valid_subscription, within_levels};
+use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
-use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
-use crate::store::QueuedEntry;
+use crate::session::outbox::{Due, Outbox, Progress};
+use crate::session::{Session, SessionState};
+use crate::throttle::Throttle;
 use bytes::BytesMut;
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -35,8 +37,6 @@ use tracing::{debug, info, warn};
 /// Stop moving messages from the session queue into the write buffer past this: the
 /// rest waits in the (bounded) queue until the socket drains.
 pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
-/// Messages taken from the session queue per lock.
-const BATCH: usize = 64;
 
 pub struct Connection<'a> {
     broker: &'a Arc<Broker>,
@@ -64,10 +64,9 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// While a retained-message walk is under way, whether the queue (live messages) or
-    /// the walk takes the window first next time: they take turns, so that neither
-    /// starves the other.
-    queue_first: bool,
+    /// What the session has due for the client (shared with the HTTP streams); behind
+    /// a pointer, with its buffers, as this struct lives as long as the connection.
+    outbox: Box<Outbox>,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
@@ -79,8 +78,6 @@ pub struct Connection<'a> {
     /// The session's queue is empty in memory while messages wait on disk: the driver
     /// reads the next ones back (`refill`).
     wants_refill: bool,
-    /// Reused between drains of the session queue.
-    batch: Vec<(Delivery, u16)>,
 }
 
 impl<'a> Connection<'a> {
@@ -117,7 +114,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            queue_first: false,
+            outbox: Box::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -130,7 +127,6 @@ impl<'a> Connection<'a> {
             }),
             awaits_disk: false,
             wants_refill: false,
-            batch: Vec::new(),
         }
     }
 
@@ -145,27 +141,9 @@ impl<'a> Connection<'a> {
         std::mem::take(&mut self.wants_refill)
     }
 
-    pub fn client_id(&self) -> &ByteStr {
-        &self.session.client_id
-    }
-
-    /// The oldest messages of the session's queue, read back from the store.
-    pub fn refill(&mut self, entries: Vec<QueuedEntry>, now: Instant) -> Result<(), Exit> {
-        let journal = self.broker.journal();
-        let deliveries = entries
-            .into_iter()
-            .map(|e| {
-                let message = Arc::new(journal.restore_message(&e.delivery.message, now));
-                let d = Delivery {
-                    qos: e.delivery.qos,
-                    retain: e.delivery.retain,
-                    sub_ids: e.delivery.subscription_ids,
-                    ..Delivery::new(message, e.delivery.qos, e.delivery.retain)
-                };
-                (e.seq, d)
-            })
-            .collect();
-        self.owned(|s| s.refill(deliveries))
+    /// The session this connection owns, and its id as the owner (for `Journal::refill`).
+    pub fn session(&self) -> (&Session, u64) {
+        (&self.session, self.conn_id)
     }
 
     pub fn wake(&self) -> &Arc<Notify> {
@@ -184,16 +162,26 @@ impl<'a> Connection<'a> {
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
         let max = self.broker.config.mqtt.max_packet_size;
-        loop {
+        // Counted once per read, not per packet.
+        let mut tally = metrics::Tally::default();
+        let result = loop {
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
-                    self.handle_packet(packet, now, out)?;
+                    tally.packets += 1;
+                    if let Packet::Publish(p) = &packet {
+                        tally.publish(p.qos, p.payload.len());
+                    }
+                    if let Err(exit) = self.handle_packet(packet, now, out) {
+                        break Err(exit);
+                    }
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(violation(e.reason_code(), e.to_string())),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(violation(e.reason_code(), e.to_string())),
             }
-        }
+        };
+        tally.received();
+        result
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
@@ -229,13 +217,20 @@ impl<'a> Connection<'a> {
         self.throttle.as_deref().and_then(|t| t.paused_until)
     }
 
-    /// After a wake-up: the session may have been taken by another connection.
+    /// After a wake-up: the session may have been taken by another connection, or an
+    /// administrator may have closed this one.
     pub fn check_owner(&self) -> Result<(), Exit> {
-        if self.session.is_owned_by(self.conn_id) {
-            Ok(())
-        } else {
-            Err(Exit::TakenOver)
+        if !self.session.is_owned_by(self.conn_id) {
+            return Err(Exit::TakenOver);
         }
+        if self
+            .broker
+            .clients
+            .is_kicked(&self.session.client_id, self.conn_id)
+        {
+            return Err(Exit::Administrative);
+        }
+        Ok(())
     }
 
     fn handle_packet(
@@ -249,11 +244,19 @@ impl<'a> Connection<'a> {
             Packet::PubAck(a) => self.owned(|s| s.acknowledge(a.pkid, false)).map(drop),
             Packet::PubRec(a) => {
                 let known = self.owned(|s| s.pubrec(a.pkid))?;
+                // Once the client has the PUBREL it may complete and forget the id: a
+                // stored session must come back from a crash resending the PUBREL, not the
+                // PUBLISH (which the client would take for a new message).
+                self.wait_for_disk_if_stored();
                 self.send(out, Packet::PubRel(self.ack(a.pkid, known)));
                 Ok(())
             }
             Packet::PubRel(a) => {
                 let known = self.owned(|s| s.release_incoming(a.pkid))?;
+                // Once the client has the PUBCOMP it may reuse the id: a stored session
+                // must not come back from a crash still holding it (the new message would
+                // be taken for a resend and dropped).
+                self.wait_for_disk_if_stored();
                 self.send(out, Packet::PubComp(self.ack(a.pkid, known)));
                 Ok(())
             }
@@ -275,7 +278,6 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
-        metrics::received();
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -292,8 +294,8 @@ impl<'a> Connection<'a> {
         if let Some(code) = self.refuse_payload(&p) {
             return self.refuse_publish(&p, code, "payload is not UTF-8", out);
         }
-        if let Some(why) = self.over_limit(&p) {
-            return self.refuse_for_limit(&p, why, out);
+        if let Some((reason, why)) = self.over_limit(&p) {
+            return self.refuse_for_limit(&p, reason, why, out);
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
@@ -303,7 +305,9 @@ impl<'a> Connection<'a> {
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
-            // again: this is what makes it exactly once.
+            // again: this is what makes it exactly once. It promises what the first PUBREC
+            // did, which may still be waiting for the disk (on a connection taken over).
+            self.wait_for_disk();
             self.send(out, Packet::PubRec(self.ack(p.pkid, true)));
             return Ok(());
         }
@@ -333,10 +337,26 @@ impl<'a> Connection<'a> {
             QoS::AtLeastOnce => self.send(out, Packet::PubAck(ack)),
             QoS::ExactlyOnce => self.send(out, Packet::PubRec(ack)),
         }
-        if qos != QoS::AtMostOnce && self.broker.journal().acks_wait() {
-            self.awaits_disk = true;
+        if qos != QoS::AtMostOnce {
+            self.wait_for_disk();
         }
         Ok(())
+    }
+
+    /// Under `sync = "always"`, what this read wrote waits until the store has what it
+    /// promises (the driver's `await_disk`).
+    fn wait_for_disk(&mut self) {
+        if self.broker.journal().acks_wait() {
+            self.awaits_disk = true;
+        }
+    }
+
+    /// `wait_for_disk`, for an answer that promises something of a stored session only
+    /// (a SUBACK, an UNSUBACK, a PUBREL, a PUBCOMP).
+    fn wait_for_disk_if_stored(&mut self) {
+        if self.broker.journal().acks_wait() && self.session.inspect(SessionState::is_persisted) {
+            self.awaits_disk = true;
+        }
     }
 
     /// What closes the connection in a PUBLISH: a topic or a feature the server refuses.
@@ -381,17 +401,22 @@ impl<'a> Connection<'a> {
 
     /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
     /// budget (refused before acknowledging, so nothing acknowledged is dropped).
-    fn over_limit(&self, p: &Publish) -> Option<&'static str> {
+    fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
-            return Some("payload larger than message_size_limit");
+            return Some((Dropped::TooLarge, "payload larger than message_size_limit"));
         }
         let kept = p.qos != QoS::AtMostOnce || p.retain;
         if kept && self.broker.memory.level() == Level::Exhausted {
-            return Some("the broker's message memory (max_queued_memory) is used up");
+            return Some((
+                Dropped::Memory,
+                "the broker's message memory (max_queued_memory) is used up",
+            ));
         }
-        (kept && !self.broker.journal().has_room())
-            .then_some("the store cannot take more (max_disk_bytes, or it is failing)")
+        (kept && !self.broker.journal().has_room()).then_some((
+            Dropped::Memory,
+            "the store cannot take more (max_disk_bytes, or it is failing)",
+        ))
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
@@ -399,7 +424,7 @@ impl<'a> Connection<'a> {
     /// from mosquitto); QoS 0 is dropped.
     fn refuse_unauthorized(&self, p: &Publish, out: &mut BytesMut) -> Result<(), Exit> {
         info!(topic = %p.topic, "PUBLISH not authorized");
-        metrics::not_authorized();
+        metrics::dropped(Dropped::NotAuthorized);
         if p.qos == QoS::AtMostOnce {
             return Ok(());
         }
@@ -420,10 +445,11 @@ impl<'a> Connection<'a> {
     fn refuse_for_limit(
         &self,
         p: &Publish,
+        reason: Dropped,
         why: &'static str,
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
-        metrics::dropped();
+        metrics::dropped(reason);
         if p.qos == QoS::AtMostOnce {
             debug!(topic = %p.topic, "QoS 0 message dropped: {why}");
             return Ok(());
@@ -539,16 +565,11 @@ impl<'a> Connection<'a> {
                 .map_err(|_| Exit::TakenOver)?;
             debug!(%filter, qos = ?options.qos, "subscribed");
             codes.push(ReasonCode::granted(options.qos));
-            // Retained messages are not sent for shared subscriptions (MQTT 5.0, 4.8.2).
-            let wanted = match options.retain_handling {
-                0 => true,
-                1 => !existed,
-                _ => false,
-            };
-            if !shared && wanted {
+            if subscribe::wants_retained(options.retain_handling, existed, shared) {
                 walks.push((filter, options.qos));
             }
         }
+        self.wait_for_disk_if_stored();
         self.send(
             out,
             Packet::SubAck(SubAck {
@@ -569,33 +590,18 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is: not a valid
-    /// filter, not allowed by the ACL, a feature switched off, or past
-    /// `limits.max_subscriptions` (a subscription the session has is only replaced).
+    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is.
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
-        let cfg = &self.broker.config;
-        let code = if !valid_subscription(filter) {
-            ReasonCode::TopicFilterInvalid
-        } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
-            metrics::not_authorized();
-            ReasonCode::NotAuthorized
-        } else if shared && !cfg.mqtt.shared_subscription_available {
-            ReasonCode::SharedSubscriptionsNotSupported
-        } else if !cfg.mqtt.wildcard_subscription_available && filter.contains(['+', '#']) {
-            ReasonCode::WildcardSubscriptionsNotSupported
-        } else {
-            let max = cfg.limits.max_subscriptions;
-            let full = max > 0
-                && self.owned(|s| {
-                    let subs = s.subscriptions();
-                    subs.len() >= max && !subs.contains_key(filter)
-                })?;
-            if !full {
-                return Ok(None);
-            }
-            ReasonCode::QuotaExceeded
-        };
-        Ok(Some(code))
+        let authorizer = &self.access.authorizer;
+        subscribe::refusal(
+            self.broker,
+            authorizer,
+            &self.session,
+            self.conn_id,
+            filter,
+            shared,
+        )
+        .map_err(|_| Exit::TakenOver)
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -614,6 +620,7 @@ impl<'a> Connection<'a> {
         if !self.protocol.is_v5() {
             codes.clear();
         }
+        self.wait_for_disk_if_stored();
         self.send(
             out,
             Packet::UnsubAck(UnsubAck {
@@ -706,134 +713,59 @@ impl<'a> Connection<'a> {
     /// then the queue, as far as the in-flight window and the write buffer allow.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
         self.refresh_access();
-        let window = self.max_inflight;
         loop {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut batch = std::mem::take(&mut self.batch);
-            let mut resend = Vec::new();
-            let queue_first = self.queue_first;
-            let mut refill = false;
+            let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-            let mut unreadable = 0;
-            let walk = self.owned(|s| {
-                let room = window.saturating_sub(s.inflight.outstanding());
-                s.inflight.resend(room, &mut resend);
-                let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way. During a
-                // walk, the queue and the walk take turns at the window: live messages
-                // must not wait (and overflow the queue) behind a long walk, nor retained
-                // ones behind a steady stream of live ones.
-                if walk.is_none() || queue_first {
-                    unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
-                }
-                refill = s.wants_refill();
-                walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
-            })?;
-
-            for (pkid, delivery) in &resend {
-                match delivery {
-                    Some(d) => {
-                        self.write_delivery(d, *pkid, true, now, out);
-                    }
-                    None => self.send(out, Packet::PubRel(self.ack(*pkid, true))),
-                }
-            }
-            let mut walked = false;
-            if let Some((walk, room)) = walk {
-                walked = self.walk_step(walk, room, now, out)?;
-                if !queue_first {
-                    let authorizer = &self.access.authorizer;
-                    let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                    unreadable =
-                        self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
-                }
-                self.queue_first = !queue_first;
-            }
-            if unreadable > 0 {
-                debug!(
-                    count = unreadable,
-                    "messages the client may not read not sent"
-                );
-                (0..unreadable).for_each(|_| metrics::not_authorized());
-            }
-            let n = batch.len();
+            let progress = self
+                .outbox
+                .take(
+                    &self.broker.router,
+                    &self.session,
+                    self.conn_id,
+                    self.max_inflight,
+                    &readable,
+                    now,
+                    &mut due,
+                )
+                .map_err(|_| Exit::TakenOver)?;
+            let mut tally = metrics::Tally::default();
             let mut too_large = Vec::new();
-            for (d, pkid) in batch.drain(..) {
-                if !self.write_delivery(&d, pkid, false, now, out) && pkid != 0 {
-                    too_large.push(pkid);
+            for item in due.drain(..) {
+                match item {
+                    Due::Message {
+                        delivery,
+                        pkid,
+                        dup,
+                    } => {
+                        if self.write_delivery(&delivery, pkid, dup, now, out) {
+                            tally.packets += 1;
+                            tally.publish(delivery.qos, delivery.message.payload.len());
+                        } else {
+                            metrics::dropped(Dropped::TooLarge);
+                            if pkid != 0 && !dup {
+                                too_large.push(pkid);
+                            }
+                        }
+                    }
+                    Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.batch = batch;
+            self.outbox.due = due;
             self.forget(too_large)?;
-            metrics::sent(n as u64);
-            if refill {
+            tally.sent();
+            if progress == Progress::Refill {
                 // The rest is on disk: the driver reads it back, then calls again.
                 self.wants_refill = true;
                 return Ok(());
             }
-            if n + unreadable < BATCH && !walked && resend.is_empty() {
+            if progress == Progress::Idle {
                 return Ok(());
             }
         }
-    }
-
-    /// Sends the next retained messages of the walk `walk`, as many as `room` in the
-    /// window allows (any number at QoS 0). Returns whether the walk moved on.
-    fn walk_step(
-        &mut self,
-        walk: RetainedWalk,
-        room: usize,
-        now: Instant,
-        out: &mut BytesMut,
-    ) -> Result<bool, Exit> {
-        let limit = if walk.qos == QoS::AtMostOnce {
-            BATCH
-        } else {
-            room.min(BATCH)
-        };
-        if limit == 0 {
-            return Ok(false);
-        }
-        let mut found = Vec::new();
-        let (last, done) = self.broker.router.retained_step(
-            &walk.filter,
-            walk.after.as_deref(),
-            limit,
-            now,
-            &mut found,
-        );
-        let sends = self.owned(|s| {
-            if done {
-                s.walks.pop_front();
-            } else if let Some(mut w) = s.walks.pop_front() {
-                // Round robin over the first few walks, so a long one does not hold up
-                // the retained messages of a later subscription.
-                w.after = last;
-                s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
-            }
-            found
-                .into_iter()
-                .map(|m| {
-                    let qos = m.qos.min(walk.qos);
-                    let mut d = Delivery::new(m, qos, true);
-                    d.sub_ids.extend(walk.sub_id);
-                    let pkid = s.send_direct(&d);
-                    (d, pkid)
-                })
-                .collect::<Vec<_>>()
-        })?;
-        let mut too_large = Vec::new();
-        for (d, pkid) in &sends {
-            if !self.write_delivery(d, *pkid, false, now, out) && *pkid != 0 {
-                too_large.push(*pkid);
-            }
-        }
-        self.forget(too_large)?;
-        metrics::sent(sends.len() as u64);
-        Ok(true)
     }
 
     /// Drops messages that could not be sent from the window, as if acknowledged.
@@ -968,6 +900,9 @@ impl<'a> Connection<'a> {
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
         exit.log();
+        self.broker
+            .clients
+            .remove(&self.session.client_id, self.conn_id);
         let outcome = exit.outcome();
         let will = self.will.take().filter(|_| outcome.publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.
@@ -1024,6 +959,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         return;
     }
     if out.len() - before <= max {
+        metrics::add(Counter::PacketsSent, 1);
         return;
     }
     out.truncate(before);
@@ -1031,6 +967,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         props.reason_string = None;
         props.user_properties.clear();
         if protocol::encode(&packet, protocol, out).is_ok() && out.len() - before <= max {
+            metrics::add(Counter::PacketsSent, 1);
             return;
         }
         out.truncate(before);
@@ -1066,176 +1003,4 @@ struct Access {
     method: Option<ByteStr>,
     /// A re-authentication under way.
     reauth: Option<Box<Exchange>>,
-}
-
-/// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
-/// paid back: TCP backpressure slows the client, nothing is refused or lost.
-struct Throttle {
-    /// Messages and bytes per second (0 = not limited).
-    rates: [f64; 2],
-    burst: f64,
-    tokens: [f64; 2],
-    last: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl Throttle {
-    fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
-        let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
-        if rates == [0.0, 0.0] {
-            return None;
-        }
-        let burst = f64::from(limits.publish_burst);
-        Some(Throttle {
-            rates,
-            burst,
-            tokens: rates.map(|r| r * burst),
-            last: now,
-            paused_until: None,
-        })
-    }
-
-    /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
-    fn spend(&mut self, bytes: usize, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        let mut wait: f64 = 0.0;
-        for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
-            let rate = self.rates[i];
-            if rate == 0.0 {
-                continue;
-            }
-            self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < 0.0 {
-                wait = wait.max(-self.tokens[i] / rate);
-            }
-        }
-        if wait > 0.0 {
-            self.paused_until = Some(now + Duration::from_secs_f64(wait));
-        }
-    }
-
-    fn resume(&mut self) {
-        self.paused_until = None;
-    }
-}
-
-/// The topic aliases of one 5.0 connection.
-#[derive(Default)]
-struct Aliases {
-    /// Set by the client.
-    incoming: FxHashMap<u16, ByteStr>,
-    /// Set by the server.
-    outgoing: OutgoingAliases,
-}
-
-/// Server-to-client topic aliases: at most a fixed number per connection, the least
-/// recently used one replaced by a new topic.
-#[derive(Default)]
-struct OutgoingAliases {
-    by_topic: FxHashMap<ByteStr, u16>,
-    /// Alias n is `slots[n - 1]`: its topic and when it was last used.
-    slots: Vec<(ByteStr, u64)>,
-    clock: u64,
-}
-
-impl OutgoingAliases {
-    fn alias_for(&mut self, topic: &ByteStr, max: u16) -> Alias {
-        self.clock += 1;
-        if let Some(&alias) = self.by_topic.get(topic) {
-            self.slots[usize::from(alias) - 1].1 = self.clock;
-            return Alias { alias, set: false };
-        }
-        // A copy, so that the alias does not pin the publisher's read buffer.
-        let topic = ByteStr::from(&**topic);
-        let index = if self.slots.len() < usize::from(max) {
-            self.slots.push((topic.clone(), self.clock));
-            self.slots.len() - 1
-        } else {
-            let (index, _) = self
-                .slots
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, used))| *used)
-                .unwrap_or((0, &(ByteStr::new(), 0)));
-            let old = std::mem::replace(&mut self.slots[index], (topic.clone(), self.clock));
-            self.by_topic.remove(&old.0);
-            index
-        };
-        let alias = index as u16 + 1;
-        self.by_topic.insert(topic, alias);
-        Alias { alias, set: true }
-    }
-
-    /// The client never saw `alias` set: free it.
-    fn forget(&mut self, alias: u16) {
-        if let Some(slot) = self.slots.get_mut(usize::from(alias) - 1) {
-            self.by_topic.remove(&slot.0);
-            *slot = (ByteStr::new(), 0);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outgoing_aliases_replace_the_least_recently_used() {
-        let mut a = OutgoingAliases::default();
-        let t = |s: &str| ByteStr::from(s);
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: false
-            }
-        );
-        // "two" is the least recently used.
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        a.forget(1);
-        assert_eq!(
-            a.alias_for(&t("four"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: false
-            }
-        );
-        assert!(a.slots.len() <= 2 && a.by_topic.len() <= 2);
-    }
 }

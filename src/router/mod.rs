@@ -237,6 +237,11 @@ impl<M: Mailbox> Router<M> {
     pub fn retained_count(&self) -> usize {
         self.retained.read().len()
     }
+
+    /// Topic and payload bytes of the retained messages.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained.read().bytes()
+    }
 }
 
 /// What a retained message costs in the memory budget.

@@ -5,8 +5,9 @@
 //! Without persistence there is no store and nothing is recorded: the broker keeps its
 //! state in memory only.
 
+use super::Session;
 use crate::message::{Delivery, Message};
-use crate::store::{self, Durable, Op, Store, StoredMessage};
+use crate::store::{self, Durable, Op, Store, StoreError, StoredMessage};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,15 +54,22 @@ impl Journal {
         &self.clock
     }
 
-    /// Whether an acknowledgement must wait for what its message changed to be on disk.
+    /// Whether an acknowledgement must wait for what its message changed to be on disk:
+    /// always under `sync = "always"`; in the other modes only while the store is behind
+    /// by more than its memory bound (then its clients slow down to the disk's pace).
     pub fn acks_wait(&self) -> bool {
-        self.always && self.store.is_some()
+        self.store
+            .as_ref()
+            .is_some_and(|s| self.always || s.is_behind())
     }
 
-    /// Whether the store can take more: past its memory bound or disk budget the broker
-    /// refuses what it would have to store, before acknowledging it.
+    /// Whether the store can take more: past its disk budget, or once it failed, the
+    /// broker refuses what it would have to store, before acknowledging it. A store that
+    /// is only behind takes more, and the acknowledgements wait (`acks_wait`).
     pub fn has_room(&self) -> bool {
-        self.store.as_ref().is_none_or(|s| s.has_room())
+        self.store
+            .as_ref()
+            .is_none_or(|s| s.has_room() || s.is_behind())
     }
 
     pub fn submit(&self, ops: Vec<Op>) {
@@ -106,6 +114,34 @@ impl Journal {
             retain: d.retain,
             subscription_ids: d.sub_ids.clone(),
         }
+    }
+
+    /// Reads the oldest messages of `session`'s queue back from the store, where they
+    /// were spilled while memory ran high (a disk read, off the caller's lock), and puts
+    /// them back in its queue. For the connection `conn_id` that owns the session.
+    pub async fn refill(
+        &self,
+        session: &Session,
+        conn_id: u64,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        const REFILL: usize = 256;
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let entries = store.read_queue(&session.client_id, 0, REFILL).await?;
+        let deliveries = entries
+            .into_iter()
+            .map(|e| {
+                let message = Arc::new(self.restore_message(&e.delivery.message, now));
+                let mut d = Delivery::new(message, e.delivery.qos, e.delivery.retain);
+                d.sub_ids = e.delivery.subscription_ids;
+                (e.seq, d)
+            })
+            .collect();
+        // A connection that lost the session meanwhile leaves it to its new owner.
+        let _ = session.with_state(conn_id, |s| s.refill(deliveries));
+        Ok(())
     }
 
     /// A stored message back as a live one (its expiry on this run's clock).

@@ -12,10 +12,12 @@
 //! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
 
 pub mod journal;
+pub mod outbox;
 pub mod state;
 
 use crate::budget::{Budget, Level};
 use crate::message::{Delivery, Message};
+use crate::metrics::Dropped;
 use crate::protocol::{ByteStr, QoS};
 use crate::router::Mailbox;
 use crate::store::{
@@ -31,6 +33,7 @@ pub use state::{
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 /// How many messages a session may hold, and which.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +82,8 @@ struct Inner {
     /// What this session is charged in `budget` (its state's `held_bytes` as of the
     /// last change).
     charged: usize,
+    /// The task of its expiry and will-delay timers, while it is offline.
+    timer: Option<AbortHandle>,
 }
 
 impl Inner {
@@ -199,6 +204,7 @@ impl Session {
                 state,
                 link: None,
                 charged: 0,
+                timer: None,
             }),
         };
         session.lock().settle(&session.env, &session.client_id);
@@ -229,6 +235,10 @@ impl Session {
         state.will_at = None;
         state.detached_by = None;
         state.offline_since = None;
+        if let Some(timer) = inner.timer.take() {
+            timer.abort();
+        }
+        let state = &mut inner.state;
         // What is in flight is resent on the new connection [MQTT-4.4.0-1]. A connection
         // that detached has marked it so already; one taken over never detaches.
         state.inflight.mark_unsent();
@@ -337,6 +347,13 @@ impl Session {
         will
     }
 
+    /// The task of the session's timers (replacing and stopping an earlier one).
+    pub fn set_timer(&self, timer: AbortHandle) {
+        if let Some(old) = self.inner.lock().timer.replace(timer) {
+            old.abort();
+        }
+    }
+
     /// Wakes the connection serving this session, if any.
     pub fn wake(&self) {
         if let Some(link) = &self.inner.lock().link {
@@ -402,12 +419,16 @@ impl Mailbox for Session {
         let state = &mut inner.state;
         let max_bytes = limits.max_queued_bytes;
         let memory_high = self.env.budget.level() >= Level::High;
-        let full = state.queued() + state.spilled() >= limits.max_queued
+        let full = if state.queued() + state.spilled() >= limits.max_queued
             || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
-            || (qos0 && memory_high);
-        if full {
+        {
+            Some(Dropped::QueueFull)
+        } else {
+            (qos0 && memory_high).then_some(Dropped::Memory)
+        };
+        if let Some(why) = full {
             state.dropped += 1;
-            crate::metrics::dropped();
+            crate::metrics::dropped(why);
             return false;
         }
         let was_empty = state.queued() == 0 && state.spilled() == 0;

@@ -266,6 +266,16 @@ impl SessionState {
         }
     }
 
+    /// Ends every exchange sent up to send order `seq` (see `Inflight::complete_through`);
+    /// returns how many ended.
+    pub fn acknowledge_through(&mut self, seq: u64) -> usize {
+        let done = self.inflight.complete_through(seq);
+        for pkid in &done {
+            self.record(Change::Completed(*pkid));
+        }
+        done.len()
+    }
+
     /// Drops `pkid` from the window, as if acknowledged.
     pub fn forget(&mut self, pkid: u16) {
         if self.inflight.contains(pkid) {
@@ -285,7 +295,7 @@ impl SessionState {
 
     fn record_sent(&mut self, pkid: u16, delivery: &Delivery) {
         if self.log.is_some() {
-            let order = self.inflight.order(pkid);
+            let order = self.inflight.seq(pkid).unwrap_or(0);
             self.record(Change::Sent {
                 pkid,
                 order,
@@ -385,6 +395,7 @@ impl SessionState {
                 break;
             };
             if delivery.message.is_expired(now) {
+                crate::metrics::dropped(crate::metrics::Dropped::Expired);
                 continue;
             }
             if !readable(&delivery) {
@@ -543,11 +554,6 @@ impl Inflight {
         self.entries.contains_key(&pkid)
     }
 
-    /// The send order of `pkid` (0 if unknown).
-    fn order(&self, pkid: u16) -> u64 {
-        self.entries.get(&pkid).map_or(0, |e| e.seq)
-    }
-
     /// Records `delivery` as sent; returns its packet id (0 for QoS 0, not recorded).
     pub fn send(&mut self, delivery: &Delivery) -> u16 {
         if delivery.qos == QoS::AtMostOnce {
@@ -610,6 +616,25 @@ impl Inflight {
             Stage::Release => Some(e.seq),
             Stage::Publish(_) => None,
         }
+    }
+
+    /// The send order of `pkid`'s entry (increasing over the session's life, kept across
+    /// resends): the event id an HTTP stream shows for it.
+    pub fn seq(&self, pkid: u16) -> Option<u64> {
+        self.entries.get(&pkid).map(|e| e.seq)
+    }
+
+    /// Ends every exchange sent up to and including send order `seq`: an HTTP client
+    /// confirms at once everything it received up to there. Returns the packet ids ended.
+    pub fn complete_through(&mut self, seq: u64) -> Vec<u16> {
+        let done: Vec<u16> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.seq <= seq)
+            .map(|(pkid, _)| *pkid)
+            .collect();
+        done.iter().for_each(|pkid| self.forget(*pkid));
+        done
     }
 
     /// Drops `pkid`, as if acknowledged.
@@ -754,6 +779,29 @@ mod tests {
         out.clear();
         w.resend(1, &mut out);
         assert_eq!(out[0].0, ids[5]);
+    }
+
+    #[test]
+    fn complete_through_ends_what_was_sent_up_to_a_send_order() {
+        let mut w = Inflight::default();
+        let ids: Vec<u16> = (0..5)
+            .map(|_| w.send(&delivery(QoS::AtLeastOnce)))
+            .collect();
+        let seqs: Vec<u64> = ids.iter().map(|p| w.seq(*p).unwrap()).collect();
+        assert!(seqs.windows(2).all(|s| s[0] < s[1]));
+        w.mark_unsent();
+        assert_eq!(w.complete_through(seqs[2]).len(), 3);
+        assert_eq!((w.len(), w.unsent()), (2, 2));
+        assert_eq!(w.seq(ids[0]), None);
+        assert!(w.complete_through(seqs[2]).is_empty());
+        let mut out = Vec::new();
+        w.resend(10, &mut out);
+        assert_eq!(out.iter().map(|(p, _)| *p).collect::<Vec<_>>(), ids[3..]);
+        assert_eq!(
+            w.seq(ids[3]),
+            Some(seqs[3]),
+            "a resend keeps its send order"
+        );
     }
 
     #[test]
