@@ -577,8 +577,11 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     while acked.iter().any(|t| !received.contains(t)) {
         assert!(
             Instant::now() < deadline,
-            "missing {} of {} acknowledged messages; b: {}\nc: {}",
-            acked.iter().filter(|t| !received.contains(*t)).count(),
+            "missing {:?} of {} acknowledged messages; b: {}\nc: {}",
+            acked
+                .iter()
+                .filter(|t| !received.contains(*t))
+                .collect::<Vec<_>>(),
             acked.len(),
             nodes[1].log(),
             nodes[2].log()
@@ -688,14 +691,17 @@ async fn state_survives_restarting_every_node_and_nats_server() {
     for id in ["a", "b", "c"] {
         nodes.push(Node::start(&name, id, &urls).await);
     }
-    let (mut client, ack) = Client::accepted(nodes[2].addr, connect_expiry("p", false, 600)).await;
+    // The streams the restarted servers lead again may still be electing: a CONNECT can
+    // take a few seconds then.
+    let (mut client, ack) = connect_within(nodes[2].addr, connect_expiry("p", false, 600)).await;
     assert!(ack.session_present, "the session is back");
     let mut got = Vec::new();
     for _ in 0..3 {
-        got.push(client.receive().await.topic.to_string());
+        let p = receive_within(&mut client, Duration::from_secs(10)).await;
+        got.push(p.topic.to_string());
     }
     assert_eq!(got, ["z/0", "z/1", "z/2"]);
-    let mut fresh = Client::connect_v5(nodes[1].addr, "fresh").await;
+    let (mut fresh, _) = connect_within(nodes[1].addr, connect_expiry("fresh", true, 0)).await;
     fresh.subscribe("y/kept", QoS::AtLeastOnce).await;
     let p = fresh.receive().await;
     assert!(p.retain && &p.payload[..] == b"r");

@@ -12,6 +12,8 @@ use super::{Cluster, ClusterError};
 use crate::broker::Broker;
 use crate::message::{Message, SharedKey};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::Message as JsMessage;
 use futures_util::{FutureExt, StreamExt};
 use std::sync::Arc;
@@ -25,7 +27,7 @@ pub(super) async fn spawn(
     cluster: &Arc<Cluster>,
 ) -> Result<(), ClusterError> {
     let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
-    let consumer = consumer(cluster, &cluster.node).await?;
+    let consumer = fresh_consumer(cluster, &cluster.node).await?;
     let mut live = cluster
         .client
         .subscribe(cluster.names.live_subject(&cluster.node))
@@ -54,14 +56,29 @@ pub(super) async fn spawn(
     Ok(())
 }
 
-/// The durable consumer of `node`'s messages (made if missing).
-pub(super) async fn consumer(cluster: &Cluster, node: &str) -> Result<PullConsumer, ClusterError> {
+/// The durable consumer of `node`'s messages, made afresh: no instance of `node` runs
+/// (this one starts, or adopts it). Messages the old consumer handed to a pull of a
+/// node that died would wait out their ack wait (a minute) there; the stream is a work
+/// queue, so what it holds for `node` is exactly what no one acknowledged, and the new
+/// consumer has all of it at once. (A message the dead node had taken into its sessions
+/// but not yet acknowledged comes again: at least once across a crash.)
+pub(super) async fn fresh_consumer(
+    cluster: &Cluster,
+    node: &str,
+) -> Result<PullConsumer, ClusterError> {
     let name = cluster.names.consumer(node);
     let stream = cluster
         .js
         .get_stream_no_info(cluster.names.messages_stream())
         .await
         .map_err(|e| ClusterError::Nats(format!("messages stream: {e}")))?;
+    match stream.delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(e.kind(), ConsumerErrorKind::JetStream(ref j)
+                if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
+        Err(e) => return Err(ClusterError::Nats(format!("consumer {name}: {e}"))),
+    }
     stream
         .get_or_create_consumer(
             &name,

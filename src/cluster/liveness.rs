@@ -454,7 +454,7 @@ async fn drain(
             }
         }
     }
-    let consumer = inbox::consumer(cluster, dead).await?;
+    let consumer = inbox::fresh_consumer(cluster, dead).await?;
     let deliver = |envelope: super::wire::Envelope| {
         let message = Arc::new(
             broker

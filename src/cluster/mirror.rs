@@ -20,6 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+/// How often a watch is checked against its bucket's last revision.
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
 /// How long a node waits for a bucket to be read at start before it serves anyway.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -97,8 +100,10 @@ pub(super) fn spawn_interest_writer(
 }
 
 /// Watches `kv` from its history on, calling `apply` with each entry; `ready` is told
-/// once the history is read. A watch that breaks (NATS server lost) starts again after
-/// the last revision seen.
+/// once the history is read. A watch that breaks, or stalls (a NATS server lost: the
+/// client's own recovery can take tens of seconds while streams elect leaders), starts
+/// again after the last revision seen. Entries are applied idempotently, so one seen
+/// twice across a new start does no harm.
 async fn spawn_watch(
     broker: &Arc<Broker>,
     kv: kv::Store,
@@ -116,14 +121,38 @@ async fn spawn_watch(
     let shutdown = broker.shutdown.clone();
     broker.tasks.spawn(async move {
         let mut last = 0;
+        let mut check = tokio::time::interval(STALL_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The bucket's last revision when this watch was last found behind it.
+        let mut behind: Option<u64> = None;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 next = watch.next() => next,
+                _ = check.tick() => {
+                    let Ok(Ok(info)) =
+                        tokio::time::timeout(STALL_CHECK, kv.stream.get_info()).await
+                    else {
+                        continue;
+                    };
+                    let end = info.state.last_sequence;
+                    if end <= last {
+                        behind = None;
+                        continue;
+                    }
+                    // Behind twice in a row with no entry between: stalled.
+                    if behind.replace(end) != Some(end) {
+                        continue;
+                    }
+                    tracing::warn!(bucket = %kv.name, last, end, "watch stalled; watching again");
+                    behind = None;
+                    None
+                }
             };
             match next {
                 Some(Ok(entry)) => {
                     last = entry.revision;
+                    behind = None;
                     apply(&entry);
                     if entry.delta == 0 {
                         ready.take().map(|r| r.send(()));
@@ -133,13 +162,16 @@ async fn spawn_watch(
                     if let Some(Err(e)) = other {
                         tracing::warn!(bucket = %kv.name, "watch failed: {e}; watching again");
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                    match kv.watch_all_from_revision(last + 1).await {
-                        Ok(w) => watch = w,
-                        Err(e) => tracing::warn!(bucket = %kv.name, "cannot watch again: {e}"),
+                    // Until a new watch is made: the old one may be broken for good.
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                        match kv.watch_all_from_revision(last + 1).await {
+                            Ok(w) => break watch = w,
+                            Err(e) => tracing::warn!(bucket = %kv.name, "cannot watch again: {e}"),
+                        }
                     }
                 }
             }
