@@ -928,3 +928,88 @@ async fn a_shared_group_over_three_nodes_gets_each_message_once() {
     );
     stop_all(nodes).await;
 }
+
+/// NATS with TLS and a password, as `[cluster] user`, `password` and `tls_ca_file` set
+/// them: one nats-server (TLS required, a CA and certificate made here), two nodes with
+/// one replica, a QoS 1 message across them. A node with the wrong password does not
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_over_tls_with_a_password() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("server.pem"), cert.pem()).unwrap();
+    std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
+    let port = free_port();
+    let config = path("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\n\
+             jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 256MB }}\n\
+             tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n\
+             authorization {{ user: ternmq, password: s3cret }}\n",
+            path("js").display(),
+            path("server.pem").display(),
+            path("server.key").display()
+        ),
+    )
+    .unwrap();
+    let mut nats = NatsServer {
+        client_port: port,
+        config,
+        pidfile: path("nats.pid"),
+        child: None,
+    };
+    nats.start();
+    let name = cluster_name("tls");
+    let urls = vec![format!("tls://127.0.0.1:{port}")];
+    let secured = |node: &str, password: &str| {
+        let mut config = node_config(&name, node, &urls);
+        let cluster = config.cluster.as_mut().unwrap();
+        cluster.replicas = 1;
+        cluster.user = Some("ternmq".into());
+        cluster.password = Some(password.into());
+        cluster.tls_ca_file = Some(path("ca.pem"));
+        config
+    };
+    common::init_logs();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let server = Server::start(secured(id, "s3cret"))
+            .await
+            .expect("node starts");
+        let addr = server.local_addr(ListenerKind::Tcp).unwrap();
+        nodes.push(Node {
+            server: Some(server),
+            addr,
+        });
+    }
+    let mut sub = Client::connect_v5(nodes[1].addr, "sub").await;
+    sub.subscribe("secure/#", QoS::AtLeastOnce).await;
+    wait_interest(&nodes[0], "b", "secure/#").await;
+    let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
+    let code = publisher
+        .publish(plain("secure/1", b"over tls", QoS::AtLeastOnce))
+        .await;
+    assert_eq!(code, ReasonCode::Success);
+    let p = sub.receive().await;
+    assert_eq!((&*p.topic, &p.payload[..]), ("secure/1", &b"over tls"[..]));
+    // The wrong password: refused at start, with the reason.
+    let refused = Server::start(secured("c", "wrong")).await;
+    let error = refused.err().expect("refused").to_string();
+    assert!(error.contains("refused this node's credentials"), "{error}");
+    stop_all(nodes).await;
+    nats.kill();
+}

@@ -28,6 +28,8 @@ where
     loop {
         match f().await {
             Ok(v) => return Ok(v),
+            // Trying again would not change the answer.
+            Err(e @ ClusterError::Refused(_)) => return Err(e),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(e) => {
                 tracing::debug!("cluster start: {e}; trying again");

@@ -36,6 +36,7 @@ use async_nats::jetstream::{self, kv, Context};
 use bytes::Bytes;
 use interest::Interest;
 use names::Names;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use store::JsStore;
@@ -52,6 +53,10 @@ pub enum ClusterError {
     Credentials { path: String, error: String },
     #[error("node {0} is already running in this cluster (its heartbeat is fresh)")]
     NodeInUse(String),
+    #[error(
+        "NATS ({0}) refused this node's credentials: check [cluster] user, password, creds_file"
+    )]
+    Refused(String),
 }
 
 /// QoS 0 messages waiting to be sent to other nodes; past this they are dropped (and
@@ -116,6 +121,26 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
             urls: urls.clone(),
             error: e.to_string(),
         })?;
+    // The client keeps retrying a server that refuses it: noted, so that the start fails
+    // at once with the reason instead of timing out.
+    let refused = Arc::new(AtomicBool::new(false));
+    let seen = refused.clone();
+    options = options.event_callback(move |event| {
+        use async_nats::{ClientError, ConnectErrorKind, Event, ServerError};
+        let refusal = ConnectErrorKind::AuthorizationViolation.to_string();
+        match event {
+            // A failed connection attempt comes as its error kind, in words.
+            Event::ClientError(ClientError::Other(why)) if why == refusal => {
+                seen.store(true, Ordering::Relaxed)
+            }
+            Event::ServerError(ServerError::AuthorizationViolation) => {
+                seen.store(true, Ordering::Relaxed)
+            }
+            Event::Connected => seen.store(false, Ordering::Relaxed),
+            _ => {}
+        }
+        async {}
+    });
     let client = options
         .connect(addrs)
         .await
@@ -128,7 +153,13 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         .max_ack_inflight(16 * 1024)
         .build(client.clone());
     let names = Names::new(&config.name);
-    js::patiently(|| js::set_up(&js, &names, config.replicas)).await?;
+    js::patiently(|| async {
+        match js::set_up(&js, &names, config.replicas).await {
+            Err(_) if refused.load(Ordering::Relaxed) => Err(ClusterError::Refused(urls.clone())),
+            other => other,
+        }
+    })
+    .await?;
     let store = Arc::new(JsStore::start(js.clone(), names.clone(), &config.node));
     Ok(Connected {
         config: config.clone(),
