@@ -31,7 +31,8 @@ pub struct Recovered {
     pub expired: usize,
 }
 
-/// Puts `snapshot` into `broker`, which must be new (no connection yet).
+/// Puts `snapshot` into `broker`, which must be new (no connection yet), or, in a
+/// cluster, one session taken from another node, before its client's connection opens it.
 pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recovered {
     let journal = broker.journal();
     let mut r = Restorer {
