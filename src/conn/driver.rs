@@ -153,8 +153,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         if tokio::time::timeout_at(deadline, flush).await.is_err() {
             return;
         }
-        self.rbuf.clear();
-        self.rbuf.reserve(MIN_READ);
+        // What the client still sends is dropped: a small buffer does, and the one a
+        // flood may have grown (up to its share of max_buffered_memory) goes back now.
+        self.rbuf = BytesMut::with_capacity(16 * MIN_READ);
         let drain = async {
             loop {
                 self.rbuf.clear();
@@ -490,6 +491,8 @@ where
             }
             _ = &mut deadline => {
                 conn.handle_timeout(now())?;
+                // Packets that waited out a publish-rate pause are already here.
+                conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
                 // Moved lazily: resetting the timer on every packet would cost more.
                 deadline.as_mut().reset(deadline_of(conn));
             }

@@ -130,7 +130,9 @@ impl<'a> Connection<'a> {
         self.protocol
     }
 
-    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`.
+    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`;
+    /// while the publish rate limit pauses the client, the rest stays in `rbuf` (the
+    /// driver calls again after `handle_timeout`).
     pub fn handle_bytes(
         &mut self,
         rbuf: &mut BytesMut,
@@ -139,6 +141,11 @@ impl<'a> Connection<'a> {
     ) -> Result<(), Exit> {
         let max = self.broker.config.mqtt.max_packet_size;
         loop {
+            // Past its publish rate, the client's next packets wait in `rbuf` (and the
+            // socket) until the pause ends, however many one read brought.
+            if self.paused_until().is_some() {
+                return Ok(());
+            }
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
@@ -151,24 +158,25 @@ impl<'a> Connection<'a> {
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
-    /// of a pause of the publish rate limit.
+    /// of a pause of the publish rate limit (during which the keep-alive does not run:
+    /// the client's packets are waiting on the broker).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let keep_alive = self.keep_alive.map(|k| self.last_packet + k);
         match self.paused_until() {
-            Some(p) => Some(keep_alive.map_or(p, |k| k.min(p))),
-            None => keep_alive,
+            Some(p) => Some(p),
+            None => self.keep_alive.map(|k| self.last_packet + k),
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
         if let Some(until) = self.paused_until() {
-            if now >= until {
-                // The client's packets waited in the socket meanwhile: the pause must
-                // not count against its keep-alive.
-                self.last_packet = self.last_packet.max(now);
-                if let Some(t) = self.throttle.as_deref_mut() {
-                    t.resume();
-                }
+            if now < until {
+                return Ok(());
+            }
+            // The client's packets waited meanwhile: the pause must not count against
+            // its keep-alive.
+            self.last_packet = self.last_packet.max(now);
+            if let Some(t) = self.throttle.as_deref_mut() {
+                t.resume();
             }
         }
         match self.keep_alive.map(|k| self.last_packet + k) {
@@ -612,13 +620,23 @@ impl<'a> Connection<'a> {
             let walk = self.owned(|s| {
                 let room = window.saturating_sub(s.inflight.outstanding());
                 s.inflight.resend(room, &mut resend);
+                // After a resume, whoever resumed the session may not read all of what
+                // was in flight: checked like any other delivery.
+                resend.retain(|(pkid, d)| match d {
+                    Some(d) if !readable(d) => {
+                        s.inflight.forget(*pkid);
+                        unreadable += 1;
+                        false
+                    }
+                    _ => true,
+                });
                 let walk = s.walks.front().cloned();
                 // The hot path: one lock per batch when no walk is under way. During a
                 // walk, the queue and the walk take turns at the window: live messages
                 // must not wait (and overflow the queue) behind a long walk, nor retained
                 // ones behind a steady stream of live ones.
                 if walk.is_none() || queue_first {
-                    unreadable = s.take_sendable(window, BATCH, now, &readable, &mut batch);
+                    unreadable += s.take_sendable(window, BATCH, now, &readable, &mut batch);
                 }
                 walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
             })?;
@@ -636,7 +654,7 @@ impl<'a> Connection<'a> {
                 if !queue_first {
                     let authorizer = &self.access.authorizer;
                     let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                    unreadable =
+                    unreadable +=
                         self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
                 }
                 self.queue_first = !queue_first;
@@ -689,6 +707,11 @@ impl<'a> Connection<'a> {
             now,
             &mut found,
         );
+        // Retained messages are deliveries like any other: the client must be allowed to read them.
+        let authorizer = &self.access.authorizer;
+        let before = found.len();
+        found.retain(|m| authorizer.check(&m.topic, Acl::Read));
+        (found.len()..before).for_each(|_| metrics::not_authorized());
         let sends = self.owned(|s| {
             if done {
                 s.walks.pop_front();
@@ -937,8 +960,10 @@ struct Access {
 }
 
 /// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
-/// paid back: TCP backpressure slows the client, nothing is refused or lost.
+/// seconds' worth, refilled at the rates. Past them, reading pauses: TCP backpressure
+/// slows the client, nothing is refused or lost. A message is read when the message
+/// bucket holds one; its size is known only once it is read, so the byte bucket may be
+/// overdrawn by one message, and the next waits until the debt is paid back.
 struct Throttle {
     /// Messages and bytes per second (0 = not limited).
     rates: [f64; 2],
@@ -969,14 +994,17 @@ impl Throttle {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         let mut wait: f64 = 0.0;
+        // What must be in each bucket before the next message is read: a whole message,
+        // and no debt of bytes.
+        let floor = [1.0, 0.0];
         for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
             let rate = self.rates[i];
             if rate == 0.0 {
                 continue;
             }
             self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < 0.0 {
-                wait = wait.max(-self.tokens[i] / rate);
+            if self.tokens[i] < floor[i] {
+                wait = wait.max((floor[i] - self.tokens[i]) / rate);
             }
         }
         if wait > 0.0 {
