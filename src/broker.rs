@@ -32,6 +32,9 @@ pub struct Broker {
     security_generation: AtomicU64,
     /// Slows down addresses that keep failing to authenticate.
     pub backoff: Backoff,
+    /// Password checks running at once (`PASSWORD_CHECKS`): each holds the memory of
+    /// its hash (19 MiB for argon2id), so their number must not follow the clients'.
+    pub password_checks: tokio::sync::Semaphore,
     /// MQTT 5 enhanced authentication methods, by name (SCRAM-SHA-256 built in).
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     pub router: Router<Session>,
@@ -50,6 +53,12 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Every task of the broker (accept loops, connections, timers), for shutdown.
     pub tasks: TaskTracker,
+}
+
+/// Password checks at once: one per core, at most 4 (4 × 19 MiB of argon2id memory);
+/// more clients wait their turn, holding no more than their CONNECT.
+fn password_checks() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// The clock the broker runs on: tokio's, so that tests can pause it.
@@ -72,6 +81,7 @@ impl Broker {
             security,
             security_generation: AtomicU64::new(0),
             backoff: Backoff::new(BackoffConfig::default()),
+            password_checks: tokio::sync::Semaphore::new(password_checks()),
             buffers: Budget::new(config.limits.max_buffered_memory),
             router: Router::new(memory.clone()),
             memory,

@@ -340,6 +340,13 @@ where
             .security
             .authenticate(username.as_deref(), None, client_id)
     } else {
+        // A check holds its hash's memory: the checks queue for a few slots, so that a
+        // crowd of clients with passwords cannot make the broker hold that many times it.
+        let _slot = broker
+            .password_checks
+            .acquire()
+            .await
+            .map_err(|_| Refusal::new(ReasonCode::ServerUnavailable, "shutting down"))?;
         let (security, client_id) = (broker.security.clone(), client_id.to_string());
         let check =
             move || security.authenticate(username.as_deref(), password.as_deref(), &client_id);

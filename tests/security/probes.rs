@@ -332,3 +332,69 @@ async fn probe_d_queued_flood_is_refused_past_max_queued_memory_and_nothing_acke
         )
         .await;
 }
+
+/// Probe (e): many clients at once with a wrong password for an argon2id user. Each
+/// check holds argon2id's 19 MiB: they run a few at a time (one per core, at most 4) in
+/// memory reused from check to check, so the broker holds a few times 19 MiB however
+/// many clients try (before: 19 MiB more per check, 3.3 GB after 200). Each client is
+/// from its own loopback address, so that the per-address backoff does not space them.
+#[tokio::test]
+async fn probe_e_concurrent_password_checks_are_bounded() {
+    let files = Files::new();
+    let passwd = files.path("passwd");
+    ternmq_passwd(&passwd, "alice", "right", false);
+    let broker = BrokerProcess::start(&format!(
+        "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\n[auth]\npassword_file = \"{}\"\n",
+        passwd.display()
+    ));
+    let before = broker.status_kib("VmRSS");
+    let attempts = 24u8;
+    let mut tasks = Vec::new();
+    for i in 0..attempts {
+        let addr = broker.addr;
+        tasks.push(tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(SocketAddr::from(([127, 0, 1, i + 2], 0)))
+                .unwrap();
+            let mut s = socket.connect(addr).await.unwrap();
+            let connect = login(
+                ternmq::protocol::Protocol::V311,
+                &format!("guess-{i}"),
+                Some("alice"),
+                Some("wrong"),
+            );
+            let bytes = crate::common::client::encode(
+                &Packet::Connect(Box::new(connect)),
+                ternmq::protocol::Protocol::V311,
+            );
+            s.write_all(&bytes).await.unwrap();
+            let mut ack = [0u8; 4];
+            timeout(Duration::from_secs(60), s.read_exact(&mut ack))
+                .await
+                .unwrap()
+                .unwrap();
+            ack
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            [0x20, 2, 0, 4],
+            "CONNACK 4, bad user name or password"
+        );
+    }
+    let growth = rss_report("e", &broker, before);
+    assert!(
+        growth < 96 * MIB,
+        "RSS grew by {growth} bytes for {attempts} password checks"
+    );
+    // The right password still gets in.
+    let connect = login(
+        ternmq::protocol::Protocol::V5,
+        "alice",
+        Some("alice"),
+        Some("right"),
+    );
+    Client::accepted(broker.addr, connect).await;
+}
