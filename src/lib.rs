@@ -11,6 +11,7 @@ pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod fuzz;
 pub mod message;
 pub mod metrics;
 pub mod protocol;
