@@ -93,6 +93,23 @@ impl BrokerProcess {
         broker
     }
 
+    /// The addresses of the listeners of `kind`, read from the log.
+    pub fn addrs(&self, kind: ternmq::config::ListenerKind) -> Vec<SocketAddr> {
+        let kind = format!("kind={kind:?}");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("listening") && l.contains(&kind))
+            .filter_map(|l| {
+                l.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

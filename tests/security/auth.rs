@@ -667,3 +667,135 @@ async fn scram_sha_256_login_over_auth_packets() {
     )
     .await;
 }
+
+/// The code block of docs/security.md that follows the line `after`.
+fn doc_block(doc: &str, after: &str) -> String {
+    let start = doc
+        .find(after)
+        .unwrap_or_else(|| panic!("docs/security.md has {after:?}"));
+    let rest = &doc[start..];
+    let open = rest.find("```").unwrap();
+    let body = &rest[open..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    body[..body.find("```").unwrap()].to_owned()
+}
+
+/// "Opening a listener to a network: an example" of docs/security.md, as written there
+/// (its acl_file and broker.toml; paths, ports and certificates made at test time), with
+/// its mosquitto_pub/sub command lines.
+#[tokio::test]
+async fn the_worked_example_of_docs_security_md() {
+    if !clients_available() {
+        return;
+    }
+    let doc = include_str!("../../docs/security.md");
+    let files = Files::new();
+    let passwd = files.path("passwd");
+    ternmq_passwd(&passwd, "ops", "ops-pw", false);
+    ternmq_passwd(&passwd, "sensor-1", "s1-pw", false);
+    let acl = files.write(
+        "acl",
+        &doc_block(doc, "`/etc/ternmq/acl`, mosquitto's format:"),
+    );
+    let ca = Ca::new("ternmq test CA");
+    let (cert, key) = ca.server().write(&files, "server");
+    let ca_file = files.write("ca.crt", &ca.pem());
+    let toml = doc_block(doc, "`broker.toml`:")
+        .replace("/etc/ternmq/passwd", passwd.to_str().unwrap())
+        .replace("/etc/ternmq/acl", acl.to_str().unwrap())
+        .replace("/etc/ternmq/server.crt", cert.to_str().unwrap())
+        .replace("/etc/ternmq/server.key", key.to_str().unwrap())
+        .replace("127.0.0.1:1883", "127.0.0.1:0")
+        .replace("0.0.0.0:8883", "127.0.0.1:0");
+    let config = ternmq::Config::parse(&toml).expect("the example's broker.toml parses");
+    assert!(config.listeners[1].tls.is_some() && !config.listeners[1].allow_anonymous);
+    let b = TestBroker::with(move |c| *c = config).await;
+    let tls_port = b.server.as_ref().unwrap().local_addrs()[1].1.port();
+    let tls = |tool: &str, args: &[&str]| {
+        let mut cmd = Command::new("stdbuf");
+        cmd.args(["-oL", tool, "-h", "localhost", "-p", &tls_port.to_string()])
+            .args(["--cafile", ca_file.to_str().unwrap()]);
+        if tool == "mosquitto_sub" {
+            cmd.args(["-W", SUB_TIMEOUT_SECS]);
+        }
+        cmd.args(args);
+        Proc::spawn(cmd, None)
+    };
+
+    let mut ops = tls(
+        "mosquitto_sub",
+        &[
+            "-u",
+            "ops",
+            "-P",
+            "ops-pw",
+            "-t",
+            "devices/#",
+            "-v",
+            "-C",
+            "2",
+        ],
+    );
+    wait_subscriptions(&b, 1, &mut ops).await;
+    let mut sensor = tls(
+        "mosquitto_sub",
+        &["-u", "sensor-1", "-P", "s1-pw", "-t", "#", "-v", "-C", "1"],
+    );
+    wait_subscriptions(&b, 2, &mut sensor).await;
+    let reading = [
+        "-u",
+        "sensor-1",
+        "-P",
+        "s1-pw",
+        "-t",
+        "devices/sensor-1/reading",
+        "-m",
+        "21.5",
+    ];
+    assert!(tls("mosquitto_pub", &reading).wait().await.success());
+    // Another device's topic: refused with 0x87, which mosquitto_pub reports.
+    let mut forged = tls(
+        "mosquitto_pub",
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-u",
+            "sensor-1",
+            "-P",
+            "s1-pw",
+            "-t",
+            "devices/sensor-2/reading",
+            "-m",
+            "0",
+        ],
+    );
+    forged.wait().await;
+    assert!(
+        forged.stderr().contains("Not authorized"),
+        "{}",
+        forged.describe()
+    );
+    let command = [
+        "-u",
+        "ops",
+        "-P",
+        "ops-pw",
+        "-t",
+        "devices/sensor-1/command",
+        "-m",
+        "reboot",
+        "-q",
+        "1",
+    ];
+    assert!(tls("mosquitto_pub", &command).wait().await.success());
+    assert_eq!(
+        ops.output().await,
+        [
+            "devices/sensor-1/reading 21.5",
+            "devices/sensor-1/command reboot"
+        ]
+    );
+    assert_eq!(sensor.output().await, ["devices/sensor-1/command reboot"]);
+}

@@ -398,3 +398,56 @@ async fn probe_e_concurrent_password_checks_are_bounded() {
     );
     Client::accepted(broker.addr, connect).await;
 }
+
+/// Probe (f): a WebSocket client sends, before any CONNECT, a binary frame declaring
+/// 200 MB. The WebSocket layer reads a message whole before MQTT sees its bytes, up to
+/// `max_packet_size` (the limit it shares with MQTT, not `max_connect_size`): with the
+/// 1 MiB set here, the frame is refused at its header. (With the default, 256 MiB, it
+/// would be buffered: docs/security.md, "WebSocket listeners".)
+#[tokio::test]
+async fn probe_f_a_huge_websocket_frame_is_refused_at_its_header() {
+    let broker = BrokerProcess::start(
+        "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n\
+         [mqtt]\nmax_packet_size = 1048576\n",
+    );
+    let ws = broker.addrs(ternmq::config::ListenerKind::Ws)[0];
+    let before = broker.status_kib("VmRSS");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(ws).await.unwrap();
+        s.write_all(
+            b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte).await.unwrap();
+            response.push(byte[0]);
+        }
+        assert!(
+            response.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+        // FIN + binary, masked, a 64-bit length, a zero mask.
+        let mut head = vec![0x82, 0x80 | 127];
+        head.extend_from_slice(&(200u64 << 20).to_be_bytes());
+        head.extend_from_slice(&[0; 4]);
+        tasks.push(tokio::spawn(stream_until_closed(s, head, 200 << 20)));
+    }
+    for t in tasks {
+        let (sent, closed) = t.await.unwrap();
+        eprintln!("probe f: a client wrote {sent} bytes of its frame before the close");
+        assert!(
+            closed && sent < 64 << 20,
+            "closed {closed} after {sent} bytes"
+        );
+    }
+    let growth = rss_report("f", &broker, before);
+    assert!(growth < 16 * MIB, "RSS grew by {growth} bytes");
+}
