@@ -241,6 +241,10 @@ impl<'a> Connection<'a> {
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
         metrics::received();
+        // Every PUBLISH counts against the rate, refused ones too: refusing costs work.
+        if let Some(throttle) = self.throttle.as_deref_mut() {
+            throttle.spend(p.payload.len(), now);
+        }
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -262,9 +266,6 @@ impl<'a> Connection<'a> {
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
-        }
-        if let Some(throttle) = self.throttle.as_deref_mut() {
-            throttle.spend(p.payload.len(), now);
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
