@@ -127,7 +127,7 @@ async fn connected(addr: SocketAddr, id: &str) -> TcpStream {
 #[tokio::test]
 async fn probe_b_partial_publishes_are_bounded_by_max_buffered_memory() {
     let budget = 8 * MIB;
-    let broker = BrokerProcess::start(&config(&format!(
+    let mut broker = BrokerProcess::start(&config(&format!(
         "[limits]\nmax_buffered_memory = {budget}"
     )));
     let before = broker.status_kib("VmRSS");
@@ -154,11 +154,9 @@ async fn probe_b_partial_publishes_are_bounded_by_max_buffered_memory() {
     }
     let growth = rss_report("b", &broker, before);
     assert!(growth < 4 * budget, "RSS grew by {growth} bytes");
-    let log = broker.log();
-    assert!(
-        log.contains("max_buffered_memory"),
-        "the log says why:\n{log}"
-    );
+    broker.wait_for_log("why the connections were closed", |log| {
+        log.contains("max_buffered_memory").then_some(())
+    });
 }
 
 enum Answer {
@@ -197,7 +195,7 @@ async fn probe_c_out_of_descriptors_newcomers_are_answered_and_the_broker_recove
     if !tools_available(&["prlimit"]) {
         return;
     }
-    let broker = BrokerProcess::start_with_open_files(&config(""), 64);
+    let mut broker = BrokerProcess::start_with_open_files(&config(""), 64);
     let base = broker.open_files();
     let mut idle = Vec::new();
     let started = std::time::Instant::now();
@@ -223,6 +221,10 @@ async fn probe_c_out_of_descriptors_newcomers_are_answered_and_the_broker_recove
         idle.len(),
         answers.len()
     );
+    // The log arrives through a pipe: wait for the line rather than race it.
+    broker.wait_for_log("the out-of-descriptors warning", |log| {
+        log.contains("out of file descriptors").then_some(())
+    });
     let warnings = broker
         .log()
         .lines()
@@ -232,8 +234,9 @@ async fn probe_c_out_of_descriptors_newcomers_are_answered_and_the_broker_recove
     let allowed = 1 + started.elapsed().as_secs() as usize / 10;
     assert!(
         (1..=allowed).contains(&warnings) && warnings < answers.len(),
-        "{warnings} log lines for {} refusals:\n{}",
+        "{warnings} log lines for {} refusals after {} clients ({answers:?}):\n{}",
         answers.len(),
+        idle.len(),
         broker.log()
     );
 
