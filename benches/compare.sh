@@ -6,6 +6,8 @@
 #   benches/compare.sh --quick    # 1 round, 3 s per run, 2,000 idle connections
 #
 # Options: --rounds N, --duration S, --idle N (connections), --brokers "ternmq mosquitto",
+# ("ternmq-observed" is ternmq with $SYS every second and /metrics scraped every second,
+# for measuring their overhead: --brokers "ternmq ternmq-observed"),
 # --only REGEX (scenario names, e.g. 'fanin|p2p'), --out DIR (keeps configs, logs and
 # results there; default a fresh /tmp/ternmq-bench.* directory).
 #
@@ -114,14 +116,28 @@ fi
 
 cat >"$OUT/ternmq.toml" <<EOF
 log_level = "warn"
+sys_interval = 0
 [[listeners]]
 type = "tcp"
 bind = "127.0.0.1:18830"
+allow_anonymous = true
 [mqtt]
 receive_maximum = $INFLIGHT
 [session]
 max_inflight_messages = $INFLIGHT
 max_queued_messages = $QUEUED
+EOF
+
+# The same with everything that watches it on: $SYS every second, and an admin listener
+# whose /metrics is scraped every second while the broker runs.
+ADMIN_PORT=18839
+ADMIN_TOKEN=bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+sed -e 's/^sys_interval = 0/sys_interval = 1/' -e 's/18830/18833/' "$OUT/ternmq.toml" >"$OUT/ternmq-observed.toml"
+cat >>"$OUT/ternmq-observed.toml" <<EOF
+[[listeners]]
+type = "admin"
+bind = "127.0.0.1:$ADMIN_PORT"
+token = "$ADMIN_TOKEN"
 EOF
 
 cat >"$OUT/mosquitto.conf" <<EOF
@@ -159,10 +175,12 @@ next_connection_delay_ms = 0
 EOF
 
 declare -A PID PORT
-PORT=([ternmq]=18830 [mosquitto]=18831 [rumqttd]=18832)
+PORT=([ternmq]=18830 [mosquitto]=18831 [rumqttd]=18832 [ternmq-observed]=18833)
+SCRAPER=""
 
 cleanup() {
   local b
+  [[ -n $SCRAPER ]] && kill "$SCRAPER" 2>/dev/null
   for b in "${!PID[@]}"; do
     kill "${PID[$b]}" 2>/dev/null || true
   done
@@ -172,6 +190,11 @@ trap cleanup EXIT
 
 stop_broker() {
   local b=$1
+  if [[ $b == ternmq-observed && -n $SCRAPER ]]; then
+    kill "$SCRAPER" 2>/dev/null || true
+    wait "$SCRAPER" 2>/dev/null || true
+    SCRAPER=""
+  fi
   kill "${PID[$b]}" 2>/dev/null || true
   wait "${PID[$b]}" 2>/dev/null || true
   unset "PID[$b]"
@@ -186,6 +209,7 @@ start_broker() {
   fi
   case $b in
   ternmq) "$TERNMQ" --config "$OUT/ternmq.toml" >"$OUT/ternmq.log" 2>&1 & ;;
+  ternmq-observed) "$TERNMQ" --config "$OUT/ternmq-observed.toml" >"$OUT/ternmq-observed.log" 2>&1 & ;;
   mosquitto) "$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 & ;;
   rumqttd) "$RUMQTTD" -q -c "$OUT/rumqttd.toml" >"$OUT/rumqttd.log" 2>&1 & ;;
   *) die "unknown broker $b" ;;
@@ -193,12 +217,26 @@ start_broker() {
   PID[$b]=$!
   for _ in $(seq 100); do
     if listening "${PORT[$b]}"; then
+      [[ $b == ternmq-observed ]] && start_scraper "${PID[$b]}"
       return 0
     fi
     kill -0 "${PID[$b]}" 2>/dev/null || die "$b exited at start: $(tail -5 "$OUT/$b.log")"
     sleep 0.1
   done
   die "$b does not listen on ${PORT[$b]}"
+}
+
+# Scrapes ternmq-observed's /metrics every second (as Prometheus would) while it runs.
+start_scraper() {
+  local pid=$1
+  (
+    while kill -0 "$pid" 2>/dev/null; do
+      curl -sf -o /dev/null -H "Authorization: Bearer $ADMIN_TOKEN" \
+        "http://127.0.0.1:$ADMIN_PORT/metrics" || echo "scrape failed" >>"$OUT/scrape.err"
+      sleep 1
+    done
+  ) &
+  SCRAPER=$!
 }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }

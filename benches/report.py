@@ -14,6 +14,9 @@ from collections import defaultdict
 THROUGHPUT = ["fanin-q0", "fanin-q1", "fanout-q0", "fanout-q1", "p2p-q0", "p2p-q1", "p2p-q2"]
 LATENCY = ["latency-q0", "latency-q1"]
 PEERS = ["mosquitto", "rumqttd"]
+# ternmq with $SYS every second and /metrics scraped every second (compare.sh
+# --brokers "ternmq ternmq-observed"): compared with ternmq in its own table.
+OBSERVED = "ternmq-observed"
 
 
 def load(path):
@@ -122,9 +125,42 @@ def table(header, rows):
     return "\n".join(out)
 
 
+def observed(runs):
+    """ternmq-observed against ternmq, scenario by scenario: the overhead of $SYS and
+    /metrics, with each side's spread across rounds to judge it against the noise."""
+    print("### Observability overhead ($SYS every 1 s, /metrics scraped every 1 s)")
+    print()
+    header = ["scenario", "ternmq (off)", "ternmq-observed", "observed / off",
+              "CPU µs/msg off → observed"]
+    rows = []
+    for name in THROUGHPUT + LATENCY:
+        off, on = runs.get((name, "ternmq")), runs.get((name, OBSERVED))
+        if not off or not on:
+            continue
+        key = "p99_us" if name in LATENCY else "receive_rate"
+        show = fmt_us if name in LATENCY else fmt_rate
+
+        def cell(rs):
+            vals = [r.get(key) for r in rs if r.get(key) is not None]
+            if not vals:
+                return "–", None
+            spread = f" ({show(min(vals))}–{show(max(vals))})" if len(vals) > 1 else ""
+            return show(med(vals)) + spread + (" p99" if name in LATENCY else ""), med(vals)
+
+        def cpu(rs):
+            c, u = med([r.get("broker_cpu_s") for r in rs]), med([r.get("unique") for r in rs])
+            return f"{c * 1e6 / u:.2f}" if c is not None and u else "–"
+
+        (a, va), (b, vb) = cell(off), cell(on)
+        rows.append([name, a, b, ratio(vb, va), f"{cpu(off)} → {cpu(on)}"])
+    print(table(header, rows))
+    print()
+
+
 def main(path):
     meta, end, runs, rss = load(path)
-    brokers = [b for b in ["ternmq", "mosquitto", "rumqttd"] if any(k[1] == b for k in runs)]
+    brokers = [b for b in ["ternmq", OBSERVED, "mosquitto", "rumqttd"]
+               if any(k[1] == b for k in runs)]
     verdicts = []
     print(f"Measured {meta.get('date', '?')} at commit `{meta.get('commit', '?')}` on "
           f"{meta.get('cores', '?')} cores ({meta.get('cpu', '?')}), "
@@ -249,6 +285,9 @@ def main(path):
                   and not k[0].endswith("q0")]
     verdicts.append(("no loss or failure at QoS 1/2 (ternmq)", not failed_qos,
                      ", ".join(k[0] for k in failed_qos) or "none"))
+
+    if any(k[1] == OBSERVED for k in runs):
+        observed(runs)
 
     print("### Targets (ternmq)")
     print()

@@ -8,11 +8,10 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ternmq::budget::Budget;
 use ternmq::message::Message;
 use ternmq::protocol::{QoS, SubOptions};
 use ternmq::router::Router;
-use ternmq::session::{Link, QueueLimits, Session};
+use ternmq::session::{Env, Link, QueueLimits, Session};
 use tokio::sync::Notify;
 
 fn options(qos: QoS) -> SubOptions {
@@ -26,8 +25,7 @@ fn session(id: u64, limits: QueueLimits) -> Arc<Session> {
     Arc::new(Session::new(
         id,
         format!("c{id}").as_str().into(),
-        limits,
-        Arc::new(Budget::new(usize::MAX)),
+        Arc::new(Env::new(limits)),
     ))
 }
 

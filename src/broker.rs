@@ -10,17 +10,20 @@
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::message::Message;
+use crate::observe::clients::Clients;
 use crate::protocol::{ByteStr, SubOptions};
 use crate::router::Router;
 use crate::security::backoff::{Backoff, BackoffConfig};
 use crate::security::enhanced::{AuthMethod, Scram};
 use crate::security::{Authenticator, SecurityError};
-use crate::session::{Detached, Ended, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
+use crate::session::journal::Journal;
+use crate::session::{Detached, Ended, Env, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
+use crate::store::Op;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,9 +35,9 @@ pub struct Broker {
     security_generation: AtomicU64,
     /// Slows down addresses that keep failing to authenticate.
     pub backoff: Backoff,
-    /// Password checks running at once (`PASSWORD_CHECKS`): each holds the memory of
+    /// Password checks running at once (`password_check`): each holds the memory of
     /// its hash (19 MiB for argon2id), so their number must not follow the clients'.
-    pub password_checks: tokio::sync::Semaphore,
+    password_checks: tokio::sync::Semaphore,
     /// MQTT 5 enhanced authentication methods, by name (SCRAM-SHA-256 built in).
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     pub router: Router<Session>,
@@ -43,6 +46,8 @@ pub struct Broker {
     /// Messages held for clients (queued, in flight) and the retained store
     /// (`limits.max_queued_memory`).
     pub memory: Arc<Budget>,
+    /// What sessions share: their limits, the memory budget, the journal to the store.
+    env: Arc<Env>,
     /// Partly received packets and write buffers (`limits.max_buffered_memory`).
     pub buffers: Budget,
     /// Client connections open now, all listeners together.
@@ -53,6 +58,11 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Every task of the broker (accept loops, connections, timers), for shutdown.
     pub tasks: TaskTracker,
+    /// The clients connected now (for the admin API and `/metrics`).
+    pub clients: Clients,
+    /// When the broker started, on its clock (`now()`) and on the wall clock.
+    pub started: Instant,
+    pub started_at: SystemTime,
 }
 
 /// Password checks at once: one per core, at most 4 (4 × 19 MiB of argon2id memory);
@@ -67,17 +77,39 @@ pub fn now() -> Instant {
 }
 
 impl Broker {
-    /// A broker with `config`; fails if a file of `[auth]` cannot be used.
+    /// A broker with `config` that keeps its state in memory only; fails if a file of
+    /// `[auth]` cannot be used.
     pub fn new(
         config: Config,
+        auth_methods: Vec<Arc<dyn AuthMethod>>,
+    ) -> Result<Arc<Broker>, SecurityError> {
+        Broker::with_journal(config, auth_methods, Journal::off())
+    }
+
+    /// A broker that records its persistent state in `journal`'s store.
+    pub fn with_journal(
+        config: Config,
         mut auth_methods: Vec<Arc<dyn AuthMethod>>,
+        journal: Journal,
     ) -> Result<Arc<Broker>, SecurityError> {
         let security = Arc::new(Authenticator::load(config.auth.clone())?);
         auth_methods.push(Arc::new(Scram {
             authenticator: security.clone(),
         }));
         let memory = Arc::new(Budget::new(config.limits.max_queued_memory));
+        let s = &config.session;
+        let env = Arc::new(Env {
+            limits: QueueLimits {
+                max_inflight: s.max_inflight_messages,
+                max_queued: s.max_queued_messages,
+                max_queued_bytes: s.max_queued_bytes,
+                queue_qos0: s.queue_qos0_messages,
+            },
+            budget: memory.clone(),
+            journal: Arc::new(journal),
+        });
         Ok(Arc::new(Broker {
+            env,
             security,
             security_generation: AtomicU64::new(0),
             backoff: Backoff::new(BackoffConfig::default()),
@@ -92,6 +124,9 @@ impl Broker {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            clients: Clients::default(),
+            started: now(),
+            started_at: SystemTime::now(),
         }))
     }
 
@@ -108,19 +143,36 @@ impl Broker {
         self.security_generation.load(Ordering::Relaxed)
     }
 
+    /// Runs a credentials check (`Authenticator::authenticate`) off the runtime, once one
+    /// of the few password-check slots is free: a crowd of clients with passwords waits
+    /// its turn, holding only its request, instead of making the broker hold one hash's
+    /// memory per client. None if the check could not run (shutdown, a panic).
+    pub async fn password_check<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _slot = self.password_checks.acquire().await.ok()?;
+        tokio::task::spawn_blocking(check).await.ok()
+    }
+
     /// A fresh id for a connection or a session.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn queue_limits(&self) -> QueueLimits {
-        let s = &self.config.session;
-        QueueLimits {
-            max_inflight: s.max_inflight_messages,
-            max_queued: s.max_queued_messages,
-            max_queued_bytes: s.max_queued_bytes,
-            queue_qos0: s.queue_qos0_messages,
-        }
+    /// Where persistent state is recorded.
+    pub fn journal(&self) -> &Journal {
+        &self.env.journal
+    }
+
+    /// What every session shares.
+    pub fn session_env(&self) -> Arc<Env> {
+        self.env.clone()
+    }
+
+    /// Registers a restored session (start-up only: before any connection).
+    pub(crate) fn adopt(&self, session: Arc<Session>) {
+        self.sessions.insert(session.client_id.clone(), session);
     }
 
     /// Gives `client_id`'s session to a new connection. A stored session is resumed
@@ -163,12 +215,7 @@ impl Broker {
     }
 
     fn new_session(&self, client_id: &ByteStr, link: Link, expiry: u32) -> Arc<Session> {
-        let s = Session::new(
-            self.next_id(),
-            client_id.clone(),
-            self.queue_limits(),
-            self.memory.clone(),
-        );
+        let s = Session::new(self.next_id(), client_id.clone(), self.env.clone());
         s.attach_new(link, expiry);
         Arc::new(s)
     }
@@ -189,7 +236,7 @@ impl Broker {
         }
         let existed = self.router.subscribe(filter, session, options, id);
         let sub = crate::session::Subscription { options, id };
-        session.with_state(conn_id, |s| s.subscriptions.insert(filter.clone(), sub))?;
+        session.with_state(conn_id, |s| s.subscribe(filter.clone(), sub))?;
         Ok(existed)
     }
 
@@ -204,7 +251,7 @@ impl Broker {
         if !session.is_owned_by(conn_id) {
             return Err(NotOwner);
         }
-        session.with_state(conn_id, |s| s.subscriptions.remove(filter))?;
+        session.with_state(conn_id, |s| s.unsubscribe(filter))?;
         Ok(self.router.unsubscribe(filter, session.id))
     }
 
@@ -213,6 +260,17 @@ impl Broker {
     pub fn publish(&self, message: &Arc<Message>) -> usize {
         if message.retain {
             self.router.retain(message);
+            let journal = &self.env.journal;
+            if journal.is_on() {
+                let op = if message.payload.is_empty() {
+                    Op::ClearRetained {
+                        topic: message.topic.clone(),
+                    }
+                } else {
+                    Op::SetRetained(journal.message(message))
+                };
+                journal.submit(vec![op]);
+            }
         }
         self.router.publish(message)
     }
@@ -252,25 +310,37 @@ impl Broker {
             }
             Detached::Kept { expiry } => expiry,
         };
-        let expiry = (expiry != NEVER_EXPIRE).then(|| Duration::from_secs(u64::from(expiry)));
-        let will_after = (will_delay > 0)
-            .then(|| Duration::from_secs(u64::from(will_delay)))
-            .filter(|w| expiry.is_none_or(|e| *w < e));
-        if expiry.is_none() && will_after.is_none() {
+        let expiry = (expiry != NEVER_EXPIRE).then(|| now + Duration::from_secs(u64::from(expiry)));
+        let will_at = (will_delay > 0).then(|| now + Duration::from_secs(u64::from(will_delay)));
+        self.schedule(session, conn_id, expiry, will_at);
+    }
+
+    /// The timers of an offline session (left by `conn_id`): its delayed will at
+    /// `will_at`, its end at `expires_at`. Each acts only if the session is still offline
+    /// since that same connection; a will due after the session's end goes with the end.
+    pub(crate) fn schedule(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        expires_at: Option<Instant>,
+        will_at: Option<Instant>,
+    ) {
+        let will_at = will_at.filter(|w| expires_at.is_none_or(|e| *w < e));
+        if expires_at.is_none() && will_at.is_none() {
             return;
         }
-        let (broker, session) = (self.clone(), session.clone());
-        let start = tokio::time::Instant::from_std(now);
-        self.tasks.spawn(async move {
+        let (broker, owner) = (self.clone(), session.clone());
+        let session = owner.clone();
+        let timer = self.tasks.spawn(async move {
             let timers = async {
-                if let Some(w) = will_after {
-                    tokio::time::sleep_until(start + w).await;
+                if let Some(w) = will_at {
+                    tokio::time::sleep_until(w.into()).await;
                     if let Some(will) = session.take_pending_will(conn_id) {
                         broker.publish_will(&will, self::now());
                     }
                 }
-                if let Some(e) = expiry {
-                    tokio::time::sleep_until(start + e).await;
+                if let Some(e) = expires_at {
+                    tokio::time::sleep_until(e.into()).await;
                     broker.expire(&session, conn_id, self::now());
                 }
             };
@@ -279,6 +349,9 @@ impl Broker {
                 _ = timers => {}
             }
         });
+        // One timer per session: a session that comes and goes (a long poll, a flaky
+        // device) does not pile up sleeping tasks until its expiry.
+        owner.set_timer(timer.abort_handle());
     }
 
     /// Ends `session` if it is still offline since `conn_id` left it: decided and
@@ -295,6 +368,7 @@ impl Broker {
         });
         if let Some(ended) = ended {
             tracing::debug!(client_id = %session.client_id, "session expired");
+            crate::metrics::add(crate::metrics::Counter::SessionsExpired, 1);
             let _control = session.control();
             self.clean_up(session, ended, now);
         }
@@ -316,7 +390,7 @@ impl Broker {
                 .router
                 .redeliver_shared(orphan, session.id, max_waiting)
             {
-                crate::metrics::dropped();
+                crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
             }
         }
     }
@@ -357,6 +431,12 @@ impl Broker {
             .get(&ByteStr::from(client_id))
             .map(|s| s.clone())
     }
+
+    /// Every session, connected or not, in no particular order (for the admin API and
+    /// `$SYS`; holds each registry shard's read lock while it copies it).
+    pub fn all_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.iter().map(|s| s.value().clone()).collect()
+    }
 }
 
 /// What a listener allows, shared by its connections.
@@ -370,6 +450,13 @@ pub struct ListenerRules {
     pub identity_as_username: bool,
     /// Connections open now on this listener.
     open: AtomicUsize,
+    /// How `/metrics` names the listener (e.g. `mqtt://127.0.0.1:1883`).
+    pub name: String,
+    /// Connections accepted, and accept calls that failed, since the start.
+    pub accepted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// MQTT clients connected now (past CONNECT), by protocol version (3.1, 3.1.1, 5.0).
+    pub clients: [AtomicUsize; 3],
 }
 
 impl ListenerRules {
@@ -382,7 +469,16 @@ impl ListenerRules {
                 .as_ref()
                 .is_some_and(|t| t.identity_as_username.is_some()),
             open: AtomicUsize::new(0),
+            name: String::new(),
+            accepted: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            clients: Default::default(),
         }
+    }
+
+    /// Connections open now on this listener (in the handshake or connected).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// A listener with no limit of its own that lets anonymous clients in (tests, tools).

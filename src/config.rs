@@ -19,12 +19,20 @@ pub struct Config {
     /// error | warn | info | debug | trace (RUST_LOG, if set, wins).
     #[serde(deserialize_with = "log_level")]
     pub log_level: String,
+    /// How log lines are written: plain text, or one JSON object per line.
+    pub log_format: LogFormat,
+    /// Seconds between updates of the `$SYS` topics (0 = none), as mosquitto's
+    /// `sys_interval` (docs/observability.md).
+    #[serde(deserialize_with = "sys_interval")]
+    pub sys_interval: u64,
     pub listeners: Vec<Listener>,
     pub mqtt: Mqtt,
     pub session: SessionLimits,
     pub limits: Limits,
     /// Password file, ACL and tokens (docs/security.md).
     pub auth: SecurityConfig,
+    /// The store of retained messages and persistent sessions (docs/persistence.md).
+    pub persistence: PersistenceConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,6 +41,21 @@ pub enum ListenerKind {
     Tcp,
     /// MQTT over WebSocket (docs/websocket.md).
     Ws,
+    /// Server-Sent Events, long polling and HTTP publish, and MQTT over WebSocket at
+    /// `path` (docs/http.md).
+    Http,
+    /// HTTP for operators: `/metrics`, the admin API and the web console
+    /// (docs/observability.md). Not MQTT.
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, with the connection's peer and client id.
+    Json,
 }
 
 /// The path a ws listener serves when none is configured (`/` is always served too).
@@ -43,9 +66,10 @@ pub const DEFAULT_WS_PATH: &str = "/mqtt";
 pub struct Listener {
     pub kind: ListenerKind,
     pub bind: SocketAddr,
-    /// ws only: the HTTP path served besides `/` (default `/mqtt`).
+    /// ws and http: the HTTP path of MQTT over WebSocket (default `/mqtt`; a ws listener
+    /// serves `/` too).
     pub path: Option<String>,
-    /// ws only: `Origin` values allowed to upgrade; empty allows any.
+    /// ws and http: `Origin` values allowed to upgrade to WebSocket; empty allows any.
     pub allowed_origins: Vec<String>,
     /// TLS on this listener (mqtts on tcp, wss on ws): docs/security.md.
     pub tls: Option<TlsConfig>,
@@ -53,7 +77,47 @@ pub struct Listener {
     pub max_connections: usize,
     /// Clients without credentials may connect (false by default, as in mosquitto 2).
     pub allow_anonymous: bool,
+    /// admin only: the bearer token every request but the console's files must carry.
+    pub token: Option<String>,
+    /// http only: SSE, long polling and HTTP publish.
+    pub http: HttpSettings,
 }
+
+/// The keys of an http listener (docs/http.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Origins whose pages may call SSE, poll and publish (CORS); others are refused.
+    /// Empty: none (requests without `Origin`, from servers and tools, are served).
+    pub cors_origins: Vec<String>,
+    /// Seconds between `: ping` comments on an idle SSE stream.
+    pub heartbeat: u64,
+    /// Milliseconds an EventSource waits before reconnecting (the `retry:` field).
+    pub retry: u64,
+    /// Seconds an SSE or poll session with a client id outlives its request.
+    pub session_expiry: u32,
+    /// Longest `timeout` of a long poll, seconds.
+    pub max_poll_timeout: u64,
+    /// Events sent and not yet acknowledged per persistent stream or poll session.
+    pub max_unacked: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            cors_origins: Vec::new(),
+            heartbeat: 15,
+            retry: 2000,
+            session_expiry: 300,
+            max_poll_timeout: 60,
+            max_unacked: 1000,
+        }
+    }
+}
+
+/// The shortest admin token accepted: a guessable token on an HTTP API that can
+/// disconnect clients is worse than none.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// A listener as written, before the checks that involve several of its keys.
 #[derive(Deserialize)]
@@ -71,25 +135,78 @@ struct RawListener {
     max_connections: usize,
     #[serde(default)]
     allow_anonymous: bool,
+    #[serde(default, deserialize_with = "origins")]
+    cors_origins: Vec<String>,
+    #[serde(default, deserialize_with = "heartbeat")]
+    heartbeat: Option<u64>,
+    #[serde(default, deserialize_with = "retry")]
+    retry: Option<u64>,
+    #[serde(default, deserialize_with = "session_expiry")]
+    session_expiry: Option<u32>,
+    #[serde(default, deserialize_with = "poll_timeout")]
+    max_poll_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "unacked")]
+    max_unacked: Option<usize>,
+    token: Option<String>,
 }
 
 impl TryFrom<RawListener> for Listener {
     type Error = String;
 
     fn try_from(raw: RawListener) -> Result<Listener, String> {
-        if raw.kind != ListenerKind::Ws {
-            // toml points at the first [[listeners]] here, so name the listener by its bind.
-            let ws_only = [
+        // toml points at the first [[listeners]] here, so name the listener by its bind.
+        let misplaced = |keys: &[(&str, bool)], kinds: &str| {
+            keys.iter().find(|(_, set)| *set).map(|(key, _)| {
+                format!(
+                    "listener {}: `{key}` is only for {kinds} listeners",
+                    raw.bind
+                )
+            })
+        };
+        if raw.kind == ListenerKind::Tcp {
+            let web_only = [
                 ("path", raw.path.is_some()),
                 ("allowed_origins", !raw.allowed_origins.is_empty()),
             ];
-            if let Some((key, _)) = ws_only.iter().find(|(_, set)| *set) {
+            if let Some(e) = misplaced(&web_only, "type = \"ws\" and type = \"http\"") {
+                return Err(e);
+            }
+        }
+        if raw.kind != ListenerKind::Http {
+            let http_only = [
+                ("cors_origins", !raw.cors_origins.is_empty()),
+                ("heartbeat", raw.heartbeat.is_some()),
+                ("retry", raw.retry.is_some()),
+                ("session_expiry", raw.session_expiry.is_some()),
+                ("max_poll_timeout", raw.max_poll_timeout.is_some()),
+                ("max_unacked", raw.max_unacked.is_some()),
+            ];
+            if let Some(e) = misplaced(&http_only, "type = \"http\"") {
+                return Err(e);
+            }
+        }
+        if raw.kind == ListenerKind::Http {
+            if let Some(p) = raw
+                .path
+                .as_deref()
+                .filter(|p| ["/sse", "/poll", "/publish"].contains(p))
+            {
                 return Err(format!(
-                    "listener {}: `{key}` is only for type = \"ws\" listeners",
+                    "listener {}: `path` {p:?} is an endpoint of the http listener; choose another",
                     raw.bind
                 ));
             }
         }
+        check_admin(&raw)?;
+        let d = HttpSettings::default();
+        let http = HttpSettings {
+            cors_origins: raw.cors_origins,
+            heartbeat: raw.heartbeat.unwrap_or(d.heartbeat),
+            retry: raw.retry.unwrap_or(d.retry),
+            session_expiry: raw.session_expiry.unwrap_or(d.session_expiry),
+            max_poll_timeout: raw.max_poll_timeout.unwrap_or(d.max_poll_timeout),
+            max_unacked: raw.max_unacked.unwrap_or(d.max_unacked),
+        };
         Ok(Listener {
             kind: raw.kind,
             bind: raw.bind,
@@ -98,7 +215,44 @@ impl TryFrom<RawListener> for Listener {
             tls: raw.tls,
             max_connections: raw.max_connections,
             allow_anonymous: raw.allow_anonymous,
+            http,
+            token: raw.token,
         })
+    }
+}
+
+/// An admin listener needs a token, and takes none of the MQTT listeners' keys; the
+/// others take no token.
+fn check_admin(raw: &RawListener) -> Result<(), String> {
+    let bind = raw.bind;
+    if raw.kind != ListenerKind::Admin {
+        return match raw.token {
+            Some(_) => Err(format!(
+                "listener {bind}: `token` is only for type = \"admin\" listeners"
+            )),
+            None => Ok(()),
+        };
+    }
+    let mqtt_only = [
+        ("tls", raw.tls.is_some()),
+        ("max_connections", raw.max_connections != 0),
+        ("allow_anonymous", raw.allow_anonymous),
+    ];
+    if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+        return Err(format!(
+            "listener {bind}: `{key}` is not for type = \"admin\" listeners"
+        ));
+    }
+    match &raw.token {
+        Some(t) if t.chars().count() >= MIN_ADMIN_TOKEN && !t.contains(char::is_whitespace) => {
+            Ok(())
+        }
+        Some(_) => Err(format!(
+            "listener {bind}: the admin `token` must be at least {MIN_ADMIN_TOKEN} characters, without spaces"
+        )),
+        None => Err(format!(
+            "listener {bind}: an admin listener needs a `token` (e.g. the output of `openssl rand -hex 24`)"
+        )),
     }
 }
 
@@ -113,10 +267,12 @@ impl Listener {
             tls: None,
             max_connections: 0,
             allow_anonymous: false,
+            http: HttpSettings::default(),
+            token: None,
         }
     }
 
-    /// The path a ws listener serves besides `/`.
+    /// The path of MQTT over WebSocket (a ws listener serves `/` too).
     pub fn ws_path(&self) -> &str {
         self.path.as_deref().unwrap_or(DEFAULT_WS_PATH)
     }
@@ -288,7 +444,8 @@ pub enum OnCorruption {
 impl Default for PersistenceConfig {
     fn default() -> Self {
         PersistenceConfig {
-            enabled: true,
+            // Off unless configured, as in mosquitto; the sample broker.toml turns it on.
+            enabled: false,
             dir: PathBuf::from("data"),
             sync: SyncMode::Interval,
             sync_interval_ms: 100,
@@ -308,6 +465,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             log_level: "info".into(),
+            log_format: LogFormat::Text,
+            sys_interval: 10,
             // Without a config file, as mosquitto 2: local clients only, anonymous.
             listeners: vec![Listener {
                 allow_anonymous: true,
@@ -317,6 +476,7 @@ impl Default for Config {
             session: SessionLimits::default(),
             limits: Limits::default(),
             auth: SecurityConfig::default(),
+            persistence: PersistenceConfig::default(),
         }
     }
 }
@@ -495,10 +655,34 @@ fn origins<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     let origins = Vec::<String>::deserialize(d)?;
     match origins.iter().find(|o| !o.contains("://") || o.ends_with('/')) {
         Some(bad) => Err(serde::de::Error::custom(format!(
-            "allowed_origins entries look like \"https://example.com\" or \"http://host:8080\", with no trailing '/' (got {bad:?})"
+            "origins look like \"https://example.com\" or \"http://host:8080\", with no trailing '/' (got {bad:?})"
         ))),
         None => Ok(origins),
     }
+}
+
+fn heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    ranged(d, 1, 3600, "heartbeat (seconds)").map(Some)
+}
+
+fn retry<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    ranged(d, 0, 3_600_000, "retry (milliseconds)").map(Some)
+}
+
+fn session_expiry<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    ranged(d, 0, u64::from(u32::MAX), "session_expiry (seconds)").map(|v| Some(v as u32))
+}
+
+fn poll_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    ranged(d, 0, 3600, "max_poll_timeout (seconds)").map(Some)
+}
+
+fn unacked<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    ranged(d, 1, 65_535, "max_unacked").map(|v| Some(v as usize))
+}
+
+fn sys_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 0, 86_400, "value (seconds)")
 }
 
 fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -547,6 +731,8 @@ mod tests {
         );
         assert_eq!(c.mqtt.response_information, d.mqtt.response_information);
         assert_eq!(c.log_level, d.log_level);
+        assert_eq!(c.log_format, d.log_format);
+        assert_eq!(c.sys_interval, d.sys_interval);
         assert_eq!(c.session.max_queued_bytes, d.session.max_queued_bytes);
         assert_eq!(
             c.session.persistent_client_expiration,
@@ -695,6 +881,66 @@ mod tests {
         let err =
             Config::parse(&format!("{tcp}allowed_origins = [\"http://a.example\"]\n")).unwrap_err();
         assert!(err.contains("`allowed_origins`"), "{err}");
+    }
+
+    #[test]
+    fn http_listener_keys() {
+        let sample = Config::parse(include_str!("../broker.toml")).unwrap();
+        let l = sample
+            .listeners
+            .iter()
+            .find(|l| l.kind == ListenerKind::Http);
+        let l = l.expect("broker.toml shows an http listener");
+        assert_eq!((l.bind.port(), &l.http), (8080, &HttpSettings::default()));
+
+        let http = "[[listeners]]\ntype = \"http\"\nbind = \"127.0.0.1:8080\"\n";
+        let c = Config::parse(http).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.kind, l.ws_path()), (ListenerKind::Http, "/mqtt"));
+        assert_eq!(l.http, HttpSettings::default());
+        assert!(
+            l.http.cors_origins.is_empty(),
+            "no origin is allowed by default"
+        );
+
+        let c = Config::parse(&format!(
+            "{http}cors_origins = [\"http://localhost:3000\"]\nheartbeat = 5\nretry = 500\n\
+             session_expiry = 60\nmax_poll_timeout = 30\nmax_unacked = 10\npath = \"/ws\"\n"
+        ))
+        .unwrap();
+        let h = &c.listeners[0].http;
+        assert_eq!(h.cors_origins, ["http://localhost:3000"]);
+        assert_eq!(
+            (
+                h.heartbeat,
+                h.retry,
+                h.session_expiry,
+                h.max_poll_timeout,
+                h.max_unacked
+            ),
+            (5, 500, 60, 30, 10)
+        );
+        assert_eq!(c.listeners[0].ws_path(), "/ws");
+
+        for (text, key) in [
+            ("heartbeat = 0", "heartbeat"),
+            ("retry = -1", "retry"),
+            ("max_poll_timeout = 3601", "max_poll_timeout"),
+            ("max_unacked = 0", "max_unacked"),
+            ("session_expiry = 4294967296", "session_expiry"),
+            ("cors_origins = [\"localhost\"]", "cors_origins"),
+        ] {
+            let err = Config::parse(&format!("{http}{text}\n")).unwrap_err();
+            assert!(err.contains("line 4") && err.contains(key), "{err}");
+        }
+        let err = Config::parse(&format!("{http}path = \"/sse\"\n")).unwrap_err();
+        assert!(err.contains("`path`") && err.contains("/sse"), "{err}");
+        let ws = "[[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:8083\"\n";
+        let err = Config::parse(&format!("{ws}heartbeat = 5\n")).unwrap_err();
+        assert!(
+            err.contains("127.0.0.1:8083") && err.contains("`heartbeat`"),
+            "{err}"
+        );
     }
 
     #[test]

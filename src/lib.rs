@@ -7,19 +7,24 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod admin;
 pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod fuzz;
+pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod observe;
 pub mod protocol;
+pub mod recovery;
 pub mod router;
 pub mod security;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod transport;
 
 pub use broker::Broker;

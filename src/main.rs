@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use ternmq::config::{Config, ListenerKind};
+use ternmq::config::{Config, ListenerKind, LogFormat};
 use ternmq::security::passwd::{self, PasswdArgs, PasswordInput};
 use ternmq::Server;
 use tracing_subscriber::EnvFilter;
@@ -74,12 +74,24 @@ fn main() -> ExitCode {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("ternmq={}", config.log_level)));
-    // Colour only on a terminal: logs written to a file or a pipe stay plain text.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    match config.log_format {
+        // One JSON object per line; the connection's span (peer, client id) in "span".
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init(),
+        // Colour only on a terminal: logs written to a file or a pipe stay plain text.
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::stdout().is_terminal())
+                .init()
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

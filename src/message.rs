@@ -1,5 +1,6 @@
 //! A published message and its deliveries: what flows from a publisher through the router
-//! into the sessions' queues. Depends on the codec only.
+//! into the sessions' queues. Depends on the codec, and on the store's plain record of a
+//! message (kept with it, so that a fan-out stores it once).
 //!
 //! Time is passed in (`now`), never read here, so that expiry follows whatever clock the
 //! caller runs on (tokio's, paused in tests).
@@ -7,6 +8,7 @@
 use crate::protocol::{
     self, ByteStr, Properties, Protocol, PublishExtra, PublishHeader, QoS, SubOptions,
 };
+use crate::store::StoredMessage;
 use bytes::{Bytes, BytesMut};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -28,6 +30,9 @@ pub struct Message {
     /// The QoS 0, non-retained, 3.x encoding: identical for every such subscriber, so
     /// a fan-out encodes it once.
     encoded_v3_qos0: OnceLock<Bytes>,
+    /// The stored form, made once when the first persistent session keeps the message
+    /// (`session::journal`).
+    pub(crate) stored: OnceLock<Arc<StoredMessage>>,
 }
 
 impl Message {
@@ -53,6 +58,7 @@ impl Message {
             origin,
             expires_at,
             encoded_v3_qos0: OnceLock::new(),
+            stored: OnceLock::new(),
         }
     }
 
@@ -64,6 +70,7 @@ impl Message {
             payload: Bytes::copy_from_slice(&self.payload),
             properties: self.properties.clone(),
             encoded_v3_qos0: OnceLock::new(),
+            stored: OnceLock::new(),
             ..*self
         }
     }

@@ -4,11 +4,18 @@
 use crate::broker::{Broker, ListenerRules};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
+use crate::http::HttpService;
+use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
+use crate::session::journal::Journal;
+use crate::store::{
+    DiskStore, PersistenceConfig, RecoveryReport, Snapshot, Store, StoreError, SyncMode,
+};
 use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +26,8 @@ pub struct Server {
     addrs: Vec<(ListenerKind, SocketAddr)>,
     /// The TLS listeners' acceptors, for reloading their certificates.
     tls: Vec<TlsAcceptor>,
+    /// The MQTT listeners' rules and counts, for `/metrics`.
+    rules: Vec<Arc<ListenerRules>>,
 }
 
 /// Why a broker could not start.
@@ -34,12 +43,15 @@ pub enum StartError {
     Security(#[from] SecurityError),
     #[error("listener {addr}: {source}")]
     Tls { addr: SocketAddr, source: TlsError },
+    /// The store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl StartError {
     /// Whether the configuration is at fault (rather than the machine, e.g. a port in use).
     pub fn is_config(&self) -> bool {
-        !matches!(self, StartError::Bind { .. })
+        matches!(self, StartError::Security(_) | StartError::Tls { .. })
     }
 }
 
@@ -54,36 +66,83 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
-        let broker = Broker::new(config, auth_methods)?;
+        let queue_head = config.session.max_queued_messages;
+        let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
+        let broker = Broker::with_journal(config, auth_methods, journal)?;
+        if let Some(snapshot) = snapshot {
+            report(&snapshot.recovery);
+            let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
+            tracing::info!(
+                retained = recovered.retained,
+                sessions = recovered.sessions,
+                queued = recovered.queued,
+                in_flight = recovered.inflight,
+                expired = recovered.expired,
+                "state restored from the store"
+            );
+        }
         let mut server = Server {
             broker: broker.clone(),
             addrs: Vec::new(),
             tls: Vec::new(),
+            rules: Vec::new(),
         };
+        // Admin listeners start last, so that they know every MQTT listener.
+        let mut admins = Vec::new();
         for listener in &broker.config.listeners {
-            let addr = server.listen(listener).await?;
+            let addr = match listener.kind {
+                ListenerKind::Admin => {
+                    let (socket, addr) = bind(listener).await?;
+                    admins.push((socket, listener.token.clone().unwrap_or_default()));
+                    addr
+                }
+                _ => server.listen(listener).await?,
+            };
             tracing::info!(%addr, kind = ?listener.kind, tls = listener.tls.is_some(), "listening");
             server.addrs.push((listener.kind, addr));
         }
+        let mqtt_listeners: Vec<_> = server
+            .addrs
+            .iter()
+            .filter(|(k, _)| *k != ListenerKind::Admin)
+            .copied()
+            .collect();
+        for (socket, token) in admins {
+            let admin = crate::admin::Admin::new(
+                broker.clone(),
+                token,
+                server.rules.clone(),
+                mqtt_listeners.clone(),
+            );
+            crate::admin::spawn(admin, socket);
+        }
+        crate::observe::sys::spawn(&broker);
         Ok(server)
     }
 
     /// Binds one listener and starts its accept loop; returns its address.
     async fn listen(&mut self, listener: &Listener) -> Result<SocketAddr, StartError> {
-        let bind = |source| StartError::Bind {
-            addr: listener.bind,
-            source,
+        let (socket, addr) = bind(listener).await?;
+        let mut rules = ListenerRules::new(listener);
+        let scheme = match (listener.kind, listener.tls.is_some()) {
+            (ListenerKind::Ws, false) => "ws",
+            (ListenerKind::Ws, true) => "wss",
+            (ListenerKind::Http, false) => "http",
+            (ListenerKind::Http, true) => "https",
+            (_, false) => "mqtt",
+            (_, true) => "mqtts",
         };
-        let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
-        let addr = socket.local_addr().map_err(bind)?;
-        let rules = Arc::new(ListenerRules::new(listener));
+        rules.name = format!("{scheme}://{addr}");
+        let rules = Arc::new(rules);
+        self.rules.push(rules.clone());
         let broker = &self.broker;
         let tls = match &listener.tls {
             None => None,
             Some(cfg) => {
                 let alpn: &[&[u8]] = match listener.kind {
-                    ListenerKind::Tcp => &[tls::ALPN_MQTT],
                     ListenerKind::Ws => &[tls::ALPN_HTTP1],
+                    ListenerKind::Http => &[tls::ALPN_H2, tls::ALPN_HTTP1],
+                    _ => &[tls::ALPN_MQTT],
                 };
                 let timeout = broker.config.mqtt.connect_timeout();
                 let acceptor = TlsAcceptor::new(cfg.clone(), alpn, timeout)
@@ -92,15 +151,26 @@ impl Server {
                 Some(acceptor)
             }
         };
-        let ws = (listener.kind == ListenerKind::Ws)
-            .then(|| Arc::new(transport::ws::Policy::new(listener)));
-        match (tls, ws) {
-            (None, None) => spawn_accept(broker, socket, rules, transport::tcp::serve),
-            (None, Some(policy)) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                transport::ws::serve(b, stream, peer, policy.clone())
-            }),
-            (Some(tls), ws) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
-                serve_tls(b, stream, peer, tls.clone(), ws.clone())
+        let proto = match listener.kind {
+            // Admin listeners never get here: `crate::admin` serves them.
+            ListenerKind::Tcp | ListenerKind::Admin => Proto::Mqtt,
+            ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
+            ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(broker, listener))),
+        };
+        match (tls, proto) {
+            (None, Proto::Mqtt) => spawn_accept(broker, socket, rules, transport::tcp::serve),
+            (None, Proto::Ws(policy)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::ws::serve(b, stream, peer, policy.clone())
+                })
+            }
+            (None, Proto::Http(service)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::http::serve(b, stream, peer, service.clone())
+                })
+            }
+            (Some(tls), proto) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                serve_tls(b, stream, peer, tls.clone(), proto.clone())
             }),
         }
         Ok(addr)
@@ -141,33 +211,97 @@ impl Server {
         self.broker.shutdown.cancelled().await
     }
 
-    /// Stops accepting, closes every connection, and waits up to `grace` for them.
-    /// Returns false if some task was still running when the grace period ended.
+    /// Stops accepting, closes every connection, waits up to `grace` for them, then
+    /// writes and closes the store. Returns false if some task was still running when the
+    /// grace period ended.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.broker.begin_shutdown();
         self.broker.tasks.close();
-        tokio::time::timeout(grace, self.broker.tasks.wait())
+        let all_closed = tokio::time::timeout(grace, self.broker.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if let Some(store) = self.broker.journal().store() {
+            if let Err(e) = store.close().await {
+                tracing::error!("closing the store: {e}");
+            }
+        }
+        all_closed
     }
 }
 
-/// The TLS handshake, then MQTT (or the WebSocket upgrade) over the encrypted stream.
+/// The journal to the configured store, and what the store holds, each session's queue
+/// up to `queue_head` messages (None without persistence). Opening takes up to a second
+/// on a large store: off the runtime.
+async fn open_store(
+    config: &PersistenceConfig,
+    queue_head: usize,
+) -> Result<(Journal, Option<Snapshot>), StartError> {
+    if !config.enabled {
+        return Ok((Journal::off(), None));
+    }
+    let cfg = config.clone();
+    let store = tokio::task::spawn_blocking(move || DiskStore::open(&cfg))
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))??;
+    let store: Arc<dyn Store> = Arc::new(store);
+    // Longer queues stay on disk until their sessions' connections read them back.
+    let snapshot = store.load(queue_head).await?;
+    let always = config.sync == SyncMode::Always;
+    let now = crate::broker::now();
+    let journal = Journal::new(Some(store), always, now, snapshot.max_message_id);
+    Ok((journal, Some(snapshot)))
+}
+
+/// Logs what recovery found wrong with the store: never a silent partial start.
+fn report(recovery: &RecoveryReport) {
+    if recovery.is_clean() {
+        return;
+    }
+    tracing::error!(
+        recovered = recovery.recovered,
+        skipped = recovery.skipped,
+        discarded_tail_bytes = recovery.discarded_tail_bytes,
+        moved_aside = ?recovery.moved_aside,
+        "the store was damaged: started with what could be recovered"
+    );
+}
+
+/// What a listener speaks over its sockets.
+#[derive(Clone)]
+enum Proto {
+    Mqtt,
+    Ws(Arc<transport::ws::Policy>),
+    Http(Arc<HttpService>),
+}
+
+/// Binds the socket of `listener`; returns it with its address.
+async fn bind(listener: &Listener) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind = |source| StartError::Bind {
+        addr: listener.bind,
+        source,
+    };
+    let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
+    let addr = socket.local_addr().map_err(bind)?;
+    Ok((socket, addr))
+}
+
+/// The TLS handshake, then MQTT, the WebSocket upgrade or HTTP over the encrypted stream.
 async fn serve_tls(
     broker: Arc<Broker>,
     stream: TcpStream,
     mut peer: Peer,
     tls: TlsAcceptor,
-    ws: Option<Arc<transport::ws::Policy>>,
+    proto: Proto,
 ) {
     let (stream, proved) = match tls.accept(stream).await {
         Ok(accepted) => accepted,
         Err(e) => return tracing::debug!(peer = %peer.addr, "TLS handshake failed: {e}"),
     };
     peer.tls_identity = proved.identity;
-    match ws {
-        Some(policy) => transport::ws::serve(broker, stream, peer, policy).await,
-        None => transport::tcp::serve_stream(broker, stream, peer).await,
+    match proto {
+        Proto::Ws(policy) => transport::ws::serve(broker, stream, peer, policy).await,
+        Proto::Http(service) => transport::http::serve(broker, stream, peer, service).await,
+        Proto::Mqtt => transport::tcp::serve_stream(broker, stream, peer).await,
     }
 }
 
@@ -193,6 +327,8 @@ fn spawn_accept<F, Fut>(
             };
             match accepted {
                 Ok((stream, addr)) => {
+                    rules.accepted.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::add(crate::metrics::Counter::SocketsAccepted, 1);
                     // MQTT packets are small and latency matters more than segment count.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%addr, "set_nodelay: {e}");
@@ -204,9 +340,13 @@ fn spawn_accept<F, Fut>(
                     };
                     broker.tasks.spawn(serve(broker.clone(), stream, peer));
                 }
-                Err(e) if is_out_of_descriptors(&e) => exhausted.refuse_one(&listener).await,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    exhausted.refuse_one(&listener).await
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    rules.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(listener = %rules.name, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -2159,6 +2159,53 @@ async fn enhanced_authentication_exchange_succeeds() {
     assert_eq!(c.receive().await.payload, Bytes::from_static(b"after auth"));
 }
 
+/// Re-authentication (4.12.1): AUTH 0x19 on a live connection runs the exchange again
+/// (AUTH 0x18 both ways) and ends with AUTH 0x00; the session goes on undisturbed. A
+/// wrong answer ends the connection with DISCONNECT 0x87.
+#[tokio::test]
+async fn re_authentication_runs_the_exchange_again() {
+    let b = TestBroker::with_auth(|_| {}, vec![std::sync::Arc::new(EchoChallenge)]).await;
+    let (mut c, last) = authenticate(&b, "reauth", b"answer:nonce-1").await;
+    assert!(matches!(last, Packet::ConnAck(ref a) if a.code == ReasonCode::Success));
+    c.subscribe("ra/t", QoS::AtLeastOnce).await;
+    for (answer, accepted) in [
+        (&b"answer:nonce-1"[..], true),
+        (&b"answer:guess"[..], false),
+    ] {
+        c.send(Packet::Auth(Auth {
+            reason: ReasonCode::Reauthenticate,
+            properties: auth_props(b"again"),
+        }))
+        .await;
+        let Packet::Auth(challenge) = c.expect("AUTH challenge").await else {
+            panic!("expected an AUTH challenge");
+        };
+        assert_eq!(challenge.reason, ReasonCode::ContinueAuthentication);
+        let mut props = auth_props(b"");
+        props.authentication_data = Some(Bytes::copy_from_slice(answer));
+        c.send(Packet::Auth(Auth {
+            reason: ReasonCode::ContinueAuthentication,
+            properties: props,
+        }))
+        .await;
+        if !accepted {
+            c.expect_disconnect(ReasonCode::NotAuthorized).await;
+            break;
+        }
+        let Packet::Auth(done) = c.expect("AUTH success").await else {
+            panic!("expected AUTH 0x00");
+        };
+        assert_eq!(done.reason, ReasonCode::Success);
+        assert_eq!(
+            done.properties.authentication_data.as_deref(),
+            Some(&b"welcome"[..])
+        );
+        c.publish(plain("ra/t", b"still here", QoS::AtLeastOnce))
+            .await;
+        assert_eq!(c.receive().await.payload, Bytes::from_static(b"still here"));
+    }
+}
+
 /// A wrong answer is refused with CONNACK 0x87 and no session is created.
 #[tokio::test]
 async fn enhanced_authentication_wrong_answer_is_not_authorized() {

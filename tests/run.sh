@@ -27,6 +27,7 @@ need mosquitto_pub mosquitto-clients # tests/mosquitto.rs
 need mosquitto_sub mosquitto-clients
 need stdbuf coreutils # line-buffers mosquitto_sub's output
 need openssl openssl   # src/transport/tls.rs tests: the docs' test-CA recipe and s_client
+need curl curl         # tests/http.rs: SSE with curl -N, HTTP/2 over TLS
 need mosquitto_passwd mosquitto # password files in mosquitto's format (security::password, tests/cli.rs, tests/security.rs)
 # The mosquitto broker itself (tests/security.rs runs the same acl_file in it): same
 # package, in /usr/sbin, which a user's PATH may not hold.
@@ -38,6 +39,7 @@ need prlimit util-linux # tests/security.rs: the broker binary with a low open-f
 need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
 need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)
 need npm npm
+need promtool prometheus # tests/observe.rs: checks /metrics with Prometheus's own checker
 
 install_missing() {
   ((${#missing_packages[@]})) || return 0

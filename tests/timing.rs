@@ -365,6 +365,31 @@ async fn session_expires_exactly_at_its_interval() {
         .await;
 }
 
+/// A session that comes and goes (a flaky device, a long poll) keeps one expiry timer,
+/// not one per disconnect: the broker's tasks do not pile up while it waits to expire.
+#[tokio::test(start_paused = true)]
+async fn a_session_that_comes_and_goes_keeps_one_timer() {
+    let b = TestBroker::in_memory(|_| {});
+    let tasks = || b.broker().tasks.len();
+    let before = tasks();
+    for _ in 0..50 {
+        let (c, _) = Client::accepted(b.target(), connect_expiry("flaky", false, 3600)).await;
+        c.disconnect().await;
+        tokio::task::yield_now().await;
+    }
+    // The last connection's task may still be finishing; 50 timers would be obvious.
+    assert!(
+        tasks() <= before + 2,
+        "{} tasks after 50 disconnects (from {before})",
+        tasks()
+    );
+    at(Instant::now() + secs(3600.0)).await;
+    assert!(
+        b.broker().session("flaky").is_none(),
+        "the one timer still expires it"
+    );
+}
+
 /// The end of a session, seen in the registry: present at `interval` - 1 ms, gone at
 /// `interval` exactly.
 async fn assert_expires_at(b: &TestBroker, client_id: &str, t0: Instant, interval: Duration) {

@@ -114,6 +114,8 @@ impl Topology {
 /// Everything the threads share.
 struct Shared {
     addr: SocketAddr,
+    /// Subscribers read SSE from here (`--sse-port`).
+    sse_addr: Option<SocketAddr>,
     topology: Topology,
     qos: u8,
     payload: usize,
@@ -304,6 +306,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
     let base = Instant::now();
     let shared = Arc::new(Shared {
         addr,
+        sse_addr: args.sse_port.map(|port| SocketAddr::new(addr.ip(), port)),
         topology,
         qos: args.qos,
         payload: args.payload,
@@ -453,6 +456,147 @@ fn failures(r: &Report, qos: u8) -> Vec<String> {
 }
 
 /// Long enough that no connection needs to ping during the run.
+/// Subscribers over Server-Sent Events (ternmq's `GET /sse`, docs/http.md).
+mod sse {
+    use super::*;
+    use base64::Engine;
+
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        payload: std::borrow::Cow<'a, str>,
+        encoding: &'a str,
+    }
+
+    pub(super) async fn subscriber(
+        sh: &Shared,
+        local: &Local,
+        s: usize,
+        addr: SocketAddr,
+    ) -> anyhow::Result<()> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let filter = sh.topology.filter(&sh.prefix, s);
+        let topic: String = filter
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let request = format!(
+            "GET /sse?topic={topic}&qos={} HTTP/1.1\r\nHost: bench\r\n\r\n",
+            sh.qos.min(1)
+        );
+        wr.write_all(request.as_bytes()).await?;
+        let mut raw = BytesMut::with_capacity(64 * 1024);
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            read(&mut rd, &mut raw).await?;
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET /sse refused: {}", head.lines().next().unwrap_or(""));
+        }
+        raw.advance(head_end + 4);
+        // The subscription is in place before the answer's head is sent.
+        sh.ready.fetch_add(1, Ordering::AcqRel);
+        sh.wait_start().await?;
+
+        let pubs = sh.topology.pubs_of(s);
+        let mut inbox = Inbox::new(sh.run, pubs);
+        let mut text = BytesMut::with_capacity(64 * 1024);
+        let mut last_message = Instant::now();
+        let timer = tokio::time::sleep(TICK);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                r = read(&mut rd, &mut raw) => {
+                    r?;
+                    let now_ns = sh.now_ns();
+                    if dechunk(&mut raw, &mut text)? {
+                        bail!("the stream ended");
+                    }
+                    let mut latency = local.latency.borrow_mut();
+                    while let Some(i) = text.windows(2).position(|w| w == b"\n\n") {
+                        let block = text.split_to(i + 2);
+                        record(&block, &mut inbox, now_ns, &mut latency)?;
+                    }
+                    inbox.tell_publishers(sh, s, now_ns);
+                    last_message = Instant::now();
+                }
+                _ = &mut timer => {
+                    timer.as_mut().reset(Instant::now() + TICK);
+                }
+            }
+            if inbox.finished(sh, last_message) {
+                break;
+            }
+        }
+        local.counters.borrow_mut().add(&inbox.totals());
+        Ok(())
+    }
+
+    async fn read(rd: &mut OwnedReadHalf, raw: &mut BytesMut) -> anyhow::Result<()> {
+        raw.reserve(64 * 1024);
+        if rd.read_buf(raw).await? == 0 {
+            bail!("the broker closed the stream");
+        }
+        Ok(())
+    }
+
+    /// Moves the complete chunks of `raw` into `out`; true once the last chunk came.
+    fn dechunk(raw: &mut BytesMut, out: &mut BytesMut) -> anyhow::Result<bool> {
+        loop {
+            let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+                return Ok(false);
+            };
+            let size = std::str::from_utf8(&raw[..eol])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+                .context("bad chunk size")?;
+            if raw.len() < eol + 2 + size + 2 {
+                return Ok(false);
+            }
+            out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+            raw.advance(eol + 2 + size + 2);
+            if size == 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// One SSE block: a message event is counted; comments and `retry:` are not.
+    fn record(
+        block: &[u8],
+        inbox: &mut Inbox,
+        now_ns: u64,
+        latency: &mut Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        for line in block.split(|b| *b == b'\n') {
+            let Some(json) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let event: Event = serde_json::from_slice(json).context("event data")?;
+            let payload = match event.encoding {
+                "base64" => base64::engine::general_purpose::STANDARD
+                    .decode(event.payload.as_bytes())
+                    .context("base64 payload")?,
+                _ => event.payload.as_bytes().to_vec(),
+            };
+            inbox.record(&payload, now_ns, latency);
+        }
+        Ok(())
+    }
+}
+
 fn keep_alive(duration: f64) -> u16 {
     (duration * 2.0 + 120.0).min(65535.0) as u16
 }
@@ -755,6 +899,9 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
 }
 
 async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> {
+    if let Some(addr) = sh.sse_addr {
+        return sse::subscriber(sh, local, s, addr).await;
+    }
     let client_id = format!("lg{:08x}s{s}", sh.run);
     let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
     let filter = sh.topology.filter(&sh.prefix, s);
@@ -793,29 +940,15 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
                 let now_ns = sh.now_ns();
                 inbox.handle(&mut conn.rbuf, &mut conn.wbuf, now_ns, &mut local.latency.borrow_mut())?;
                 conn.flush().await?;
-                for i in inbox.touched.drain(..) {
-                    inbox.is_touched[i] = false;
-                    let p = pubs.start + i;
-                    let state = &sh.pubs[p];
-                    let slot = s - sh.topology.subs_of(p).start;
-                    state.progress[slot].store(inbox.trackers[i].progress(), Ordering::Release);
-                    state.wake.notify_one();
-                }
-                inbox.counts.last_receive_ns = now_ns;
+                inbox.tell_publishers(sh, s, now_ns);
                 last_message = Instant::now();
             }
             _ = &mut timer => {
                 timer.as_mut().reset(Instant::now() + TICK);
             }
         }
-        if sh.all_published() {
-            let complete = pubs
-                .clone()
-                .zip(&inbox.trackers)
-                .all(|(p, t)| t.lost(sh.pubs[p].sent.load(Ordering::Acquire)) == 0);
-            if complete || last_message.elapsed() >= QUIET {
-                break;
-            }
+        if inbox.finished(sh, last_message) {
+            break;
         }
     }
     conn.close().await;
@@ -864,23 +997,7 @@ impl Inbox {
                         2 => mqtt::ack(wbuf, mqtt::PUBREC, msg.pkid),
                         _ => {}
                     }
-                    let stamp = Stamp::read(msg.payload).filter(|st| st.run == self.run);
-                    let index = stamp.and_then(|st| {
-                        let p = st.publisher as usize;
-                        self.pubs.contains(&p).then(|| p - self.pubs.start)
-                    });
-                    match (stamp, index) {
-                        (Some(st), Some(i)) => {
-                            self.counts.received += 1;
-                            self.trackers[i].record(st.seq);
-                            stats::record_latency(latency, now_ns.saturating_sub(st.sent_ns));
-                            if !self.is_touched[i] {
-                                self.is_touched[i] = true;
-                                self.touched.push(i);
-                            }
-                        }
-                        _ => self.counts.foreign += 1,
-                    }
+                    self.record(msg.payload, now_ns, latency);
                 }
                 mqtt::PUBREL => mqtt::ack(wbuf, mqtt::PUBCOMP, mqtt::pkid(&frame)?),
                 mqtt::PINGRESP => {}
@@ -889,6 +1006,54 @@ impl Inbox {
             rbuf.advance(used);
         }
         Ok(())
+    }
+
+    /// Counts one message received at `now_ns`.
+    fn record(&mut self, payload: &[u8], now_ns: u64, latency: &mut Histogram<u64>) {
+        let stamp = Stamp::read(payload).filter(|st| st.run == self.run);
+        let index = stamp.and_then(|st| {
+            let p = st.publisher as usize;
+            self.pubs.contains(&p).then(|| p - self.pubs.start)
+        });
+        match (stamp, index) {
+            (Some(st), Some(i)) => {
+                self.counts.received += 1;
+                self.trackers[i].record(st.seq);
+                stats::record_latency(latency, now_ns.saturating_sub(st.sent_ns));
+                if !self.is_touched[i] {
+                    self.is_touched[i] = true;
+                    self.touched.push(i);
+                }
+            }
+            _ => self.counts.foreign += 1,
+        }
+    }
+
+    /// Tells the publishers heard from how far subscriber `s` got (their windows).
+    fn tell_publishers(&mut self, sh: &Shared, s: usize, now_ns: u64) {
+        for i in self.touched.drain(..) {
+            self.is_touched[i] = false;
+            let p = self.pubs.start + i;
+            let state = &sh.pubs[p];
+            let slot = s - sh.topology.subs_of(p).start;
+            state.progress[slot].store(self.trackers[i].progress(), Ordering::Release);
+            state.wake.notify_one();
+        }
+        self.counts.last_receive_ns = now_ns;
+    }
+
+    /// Whether the subscriber is done: everything published arrived, or nothing has for
+    /// a while after the publishers finished.
+    fn finished(&self, sh: &Shared, last_message: Instant) -> bool {
+        if !sh.all_published() {
+            return false;
+        }
+        let complete = self
+            .pubs
+            .clone()
+            .zip(&self.trackers)
+            .all(|(p, t)| t.lost(sh.pubs[p].sent.load(Ordering::Acquire)) == 0);
+        complete || last_message.elapsed() >= QUIET
     }
 
     fn totals(&self) -> Counters {

@@ -81,6 +81,10 @@ pub struct Args {
     /// Idle: local addresses to connect from (127.0.0.1, .2, ...; 0: one per 25,000).
     #[arg(long, default_value_t = 0)]
     pub source_ips: usize,
+    /// Subscribers take Server-Sent Events from ternmq's http listener on this port
+    /// (GET /sse) instead of subscribing over MQTT; publishers still use MQTT.
+    #[arg(long)]
+    pub sse_port: Option<u16>,
     /// Copied into the JSON line (e.g. the broker's name) for the comparison table.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -276,8 +280,9 @@ mod tests {
     use std::time::Duration;
     use ternmq::config::{Config, Listener, ListenerKind};
 
-    /// A ternmq on 127.0.0.1 (OS-chosen port) on its own runtime, for the duration of `f`.
-    fn with_broker(f: impl FnOnce(SocketAddr)) {
+    /// A ternmq on 127.0.0.1 (OS-chosen ports: MQTT, and SSE for `--sse-port`) on its own
+    /// runtime, for the duration of `f`.
+    fn with_broker(f: impl FnOnce(SocketAddr, u16)) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -285,15 +290,22 @@ mod tests {
             .expect("runtime");
         let mut config = Config::default();
         let bind = "127.0.0.1:0".parse().expect("addr");
-        config.listeners = vec![Listener {
-            allow_anonymous: true,
-            ..Listener::new(ListenerKind::Tcp, bind)
-        }];
+        config.listeners = vec![
+            Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Tcp, bind)
+            },
+            Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Http, bind)
+            },
+        ];
         let server = runtime
             .block_on(ternmq::Server::start(config))
             .expect("starts");
         let addr = server.local_addr(ListenerKind::Tcp).expect("tcp");
-        f(addr);
+        let http = server.local_addr(ListenerKind::Http).expect("http");
+        f(addr, http.port());
         runtime.block_on(server.shutdown(Duration::from_secs(5)));
     }
 
@@ -326,8 +338,10 @@ mod tests {
     /// Exact counts over real sockets, for every shape and QoS.
     #[test]
     fn counts_exactly_against_an_in_process_ternmq() {
-        with_broker(|addr| {
+        with_broker(|addr, http| {
+            let sse = format!("fan-out --qos 1 --clients 3 --sse-port {http}");
             let cases = [
+                (sse.as_str(), 200, 3 * 200),
                 ("p2p --qos 1 --clients 2 --threads 2", 2 * 200, 2 * 200),
                 // ternmq's default receive maximum (20) bounds unreleased QoS 2 publishes.
                 ("p2p --qos 2 --clients 2 --window 20", 2 * 200, 2 * 200),
@@ -371,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_paced_run_never_outruns_its_rate() {
-        with_broker(|addr| {
+        with_broker(|addr, _| {
             // 2 publishers × 300 messages at 1,000/s each: the last is due at 0.299 s.
             let a = args("loadgen latency --qos 0 --clients 2 --rate 2000 --count 300");
             let r = load::run(&a, addr).expect("runs");
@@ -384,7 +398,7 @@ mod tests {
 
     #[test]
     fn idle_connections_are_counted_and_measured() {
-        with_broker(|addr| {
+        with_broker(|addr, _| {
             let pid = std::process::id();
             let line = format!("loadgen idle --clients 50 --duration 0.1 --pid {pid}");
             let r = idle::run(&args(&line), addr).expect("runs");

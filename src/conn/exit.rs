@@ -19,6 +19,8 @@ pub enum Exit {
     Limit(ReasonCode, Cow<'static, str>),
     KeepAliveTimeout,
     TakenOver,
+    /// An administrator closed it (the admin API).
+    Administrative,
     Shutdown,
 }
 
@@ -46,6 +48,9 @@ impl Exit {
             Exit::Violation(code, _) | Exit::Limit(code, _) => (true, Some(*code)),
             Exit::KeepAliveTimeout => (true, Some(ReasonCode::KeepAliveTimeout)),
             Exit::TakenOver => (true, Some(ReasonCode::SessionTakenOver)),
+            // The server closes it without a DISCONNECT from the client: the will goes
+            // out [MQTT-3.1.2-8].
+            Exit::Administrative => (true, Some(ReasonCode::AdministrativeAction)),
             // Wills are for clients that vanish, not for a broker that stops.
             Exit::Shutdown => (false, Some(ReasonCode::ServerShuttingDown)),
         };
@@ -61,6 +66,7 @@ impl Exit {
             Exit::Violation(_, why) | Exit::Limit(_, why) => why.clone(),
             Exit::KeepAliveTimeout => "keep-alive timeout".into(),
             Exit::TakenOver => "session taken over".into(),
+            Exit::Administrative => "disconnected by an administrator".into(),
             Exit::Shutdown => "server shutting down".into(),
             Exit::Disconnect { .. } | Exit::Closed(_) => "".into(),
         }
@@ -75,10 +81,11 @@ impl Exit {
                 tracing::info!("connection lost without DISCONNECT");
                 tracing::debug!("socket error: {e}");
             }
-            Exit::Violation(_, why) => tracing::warn!("protocol violation: {why}; closing"),
-            Exit::Limit(_, why) => tracing::warn!("{why}; closing"),
+            Exit::Violation(_, why) => crate::warn_limited!("protocol violation: {why}; closing"),
+            Exit::Limit(_, why) => crate::warn_limited!("{why}; closing"),
             Exit::KeepAliveTimeout => tracing::info!("keep-alive timeout; closing"),
             Exit::TakenOver => tracing::info!("session taken over by a new connection; closing"),
+            Exit::Administrative => tracing::info!("disconnected by an administrator; closing"),
             Exit::Shutdown => tracing::debug!("closing for shutdown"),
         }
     }
@@ -105,6 +112,11 @@ mod tests {
                 Some(ReasonCode::KeepAliveTimeout),
             ),
             (Exit::TakenOver, true, Some(ReasonCode::SessionTakenOver)),
+            (
+                Exit::Administrative,
+                true,
+                Some(ReasonCode::AdministrativeAction),
+            ),
             (Exit::Shutdown, false, Some(ReasonCode::ServerShuttingDown)),
         ];
         for (exit, publish_will, disconnect) in cases {

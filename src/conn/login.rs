@@ -38,7 +38,7 @@ impl Login {
 /// The result of checking CONNECT's credentials, as the listener allows: verified
 /// credentials get in, none get in only where anonymous clients are allowed, wrong ones
 /// never (3.1.1 return code 4 / 5.0 0x86; a refused anonymous client 5 / 0x87).
-pub(super) fn decide(result: AuthResult, allow_anonymous: bool) -> Result<Login, Refusal> {
+pub(crate) fn decide(result: AuthResult, allow_anonymous: bool) -> Result<Login, Refusal> {
     let (identity, verified) = match result {
         AuthResult::Authenticated(identity) => (identity, true),
         AuthResult::Anonymous(identity) => (identity, false),

@@ -9,22 +9,26 @@
 //! after that, after a wake-up and whenever the write buffer has room; `handle_timeout`
 //! when `poll_timeout` passed; `close` once, with the first `Exit` any of them returned.
 
+use super::aliases::Aliases;
+use super::auth::{Exchange, Next};
 use super::exit::{limit, violation, Exit};
 use super::handshake::Negotiated;
 use super::login::Login;
+use super::subscribe;
 use crate::broker::Broker;
 use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
-use crate::metrics;
+use crate::metrics::{self, Counter, Dropped};
 use crate::protocol::{
-    self, Ack, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, UnsubAck, Unsubscribe,
+    self, Ack, Auth, ByteStr, Disconnect, Packet, Properties, Protocol, Publish, QoS, ReasonCode,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{is_shared, valid_subscription, within_levels};
+use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
-use crate::session::{RetainedWalk, Session, SessionState, MAX_ACTIVE_WALKS};
+use crate::session::outbox::{Due, Outbox, Progress};
+use crate::session::{Session, SessionState};
+use crate::throttle::Throttle;
 use bytes::BytesMut;
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -33,8 +37,6 @@ use tracing::{debug, info, warn};
 /// Stop moving messages from the session queue into the write buffer past this: the
 /// rest waits in the (bounded) queue until the socket drains.
 pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
-/// Messages taken from the session queue per lock.
-const BATCH: usize = 64;
 
 pub struct Connection<'a> {
     broker: &'a Arc<Broker>,
@@ -62,17 +64,20 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// While a retained-message walk is under way, whether the queue (live messages) or
-    /// the walk takes the window first next time: they take turns, so that neither
-    /// starves the other.
-    queue_first: bool,
+    /// What the session has due for the client (shared with the HTTP streams); behind
+    /// a pointer, with its buffers, as this struct lives as long as the connection.
+    outbox: Box<Outbox>,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
     /// Who the client is and what it may do.
     access: Box<Access>,
-    /// Reused between drains of the session queue.
-    batch: Vec<(Delivery, u16)>,
+    /// Acknowledgements were written that must not reach the client before the store
+    /// has what they promise (`sync = "always"`).
+    awaits_disk: bool,
+    /// The session's queue is empty in memory while messages wait on disk: the driver
+    /// reads the next ones back (`refill`).
+    wants_refill: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -109,7 +114,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            queue_first: false,
+            outbox: Box::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             access: Box::new(Access {
@@ -117,9 +122,28 @@ impl<'a> Connection<'a> {
                 authorizer: login.authorizer,
                 from_token: login.from_token,
                 generation: broker.security_generation(),
+                method: login.method,
+                reauth: None,
             }),
-            batch: Vec::new(),
+            awaits_disk: false,
+            wants_refill: false,
         }
+    }
+
+    /// Whether the driver must wait for the store before writing (and clears it).
+    pub fn take_awaits_disk(&mut self) -> bool {
+        std::mem::take(&mut self.awaits_disk)
+    }
+
+    /// Whether the driver must read queued messages back from the store (and clears
+    /// it): then `refill` with what the store returns.
+    pub fn take_wants_refill(&mut self) -> bool {
+        std::mem::take(&mut self.wants_refill)
+    }
+
+    /// The session this connection owns, and its id as the owner (for `Journal::refill`).
+    pub fn session(&self) -> (&Session, u64) {
+        (&self.session, self.conn_id)
     }
 
     pub fn wake(&self) -> &Arc<Notify> {
@@ -140,21 +164,31 @@ impl<'a> Connection<'a> {
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
         let max = self.broker.config.mqtt.max_packet_size;
-        loop {
+        // Counted once per read, not per packet.
+        let mut tally = metrics::Tally::default();
+        let result = loop {
             // Past its publish rate, the client's next packets wait in `rbuf` (and the
             // socket) until the pause ends, however many one read brought.
             if self.paused_until().is_some() {
-                return Ok(());
+                break Ok(());
             }
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
-                    self.handle_packet(packet, now, out)?;
+                    tally.packets += 1;
+                    if let Packet::Publish(p) = &packet {
+                        tally.publish(p.qos, p.payload.len());
+                    }
+                    if let Err(exit) = self.handle_packet(packet, now, out) {
+                        break Err(exit);
+                    }
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(violation(e.reason_code(), e.to_string())),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(violation(e.reason_code(), e.to_string())),
             }
-        }
+        };
+        tally.received();
+        result
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
@@ -191,13 +225,20 @@ impl<'a> Connection<'a> {
         self.throttle.as_deref().and_then(|t| t.paused_until)
     }
 
-    /// After a wake-up: the session may have been taken by another connection.
+    /// After a wake-up: the session may have been taken by another connection, or an
+    /// administrator may have closed this one.
     pub fn check_owner(&self) -> Result<(), Exit> {
-        if self.session.is_owned_by(self.conn_id) {
-            Ok(())
-        } else {
-            Err(Exit::TakenOver)
+        if !self.session.is_owned_by(self.conn_id) {
+            return Err(Exit::TakenOver);
         }
+        if self
+            .broker
+            .clients
+            .is_kicked(&self.session.client_id, self.conn_id)
+        {
+            return Err(Exit::Administrative);
+        }
+        Ok(())
     }
 
     fn handle_packet(
@@ -208,18 +249,18 @@ impl<'a> Connection<'a> {
     ) -> Result<(), Exit> {
         match packet {
             Packet::Publish(p) => self.on_publish(p, now, out),
-            Packet::PubAck(a) => self.owned(|s| s.inflight.complete(a.pkid, false)).map(drop),
+            Packet::PubAck(a) => self.owned(|s| s.acknowledge(a.pkid, false)).map(drop),
             Packet::PubRec(a) => {
-                let known = self.owned(|s| s.inflight.received(a.pkid))?;
+                let known = self.owned(|s| s.pubrec(a.pkid))?;
                 self.send(out, Packet::PubRel(self.ack(a.pkid, known)));
                 Ok(())
             }
             Packet::PubRel(a) => {
-                let known = self.owned(|s| s.inbound_qos2.remove(&a.pkid))?;
+                let known = self.owned(|s| s.release_incoming(a.pkid))?;
                 self.send(out, Packet::PubComp(self.ack(a.pkid, known)));
                 Ok(())
             }
-            Packet::PubComp(a) => self.owned(|s| s.inflight.complete(a.pkid, true)).map(drop),
+            Packet::PubComp(a) => self.owned(|s| s.acknowledge(a.pkid, true)).map(drop),
             Packet::Subscribe(s) => self.on_subscribe(s, out),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u, out),
             Packet::PingReq => {
@@ -228,10 +269,7 @@ impl<'a> Connection<'a> {
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
             Packet::Connect(_) => Err(violation(ReasonCode::ProtocolError, "second CONNECT")),
-            Packet::Auth(_) => Err(violation(
-                ReasonCode::ProtocolError,
-                "AUTH without an authentication method",
-            )),
+            Packet::Auth(a) => self.on_auth(a, out),
             other => Err(violation(
                 ReasonCode::ProtocolError,
                 format!("{} is not sent by clients", other.name()),
@@ -240,7 +278,6 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
-        metrics::received();
         // Every PUBLISH counts against the rate, refused ones too: refusing costs work.
         if let Some(throttle) = self.throttle.as_deref_mut() {
             throttle.spend(p.payload.len(), now);
@@ -261,8 +298,8 @@ impl<'a> Connection<'a> {
         if let Some(code) = self.refuse_payload(&p) {
             return self.refuse_publish(&p, code, "payload is not UTF-8", out);
         }
-        if let Some(why) = self.over_limit(&p) {
-            return self.refuse_for_limit(&p, why, out);
+        if let Some((reason, why)) = self.over_limit(&p) {
+            return self.refuse_for_limit(&p, reason, why, out);
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
@@ -298,6 +335,9 @@ impl<'a> Connection<'a> {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(out, Packet::PubAck(ack)),
             QoS::ExactlyOnce => self.send(out, Packet::PubRec(ack)),
+        }
+        if qos != QoS::AtMostOnce && self.broker.journal().acks_wait() {
+            self.awaits_disk = true;
         }
         Ok(())
     }
@@ -344,14 +384,22 @@ impl<'a> Connection<'a> {
 
     /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
     /// budget (refused before acknowledging, so nothing acknowledged is dropped).
-    fn over_limit(&self, p: &Publish) -> Option<&'static str> {
+    fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
-            return Some("payload larger than message_size_limit");
+            return Some((Dropped::TooLarge, "payload larger than message_size_limit"));
         }
-        let exhausted = self.broker.memory.level() == Level::Exhausted;
-        (exhausted && (p.qos != QoS::AtMostOnce || p.retain))
-            .then_some("the broker's message memory (max_queued_memory) is used up")
+        let kept = p.qos != QoS::AtMostOnce || p.retain;
+        if kept && self.broker.memory.level() == Level::Exhausted {
+            return Some((
+                Dropped::Memory,
+                "the broker's message memory (max_queued_memory) is used up",
+            ));
+        }
+        (kept && !self.broker.journal().has_room()).then_some((
+            Dropped::Memory,
+            "the store cannot take more (max_disk_bytes, or it is failing)",
+        ))
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not
@@ -359,7 +407,7 @@ impl<'a> Connection<'a> {
     /// from mosquitto); QoS 0 is dropped.
     fn refuse_unauthorized(&self, p: &Publish, out: &mut BytesMut) -> Result<(), Exit> {
         info!(topic = %p.topic, "PUBLISH not authorized");
-        metrics::not_authorized();
+        metrics::dropped(Dropped::NotAuthorized);
         if p.qos == QoS::AtMostOnce {
             return Ok(());
         }
@@ -380,10 +428,11 @@ impl<'a> Connection<'a> {
     fn refuse_for_limit(
         &self,
         p: &Publish,
+        reason: Dropped,
         why: &'static str,
         out: &mut BytesMut,
     ) -> Result<(), Exit> {
-        metrics::dropped();
+        metrics::dropped(reason);
         if p.qos == QoS::AtMostOnce {
             debug!(topic = %p.topic, "QoS 0 message dropped: {why}");
             return Ok(());
@@ -422,16 +471,15 @@ impl<'a> Connection<'a> {
             usize::MAX
         };
         self.owned(|s| {
-            if s.inbound_qos2.contains(&pkid) {
+            if s.has_incoming(pkid) {
                 Ok(false)
-            } else if s.inbound_qos2.len() >= receive_max {
+            } else if s.incoming_count() >= receive_max {
                 Err(violation(
                     ReasonCode::ReceiveMaximumExceeded,
                     "more unreleased QoS 2 publishes than Receive Maximum",
                 ))
             } else {
-                s.inbound_qos2.insert(pkid);
-                Ok(true)
+                Ok(s.receive_incoming(pkid))
             }
         })?
     }
@@ -500,13 +548,7 @@ impl<'a> Connection<'a> {
                 .map_err(|_| Exit::TakenOver)?;
             debug!(%filter, qos = ?options.qos, "subscribed");
             codes.push(ReasonCode::granted(options.qos));
-            // Retained messages are not sent for shared subscriptions (MQTT 5.0, 4.8.2).
-            let wanted = match options.retain_handling {
-                0 => true,
-                1 => !existed,
-                _ => false,
-            };
-            if !shared && wanted {
+            if subscribe::wants_retained(options.retain_handling, existed, shared) {
                 walks.push((filter, options.qos));
             }
         }
@@ -530,32 +572,18 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is: not a valid
-    /// filter, not allowed by the ACL, a feature switched off, or past
-    /// `limits.max_subscriptions` (a subscription the session has is only replaced).
+    /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is.
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
-        let cfg = &self.broker.config;
-        let code = if !valid_subscription(filter) {
-            ReasonCode::TopicFilterInvalid
-        } else if !self.access.authorizer.check(filter, Acl::Subscribe) {
-            metrics::not_authorized();
-            ReasonCode::NotAuthorized
-        } else if shared && !cfg.mqtt.shared_subscription_available {
-            ReasonCode::SharedSubscriptionsNotSupported
-        } else if !cfg.mqtt.wildcard_subscription_available && filter.contains(['+', '#']) {
-            ReasonCode::WildcardSubscriptionsNotSupported
-        } else {
-            let max = cfg.limits.max_subscriptions;
-            let full = max > 0
-                && self.owned(|s| {
-                    s.subscriptions.len() >= max && !s.subscriptions.contains_key(filter)
-                })?;
-            if !full {
-                return Ok(None);
-            }
-            ReasonCode::QuotaExceeded
-        };
-        Ok(Some(code))
+        let authorizer = &self.access.authorizer;
+        subscribe::refusal(
+            self.broker,
+            authorizer,
+            &self.session,
+            self.conn_id,
+            filter,
+            shared,
+        )
+        .map_err(|_| Exit::TakenOver)
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut BytesMut) -> Result<(), Exit> {
@@ -585,6 +613,65 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
+    /// Re-authentication (MQTT 5.0, 4.12.1): AUTH 0x19 starts a new exchange with the
+    /// method of the CONNECT, AUTH 0x18 continues it; success is answered with AUTH 0x00
+    /// and the client's ACL rebuilt, failure ends the connection (DISCONNECT 0x87).
+    fn on_auth(&mut self, a: Auth, out: &mut BytesMut) -> Result<(), Exit> {
+        let Some(method) = self.access.method.clone() else {
+            return Err(violation(
+                ReasonCode::ProtocolError,
+                "AUTH without an authentication method",
+            ));
+        };
+        if a.properties.authentication_method.as_ref() != Some(&method) {
+            return Err(violation(
+                ReasonCode::ProtocolError,
+                "AUTH with another authentication method than CONNECT's",
+            ));
+        }
+        let next = match (a.reason, self.access.reauth.as_mut()) {
+            (ReasonCode::Reauthenticate, None) => {
+                let client_id = &self.session.client_id;
+                let data = a.properties.authentication_data;
+                let methods = &self.broker.auth_methods;
+                let (exchange, next) = Exchange::start(methods, &method, client_id, data);
+                self.access.reauth = exchange.map(Box::new);
+                next
+            }
+            (ReasonCode::ContinueAuthentication, Some(exchange)) => {
+                exchange.on_packet(Packet::Auth(a))
+            }
+            _ => {
+                return Err(violation(
+                    ReasonCode::ProtocolError,
+                    "AUTH out of step with re-authentication",
+                ))
+            }
+        };
+        match next {
+            Next::Challenge(auth) => self.send(out, Packet::Auth(*auth)),
+            Next::Refuse(code) => {
+                metrics::auth_failure();
+                return Err(limit(code, "re-authentication failed"));
+            }
+            Next::Done { data, username } => {
+                self.access.reauth = None;
+                if username.is_some() && username != self.access.username {
+                    return Err(limit(
+                        ReasonCode::NotAuthorized,
+                        "re-authentication as another user",
+                    ));
+                }
+                let mut done = Auth::default();
+                done.properties.authentication_method = Some(method);
+                done.properties.authentication_data = data;
+                self.send(out, Packet::Auth(done));
+                self.rebuild_access(self.broker.security_generation());
+            }
+        }
+        Ok(())
+    }
+
     fn on_disconnect(&mut self, d: Disconnect) -> Result<(), Exit> {
         if let Some(expiry) = d.properties.session_expiry_interval {
             // A session that was to end with the connection cannot be kept now [MQTT-3.14.2-2].
@@ -607,141 +694,59 @@ impl<'a> Connection<'a> {
     /// then the queue, as far as the in-flight window and the write buffer allow.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
         self.refresh_access();
-        let window = self.max_inflight;
         loop {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut batch = std::mem::take(&mut self.batch);
-            let mut resend = Vec::new();
-            let queue_first = self.queue_first;
+            let mut due = std::mem::take(&mut self.outbox.due);
             let authorizer = &self.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-            let mut unreadable = 0;
-            let walk = self.owned(|s| {
-                let room = window.saturating_sub(s.inflight.outstanding());
-                s.inflight.resend(room, &mut resend);
-                // After a resume, whoever resumed the session may not read all of what
-                // was in flight: checked like any other delivery.
-                resend.retain(|(pkid, d)| match d {
-                    Some(d) if !readable(d) => {
-                        s.inflight.forget(*pkid);
-                        unreadable += 1;
-                        false
-                    }
-                    _ => true,
-                });
-                let walk = s.walks.front().cloned();
-                // The hot path: one lock per batch when no walk is under way. During a
-                // walk, the queue and the walk take turns at the window: live messages
-                // must not wait (and overflow the queue) behind a long walk, nor retained
-                // ones behind a steady stream of live ones.
-                if walk.is_none() || queue_first {
-                    unreadable += s.take_sendable(window, BATCH, now, &readable, &mut batch);
-                }
-                walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))
-            })?;
-            for (pkid, delivery) in &resend {
-                match delivery {
-                    Some(d) => {
-                        self.write_delivery(d, *pkid, true, now, out);
-                    }
-                    None => self.send(out, Packet::PubRel(self.ack(*pkid, true))),
-                }
-            }
-            let mut walked = false;
-            if let Some((walk, room)) = walk {
-                walked = self.walk_step(walk, room, now, out)?;
-                if !queue_first {
-                    let authorizer = &self.access.authorizer;
-                    let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
-                    unreadable +=
-                        self.owned(|s| s.take_sendable(window, BATCH, now, &readable, &mut batch))?;
-                }
-                self.queue_first = !queue_first;
-            }
-            if unreadable > 0 {
-                debug!(
-                    count = unreadable,
-                    "messages the client may not read not sent"
-                );
-                (0..unreadable).for_each(|_| metrics::not_authorized());
-            }
-            let n = batch.len();
+            let progress = self
+                .outbox
+                .take(
+                    &self.broker.router,
+                    &self.session,
+                    self.conn_id,
+                    self.max_inflight,
+                    &readable,
+                    now,
+                    &mut due,
+                )
+                .map_err(|_| Exit::TakenOver)?;
+            let mut tally = metrics::Tally::default();
             let mut too_large = Vec::new();
-            for (d, pkid) in batch.drain(..) {
-                if !self.write_delivery(&d, pkid, false, now, out) && pkid != 0 {
-                    too_large.push(pkid);
+            for item in due.drain(..) {
+                match item {
+                    Due::Message {
+                        delivery,
+                        pkid,
+                        dup,
+                    } => {
+                        if self.write_delivery(&delivery, pkid, dup, now, out) {
+                            tally.packets += 1;
+                            tally.publish(delivery.qos, delivery.message.payload.len());
+                        } else {
+                            metrics::dropped(Dropped::TooLarge);
+                            if pkid != 0 && !dup {
+                                too_large.push(pkid);
+                            }
+                        }
+                    }
+                    Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.batch = batch;
+            self.outbox.due = due;
             self.forget(too_large)?;
-            metrics::sent(n as u64);
-            if n + unreadable < BATCH && !walked && resend.is_empty() {
+            tally.sent();
+            if progress == Progress::Refill {
+                // The rest is on disk: the driver reads it back, then calls again.
+                self.wants_refill = true;
+                return Ok(());
+            }
+            if progress == Progress::Idle {
                 return Ok(());
             }
         }
-    }
-
-    /// Sends the next retained messages of the walk `walk`, as many as `room` in the
-    /// window allows (any number at QoS 0). Returns whether the walk moved on.
-    fn walk_step(
-        &mut self,
-        walk: RetainedWalk,
-        room: usize,
-        now: Instant,
-        out: &mut BytesMut,
-    ) -> Result<bool, Exit> {
-        let limit = if walk.qos == QoS::AtMostOnce {
-            BATCH
-        } else {
-            room.min(BATCH)
-        };
-        if limit == 0 {
-            return Ok(false);
-        }
-        let mut found = Vec::new();
-        let (last, done) = self.broker.router.retained_step(
-            &walk.filter,
-            walk.after.as_deref(),
-            limit,
-            now,
-            &mut found,
-        );
-        // Retained messages are deliveries like any other: the client must be allowed to read them.
-        let authorizer = &self.access.authorizer;
-        let before = found.len();
-        found.retain(|m| authorizer.check(&m.topic, Acl::Read));
-        (found.len()..before).for_each(|_| metrics::not_authorized());
-        let sends = self.owned(|s| {
-            if done {
-                s.walks.pop_front();
-            } else if let Some(mut w) = s.walks.pop_front() {
-                // Round robin over the first few walks, so a long one does not hold up
-                // the retained messages of a later subscription.
-                w.after = last;
-                s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
-            }
-            found
-                .into_iter()
-                .map(|m| {
-                    let qos = m.qos.min(walk.qos);
-                    let mut d = Delivery::new(m, qos, true);
-                    d.sub_ids.extend(walk.sub_id);
-                    let pkid = s.inflight.send(&d);
-                    (d, pkid)
-                })
-                .collect::<Vec<_>>()
-        })?;
-        let mut too_large = Vec::new();
-        for (d, pkid) in &sends {
-            if !self.write_delivery(d, *pkid, false, now, out) && *pkid != 0 {
-                too_large.push(*pkid);
-            }
-        }
-        self.forget(too_large)?;
-        metrics::sent(sends.len() as u64);
-        Ok(true)
     }
 
     /// Drops messages that could not be sent from the window, as if acknowledged.
@@ -753,7 +758,7 @@ impl<'a> Connection<'a> {
             count = pkids.len(),
             "messages larger than the client's maximum packet size not sent"
         );
-        self.owned(|s| pkids.iter().for_each(|p| s.inflight.forget(*p)))
+        self.owned(|s| pkids.iter().for_each(|p| s.forget(*p)))
     }
 
     /// Appends one PUBLISH; false if it was larger than the client accepts and so left
@@ -853,8 +858,16 @@ impl<'a> Connection<'a> {
     /// The client's ACL, rebuilt from the files if they were reloaded since.
     fn refresh_access(&mut self) {
         let generation = self.broker.security_generation();
+        if self.access.generation != generation {
+            self.rebuild_access(generation);
+        }
+    }
+
+    /// Builds the client's ACL again from the current files (unless its rules came with
+    /// a token).
+    fn rebuild_access(&mut self, generation: u64) {
         let a = &mut *self.access;
-        if a.generation != generation && !a.from_token {
+        if !a.from_token {
             let client_id = &self.session.client_id;
             a.authorizer = self
                 .broker
@@ -868,6 +881,9 @@ impl<'a> Connection<'a> {
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
         exit.log();
+        self.broker
+            .clients
+            .remove(&self.session.client_id, self.conn_id);
         let outcome = exit.outcome();
         let will = self.will.take().filter(|_| outcome.publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.
@@ -879,7 +895,11 @@ impl<'a> Connection<'a> {
         if let Some(will) = &will_now {
             self.broker.publish_will(will, now);
         }
-        match self.session.detach(self.conn_id, will_later.clone()) {
+        let will_at = Some(now + Duration::from_secs(u64::from(self.will_delay)));
+        match self
+            .session
+            .detach(self.conn_id, will_later.clone(), will_at, now)
+        {
             Some(d) => self
                 .broker
                 .detached(&self.session, self.conn_id, d, self.will_delay, now),
@@ -920,6 +940,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         return;
     }
     if out.len() - before <= max {
+        metrics::add(Counter::PacketsSent, 1);
         return;
     }
     out.truncate(before);
@@ -927,6 +948,7 @@ pub(super) fn send(out: &mut BytesMut, mut packet: Packet, protocol: Protocol, m
         props.reason_string = None;
         props.user_properties.clear();
         if protocol::encode(&packet, protocol, out).is_ok() && out.len() - before <= max {
+            metrics::add(Counter::PacketsSent, 1);
             return;
         }
         out.truncate(before);
@@ -958,181 +980,8 @@ struct Access {
     from_token: bool,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
-}
-
-/// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses: TCP backpressure
-/// slows the client, nothing is refused or lost. A message is read when the message
-/// bucket holds one; its size is known only once it is read, so the byte bucket may be
-/// overdrawn by one message, and the next waits until the debt is paid back.
-struct Throttle {
-    /// Messages and bytes per second (0 = not limited).
-    rates: [f64; 2],
-    burst: f64,
-    tokens: [f64; 2],
-    last: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl Throttle {
-    fn new(limits: &crate::config::Limits, now: Instant) -> Option<Throttle> {
-        let rates = [limits.publish_rate as f64, limits.publish_bytes_rate as f64];
-        if rates == [0.0, 0.0] {
-            return None;
-        }
-        let burst = f64::from(limits.publish_burst);
-        Some(Throttle {
-            rates,
-            burst,
-            tokens: rates.map(|r| r * burst),
-            last: now,
-            paused_until: None,
-        })
-    }
-
-    /// Takes one message of `bytes` from the buckets; pauses when one runs dry.
-    fn spend(&mut self, bytes: usize, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        let mut wait: f64 = 0.0;
-        // What must be in each bucket before the next message is read: a whole message,
-        // and no debt of bytes.
-        let floor = [1.0, 0.0];
-        for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
-            let rate = self.rates[i];
-            if rate == 0.0 {
-                continue;
-            }
-            self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < floor[i] {
-                wait = wait.max((floor[i] - self.tokens[i]) / rate);
-            }
-        }
-        if wait > 0.0 {
-            self.paused_until = Some(now + Duration::from_secs_f64(wait));
-        }
-    }
-
-    fn resume(&mut self) {
-        self.paused_until = None;
-    }
-}
-
-/// The topic aliases of one 5.0 connection.
-#[derive(Default)]
-struct Aliases {
-    /// Set by the client.
-    incoming: FxHashMap<u16, ByteStr>,
-    /// Set by the server.
-    outgoing: OutgoingAliases,
-}
-
-/// Server-to-client topic aliases: at most a fixed number per connection, the least
-/// recently used one replaced by a new topic.
-#[derive(Default)]
-struct OutgoingAliases {
-    by_topic: FxHashMap<ByteStr, u16>,
-    /// Alias n is `slots[n - 1]`: its topic and when it was last used.
-    slots: Vec<(ByteStr, u64)>,
-    clock: u64,
-}
-
-impl OutgoingAliases {
-    fn alias_for(&mut self, topic: &ByteStr, max: u16) -> Alias {
-        self.clock += 1;
-        if let Some(&alias) = self.by_topic.get(topic) {
-            self.slots[usize::from(alias) - 1].1 = self.clock;
-            return Alias { alias, set: false };
-        }
-        // A copy, so that the alias does not pin the publisher's read buffer.
-        let topic = ByteStr::from(&**topic);
-        let index = if self.slots.len() < usize::from(max) {
-            self.slots.push((topic.clone(), self.clock));
-            self.slots.len() - 1
-        } else {
-            let (index, _) = self
-                .slots
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, used))| *used)
-                .unwrap_or((0, &(ByteStr::new(), 0)));
-            let old = std::mem::replace(&mut self.slots[index], (topic.clone(), self.clock));
-            self.by_topic.remove(&old.0);
-            index
-        };
-        let alias = index as u16 + 1;
-        self.by_topic.insert(topic, alias);
-        Alias { alias, set: true }
-    }
-
-    /// The client never saw `alias` set: free it.
-    fn forget(&mut self, alias: u16) {
-        if let Some(slot) = self.slots.get_mut(usize::from(alias) - 1) {
-            self.by_topic.remove(&slot.0);
-            *slot = (ByteStr::new(), 0);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outgoing_aliases_replace_the_least_recently_used() {
-        let mut a = OutgoingAliases::default();
-        let t = |s: &str| ByteStr::from(s);
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("one"), 2),
-            Alias {
-                alias: 1,
-                set: false
-            }
-        );
-        // "two" is the least recently used.
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("two"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        a.forget(1);
-        assert_eq!(
-            a.alias_for(&t("four"), 2),
-            Alias {
-                alias: 1,
-                set: true
-            }
-        );
-        assert_eq!(
-            a.alias_for(&t("three"), 2),
-            Alias {
-                alias: 2,
-                set: false
-            }
-        );
-        assert!(a.slots.len() <= 2 && a.by_topic.len() <= 2);
-    }
+    /// The MQTT 5 enhanced authentication method of the CONNECT, if any.
+    method: Option<ByteStr>,
+    /// A re-authentication under way.
+    reauth: Option<Box<Exchange>>,
 }

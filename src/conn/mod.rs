@@ -2,13 +2,16 @@
 //! an accepted connection (`machine`), how it ends (`exit`), and the task that drives it
 //! over a byte stream (`driver`, the only async part).
 
+mod aliases;
 mod auth;
 mod driver;
 mod exit;
 mod handshake;
-mod login;
+pub(crate) mod login;
 mod machine;
+pub mod subscribe;
 
+pub(crate) use driver::assign_client_id;
 pub use driver::serve;
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};

@@ -110,7 +110,7 @@ impl<M: Mailbox> Router<M> {
     pub fn publish(&self, message: &Arc<Message>) -> usize {
         let trie = self.subscriptions.read();
         let mut matches: Vec<&Subscriber<M>> = Vec::new();
-        let mut picks: Vec<&Subscriber<M>> = Vec::new();
+        let mut groups: Vec<&SharedGroup<M>> = Vec::new();
         let nodes = trie.for_each_match(
             &message.topic,
             &mut |s| {
@@ -119,7 +119,7 @@ impl<M: Mailbox> Router<M> {
                     matches.push(s)
                 }
             },
-            &mut |g| picks.extend(g.pick(0)),
+            &mut |g| groups.push(g),
         );
         if nodes > 1 {
             // Only matches from different filters can name the same mailbox twice.
@@ -141,9 +141,11 @@ impl<M: Mailbox> Router<M> {
                 delivered += 1;
             }
         }
-        for sub in picks {
-            let d = Delivery::through(message, &sub.options, sub.id, sub.shared.as_ref());
-            if sub.mailbox.deliver(d) {
+        for group in groups {
+            let through = |sub: &Subscriber<M>| {
+                Delivery::through(message, &sub.options, sub.id, sub.shared.as_ref())
+            };
+            if group.deliver(0, through) {
                 delivered += 1;
             }
         }
@@ -162,12 +164,16 @@ impl<M: Mailbox> Router<M> {
         let Some(group) = trie.group_mut(&key, true) else {
             return false;
         };
-        if let Some(sub) = group.pick(from) {
+        let through = |sub: &Subscriber<M>| {
             let mut d = Delivery::through(&delivery.message, &sub.options, sub.id, Some(&key));
             d.qos = delivery.qos.min(sub.options.qos);
-            return sub.mailbox.deliver(d);
+            d
+        };
+        if group.deliver(from, through) {
+            return true;
         }
-        if group.waiting.len() >= max_waiting {
+        // Members that refuse it (full queues) drop it, as they would a new message.
+        if group.has_members() || group.waiting.len() >= max_waiting {
             return false;
         }
         group.waiting.push_back(delivery);
@@ -217,6 +223,11 @@ impl<M: Mailbox> Router<M> {
     pub fn retained_count(&self) -> usize {
         self.retained.read().len()
     }
+
+    /// Topic and payload bytes of the retained messages.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained.read().bytes()
+    }
 }
 
 /// What a retained message costs in the memory budget.
@@ -262,23 +273,40 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    /// A mailbox that keeps what it is given.
-    struct TestBox {
+    /// A mailbox that records what it takes, or refuses everything (as a session that
+    /// has just ended does until its subscriptions leave the router).
+    struct Inbox {
         id: u64,
         online: bool,
+        refuses: bool,
         got: Mutex<Vec<Delivery>>,
     }
 
-    impl Mailbox for TestBox {
+    impl Inbox {
+        fn new(id: u64, online: bool, refuses: bool) -> Arc<Inbox> {
+            Arc::new(Inbox {
+                id,
+                online,
+                refuses,
+                got: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn count(&self) -> usize {
+            self.got.lock().len()
+        }
+    }
+
+    impl Mailbox for Inbox {
         fn id(&self) -> u64 {
             self.id
         }
-
         fn deliver(&self, delivery: Delivery) -> bool {
-            self.got.lock().push(delivery);
-            true
+            if !self.refuses {
+                self.got.lock().push(delivery);
+            }
+            !self.refuses
         }
-
         fn is_online(&self) -> bool {
             self.online
         }
@@ -399,9 +427,9 @@ mod tests {
             online in prop::collection::vec(any::<bool>(), MAILBOXES),
             publications in prop::collection::vec(publication(), 1..6),
         ) {
-            let router: Router<TestBox> = Router::default();
-            let boxes: Vec<Arc<TestBox>> = (0..MAILBOXES)
-                .map(|i| Arc::new(TestBox { id: i as u64 + 1, online: online[i], got: Mutex::new(Vec::new()) }))
+            let router: Router<Inbox> = Router::default();
+            let boxes: Vec<Arc<Inbox>> = (0..MAILBOXES)
+                .map(|i| Inbox::new(i as u64 + 1, online[i], false))
                 .collect();
             // The model: the subscription in place per (mailbox, filter as subscribed).
             let mut model: BTreeMap<(usize, String), Sub> = BTreeMap::new();
@@ -489,5 +517,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn message(qos: QoS) -> Arc<Message> {
+        let topic = ByteStr::from("t");
+        let payload = Bytes::from_static(b"m");
+        Arc::new(Message::new(
+            topic,
+            payload,
+            qos,
+            false,
+            None,
+            0,
+            Instant::now(),
+        ))
+    }
+
+    fn qos1() -> SubOptions {
+        SubOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubOptions::default()
+        }
+    }
+
+    #[test]
+    fn shared_messages_prefer_connected_members_in_turn() {
+        let router = Router::default();
+        let (a, b) = (Inbox::new(1, true, false), Inbox::new(2, true, false));
+        let away = Inbox::new(3, false, false);
+        for m in [&a, &away, &b] {
+            router.subscribe("$share/g/t", m, qos1(), None);
+        }
+        for _ in 0..6 {
+            assert_eq!(router.publish(&message(QoS::AtLeastOnce)), 1);
+        }
+        assert_eq!(a.count() + b.count(), 6);
+        assert!(a.count() > 0 && b.count() > 0 && away.count() == 0);
+    }
+
+    /// A member whose session has ended refuses deliveries until its subscriptions are
+    /// gone: the message goes to another member, connected or not, rather than nowhere.
+    #[test]
+    fn a_shared_message_a_member_refuses_goes_to_the_next() {
+        let router = Router::default();
+        let ended = Inbox::new(1, false, true);
+        let away = Inbox::new(2, false, false);
+        router.subscribe("$share/g/t", &ended, qos1(), None);
+        router.subscribe("$share/g/t", &away, qos1(), None);
+        for _ in 0..4 {
+            assert_eq!(router.publish(&message(QoS::AtLeastOnce)), 1, "taken");
+        }
+        assert_eq!(away.count(), 4);
+
+        // Handed over from a member whose session ended: the same.
+        let d = Delivery::through(&message(QoS::AtLeastOnce), &qos1(), None, None);
+        let key = Arc::new(SharedKey {
+            group: "g".into(),
+            filter: "t".into(),
+        });
+        let d = Delivery {
+            shared: Some(key),
+            ..d
+        };
+        assert!(router.redeliver_shared(d.clone(), 9, 10));
+        assert_eq!(away.count(), 5);
+
+        // With no member left it waits for the next one.
+        router.unsubscribe("$share/g/t", 1);
+        router.unsubscribe("$share/g/t", 2);
+        assert!(router.redeliver_shared(d.clone(), 9, 10));
+        let next = Inbox::new(3, true, false);
+        router.subscribe("$share/g/t", &next, qos1(), None);
+        assert_eq!(next.count(), 1);
+        // Members that all refuse it (full queues) drop it, as they would a new message.
+        router.unsubscribe("$share/g/t", 3);
+        router.subscribe("$share/g/t", &ended, qos1(), None);
+        assert!(!router.redeliver_shared(d, 9, 10));
     }
 }

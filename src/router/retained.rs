@@ -22,6 +22,8 @@ struct Node {
 pub(super) struct Retained {
     root: Node,
     count: usize,
+    /// Topic and payload bytes of the messages held.
+    bytes: usize,
 }
 
 impl Retained {
@@ -34,6 +36,9 @@ impl Retained {
     ) -> Option<Arc<Message>> {
         let levels: Vec<&str> = topic.split('/').collect();
         let setting = message.is_some();
+        let new_size = message
+            .as_ref()
+            .map_or(0, |m| m.topic.len() + m.payload.len());
         let old = match message {
             Some(m) => {
                 let mut node = &mut self.root;
@@ -49,6 +54,8 @@ impl Retained {
             (false, true) => self.count -= 1,
             _ => {}
         }
+        let size = |m: &Arc<Message>| m.topic.len() + m.payload.len();
+        self.bytes = self.bytes + new_size - old.as_ref().map_or(0, size);
         old
     }
 
@@ -73,6 +80,10 @@ impl Retained {
 
     pub(super) fn len(&self) -> usize {
         self.count
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Up to `limit` retained messages matching `filter`, in walk order, that come after

@@ -38,23 +38,30 @@ impl<M> Default for SharedGroup<M> {
 }
 
 impl<M: Mailbox> SharedGroup<M> {
-    /// Round robin over the members, skipping `exclude` and preferring connected ones;
-    /// an offline member is chosen only if no member is connected (its session queues).
-    pub fn pick(&self, exclude: u64) -> Option<&Subscriber<M>> {
+    /// Gives a message to one member (never `exclude`): round robin, connected members
+    /// first; an offline member takes it only if no connected one does (its session
+    /// queues it). A member that refuses it passes it on to the next: its session has
+    /// just ended (its subscriptions are about to leave the router) or its queue is full.
+    /// Returns whether a member took it.
+    pub fn deliver(&self, exclude: u64, delivery: impl Fn(&Subscriber<M>) -> Delivery) -> bool {
         let n = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut fallback = None;
-        for i in 0..n {
-            let m = &self.members[(start + i) % n];
-            if m.mailbox.id() == exclude {
-                continue;
+        for online in [true, false] {
+            for i in 0..n {
+                let m = &self.members[(start + i) % n];
+                if m.mailbox.id() == exclude || m.mailbox.is_online() != online {
+                    continue;
+                }
+                if m.mailbox.deliver(delivery(m)) {
+                    return true;
+                }
             }
-            if m.mailbox.is_online() {
-                return Some(m);
-            }
-            fallback.get_or_insert(m);
         }
-        fallback
+        false
+    }
+
+    pub fn has_members(&self) -> bool {
+        !self.members.is_empty()
     }
 }
 

@@ -11,19 +11,29 @@
 //! a change of ownership (attach, discard, expiry) also takes, so the two are atomic with
 //! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
 
+pub mod journal;
+pub mod outbox;
 pub mod state;
 
 use crate::budget::{Budget, Level};
 use crate::message::{Delivery, Message};
+use crate::metrics::Dropped;
 use crate::protocol::{ByteStr, QoS};
 use crate::router::Mailbox;
+use crate::store::{
+    InflightEntry, InflightStage, Op, StoredSession, StoredSubscription, StoredWill,
+};
+use journal::Journal;
 use parking_lot::{Mutex, MutexGuard};
+use state::Change;
 pub use state::{
-    Ended, Inflight, RetainedWalk, SessionState, Stage, Subscription, MAX_ACTIVE_WALKS,
+    Ended, Inflight, Restored, RetainedWalk, SessionState, Stage, Subscription, MAX_ACTIVE_WALKS,
     NEVER_EXPIRE,
 };
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 /// How many messages a session may hold, and which.
 #[derive(Debug, Clone, Copy)]
@@ -39,12 +49,31 @@ pub struct Session {
     /// Unique for the broker's life; a new session for the same client id gets a new one.
     pub id: u64,
     pub client_id: ByteStr,
-    limits: QueueLimits,
-    /// The broker's budget for messages held for clients, charged with what this
-    /// session holds.
-    budget: Arc<Budget>,
+    env: Arc<Env>,
     control: Mutex<()>,
     inner: Mutex<Inner>,
+}
+
+/// What every session of a broker shares.
+pub struct Env {
+    pub limits: QueueLimits,
+    /// The broker's budget for messages held for clients, charged with what each
+    /// session holds.
+    pub budget: Arc<Budget>,
+    /// Where stored sessions record their changes.
+    pub journal: Arc<Journal>,
+}
+
+impl Env {
+    /// Sessions that are not stored, within `limits`, charged to an unlimited budget
+    /// (tests, tools).
+    pub fn new(limits: QueueLimits) -> Env {
+        Env {
+            limits,
+            budget: Arc::new(Budget::new(usize::MAX)),
+            journal: Arc::new(Journal::off()),
+        }
+    }
 }
 
 struct Inner {
@@ -53,16 +82,90 @@ struct Inner {
     /// What this session is charged in `budget` (its state's `held_bytes` as of the
     /// last change).
     charged: usize,
+    /// The task of its expiry and will-delay timers, while it is offline.
+    timer: Option<AbortHandle>,
 }
 
 impl Inner {
-    /// Brings the session's charge in the broker's budget up to date after a change.
-    fn settle(&mut self, budget: &Budget) {
+    /// After a change: brings the session's charge in the broker's budget up to date,
+    /// and hands what changed to the store.
+    fn settle(&mut self, env: &Env, client_id: &ByteStr) {
         let held = self.state.held_bytes();
         if held != self.charged {
-            budget.adjust(held as isize - self.charged as isize);
+            env.budget.adjust(held as isize - self.charged as isize);
             self.charged = held;
         }
+        if self.state.is_persisted() {
+            let changes = self.state.take_changes();
+            if !changes.is_empty() {
+                let ops = changes
+                    .into_iter()
+                    .map(|c| record(&env.journal, client_id, &self.state, c))
+                    .collect();
+                env.journal.submit(ops);
+            }
+        }
+    }
+}
+
+/// The store's record of one change of a session.
+fn record(journal: &Journal, client_id: &ByteStr, state: &SessionState, change: Change) -> Op {
+    let client_id = client_id.clone();
+    match change {
+        Change::Record => {
+            let clock = journal.clock();
+            let will = state.pending_will.as_ref().map(|w| StoredWill {
+                message: journal.message(w),
+                publish_at: state.will_at.map_or(0, |t| clock.to_unix(t)),
+            });
+            Op::PutSession {
+                client_id,
+                session: StoredSession {
+                    expiry_interval: state.expiry,
+                    offline_since: state.offline_since.map(|t| clock.to_unix(t)),
+                    will,
+                },
+            }
+        }
+        Change::Subscribed(filter, sub) => Op::Subscribe {
+            client_id,
+            filter,
+            subscription: StoredSubscription {
+                options: sub.options,
+                identifier: sub.id,
+            },
+        },
+        Change::Unsubscribed(filter) => Op::Unsubscribe { client_id, filter },
+        Change::Enqueued(seq, d) => Op::Enqueue {
+            client_id,
+            seq,
+            delivery: journal.delivery(&d),
+        },
+        Change::Dequeued(seq) => Op::Dequeue { client_id, seq },
+        Change::Sent {
+            pkid,
+            order,
+            delivery,
+        } => Op::PutInflight {
+            client_id,
+            entry: InflightEntry {
+                pkid,
+                order,
+                stage: InflightStage::Publish(journal.delivery(&delivery)),
+            },
+        },
+        Change::Released { pkid, order } => Op::PutInflight {
+            client_id,
+            entry: InflightEntry {
+                pkid,
+                order,
+                stage: InflightStage::PubRel,
+            },
+        },
+        Change::Completed(pkid) => Op::DeleteInflight { client_id, pkid },
+        Change::Received(pkid) => Op::PutIncoming { client_id, pkid },
+        Change::ReleasedIncoming(pkid) => Op::DeleteIncoming { client_id, pkid },
+        Change::Ended => Op::DeleteSession { client_id },
     }
 }
 
@@ -86,19 +189,30 @@ pub enum Detached {
 }
 
 impl Session {
-    pub fn new(id: u64, client_id: ByteStr, limits: QueueLimits, budget: Arc<Budget>) -> Session {
-        Session {
+    pub fn new(id: u64, client_id: ByteStr, env: Arc<Env>) -> Session {
+        Session::with(id, client_id, env, SessionState::new())
+    }
+
+    /// A session with `state` (restored from the store), offline.
+    pub fn with(id: u64, client_id: ByteStr, env: Arc<Env>, state: SessionState) -> Session {
+        let session = Session {
             id,
             client_id,
-            limits,
-            budget,
+            env,
             control: Mutex::new(()),
             inner: Mutex::new(Inner {
-                state: SessionState::new(),
+                state,
                 link: None,
                 charged: 0,
+                timer: None,
             }),
-        }
+        };
+        session.lock().settle(&session.env, &session.client_id);
+        session
+    }
+
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// Held while the owner changes router and session state together, and while the
@@ -118,24 +232,51 @@ impl Session {
         let state = &mut inner.state;
         state.expiry = expiry;
         state.pending_will = None;
+        state.will_at = None;
         state.detached_by = None;
-        Some(inner.link.replace(link))
+        state.offline_since = None;
+        if let Some(timer) = inner.timer.take() {
+            timer.abort();
+        }
+        let state = &mut inner.state;
+        // What is in flight is resent on the new connection [MQTT-4.4.0-1]. A connection
+        // that detached has marked it so already; one taken over never detaches.
+        state.inflight.mark_unsent();
+        state.touch();
+        let previous = inner.link.replace(link);
+        inner.settle(&self.env, &self.client_id);
+        Some(previous)
     }
 
-    /// Attaches the first connection of a new session.
+    /// Attaches the first connection of a new session; a session that outlives its
+    /// connection is stored from now on.
     pub fn attach_new(&self, link: Link, expiry: u32) {
         let mut inner = self.inner.lock();
         inner.state.expiry = expiry;
+        if expiry > 0 && self.env.journal.is_on() {
+            inner.state.persist();
+        }
         inner.link = Some(link);
+        inner.settle(&self.env, &self.client_id);
     }
 
     pub fn set_expiry(&self, conn_id: u64, expiry: u32) {
-        let _ = self.with_state(conn_id, |s| s.expiry = expiry);
+        let _ = self.with_state(conn_id, |s| {
+            s.expiry = expiry;
+            s.touch();
+        });
     }
 
     /// Detaches `conn_id` if it still owns the session (None otherwise). With an expiry
-    /// the session stays, holding `will` if it has a delay; without, it ends.
-    pub fn detach(&self, conn_id: u64, will: Option<Arc<Message>>) -> Option<Detached> {
+    /// the session stays, holding `will` (due at `will_at`) if it has a delay; without,
+    /// it ends.
+    pub fn detach(
+        &self,
+        conn_id: u64,
+        will: Option<Arc<Message>>,
+        will_at: Option<Instant>,
+        now: Instant,
+    ) -> Option<Detached> {
         let mut inner = self.inner.lock();
         if inner.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
             return None;
@@ -148,13 +289,16 @@ impl Session {
             Detached::Ended(ended)
         } else {
             state.detached_by = Some(conn_id);
+            state.offline_since = Some(now);
+            state.will_at = will.as_ref().and(will_at);
             state.pending_will = will;
-            state.park(self.limits.queue_qos0);
+            state.park(self.env.limits.queue_qos0);
+            state.touch();
             Detached::Kept {
                 expiry: state.expiry,
             }
         };
-        inner.settle(&self.budget);
+        inner.settle(&self.env, &self.client_id);
         Some(detached)
     }
 
@@ -164,7 +308,7 @@ impl Session {
         let mut inner = self.inner.lock();
         let link = inner.link.take();
         let ended = inner.state.end();
-        inner.settle(&self.budget);
+        inner.settle(&self.env, &self.client_id);
         (link, ended)
     }
 
@@ -175,7 +319,7 @@ impl Session {
             return None;
         }
         let ended = inner.state.end();
-        inner.settle(&self.budget);
+        inner.settle(&self.env, &self.client_id);
         Some(ended)
     }
 
@@ -185,7 +329,18 @@ impl Session {
         if inner.link.is_some() || inner.state.detached_by != Some(conn_id) {
             return None;
         }
-        inner.state.pending_will.take()
+        let will = inner.state.pending_will.take();
+        inner.state.will_at = None;
+        inner.state.touch();
+        inner.settle(&self.env, &self.client_id);
+        will
+    }
+
+    /// The task of the session's timers (replacing and stopping an earlier one).
+    pub fn set_timer(&self, timer: AbortHandle) {
+        if let Some(old) = self.inner.lock().timer.replace(timer) {
+            old.abort();
+        }
     }
 
     /// Wakes the connection serving this session, if any.
@@ -210,7 +365,7 @@ impl Session {
             return Err(NotOwner);
         }
         let r = f(&mut inner.state);
-        inner.settle(&self.budget);
+        inner.settle(&self.env, &self.client_id);
         Ok(r)
     }
 
@@ -224,7 +379,7 @@ impl Session {
     }
 
     pub fn limits(&self) -> QueueLimits {
-        self.limits
+        self.env.limits
     }
 
     pub fn dropped(&self) -> u64 {
@@ -244,22 +399,36 @@ impl Mailbox for Session {
         let mut inner = self.inner.lock();
         let online = inner.link.is_some();
         let qos0 = delivery.qos == QoS::AtMostOnce;
-        if inner.state.ended || (!online && qos0 && !self.limits.queue_qos0) {
+        let limits = &self.env.limits;
+        if inner.state.ended || (!online && qos0 && !limits.queue_qos0) {
             return false;
         }
         let state = &mut inner.state;
-        let max_bytes = self.limits.max_queued_bytes;
-        let full = state.queued() >= self.limits.max_queued
+        let max_bytes = limits.max_queued_bytes;
+        let memory_high = self.env.budget.level() >= Level::High;
+        let full = if state.queued() + state.spilled() >= limits.max_queued
             || (max_bytes > 0 && state.queued_bytes() + delivery.size() > max_bytes)
-            || (qos0 && self.budget.level() >= Level::High);
-        if full {
+        {
+            Some(Dropped::QueueFull)
+        } else {
+            (qos0 && memory_high).then_some(Dropped::Memory)
+        };
+        if let Some(why) = full {
             state.dropped += 1;
-            crate::metrics::dropped();
+            crate::metrics::dropped(why);
             return false;
         }
-        let was_empty = state.queued() == 0;
-        state.push(delivery);
-        inner.settle(&self.budget);
+        let was_empty = state.queued() == 0 && state.spilled() == 0;
+        // A stored session's messages go to the disk only, rather than fill the memory
+        // budget, once it runs high (and keep going there while earlier ones wait on it,
+        // to stay in order); the connection reads them back as its queue drains.
+        let spill = !qos0 && (memory_high || state.spilled() > 0) && self.env.journal.has_room();
+        if spill && state.is_persisted() {
+            state.spill(delivery);
+        } else {
+            state.push(delivery);
+        }
+        inner.settle(&self.env, &self.client_id);
         // A non-empty queue means the connection already knows there is work: it drains
         // until the queue is empty or it is blocked on acks or the socket.
         if was_empty {

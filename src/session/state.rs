@@ -23,17 +23,28 @@ pub struct SessionState {
     pub expiry: u32,
     /// The connection that last detached, so that a stale expiry timer does nothing.
     pub detached_by: Option<u64>,
+    /// When the client went offline (None while a connection owns the session).
+    pub offline_since: Option<Instant>,
     /// A 5.0 will waiting out its Will Delay Interval; cancelled if the session resumes.
     pub pending_will: Option<Arc<Message>>,
-    pub subscriptions: FxHashMap<ByteStr, Subscription>,
-    /// Messages waiting for the in-flight window or for the client to come back.
-    queue: VecDeque<Delivery>,
+    /// When `pending_will` is due.
+    pub will_at: Option<Instant>,
+    subscriptions: FxHashMap<ByteStr, Subscription>,
+    /// Messages waiting for the in-flight window or for the client to come back, each
+    /// with its sequence number.
+    queue: VecDeque<(u64, Delivery)>,
+    next_seq: u64,
+    /// Queued messages kept on disk only, after those in `queue` (spilled while memory ran
+    /// high, or beyond what was loaded at start-up).
+    spilled: usize,
     /// The size of what `queue` holds (`Delivery::size`).
     queued_bytes: usize,
     /// Outbound QoS 1/2 messages sent and not yet fully acknowledged.
     pub inflight: Inflight,
     /// Inbound QoS 2 packet ids received and not yet released by PUBREL.
-    pub inbound_qos2: FxHashSet<u16>,
+    inbound_qos2: FxHashSet<u16>,
+    /// Changes not yet handed to the store, for a session that is stored (`persist`).
+    log: Option<Vec<Change>>,
     /// Retained messages still to send for new subscriptions, oldest first.
     pub walks: VecDeque<RetainedWalk>,
     /// Messages refused because the queue was full.
@@ -60,6 +71,52 @@ pub struct RetainedWalk {
     pub after: Option<ByteStr>,
 }
 
+/// A session as the store kept it, in the broker's live types.
+pub struct Restored {
+    pub expiry: u32,
+    pub offline_since: Instant,
+    pub will: Option<(Arc<Message>, Instant)>,
+    pub subscriptions: Vec<(ByteStr, Subscription)>,
+    /// With their sequence numbers, in order.
+    pub queue: Vec<(u64, Delivery)>,
+    /// Above every sequence number stored.
+    pub next_seq: u64,
+    /// Queued entries stored but not loaded.
+    pub spilled: usize,
+    /// Packet id, send order, stage.
+    pub inflight: Vec<(u16, u64, Stage)>,
+    pub incoming: Vec<u16>,
+}
+
+/// A change to a stored session, for `session::journal` to turn into a store record.
+/// QoS 0 messages are not stored.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The session's own record: expiry, when it went offline, its delayed will.
+    Record,
+    Subscribed(ByteStr, Subscription),
+    Unsubscribed(ByteStr),
+    Enqueued(u64, Delivery),
+    Dequeued(u64),
+    /// A PUBLISH in flight (sent or to be resent).
+    Sent {
+        pkid: u16,
+        order: u64,
+        delivery: Delivery,
+    },
+    /// PUBREC came: the exchange waits for PUBCOMP now.
+    Released {
+        pkid: u16,
+        order: u64,
+    },
+    /// The exchange of this packet id is over.
+    Completed(u16),
+    /// An incoming QoS 2 packet id, until its PUBREL.
+    Received(u16),
+    ReleasedIncoming(u16),
+    Ended,
+}
+
 /// What a session left behind when it ended.
 #[derive(Default)]
 pub struct Ended {
@@ -67,8 +124,8 @@ pub struct Ended {
     pub filters: Vec<ByteStr>,
     /// A will still waiting for its delay: its session is over, so it goes now.
     pub will: Option<Arc<Message>>,
-    /// Messages taken through shared subscriptions that the client never received, for
-    /// another member of the group.
+    /// Messages taken through shared subscriptions that another member of the group may
+    /// have: those never sent to the client, and QoS 1 ones it never acknowledged.
     pub orphans: Vec<Delivery>,
 }
 
@@ -77,14 +134,215 @@ impl SessionState {
         SessionState::default()
     }
 
+    /// A stored session, offline since the broker stopped (its connection is `detached_by`
+    /// the id 0, which no connection has), recording its changes from now on.
+    pub fn restore(r: Restored) -> SessionState {
+        let (pending_will, will_at) = match r.will {
+            Some((will, at)) => (Some(will), Some(at)),
+            None => (None, None),
+        };
+        let queued_bytes = r.queue.iter().map(|(_, d)| d.size()).sum();
+        SessionState {
+            expiry: r.expiry,
+            detached_by: Some(0),
+            offline_since: Some(r.offline_since),
+            pending_will,
+            will_at,
+            subscriptions: r.subscriptions.into_iter().collect(),
+            queue: r.queue.into(),
+            next_seq: r.next_seq,
+            spilled: r.spilled,
+            queued_bytes,
+            inflight: Inflight::restore(r.inflight),
+            inbound_qos2: r.incoming.into_iter().collect(),
+            log: Some(Vec::new()),
+            ..SessionState::default()
+        }
+    }
+
+    /// From now on, changes are recorded for the store (a session that outlives its
+    /// connection); its own record first.
+    pub fn persist(&mut self) {
+        self.log.get_or_insert_with(Vec::new).push(Change::Record);
+    }
+
+    pub fn is_persisted(&self) -> bool {
+        self.log.is_some()
+    }
+
+    fn record(&mut self, change: Change) {
+        if let Some(log) = &mut self.log {
+            log.push(change);
+        }
+    }
+
+    /// The session's own record changed (expiry, offline since, will).
+    pub fn touch(&mut self) {
+        self.record(Change::Record);
+    }
+
+    /// The changes recorded since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        match &mut self.log {
+            Some(log) => std::mem::take(log),
+            None => Vec::new(),
+        }
+    }
+
     /// Appends to the queue.
     pub fn push(&mut self, delivery: Delivery) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.queued_bytes += delivery.size();
-        self.queue.push_back(delivery);
+        if delivery.qos != QoS::AtMostOnce {
+            self.record(Change::Enqueued(seq, delivery.clone()));
+        }
+        self.queue.push_back((seq, delivery));
+    }
+
+    pub fn subscriptions(&self) -> &FxHashMap<ByteStr, Subscription> {
+        &self.subscriptions
+    }
+
+    pub fn subscribe(&mut self, filter: ByteStr, sub: Subscription) {
+        self.record(Change::Subscribed(filter.clone(), sub));
+        self.subscriptions.insert(filter, sub);
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        let Some((filter, _)) = self.subscriptions.remove_entry(filter) else {
+            return false;
+        };
+        self.record(Change::Unsubscribed(filter));
+        true
+    }
+
+    /// An incoming QoS 2 PUBLISH: true the first time its packet id is seen (until its
+    /// PUBREL), false for a resend.
+    pub fn receive_incoming(&mut self, pkid: u16) -> bool {
+        let first = self.inbound_qos2.insert(pkid);
+        if first {
+            self.record(Change::Received(pkid));
+        }
+        first
+    }
+
+    pub fn incoming_count(&self) -> usize {
+        self.inbound_qos2.len()
+    }
+
+    pub fn has_incoming(&self, pkid: u16) -> bool {
+        self.inbound_qos2.contains(&pkid)
+    }
+
+    /// PUBREL: true if the packet id was waiting for it.
+    pub fn release_incoming(&mut self, pkid: u16) -> bool {
+        let known = self.inbound_qos2.remove(&pkid);
+        if known {
+            self.record(Change::ReleasedIncoming(pkid));
+        }
+        known
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (`released`): see `Inflight::complete`.
+    pub fn acknowledge(&mut self, pkid: u16, released: bool) -> bool {
+        let done = self.inflight.complete(pkid, released);
+        if done {
+            self.record(Change::Completed(pkid));
+        }
+        done
+    }
+
+    /// PUBREC: see `Inflight::received`.
+    pub fn pubrec(&mut self, pkid: u16) -> bool {
+        match self.inflight.received(pkid) {
+            Some(order) => {
+                self.record(Change::Released { pkid, order });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends every exchange sent up to send order `seq` (see `Inflight::complete_through`);
+    /// returns how many ended.
+    pub fn acknowledge_through(&mut self, seq: u64) -> usize {
+        let done = self.inflight.complete_through(seq);
+        for pkid in &done {
+            self.record(Change::Completed(*pkid));
+        }
+        done.len()
+    }
+
+    /// Drops `pkid` from the window, as if acknowledged.
+    pub fn forget(&mut self, pkid: u16) {
+        if self.inflight.contains(pkid) {
+            self.inflight.forget(pkid);
+            self.record(Change::Completed(pkid));
+        }
+    }
+
+    /// Records `delivery` (a retained message for a new subscription) as sent.
+    pub fn send_direct(&mut self, delivery: &Delivery) -> u16 {
+        let pkid = self.inflight.send(delivery);
+        if pkid != 0 {
+            self.record_sent(pkid, delivery);
+        }
+        pkid
+    }
+
+    fn record_sent(&mut self, pkid: u16, delivery: &Delivery) {
+        if self.log.is_some() {
+            let order = self.inflight.seq(pkid).unwrap_or(0);
+            self.record(Change::Sent {
+                pkid,
+                order,
+                delivery: delivery.clone(),
+            });
+        }
     }
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Queued messages kept on disk only (read back with `refill`).
+    pub fn spilled(&self) -> usize {
+        self.spilled
+    }
+
+    /// Queues `delivery` on disk only (a stored session, QoS 1/2): it costs no memory
+    /// until read back.
+    pub fn spill(&mut self, delivery: Delivery) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.spilled += 1;
+        self.record(Change::Enqueued(seq, delivery));
+    }
+
+    /// Whether the queue must be read back from the store: it is empty in memory and
+    /// messages wait on disk. Everything the store then holds for the session's queue
+    /// was spilled, oldest first.
+    pub fn wants_refill(&self) -> bool {
+        self.queue.is_empty() && self.spilled > 0
+    }
+
+    /// The oldest spilled messages, read back from the store (in order, with their
+    /// sequence numbers).
+    pub fn refill(&mut self, entries: Vec<(u64, Delivery)>) {
+        for (seq, d) in entries {
+            if self.queue.back().is_some_and(|(last, _)| *last >= seq) {
+                continue;
+            }
+            self.spilled = self.spilled.saturating_sub(1);
+            self.queued_bytes += d.size();
+            self.queue.push_back((seq, d));
+        }
+    }
+
+    /// The queued deliveries, in order.
+    pub fn queue(&self) -> impl Iterator<Item = &Delivery> {
+        self.queue.iter().map(|(_, d)| d)
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -99,13 +357,15 @@ impl SessionState {
 
     /// Drops everything queued (the in-flight window stays).
     pub fn clear_queue(&mut self) {
-        self.queue.clear();
-        self.queued_bytes = 0;
+        while self.pop().is_some() {}
     }
 
     fn pop(&mut self) -> Option<Delivery> {
-        let d = self.queue.pop_front()?;
+        let (seq, d) = self.queue.pop_front()?;
         self.queued_bytes -= d.size();
+        if d.qos != QoS::AtMostOnce {
+            self.record(Change::Dequeued(seq));
+        }
         Some(d)
     }
 
@@ -123,7 +383,7 @@ impl SessionState {
     ) -> usize {
         let mut unreadable = 0;
         while out.len() < limit {
-            let Some(front) = self.queue.front() else {
+            let Some((_, front)) = self.queue.front() else {
                 break;
             };
             if front.qos != QoS::AtMostOnce && self.inflight.outstanding() >= max_inflight {
@@ -133,13 +393,14 @@ impl SessionState {
                 break;
             };
             if delivery.message.is_expired(now) {
+                crate::metrics::dropped(crate::metrics::Dropped::Expired);
                 continue;
             }
             if !readable(&delivery) {
                 unreadable += 1;
                 continue;
             }
-            let pkid = self.inflight.send(&delivery);
+            let pkid = self.send_direct(&delivery);
             out.push((delivery, pkid));
         }
         unreadable
@@ -162,7 +423,18 @@ impl SessionState {
         self.ended = true;
         self.detached_by = None;
         self.queued_bytes = 0;
-        let mut orphans: Vec<Delivery> = self.queue.drain(..).filter(is_shared).collect();
+        if let Some(log) = &mut self.log {
+            // Removes everything of the session from the store at once.
+            log.clear();
+            log.push(Change::Ended);
+        }
+        self.spilled = 0;
+        let mut orphans: Vec<Delivery> = self
+            .queue
+            .drain(..)
+            .map(|(_, d)| d)
+            .filter(is_shared)
+            .collect();
         orphans.extend(self.inflight.take_unreceived_shared());
         self.inflight = Inflight::default();
         self.inbound_qos2.clear();
@@ -179,8 +451,8 @@ impl SessionState {
     pub fn park(&mut self, keep_qos0: bool) {
         self.inflight.mark_unsent();
         if !keep_qos0 {
-            self.queue.retain(|d| d.qos != QoS::AtMostOnce);
-            self.queued_bytes = self.queue.iter().map(Delivery::size).sum();
+            self.queue.retain(|(_, d)| d.qos != QoS::AtMostOnce);
+            self.queued_bytes = self.queue.iter().map(|(_, d)| d.size()).sum();
         }
     }
 }
@@ -237,6 +509,30 @@ impl Inflight {
         self.unsent
     }
 
+    /// Entries kept by the store (packet id, send order, stage), all to be resent.
+    fn restore(entries: Vec<(u16, u64, Stage)>) -> Inflight {
+        let mut w = Inflight::default();
+        for (pkid, seq, stage) in entries {
+            if let Stage::Publish(d) = &stage {
+                w.held_bytes += d.size();
+            }
+            w.next_seq = w.next_seq.max(seq + 1);
+            w.next_pkid = w.next_pkid.max(pkid);
+            let entry = Entry {
+                seq,
+                stage,
+                sent: false,
+            };
+            w.entries.insert(pkid, entry);
+        }
+        w.unsent = w.entries.len();
+        w
+    }
+
+    pub fn contains(&self, pkid: u16) -> bool {
+        self.entries.contains_key(&pkid)
+    }
+
     /// Records `delivery` as sent; returns its packet id (0 for QoS 0, not recorded).
     pub fn send(&mut self, delivery: &Delivery) -> u16 {
         if delivery.qos == QoS::AtMostOnce {
@@ -282,11 +578,10 @@ impl Inflight {
     }
 
     /// PUBREC: the QoS 2 message is received; the exchange moves on to PUBREL, which the
-    /// caller sends now. True if a PUBREL is due (also for a repeated PUBREC).
-    pub fn received(&mut self, pkid: u16) -> bool {
-        let Some(e) = self.entries.get_mut(&pkid) else {
-            return false;
-        };
+    /// caller sends now. The entry's send order if a PUBREL is due (also for a repeated
+    /// PUBREC).
+    pub fn received(&mut self, pkid: u16) -> Option<u64> {
+        let e = self.entries.get_mut(&pkid)?;
         match &e.stage {
             Stage::Publish(d) if d.qos == QoS::ExactlyOnce => {
                 self.held_bytes -= d.size();
@@ -295,11 +590,30 @@ impl Inflight {
                     e.sent = true;
                     self.unsent -= 1;
                 }
-                true
+                Some(e.seq)
             }
-            Stage::Release => true,
-            Stage::Publish(_) => false,
+            Stage::Release => Some(e.seq),
+            Stage::Publish(_) => None,
         }
+    }
+
+    /// The send order of `pkid`'s entry (increasing over the session's life, kept across
+    /// resends): the event id an HTTP stream shows for it.
+    pub fn seq(&self, pkid: u16) -> Option<u64> {
+        self.entries.get(&pkid).map(|e| e.seq)
+    }
+
+    /// Ends every exchange sent up to and including send order `seq`: an HTTP client
+    /// confirms at once everything it received up to there. Returns the packet ids ended.
+    pub fn complete_through(&mut self, seq: u64) -> Vec<u16> {
+        let done: Vec<u16> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.seq <= seq)
+            .map(|(pkid, _)| *pkid)
+            .collect();
+        done.iter().for_each(|pkid| self.forget(*pkid));
+        done
     }
 
     /// Drops `pkid`, as if acknowledged.
@@ -348,12 +662,13 @@ impl Inflight {
         }
     }
 
-    /// Shared-subscription messages whose PUBLISH the client never acknowledged: another
-    /// member may have them (a QoS 2 one past PUBREC has been received, and stays).
+    /// Shared-subscription QoS 1 messages whose PUBLISH the client never acknowledged:
+    /// another member may have them. A QoS 2 one, once sent, goes to no other member
+    /// [MQTT-4.8.2-5]: the client may have passed it on before its PUBREC got through.
     fn take_unreceived_shared(&mut self) -> Vec<Delivery> {
         let mut out = Vec::new();
         self.entries.retain(|_, e| match &e.stage {
-            Stage::Publish(d) if d.shared.is_some() => {
+            Stage::Publish(d) if d.shared.is_some() && d.qos == QoS::AtLeastOnce => {
                 out.push(d.clone());
                 false
             }
@@ -407,10 +722,13 @@ mod tests {
             !w.complete(q2, false),
             "PUBACK does not end a QoS 2 exchange"
         );
-        assert!(!w.received(q1), "PUBREC does not apply to QoS 1");
+        assert!(w.received(q1).is_none(), "PUBREC does not apply to QoS 1");
         assert!(!w.complete(q2, true), "PUBCOMP before PUBREC");
-        assert!(w.received(q2));
-        assert!(w.received(q2), "a repeated PUBREC gets PUBREL again");
+        assert!(w.received(q2).is_some());
+        assert!(
+            w.received(q2).is_some(),
+            "a repeated PUBREC gets PUBREL again"
+        );
         assert!(w.complete(q2, true));
         assert!(!w.complete(q2, true));
         assert!(w.complete(q1, false));
@@ -423,7 +741,7 @@ mod tests {
         let ids: Vec<u16> = (0..20)
             .map(|_| w.send(&delivery(QoS::ExactlyOnce)))
             .collect();
-        assert!(w.received(ids[3]));
+        assert!(w.received(ids[3]).is_some());
         w.mark_unsent();
         assert_eq!((w.outstanding(), w.unsent()), (0, 20));
         let mut out = Vec::new();
@@ -433,13 +751,36 @@ mod tests {
         assert!(out[3].1.is_none(), "the released one is resent as PUBREL");
         assert_eq!(w.outstanding(), 5);
         // The client may acknowledge what it got on the earlier connection.
-        assert!(w.received(ids[10]));
+        assert!(w.received(ids[10]).is_some());
         assert_eq!((w.outstanding(), w.unsent()), (6, 14));
-        assert!(w.received(ids[0]));
+        assert!(w.received(ids[0]).is_some());
         assert!(w.complete(ids[0], true));
         out.clear();
         w.resend(1, &mut out);
         assert_eq!(out[0].0, ids[5]);
+    }
+
+    #[test]
+    fn complete_through_ends_what_was_sent_up_to_a_send_order() {
+        let mut w = Inflight::default();
+        let ids: Vec<u16> = (0..5)
+            .map(|_| w.send(&delivery(QoS::AtLeastOnce)))
+            .collect();
+        let seqs: Vec<u64> = ids.iter().map(|p| w.seq(*p).unwrap()).collect();
+        assert!(seqs.windows(2).all(|s| s[0] < s[1]));
+        w.mark_unsent();
+        assert_eq!(w.complete_through(seqs[2]).len(), 3);
+        assert_eq!((w.len(), w.unsent()), (2, 2));
+        assert_eq!(w.seq(ids[0]), None);
+        assert!(w.complete_through(seqs[2]).is_empty());
+        let mut out = Vec::new();
+        w.resend(10, &mut out);
+        assert_eq!(out.iter().map(|(p, _)| *p).collect::<Vec<_>>(), ids[3..]);
+        assert_eq!(
+            w.seq(ids[3]),
+            Some(seqs[3]),
+            "a resend keeps its send order"
+        );
     }
 
     #[test]
@@ -453,14 +794,21 @@ mod tests {
             shared: Some(key.clone()),
             ..delivery(qos)
         };
-        s.push(shared(QoS::AtLeastOnce));
+        s.push(shared(QoS::ExactlyOnce));
         s.push(delivery(QoS::AtLeastOnce));
         s.inflight.send(&shared(QoS::AtLeastOnce));
+        // A QoS 2 one sent stays with the member, acknowledged or not [MQTT-4.8.2-5].
         let received = s.inflight.send(&shared(QoS::ExactlyOnce));
-        assert!(s.inflight.received(received));
+        assert!(s.inflight.received(received).is_some());
+        s.inflight.send(&shared(QoS::ExactlyOnce));
         s.inflight.send(&delivery(QoS::ExactlyOnce));
         let ended = s.end();
-        assert_eq!(ended.orphans.len(), 2);
+        let qos: Vec<QoS> = ended.orphans.iter().map(|d| d.qos).collect();
+        assert_eq!(
+            qos,
+            [QoS::ExactlyOnce, QoS::AtLeastOnce],
+            "queued, then in flight"
+        );
         assert!(s.ended && s.queue.is_empty() && s.inflight.is_empty());
         assert_eq!(s.held_bytes(), 0);
     }
@@ -509,7 +857,7 @@ mod tests {
                                 if ok { prop_assert_eq!(qos, QoS::AtLeastOnce); }
                             }
                             Op::Rec(_) => {
-                                if s.inflight.received(pkid) {
+                                if s.inflight.received(pkid).is_some() {
                                     prop_assert_eq!(qos, QoS::ExactlyOnce);
                                     live[i].2 = true;
                                 }

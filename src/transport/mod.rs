@@ -2,6 +2,7 @@
 //! and hands them to `conn::serve`, which is the same for every transport. `tls` wraps
 //! either kind's sockets in TLS when the listener has a `tls` table.
 
+pub mod http;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

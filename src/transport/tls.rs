@@ -34,6 +34,8 @@ pub const ALPN_MQTT: &[u8] = b"mqtt";
 /// ALPN protocol id for a WebSocket-over-TLS listener. Offer this one only there: "h2"
 /// would let browsers pick HTTP/2, over which the HTTP/1.1 WebSocket upgrade cannot run.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN protocol id of HTTP/2, offered (before "http/1.1") by http listeners only.
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// The oldest TLS version a listener accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

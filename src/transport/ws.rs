@@ -17,10 +17,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
@@ -62,6 +63,68 @@ where
     conn::serve(&broker, reader, writer, peer).await;
 }
 
+/// Answers a WebSocket upgrade that came to an http listener (through hyper) with the
+/// ws listener's checks, then serves MQTT over the upgraded connection in a task of its
+/// own (docs/http.md: MQTT over WebSocket shares the http listener's port).
+pub fn upgrade(
+    broker: Arc<Broker>,
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: Peer,
+    policy: &Policy,
+) -> hyper::Response<super::http::Body> {
+    use super::http::Body;
+    let bad = |why: &str| {
+        let mut resp = hyper::Response::new(Body::full(format!("{why}\n")));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp
+    };
+    let headers = req.headers();
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return bad("no Sec-WebSocket-Key");
+    };
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return bad("Sec-WebSocket-Version must be 13");
+    }
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.headers_mut() = headers.clone();
+    let accepted = match policy.check(&head, Response::new(()), peer.addr) {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            let (parts, body) = refused.into_parts();
+            return hyper::Response::from_parts(parts, Body::full(body.unwrap_or_default()));
+        }
+    };
+    let mut resp = hyper::Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = accepted.headers().clone();
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    let config = ws_config(broker.config.mqtt.max_packet_size);
+    let tasks = broker.tasks.clone();
+    tasks.spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                let (reader, writer) = tokio::io::split(WsBytes::new(ws));
+                conn::serve(&broker, reader, writer, peer).await;
+            }
+            Err(e) => debug!("WebSocket upgrade failed: {e}"),
+        }
+    });
+    resp
+}
+
 fn ws_config(max_packet_size: usize) -> WebSocketConfig {
     let limit = max_packet_size.max(MIN_MESSAGE_LIMIT);
     WebSocketConfig::default()
@@ -91,7 +154,7 @@ impl Policy {
     /// Accepts the upgrade (echoing the chosen subprotocol) or answers with an HTTP error
     /// whose body says why. The signature is tungstenite's `Callback`.
     #[allow(clippy::result_large_err)]
-    fn check(
+    pub(crate) fn check(
         &self,
         req: &Request,
         mut resp: Response,

@@ -78,18 +78,14 @@ impl BrokerProcess {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             _dir: dir,
         };
-        broker.addr = broker.wait_for_log("the TCP listening address", |log| {
-            log.lines()
-                .filter(|l| l.contains("listening") && l.contains("kind=Tcp"))
-                .find_map(|l| {
-                    l.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse()
-                        .ok()
-                })
+        // Logged once every listener is bound.
+        broker.wait_for_log("ternmq started", |log| {
+            log.contains("ternmq started").then_some(())
         });
+        broker.addr = *broker
+            .addrs(ternmq::config::ListenerKind::Tcp)
+            .first()
+            .unwrap_or_else(|| panic!("no tcp listener in the log:\n{}", broker.log()));
         broker
     }
 

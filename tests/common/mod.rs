@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod client;
+pub mod http;
 pub mod mosquitto;
 pub mod ws;
 
@@ -55,6 +56,9 @@ impl TestBroker {
                 allow_anonymous: true,
                 ..Listener::new(ListenerKind::Tcp, "127.0.0.1:0".parse().unwrap())
             }],
+            // No $SYS task unless a test asks: its retained messages and its task would
+            // show in what other tests count.
+            sys_interval: 0,
             ..Config::default()
         };
         tweak(&mut config);
@@ -102,6 +106,28 @@ impl TestBroker {
             tweak(config);
         })
         .await
+    }
+
+    /// A broker with a tcp and an http listener (anonymous clients allowed); `tweak`
+    /// may change both, the http one being `config.listeners[1]`.
+    pub async fn with_http(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        Self::with(|config| {
+            let bind = "127.0.0.1:0".parse().unwrap();
+            config.listeners.push(Listener {
+                allow_anonymous: true,
+                ..Listener::new(ListenerKind::Http, bind)
+            });
+            tweak(config);
+        })
+        .await
+    }
+
+    /// The address of the http listener (see `with_http`).
+    pub fn http_addr(&self) -> SocketAddr {
+        let server = self.server.as_ref().expect("running");
+        server
+            .local_addr(ListenerKind::Http)
+            .expect("http listener")
     }
 
     /// Where clients connect over WebSocket (see `with_ws`).

@@ -414,7 +414,10 @@ async fn probe_f_a_huge_websocket_frame_is_refused_at_its_header() {
          [[listeners]]\ntype = \"ws\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n\
          [mqtt]\nmax_packet_size = 1048576\n",
     );
-    let ws = broker.addrs(ternmq::config::ListenerKind::Ws)[0];
+    let ws = *broker
+        .addrs(ternmq::config::ListenerKind::Ws)
+        .first()
+        .unwrap_or_else(|| panic!("no ws listener in the log:\n{}", broker.log()));
     let before = broker.status_kib("VmRSS");
     let mut tasks = Vec::new();
     for _ in 0..4 {
