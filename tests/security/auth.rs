@@ -621,8 +621,8 @@ async fn scram_login(b: &TestBroker, user: &str, password: &str) -> (Client, Rea
     (c, ack.code)
 }
 
-/// Re-authentication (AUTH 0x19 on a live connection) is not on main yet: only the
-/// CONNECT exchange is tested here.
+/// SCRAM over the CONNECT / AUTH exchange: the user named, wrong passwords and unknown
+/// users refused alike.
 #[tokio::test]
 async fn scram_sha_256_login_over_auth_packets() {
     let files = Files::new();
@@ -798,4 +798,98 @@ async fn the_worked_example_of_docs_security_md() {
         ]
     );
     assert_eq!(sensor.output().await, ["devices/sensor-1/command reboot"]);
+}
+
+/// Re-authentication (MQTT 5.0, 4.12.1) on a live connection: AUTH 0x19 with the
+/// client-first message, AUTH 0x18 both ways, AUTH 0x00 with the server's proof. Returns
+/// the reason of the broker's last packet: 0x00 (Success, the server proved itself) or the
+/// DISCONNECT's reason when it refuses (and closes).
+async fn scram_reauth(c: &mut Client, user: &str, password: &str) -> ReasonCode {
+    let mut scram = ScramClient::new(user, password);
+    let mut start = auth_packet(scram.client_first());
+    if let Packet::Auth(a) = &mut start {
+        a.reason = ReasonCode::Reauthenticate;
+    }
+    c.send(start).await;
+    let server_first = match c.expect("AUTH").await {
+        Packet::Auth(a) if a.reason == ReasonCode::ContinueAuthentication => a
+            .properties
+            .authentication_data
+            .expect("server-first-message"),
+        Packet::Disconnect(d) => return d.reason,
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    c.send(auth_packet(scram.client_final(&server_first))).await;
+    match c.expect("AUTH").await {
+        Packet::Auth(a) => {
+            assert_eq!(a.reason, ReasonCode::Success);
+            let last = a
+                .properties
+                .authentication_data
+                .expect("server-final-message");
+            assert!(
+                scram.verifies(&last),
+                "the server proves it knows the verifier"
+            );
+            a.reason
+        }
+        Packet::Disconnect(d) => {
+            c.expect_closed(crate::common::client::WAIT).await;
+            d.reason
+        }
+        other => panic!("expected AUTH or DISCONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scram_sha_256_re_authentication_on_a_live_connection() {
+    let files = Files::new();
+    let passwd = files.path("passwd");
+    ternmq_passwd(&passwd, "dev", "first", true);
+    ternmq_passwd(&passwd, "other", "other", true);
+    let acl = files.write("acl", "user dev\ntopic readwrite dev/#\n");
+    let b = with_password_file(&passwd, Some(acl.clone())).await;
+    let (mut c, code) = scram_login(&b, "dev", "first").await;
+    assert_eq!(code, ReasonCode::Success);
+    c.subscribe("dev/#", QoS::AtLeastOnce).await;
+
+    // The same credentials: the connection goes on.
+    assert_eq!(
+        scram_reauth(&mut c, "dev", "first").await,
+        ReasonCode::Success
+    );
+    c.publish_expect(plain("dev/1", b"x", QoS::AtLeastOnce), ReasonCode::Success)
+        .await;
+    assert_eq!(c.expect_publish().await.topic, "dev/1");
+
+    // The password changes and dev gets more rights: re-authenticating with the new
+    // password is what a long-lived client does, and it picks up the new ACL.
+    ternmq_passwd(&passwd, "dev", "second", true);
+    std::fs::write(
+        &acl,
+        "user dev\ntopic readwrite dev/#\ntopic readwrite shared/#\n",
+    )
+    .unwrap();
+    assert_eq!(b.server.as_ref().unwrap().reload(), Vec::<String>::new());
+    assert_eq!(
+        scram_reauth(&mut c, "dev", "second").await,
+        ReasonCode::Success
+    );
+    c.publish_expect(
+        plain("shared/1", b"x", QoS::AtLeastOnce),
+        ReasonCode::NoMatchingSubscribers,
+    )
+    .await;
+
+    // The old password no longer does: DISCONNECT 0x87, closed.
+    assert_eq!(
+        scram_reauth(&mut c, "dev", "first").await,
+        ReasonCode::NotAuthorized
+    );
+    // Nor re-authenticating as someone else, with their right password.
+    let (mut c, _) = scram_login(&b, "dev", "second").await;
+    assert_eq!(
+        scram_reauth(&mut c, "other", "other").await,
+        ReasonCode::NotAuthorized
+    );
 }
