@@ -389,13 +389,11 @@ async fn publish_limits_answer_413_429_and_503() {
     let r = request(addr, "POST", "/publish?topic=big", &[], &big).await;
     assert_eq!((r.status, r.error().as_str()), (413, "too_large"));
 
-    // One message a second, a burst of one second's worth: the message that overdraws
-    // goes (as an MQTT client's would), the next one at once is refused with a wait.
-    for m in [b"1", b"2"] {
-        let r = request(addr, "POST", "/publish?topic=t", &[], m).await;
-        assert_eq!(r.status, 200);
-    }
-    let r = request(addr, "POST", "/publish?topic=t", &[], b"3").await;
+    // One message a second, a burst of one second's worth: that one goes (as an MQTT
+    // client's would be read), the next one at once is refused with a wait.
+    let r = request(addr, "POST", "/publish?topic=t", &[], b"1").await;
+    assert_eq!(r.status, 200);
+    let r = request(addr, "POST", "/publish?topic=t", &[], b"2").await;
     assert_eq!((r.status, r.error().as_str()), (429, "rate_limited"));
     assert!(r
         .header("retry-after")

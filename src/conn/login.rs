@@ -64,8 +64,9 @@ pub(crate) fn decide(result: AuthResult, allow_anonymous: bool) -> Result<Login,
     })
 }
 
-/// A will goes out under its client's name: the client must be allowed to publish it
-/// (as mosquitto refuses the CONNECT otherwise).
+/// A will goes out under its client's name: the client must be allowed to publish it.
+/// Refused at CONNECT, so that the client knows (mosquitto 2.0.11 accepts the CONNECT
+/// and drops the will when it would be published).
 pub(super) fn check_will(login: &Login, negotiated: &Negotiated) -> Result<(), Refusal> {
     match &negotiated.will {
         Some(will) if !login.authorizer.check(&will.topic, Access::Write) => Err(Refusal::new(

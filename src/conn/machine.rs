@@ -154,7 +154,9 @@ impl<'a> Connection<'a> {
         self.protocol
     }
 
-    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`.
+    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`;
+    /// while the publish rate limit pauses the client, the rest stays in `rbuf` (the
+    /// driver calls again after `handle_timeout`).
     pub fn handle_bytes(
         &mut self,
         rbuf: &mut BytesMut,
@@ -165,6 +167,11 @@ impl<'a> Connection<'a> {
         // Counted once per read, not per packet.
         let mut tally = metrics::Tally::default();
         let result = loop {
+            // Past its publish rate, the client's next packets wait in `rbuf` (and the
+            // socket) until the pause ends, however many one read brought.
+            if self.paused_until().is_some() {
+                break Ok(());
+            }
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
@@ -185,24 +192,25 @@ impl<'a> Connection<'a> {
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
-    /// of a pause of the publish rate limit.
+    /// of a pause of the publish rate limit (during which the keep-alive does not run:
+    /// the client's packets are waiting on the broker).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let keep_alive = self.keep_alive.map(|k| self.last_packet + k);
         match self.paused_until() {
-            Some(p) => Some(keep_alive.map_or(p, |k| k.min(p))),
-            None => keep_alive,
+            Some(p) => Some(p),
+            None => self.keep_alive.map(|k| self.last_packet + k),
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
         if let Some(until) = self.paused_until() {
-            if now >= until {
-                // The client's packets waited in the socket meanwhile: the pause must
-                // not count against its keep-alive.
-                self.last_packet = self.last_packet.max(now);
-                if let Some(t) = self.throttle.as_deref_mut() {
-                    t.resume();
-                }
+            if now < until {
+                return Ok(());
+            }
+            // The client's packets waited meanwhile: the pause must not count against
+            // its keep-alive.
+            self.last_packet = self.last_packet.max(now);
+            if let Some(t) = self.throttle.as_deref_mut() {
+                t.resume();
             }
         }
         match self.keep_alive.map(|k| self.last_packet + k) {
@@ -278,6 +286,10 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
+        // Every PUBLISH counts against the rate, refused ones too: refusing costs work.
+        if let Some(throttle) = self.throttle.as_deref_mut() {
+            throttle.spend(p.payload.len(), now);
+        }
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -299,9 +311,6 @@ impl<'a> Connection<'a> {
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
-        }
-        if let Some(throttle) = self.throttle.as_deref_mut() {
-            throttle.spend(p.payload.len(), now);
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed

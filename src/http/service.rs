@@ -168,7 +168,7 @@ impl HttpService {
                 let (user, password) = creds.as_login();
                 security.authenticate(user, password, &id)
             };
-            tokio::task::spawn_blocking(check).await.map_err(|_| {
+            broker.password_check(check).await.ok_or_else(|| {
                 HttpError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
