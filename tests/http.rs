@@ -571,6 +571,43 @@ mod auth {
         assert_eq!(r.status, 403, "the claim gives bob no write");
     }
 
+    /// A stream opened with a token ends when the token expires, with an event that tells
+    /// the page to fetch a new one (reconnecting with the old one would get a 401).
+    #[tokio::test]
+    async fn a_stream_ends_when_its_token_expires() {
+        let b = TestBroker::with_http(|c| {
+            c.auth.jwt = Some(JwtConfig {
+                secret: Some("k3y".into()),
+                leeway: Some(0),
+                ..JwtConfig::default()
+            });
+            c.listeners[1].allow_anonymous = false;
+        })
+        .await;
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 2;
+        let claims = serde_json::json!({"sub": "bob", "exp": exp, "acl": {"sub": ["t"]}});
+        let bob = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"k3y"),
+        )
+        .unwrap();
+        let path = sse_path(&["t"], &format!("&access_token={bob}"));
+        let mut sse = Sse::connect(b.http_addr(), &path, &[]).await;
+        let mut mqtt = Client::connect_v5(b.target(), "x").await;
+        mqtt.publish(plain("t", b"before", QoS::AtLeastOnce)).await;
+        assert_eq!(sse.next_event().await.unwrap().json()["payload"], "before");
+        let last = sse.next_event().await.expect("a last event");
+        assert_eq!(last.event, "token_expired");
+        assert!(sse.next_event().await.is_none(), "the stream ends");
+        let r = request(b.http_addr(), "GET", &path, &[], b"").await;
+        assert_eq!(r.status, 401, "the same token again");
+    }
+
     #[tokio::test]
     async fn cors_allow_list() {
         let b = TestBroker::with_http(|c| {

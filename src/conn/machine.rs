@@ -120,7 +120,7 @@ impl<'a> Connection<'a> {
             access: Box::new(Access {
                 username: login.username,
                 authorizer: login.authorizer,
-                from_token: login.from_token,
+                token_deadline: login.token_valid_for.map(|d| now + d),
                 generation: broker.security_generation(),
                 method: login.method,
                 reauth: None,
@@ -193,15 +193,22 @@ impl<'a> Connection<'a> {
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
     /// of a pause of the publish rate limit (during which the keep-alive does not run:
-    /// the client's packets are waiting on the broker).
+    /// the client's packets are waiting on the broker), or the login token's expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.paused_until() {
+        let timer = match self.paused_until() {
             Some(p) => Some(p),
             None => self.keep_alive.map(|k| self.last_packet + k),
+        };
+        match (timer, self.access.token_deadline) {
+            (Some(t), Some(d)) => Some(t.min(d)),
+            (t, d) => t.or(d),
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
+        if self.access.token_deadline.is_some_and(|d| now >= d) {
+            return Err(Exit::TokenExpired);
+        }
         if let Some(until) = self.paused_until() {
             if now < until {
                 return Ok(());
@@ -895,7 +902,7 @@ impl<'a> Connection<'a> {
     /// a token).
     fn rebuild_access(&mut self, generation: u64) {
         let a = &mut *self.access;
-        if !a.from_token {
+        if a.token_deadline.is_none() {
             let client_id = &self.session.client_id;
             a.authorizer = self
                 .broker
@@ -1004,8 +1011,9 @@ fn properties_mut(packet: &mut Packet) -> Option<&mut Properties> {
 struct Access {
     username: Option<String>,
     authorizer: Authorizer,
-    /// The rules came with a token, not from the ACL file.
-    from_token: bool,
+    /// Logged in with a token, which expires then: the connection closes, and its rules
+    /// came with it, not from the ACL file.
+    token_deadline: Option<Instant>,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
     /// The MQTT 5 enhanced authentication method of the CONNECT, if any.
