@@ -1,21 +1,22 @@
 //! The `ternmq` binary as a separate process, for what an in-process broker cannot show:
-//! its own memory (`/proc/PID/status`), its own descriptor limit, its log. Killed (by PID)
-//! when dropped.
+//! its own memory (`/proc/PID/status`), its own descriptor limit, its log, a crash and a
+//! signal. Killed (by PID) when dropped.
 
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Bound of every wait: start-up, a log line.
+/// Bound of every wait: start-up, a log line, an exit.
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A running `ternmq --config FILE`; its stdout and stderr collected by threads.
 pub struct BrokerProcess {
     child: Child,
     log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     /// The first TCP listener's address, read from the log.
     pub addr: SocketAddr,
     _dir: tempfile::TempDir,
@@ -52,7 +53,32 @@ impl BrokerProcess {
         })
     }
 
+    /// Runs the binary with `config` until it exits by itself (a config it refuses):
+    /// its exit status and log.
+    pub fn run_to_exit(config: &str) -> (ExitStatus, String) {
+        let mut broker = Self::launch(config, |bin, config| {
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config").arg(config);
+            cmd
+        });
+        let status = broker.wait();
+        (status, broker.log())
+    }
+
     fn spawn(config: &str, command: impl FnOnce(&Path, &Path) -> Command) -> BrokerProcess {
+        let mut broker = Self::launch(config, command);
+        // Logged once every listener is bound.
+        broker.wait_for_log("ternmq started", |log| {
+            log.contains("ternmq started").then_some(())
+        });
+        broker.addr = *broker
+            .addrs(ternmq::config::ListenerKind::Tcp)
+            .first()
+            .unwrap_or_else(|| panic!("no tcp listener in the log:\n{}", broker.log()));
+        broker
+    }
+
+    fn launch(config: &str, command: impl FnOnce(&Path, &Path) -> Command) -> BrokerProcess {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, config).expect("write the config file");
@@ -65,28 +91,23 @@ impl BrokerProcess {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("run the ternmq binary");
         let log = Arc::new(Mutex::new(String::new()));
-        for out in [
+        let readers = [
             Box::new(child.stdout.take().expect("piped stdout")) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().expect("piped stderr")),
-        ] {
+        ]
+        .into_iter()
+        .map(|out| {
             let log = log.clone();
-            std::thread::spawn(move || collect(out, &log));
-        }
-        let mut broker = BrokerProcess {
+            std::thread::spawn(move || collect(out, &log))
+        })
+        .collect();
+        BrokerProcess {
             child,
             log,
+            readers,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             _dir: dir,
-        };
-        // Logged once every listener is bound.
-        broker.wait_for_log("ternmq started", |log| {
-            log.contains("ternmq started").then_some(())
-        });
-        broker.addr = *broker
-            .addrs(ternmq::config::ListenerKind::Tcp)
-            .first()
-            .unwrap_or_else(|| panic!("no tcp listener in the log:\n{}", broker.log()));
-        broker
+        }
     }
 
     /// The addresses of the listeners of `kind`, read from the log.
@@ -155,6 +176,48 @@ impl BrokerProcess {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("read /proc/PID/fd")
             .count()
+    }
+
+    /// Waits (bounded) for the process to end, then for the rest of its output.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ternmq still running:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill_9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.wait();
+    }
+
+    /// SIGTERM: a clean shutdown, which must succeed.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "exit after SIGTERM: {status}\n{}",
+            self.log()
+        );
     }
 
     /// Whether the process is still running.
