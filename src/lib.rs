@@ -13,6 +13,7 @@ pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod fuzz;
 pub mod http;
 pub mod message;
 pub mod metrics;
