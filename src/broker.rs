@@ -239,7 +239,9 @@ impl Broker {
         if message.retain {
             self.router.retain(message);
             let journal = &self.env.journal;
-            if journal.is_on() {
+            // $SYS values are the running broker's own: made afresh after a restart,
+            // never read back from the store (as mosquitto).
+            if journal.is_on() && !message.topic.starts_with("$SYS/") {
                 let op = if message.payload.is_empty() {
                     Op::ClearRetained {
                         topic: message.topic.clone(),

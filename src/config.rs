@@ -233,14 +233,9 @@ fn check_admin(raw: &RawListener) -> Result<(), String> {
             None => Ok(()),
         };
     }
-    let mqtt_only = [
-        ("tls", raw.tls.is_some()),
-        ("max_connections", raw.max_connections != 0),
-        ("allow_anonymous", raw.allow_anonymous),
-    ];
-    if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+    if raw.allow_anonymous {
         return Err(format!(
-            "listener {bind}: `{key}` is not for type = \"admin\" listeners"
+            "listener {bind}: `allow_anonymous` is not for type = \"admin\" listeners (the token is required)"
         ));
     }
     match &raw.token {
@@ -733,6 +728,14 @@ mod tests {
         assert_eq!(c.log_level, d.log_level);
         assert_eq!(c.log_format, d.log_format);
         assert_eq!(c.sys_interval, d.sys_interval);
+        // The sample turns persistence on (into ./data); every other key at its default.
+        assert_eq!(
+            c.persistence,
+            PersistenceConfig {
+                enabled: true,
+                ..d.persistence
+            }
+        );
     }
 
     #[test]

@@ -171,12 +171,15 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 async fn run(config: Config) -> Result<(), Failure> {
+    // Before the listeners: a SIGTERM as soon as they accept is a clean shutdown too (the
+    // store closed), not the signal's default action.
+    let signals = Signals::new()?;
     let server = Server::start(config).await.map_err(|e| Failure {
         code: if e.is_config() { 2 } else { 1 },
         error: anyhow::Error::new(e).context("cannot start"),
     })?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ternmq started");
-    serve_signals(&server).await?;
+    serve_signals(&server, signals).await?;
     tracing::info!("shutting down");
     if !server.shutdown(SHUTDOWN_GRACE).await {
         tracing::warn!("some connections did not close within {SHUTDOWN_GRACE:?}");
@@ -184,17 +187,32 @@ async fn run(config: Config) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The signals the broker handles, listened for from before it starts.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            hup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+        })
+    }
+}
+
 /// Waits for SIGINT or SIGTERM; on SIGHUP, reloads the password file, the ACL, the
 /// token keys and the TLS certificates (what fails to load keeps its old version).
-async fn serve_signals(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+async fn serve_signals(server: &Server, mut signals: Signals) -> anyhow::Result<()> {
     loop {
         tokio::select! {
-            r = tokio::signal::ctrl_c() => return r.context("cannot listen for SIGINT"),
-            _ = term.recv() => return Ok(()),
-            _ = hup.recv() => {
+            _ = signals.int.recv() => return Ok(()),
+            _ = signals.term.recv() => return Ok(()),
+            _ = signals.hup.recv() => {
                 let errors = server.reload();
                 if errors.is_empty() {
                     tracing::info!("reloaded the security files and certificates");

@@ -5,6 +5,9 @@
 //! Sessions come back offline (as after a disconnect at the moment the broker stopped):
 //! their in-flight messages are resent, with DUP, when their client returns; their
 //! expiry and delayed will count from when they went offline, in wall-clock time.
+//!
+//! Wills due at start and the timers of the sessions go only once every session is back,
+//! so that a will reaches every restored subscriber, whatever order the store gave.
 
 use crate::broker::Broker;
 use crate::message::{Delivery, Message};
@@ -23,7 +26,8 @@ pub struct Recovered {
     pub sessions: usize,
     pub queued: usize,
     pub inflight: usize,
-    /// Sessions and retained messages that expired while the broker was down.
+    /// Sessions, retained messages and queued messages that expired while the broker was
+    /// down.
     pub expired: usize,
 }
 
@@ -37,7 +41,9 @@ pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recove
         now_ms: journal.clock().to_unix(now),
         messages: FxHashMap::default(),
         done: Recovered::default(),
-        forgotten: Vec::new(),
+        fixes: Vec::new(),
+        wills: Vec::new(),
+        timers: Vec::new(),
     };
     for m in &snapshot.retained {
         r.retained(m);
@@ -45,7 +51,13 @@ pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recove
     for s in snapshot.sessions {
         r.session(s);
     }
-    journal.submit(r.forgotten);
+    journal.submit(r.fixes);
+    for will in &r.wills {
+        broker.publish_will(will, now);
+    }
+    for (session, expires_at, will_at) in &r.timers {
+        broker.schedule(session, 0, *expires_at, *will_at);
+    }
     r.done
 }
 
@@ -57,14 +69,21 @@ struct Restorer<'a> {
     /// One live message for each stored one, however many sessions hold it.
     messages: FxHashMap<u64, Arc<Message>>,
     done: Recovered,
-    /// What expired while the broker was down, to remove from the store.
-    forgotten: Vec<Op>,
+    /// What expired while the broker was down, to remove from the store, and sessions
+    /// that were online when it crashed, to record as offline since the restart.
+    fixes: Vec<Op>,
+    /// Wills of sessions that ended while the broker was down.
+    wills: Vec<Arc<Message>>,
+    /// Each restored session's end and delayed will.
+    timers: Vec<Timers>,
 }
+
+type Timers = (Arc<Session>, Option<Instant>, Option<Instant>);
 
 impl Restorer<'_> {
     fn retained(&mut self, m: &StoredMessage) {
         if m.expires_at.is_some_and(|at| at <= self.now_ms) {
-            self.forgotten.push(Op::ClearRetained {
+            self.fixes.push(Op::ClearRetained {
                 topic: m.topic.clone(),
             });
             self.done.expired += 1;
@@ -93,6 +112,45 @@ impl Restorer<'_> {
         }
     }
 
+    /// A session's queue, less what expired while the broker was down: a queued message
+    /// past its expiry is not sent, and goes (one in flight is resent, its delivery having
+    /// begun). Only as much as the message memory takes below its high mark comes into
+    /// memory; the rest stays on disk, read back as the queue drains. Returns the queue
+    /// and how many of the loaded entries stay on disk.
+    fn queue(&mut self, s: &SessionSnapshot) -> (Vec<(u64, Delivery)>, usize) {
+        let budget = &self.broker.memory;
+        let mut room = (budget.limit() / 10 * 9).saturating_sub(budget.used());
+        let mut queue = Vec::with_capacity(s.queue.len());
+        let mut left = 0;
+        for q in &s.queue {
+            if left > 0 {
+                left += 1;
+            } else if q
+                .delivery
+                .message
+                .expires_at
+                .is_some_and(|at| at <= self.now_ms)
+            {
+                self.fixes.push(Op::Dequeue {
+                    client_id: s.client_id.clone(),
+                    seq: q.seq,
+                });
+                self.done.expired += 1;
+            } else {
+                let delivery = self.delivery(&q.delivery);
+                match room.checked_sub(delivery.size()) {
+                    Some(rest) => {
+                        room = rest;
+                        queue.push((q.seq, delivery));
+                    }
+                    None => left = 1,
+                }
+            }
+        }
+        self.done.queued += queue.len();
+        (queue, left)
+    }
+
     fn session(&mut self, s: SessionSnapshot) {
         let broker = self.broker;
         // A session online when the broker crashed went offline then.
@@ -105,16 +163,13 @@ impl Restorer<'_> {
         });
         if ends_ms.is_some_and(|end| end <= self.now_ms) {
             // Ended while the broker was down: its will is due now.
-            if let Some((will, _)) = &will {
-                broker.publish_will(will, self.now);
-            }
-            self.forgotten.push(Op::DeleteSession {
+            self.wills.extend(will.map(|(will, _)| will));
+            self.fixes.push(Op::DeleteSession {
                 client_id: s.client_id,
             });
             self.done.expired += 1;
             return;
         }
-        self.done.queued += s.queue.len();
         self.done.inflight += s.inflight.len();
         let subscriptions: Vec<(ByteStr, Subscription)> = s
             .subscriptions
@@ -127,11 +182,7 @@ impl Restorer<'_> {
                 (f.clone(), sub)
             })
             .collect();
-        let queue = s
-            .queue
-            .iter()
-            .map(|q| (q.seq, self.delivery(&q.delivery)))
-            .collect();
+        let (queue, left_on_disk) = self.queue(&s);
         let inflight = s
             .inflight
             .iter()
@@ -144,6 +195,15 @@ impl Restorer<'_> {
             })
             .collect();
         let will_at = will.as_ref().map(|(_, at)| *at);
+        if s.session.offline_since.is_none() {
+            // Online when the broker crashed: offline since now, also for the next start.
+            let mut record = s.session.clone();
+            record.offline_since = Some(offline_ms);
+            self.fixes.push(Op::PutSession {
+                client_id: s.client_id.clone(),
+                session: record,
+            });
+        }
         let state = SessionState::restore(Restored {
             expiry,
             offline_since: self.clock.to_instant(offline_ms),
@@ -151,7 +211,7 @@ impl Restorer<'_> {
             subscriptions: subscriptions.clone(),
             queue,
             next_seq: s.last_seq + 1,
-            spilled: (s.queued as usize).saturating_sub(s.queue.len()),
+            spilled: (s.queued as usize).saturating_sub(s.queue.len()) + left_on_disk,
             inflight,
             incoming: s.incoming,
         });
@@ -164,7 +224,7 @@ impl Restorer<'_> {
         }
         broker.adopt(session.clone());
         let expires_at = ends_ms.map(|end| self.clock.to_instant(end));
-        broker.schedule(&session, 0, expires_at, will_at);
+        self.timers.push((session, expires_at, will_at));
         self.done.sessions += 1;
     }
 }

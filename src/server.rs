@@ -1,6 +1,7 @@
 //! Starting and stopping a broker: binds the listeners, runs their accept loop, and
 //! wires shutdown. The only module that knows the transports.
 
+use crate::admin::Admin;
 use crate::broker::{Broker, ListenerRules};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
@@ -66,11 +67,14 @@ impl Server {
         config: Config,
         auth_methods: Vec<Arc<dyn AuthMethod>>,
     ) -> Result<Server, StartError> {
+        let started = std::time::Instant::now();
         let queue_head = config.session.max_queued_messages;
         let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
         let broker = Broker::with_journal(config, auth_methods, journal)?;
         if let Some(snapshot) = snapshot {
+            let read_ms = started.elapsed().as_millis() as u64;
             report(&snapshot.recovery);
+            let records = snapshot.recovery.recovered;
             let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
             tracing::info!(
                 retained = recovered.retained,
@@ -78,6 +82,9 @@ impl Server {
                 queued = recovered.queued,
                 in_flight = recovered.inflight,
                 expired = recovered.expired,
+                records,
+                read_ms,
+                total_ms = started.elapsed().as_millis() as u64,
                 "state restored from the store"
             );
         }
@@ -87,61 +94,56 @@ impl Server {
             tls: Vec::new(),
             rules: Vec::new(),
         };
-        // Admin listeners start last, so that they know every MQTT listener.
-        let mut admins = Vec::new();
-        for listener in &broker.config.listeners {
-            let addr = match listener.kind {
-                ListenerKind::Admin => {
-                    let (socket, addr) = bind(listener).await?;
-                    admins.push((socket, listener.token.clone().unwrap_or_default()));
-                    addr
-                }
-                _ => server.listen(listener).await?,
-            };
-            tracing::info!(%addr, kind = ?listener.kind, tls = listener.tls.is_some(), "listening");
-            server.addrs.push((listener.kind, addr));
-        }
-        let mqtt_listeners: Vec<_> = server
-            .addrs
+        // The admin listeners last: they report on the others.
+        let (admins, others): (Vec<&Listener>, Vec<&Listener>) = broker
+            .config
+            .listeners
             .iter()
-            .filter(|(k, _)| *k != ListenerKind::Admin)
-            .copied()
-            .collect();
-        for (socket, token) in admins {
-            let admin = crate::admin::Admin::new(
-                broker.clone(),
-                token,
-                server.rules.clone(),
-                mqtt_listeners.clone(),
-            );
-            crate::admin::spawn(admin, socket);
+            .partition(|l| l.kind == ListenerKind::Admin);
+        for listener in others {
+            let proto = match listener.kind {
+                ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
+                ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(&broker, listener))),
+                ListenerKind::Tcp | ListenerKind::Admin => Proto::Mqtt,
+            };
+            server.listen(listener, proto).await?;
+        }
+        let (reported, addrs) = (server.rules.clone(), server.addrs.clone());
+        for listener in admins {
+            let token = listener.token.clone().unwrap_or_default();
+            let admin = Admin::new(broker.clone(), token, reported.clone(), addrs.clone());
+            server
+                .listen(listener, Proto::Admin(Arc::new(admin)))
+                .await?;
         }
         crate::observe::sys::spawn(&broker);
         Ok(server)
     }
 
-    /// Binds one listener and starts its accept loop; returns its address.
-    async fn listen(&mut self, listener: &Listener) -> Result<SocketAddr, StartError> {
+    /// Binds one listener and starts its accept loop, serving `proto`.
+    async fn listen(&mut self, listener: &Listener, proto: Proto) -> Result<(), StartError> {
         let (socket, addr) = bind(listener).await?;
         let mut rules = ListenerRules::new(listener);
-        let scheme = match (listener.kind, listener.tls.is_some()) {
-            (ListenerKind::Ws, false) => "ws",
-            (ListenerKind::Ws, true) => "wss",
-            (ListenerKind::Http, false) => "http",
-            (ListenerKind::Http, true) => "https",
-            (_, false) => "mqtt",
-            (_, true) => "mqtts",
+        let secure = listener.tls.is_some();
+        let scheme = match listener.kind {
+            ListenerKind::Tcp => ["mqtt", "mqtts"],
+            ListenerKind::Ws => ["ws", "wss"],
+            ListenerKind::Http | ListenerKind::Admin => ["http", "https"],
         };
-        rules.name = format!("{scheme}://{addr}");
+        rules.name = format!("{}://{addr}", scheme[usize::from(secure)]);
         let rules = Arc::new(rules);
-        self.rules.push(rules.clone());
+        if listener.kind != ListenerKind::Admin {
+            self.rules.push(rules.clone());
+        }
+        tracing::info!(%addr, kind = ?listener.kind, tls = secure, "listening");
+        self.addrs.push((listener.kind, addr));
         let broker = &self.broker;
         let tls = match &listener.tls {
             None => None,
             Some(cfg) => {
                 let alpn: &[&[u8]] = match listener.kind {
                     ListenerKind::Ws => &[tls::ALPN_HTTP1],
-                    ListenerKind::Http => &[tls::ALPN_H2, tls::ALPN_HTTP1],
+                    ListenerKind::Http | ListenerKind::Admin => &[tls::ALPN_H2, tls::ALPN_HTTP1],
                     _ => &[tls::ALPN_MQTT],
                 };
                 let timeout = broker.config.mqtt.connect_timeout();
@@ -150,12 +152,6 @@ impl Server {
                 self.tls.push(acceptor.clone());
                 Some(acceptor)
             }
-        };
-        let proto = match listener.kind {
-            // Admin listeners never get here: `crate::admin` serves them.
-            ListenerKind::Tcp | ListenerKind::Admin => Proto::Mqtt,
-            ListenerKind::Ws => Proto::Ws(Arc::new(transport::ws::Policy::new(listener))),
-            ListenerKind::Http => Proto::Http(Arc::new(HttpService::new(broker, listener))),
         };
         match (tls, proto) {
             (None, Proto::Mqtt) => spawn_accept(broker, socket, rules, transport::tcp::serve),
@@ -169,11 +165,16 @@ impl Server {
                     transport::http::serve(b, stream, peer, service.clone())
                 })
             }
+            (None, Proto::Admin(admin)) => {
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::http::serve(b, stream, peer, admin.clone())
+                })
+            }
             (Some(tls), proto) => spawn_accept(broker, socket, rules, move |b, stream, peer| {
                 serve_tls(b, stream, peer, tls.clone(), proto.clone())
             }),
         }
-        Ok(addr)
+        Ok(())
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -272,6 +273,7 @@ enum Proto {
     Mqtt,
     Ws(Arc<transport::ws::Policy>),
     Http(Arc<HttpService>),
+    Admin(Arc<Admin>),
 }
 
 /// Binds the socket of `listener`; returns it with its address.
@@ -301,6 +303,7 @@ async fn serve_tls(
     match proto {
         Proto::Ws(policy) => transport::ws::serve(broker, stream, peer, policy).await,
         Proto::Http(service) => transport::http::serve(broker, stream, peer, service).await,
+        Proto::Admin(admin) => transport::http::serve(broker, stream, peer, admin).await,
         Proto::Mqtt => transport::tcp::serve_stream(broker, stream, peer).await,
     }
 }

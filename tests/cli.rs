@@ -327,12 +327,16 @@ fn sample_config_on_free_ports() -> (tempfile::TempDir, PathBuf) {
 
 /// Starts the binary with the sample config and `--bind 127.0.0.1:0` (a free port, which
 /// never collides), and returns it with the TCP listener's address, read from the log.
+///
+/// It runs in the temporary directory, as the README's run command runs in a fresh
+/// checkout: the sample's relative data directory is made there.
 fn start_sample() -> (Broker, SocketAddr, tempfile::TempDir) {
     let (dir, config) = sample_config_on_free_ports();
     let mut cmd = ternmq();
     cmd.arg("--config")
         .arg(config)
-        .args(["--bind", "127.0.0.1:0"]);
+        .args(["--bind", "127.0.0.1:0"])
+        .current_dir(dir.path());
     let mut broker = Broker::spawn(cmd);
     let addr = broker.wait_for_log("the TCP listening address", |log| {
         log.lines()
@@ -380,7 +384,7 @@ fn mqtt_connect(addr: SocketAddr, client_id: &str) -> TcpStream {
 /// Serves an MQTT client, logs its client id, then exits 0 on `signal` while the client
 /// is still connected (and closes that connection).
 fn serves_and_exits_cleanly_on(signal: &str) {
-    let (mut broker, addr, _config) = start_sample();
+    let (mut broker, addr, config) = start_sample();
     let client_id = format!("cli-probe-{}", signal.to_lowercase());
     let mut client = mqtt_connect(addr, &client_id);
     broker.wait_for_log("the client id of the connection", |log| {
@@ -389,6 +393,10 @@ fn serves_and_exits_cleanly_on(signal: &str) {
             .map(str::to_owned)
     });
 
+    assert!(
+        config.path().join("data").is_dir(),
+        "the sample's data directory is made where the broker runs"
+    );
     broker.signal(signal);
     let status = broker.wait(EXIT_AFTER_SIGNAL);
     assert_eq!(
@@ -396,6 +404,10 @@ fn serves_and_exits_cleanly_on(signal: &str) {
         Some(0),
         "exit status after SIG{signal}:\n{}",
         broker.log()
+    );
+    assert!(
+        config.path().join("data").join("clean-shutdown").exists(),
+        "the store was closed before the exit"
     );
     let mut rest = Vec::new();
     let closed = client.read_to_end(&mut rest);

@@ -832,8 +832,8 @@ mod tools {
         assert!(lines.iter().any(|l| l.starts_with("id: ")), "{lines:?}");
     }
 
-    /// TLS on the http listener: HTTP/2 through ALPN for clients that offer it, HTTP/1.1
-    /// for the others; SSE over both.
+    /// TLS on the http and admin listeners: HTTP/2 through ALPN for clients that offer
+    /// it, HTTP/1.1 for the others; SSE over both.
     #[tokio::test]
     async fn tls_serves_http2_and_http1() {
         if !curl_available() {
@@ -854,13 +854,26 @@ mod tools {
         std::fs::write(path("ca.pem"), ca.pem()).unwrap();
         std::fs::write(path("server.pem"), cert.pem()).unwrap();
         std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
+        let tls = ternmq::transport::tls::TlsConfig::new(path("server.pem"), path("server.key"));
         let b = TestBroker::with_http(|c| {
-            c.listeners[1].tls = Some(ternmq::transport::tls::TlsConfig::new(
-                path("server.pem"),
-                path("server.key"),
-            ));
+            c.listeners[1].tls = Some(tls.clone());
+            // The admin listener is served the same way, TLS included.
+            c.listeners.push(ternmq::config::Listener {
+                token: Some("admin-token-0123456789".into()),
+                tls: Some(tls),
+                ..ternmq::config::Listener::new(
+                    ternmq::config::ListenerKind::Admin,
+                    "127.0.0.1:0".parse().unwrap(),
+                )
+            });
         })
         .await;
+        let admin_port = b
+            .server
+            .as_ref()
+            .and_then(|s| s.local_addr(ternmq::config::ListenerKind::Admin))
+            .unwrap()
+            .port();
         let port = b.http_addr().port();
         let resolve = format!("localhost:{port}:127.0.0.1");
         let ca_file = path("ca.pem").display().to_string();
@@ -885,6 +898,25 @@ mod tools {
             .output()
             .await;
             assert_eq!(out, [format!("{version} 200")], "{flag}");
+            let out = curl(&[
+                flag,
+                "--resolve",
+                &format!("localhost:{admin_port}:127.0.0.1"),
+                "--cacert",
+                &ca_file,
+                "-H",
+                "Authorization: Bearer admin-token-0123456789",
+                &format!("https://localhost:{admin_port}/metrics"),
+                "-w",
+                "%{http_version} %{http_code}",
+            ])
+            .output()
+            .await;
+            assert!(
+                out.iter().any(|l| l.starts_with("ternmq_"))
+                    && out.last() == Some(&format!("{version} 200")),
+                "admin over TLS, {flag}: {out:?}"
+            );
         }
         let mut sse = curl(&[
             "--http2",

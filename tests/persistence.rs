@@ -1,29 +1,1216 @@
-//! Persistence seen from the clients: what a broker with a store on disk keeps.
+//! Persistence through the broker (issue 11: nothing a client was promised is lost on
+//! restart or crash), on the real store in a temporary data directory.
+//!
+//! Restarts run the broker in-process (`Server::shutdown`, which is what the binary does on
+//! SIGTERM, then `Server::start` on the same directory); crashes and damaged stores run the
+//! real binary, `kill -9`ed. Wall-clock time passes between two runs only in
+//! `what_expired_while_the_broker_was_down_is_gone`, which sleeps once.
 // A test reads best as one sequence of steps, however long.
 #![allow(clippy::too_many_lines)]
 
 mod common;
 
-use common::client::{connect_expiry, plain, Client};
+use common::client::*;
+use common::mosquitto::{self, clients_available};
 use common::TestBroker;
-use ternmq::protocol::{QoS, ReasonCode};
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use ternmq::config::{Config, SyncMode};
+use ternmq::protocol::{
+    Ack, ByteStr, Connect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, SubOptions,
+};
+
+// ---------------------------------------------------------------------------------------
+// In-process brokers on a data directory
+// ---------------------------------------------------------------------------------------
+
+fn persistent(config: &mut Config, dir: &Path, sync: SyncMode) {
+    config.persistence.enabled = true;
+    config.persistence.dir = dir.to_path_buf();
+    config.persistence.sync = sync;
+}
+
+/// A broker keeping its state in `dir` (the default durability mode, `interval`).
+async fn start(dir: &Path) -> TestBroker {
+    TestBroker::with(|c| persistent(c, dir, SyncMode::Interval)).await
+}
+
+/// A 3.1.1 CONNECT with Clean Session 0: a persistent session.
+fn persistent_v311(client_id: &str) -> Connect {
+    Connect {
+        clean_start: false,
+        ..connect_v311(client_id)
+    }
+}
+
+/// Connects with `connect`, asserts acceptance and the Session Present flag.
+async fn connect(b: &TestBroker, connect: Connect, present: bool) -> Client {
+    let id = connect.client_id.to_string();
+    let (c, got) = Client::connect_accepted(b.addr, connect).await;
+    assert_eq!(got, present, "{id}: Session Present");
+    c
+}
+
+/// Everything the broker has for `c`, each PUBLISH acknowledged, until it has nothing more.
+/// Several rounds: the in-flight window lets 20 through at a time, and the acknowledgements
+/// of one round may reach the broker in the read of the next PINGREQ, whose PINGRESP then
+/// comes before the messages they let through; so it takes two quiet rounds in a row.
+async fn drain(c: &mut Client) -> Vec<Publish> {
+    let mut all = Vec::new();
+    let mut quiet = 0;
+    while quiet < 2 {
+        let got = c.drain_publishes().await;
+        quiet = if got.is_empty() { quiet + 1 } else { 0 };
+        all.extend(got);
+    }
+    all
+}
+
+fn payloads(ps: &[Publish]) -> Vec<String> {
+    ps.iter().map(|p| text(&p.payload)).collect()
+}
+
+fn topics(ps: &[Publish]) -> BTreeSet<String> {
+    ps.iter().map(|p| p.topic.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart: retained messages and queues
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_restart_keeps_retained_messages_and_queues_v311() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, persistent_v311("sub"), false).await;
+    sub.subscribe_ok(&[("q/#", QoS::ExactlyOnce)]).await;
+    sub.disconnect().await;
+    let mut publisher = Client::connect_v311(b.addr, "pub").await;
+    publisher
+        .publish_v311("r/1", b"retained one", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish_v311("r/2", b"retained two", QoS::ExactlyOnce, true)
+        .await;
+    let qos = |i: usize| [QoS::AtLeastOnce, QoS::ExactlyOnce][i % 2];
+    for i in 0..6 {
+        let payload = format!("m{i}");
+        publisher
+            .publish_v311("q/a", payload.as_bytes(), qos(i), false)
+            .await;
+    }
+    publisher.disconnect().await;
+    b.stop().await;
+
+    // More queued after the first restart: their sequence numbers continue above the
+    // stored ones, so none replaces one queued before.
+    let b = start(dir.path()).await;
+    let mut publisher = Client::connect_v311(b.addr, "pub").await;
+    for i in 6..12 {
+        let payload = format!("m{i}");
+        publisher
+            .publish_v311("q/a", payload.as_bytes(), qos(i), false)
+            .await;
+    }
+    publisher.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, persistent_v311("sub"), true).await;
+    let got = drain(&mut sub).await;
+    let wanted: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&got), wanted, "the queue, in order, once");
+    for (i, p) in got.iter().enumerate() {
+        assert_eq!(p.qos, qos(i), "{}: QoS", text(&p.payload));
+        assert!(!p.dup, "{}: never sent before", text(&p.payload));
+    }
+    sub.disconnect().await;
+    let mut reader = Client::connect_v311(b.addr, "reader").await;
+    reader.subscribe_ok(&[("r/#", QoS::ExactlyOnce)]).await;
+    let mut retained = drain(&mut reader).await;
+    retained.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(payloads(&retained), ["retained one", "retained two"]);
+    assert!(retained.iter().all(|p| p.retain), "sent as retained");
+    assert_eq!(retained[0].qos, QoS::AtLeastOnce);
+    assert_eq!(retained[1].qos, QoS::ExactlyOnce);
+    reader.disconnect().await;
+    b.stop().await;
+
+    // What was delivered and acknowledged is gone from the store too: QoS 2 exactly once.
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, persistent_v311("sub"), true).await;
+    sub.expect_quiet("after its queue was delivered before the restart")
+        .await;
+    sub.disconnect().await;
+    b.stop().await;
+}
+
+/// The PUBLISH properties a message keeps across a restart.
+fn rich_properties() -> Properties {
+    Properties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        content_type: Some(ByteStr::from("text/plain")),
+        response_topic: Some(ByteStr::from("replies/1")),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01\x02")),
+        user_properties: user_props(&[("k", "v"), ("k", "again")]),
+        ..Properties::default()
+    }
+}
+
+/// The properties of a delivered message that came from `rich_properties`: everything kept,
+/// the expiry no longer than it was.
+fn assert_rich(p: &Publish) {
+    let got = props_of(p);
+    let want = rich_properties();
+    assert_eq!(got.payload_format_indicator, want.payload_format_indicator);
+    assert_eq!(got.content_type, want.content_type);
+    assert_eq!(got.response_topic, want.response_topic);
+    assert_eq!(got.correlation_data, want.correlation_data);
+    assert_eq!(got.user_properties, want.user_properties);
+    let left = got.message_expiry_interval.expect("the remaining expiry");
+    assert!(left <= 3600 && left > 3000, "remaining expiry {left}");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_retained_messages_and_queues_v5() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("sub5", true, 3600), false).await;
+    sub.subscribe_opts("q/#", opts(QoS::ExactlyOnce), sub_id(42))
+        .await;
+    sub.disconnect().await;
+    let mut publisher = Client::connect_v5(b.addr, "pub5").await;
+    let mut retained = message("r/rich", b"state", QoS::AtLeastOnce, rich_properties());
+    retained.retain = true;
+    publisher
+        .publish_expect(retained, ReasonCode::NoMatchingSubscribers)
+        .await;
+    for i in 0..10 {
+        let qos = [QoS::AtLeastOnce, QoS::ExactlyOnce][i % 2];
+        let payload = format!("m{i}");
+        let m = message("q/a", payload.as_bytes(), qos, rich_properties());
+        publisher.publish_expect(m, ReasonCode::Success).await;
+    }
+    publisher.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("sub5", false, 3600), true).await;
+    let got = drain(&mut sub).await;
+    let wanted: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&got), wanted, "the queue, in order, once");
+    for p in &got {
+        assert_rich(p);
+        assert_eq!(props_of(p).subscription_identifiers, [42]);
+    }
+    sub.disconnect().await;
+    let mut reader = Client::connect_v5(b.addr, "reader5").await;
+    reader.subscribe("r/#", QoS::AtLeastOnce).await;
+    let got = drain(&mut reader).await;
+    assert_eq!(payloads(&got), ["state"]);
+    assert!(got[0].retain);
+    assert_rich(&got[0]);
+    reader.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("sub5", false, 3600), true).await;
+    sub.expect_quiet("after its queue was delivered before the restart")
+        .await;
+    sub.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart: what is in flight
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn messages_in_flight_are_resent_with_dup_after_a_restart_and_pubrel_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("inflight", true, 3600), false).await;
+    sub.subscribe("f/#", QoS::ExactlyOnce).await;
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    publisher
+        .publish_expect(plain("f/1", b"one", QoS::AtLeastOnce), ReasonCode::Success)
+        .await;
+    publisher
+        .publish_expect(plain("f/2", b"two", QoS::ExactlyOnce), ReasonCode::Success)
+        .await;
+    publisher
+        .publish_expect(
+            plain("f/3", b"three", QoS::ExactlyOnce),
+            ReasonCode::Success,
+        )
+        .await;
+    publisher.disconnect().await;
+    // The subscriber receives all three and completes none: PUBLISH unacknowledged (QoS 1),
+    // PUBREC sent and PUBREL received but no PUBCOMP (QoS 2), nothing (QoS 2).
+    let p1 = sub.expect_publish().await;
+    let p2 = sub.expect_publish().await;
+    let p3 = sub.expect_publish().await;
+    assert_eq!(
+        payloads(&[p1.clone(), p2.clone(), p3.clone()]),
+        ["one", "two", "three"]
+    );
+    sub.send(Packet::PubRec(ack(p2.pkid))).await;
+    sub.wait_for(
+        "PUBREL",
+        |p| matches!(p, Packet::PubRel(a) if a.pkid == p2.pkid),
+    )
+    .await;
+    drop(sub); // the connection breaks
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("inflight", false, 3600), true).await;
+    // Resent in their order: the PUBLISHes with DUP and their packet ids, the PUBREL.
+    match sub.expect("the QoS 1 PUBLISH again").await {
+        Packet::Publish(p) => {
+            assert!(p.dup, "resent with DUP");
+            assert_eq!(
+                (p.pkid, p.qos, text(&p.payload)),
+                (p1.pkid, QoS::AtLeastOnce, "one".into())
+            );
+        }
+        other => panic!("expected the QoS 1 PUBLISH again, got {other:?}"),
+    }
+    match sub.expect("the PUBREL again").await {
+        Packet::PubRel(a) => assert_eq!(a.pkid, p2.pkid),
+        other => panic!("expected the PUBREL of {} again, got {other:?}", p2.pkid),
+    }
+    match sub.expect("the QoS 2 PUBLISH again").await {
+        Packet::Publish(p) => {
+            assert!(p.dup, "resent with DUP");
+            assert_eq!(
+                (p.pkid, p.qos, text(&p.payload)),
+                (p3.pkid, QoS::ExactlyOnce, "three".into())
+            );
+        }
+        other => panic!("expected the QoS 2 PUBLISH again, got {other:?}"),
+    }
+    sub.send(Packet::PubAck(ack(p1.pkid))).await;
+    sub.send(Packet::PubComp(ack(p2.pkid))).await;
+    sub.acknowledge(&p3).await;
+    sub.expect_quiet("once everything is acknowledged").await;
+    sub.disconnect().await;
+    b.stop().await;
+
+    // The acknowledgements reached the store: nothing is resent after another restart.
+    let b = start(dir.path()).await;
+    let mut sub = connect(&b, connect_expiry("inflight", false, 3600), true).await;
+    sub.expect_quiet("after everything was acknowledged").await;
+    sub.disconnect().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_incoming_qos2_id_awaiting_pubrel_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut watcher = connect(&b, persistent_v311("watcher"), false).await;
+    watcher.subscribe_ok(&[("in/#", QoS::AtLeastOnce)]).await;
+    let mut publisher = connect(&b, connect_expiry("qos2-pub", true, 3600), false).await;
+    let mut first = plain("in/x", b"once", QoS::ExactlyOnce);
+    first.pkid = 7;
+    publisher.send(Packet::Publish(first.clone())).await;
+    publisher
+        .wait_for("PUBREC", |p| matches!(p, Packet::PubRec(a) if a.pkid == 7))
+        .await;
+    let got = watcher.receive_v311().await;
+    assert_eq!(text(&got.payload), "once");
+    drop(publisher); // before its PUBREL
+    watcher.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut publisher = connect(&b, connect_expiry("qos2-pub", false, 3600), true).await;
+    // The client resends the PUBLISH (same id, DUP): acknowledged, not delivered again.
+    publisher
+        .send(Packet::Publish(Publish {
+            dup: true,
+            ..first.clone()
+        }))
+        .await;
+    match publisher
+        .wait_for("PUBREC", |p| matches!(p, Packet::PubRec(_)))
+        .await
+    {
+        Packet::PubRec(a) => assert_eq!((a.pkid, a.reason), (7, ReasonCode::Success)),
+        _ => unreachable!(),
+    }
+    publisher.send(Packet::PubRel(ack(7))).await;
+    match publisher
+        .wait_for("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
+        .await
+    {
+        Packet::PubComp(a) => assert_eq!(
+            (a.pkid, a.reason),
+            (7, ReasonCode::Success),
+            "the id was known: it waited for this PUBREL"
+        ),
+        _ => unreachable!(),
+    }
+    let mut watcher = connect(&b, persistent_v311("watcher"), true).await;
+    watcher
+        .expect_quiet("after the resent QoS 2 PUBLISH: delivered once only")
+        .await;
+    watcher.disconnect().await;
+    b.stop().await;
+
+    // The PUBREL released the id in the store too: a new message with it is delivered.
+    let b = start(dir.path()).await;
+    let mut publisher = connect(&b, connect_expiry("qos2-pub", false, 3600), true).await;
+    let mut watcher = connect(&b, persistent_v311("watcher"), true).await;
+    let mut second = plain("in/y", b"new", QoS::ExactlyOnce);
+    second.pkid = 7;
+    publisher.send(Packet::Publish(second)).await;
+    publisher
+        .wait_for("PUBREC", |p| matches!(p, Packet::PubRec(a) if a.pkid == 7))
+        .await;
+    publisher.send(Packet::PubRel(ack(7))).await;
+    publisher
+        .wait_for(
+            "PUBCOMP",
+            |p| matches!(p, Packet::PubComp(a) if a.pkid == 7),
+        )
+        .await;
+    let got = watcher.receive_v311().await;
+    assert_eq!(text(&got.payload), "new");
+    watcher.disconnect().await;
+    publisher.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart: subscriptions, and what clients removed
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn subscriptions_keep_their_options_and_identifiers_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut c = connect(&b, connect_expiry("opts", true, 3600), false).await;
+    let no_local = SubOptions {
+        no_local: true,
+        ..opts(QoS::AtLeastOnce)
+    };
+    c.subscribe_opts("a/+", no_local, sub_id(5)).await;
+    let rap = SubOptions {
+        retain_as_published: true,
+        ..opts(QoS::ExactlyOnce)
+    };
+    c.subscribe_opts("b/#", rap, sub_id(9)).await;
+    c.subscribe("c/#", QoS::AtLeastOnce).await;
+    c.subscribe("$share/g/s", QoS::AtLeastOnce).await;
+    assert_eq!(c.unsubscribe(&["c/#"]).await, [ReasonCode::Success]);
+    c.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut c = connect(&b, connect_expiry("opts", false, 3600), true).await;
+    // No Local: its own message is not sent back to it.
+    c.publish_expect(
+        plain("a/x", b"mine", QoS::AtLeastOnce),
+        ReasonCode::NoMatchingSubscribers,
+    )
+    .await;
+    let mut other = Client::connect_v5(b.addr, "other").await;
+    other
+        .publish_expect(
+            plain("a/x", b"granted 1", QoS::ExactlyOnce),
+            ReasonCode::Success,
+        )
+        .await;
+    other
+        .publish_expect(
+            retained("b/y", b"as published", QoS::ExactlyOnce),
+            ReasonCode::Success,
+        )
+        .await;
+    other
+        .publish_expect(
+            plain("c/z", b"unsubscribed", QoS::AtLeastOnce),
+            ReasonCode::NoMatchingSubscribers,
+        )
+        .await;
+    other
+        .publish_expect(plain("s", b"shared", QoS::AtLeastOnce), ReasonCode::Success)
+        .await;
+    let got = drain(&mut c).await;
+    assert_eq!(payloads(&got), ["granted 1", "as published", "shared"]);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce, "at the subscription's QoS");
+    assert_eq!(props_of(&got[0]).subscription_identifiers, [5]);
+    assert!(got[1].retain, "Retain As Published");
+    assert_eq!(got[1].qos, QoS::ExactlyOnce);
+    assert_eq!(props_of(&got[1]).subscription_identifiers, [9]);
+    assert!(props_of(&got[2]).subscription_identifiers.is_empty());
+    other.disconnect().await;
+    c.disconnect().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn what_clients_removed_stays_removed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut taken = connect(&b, persistent_v311("taken"), false).await;
+    taken.subscribe_ok(&[("t/#", QoS::AtLeastOnce)]).await;
+    taken.disconnect().await;
+    let mut publisher = Client::connect_v311(b.addr, "pub").await;
+    publisher
+        .publish_v311("t/1", b"queued", QoS::AtLeastOnce, false)
+        .await;
+    publisher
+        .publish_v311("gone/1", b"set", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish_v311("gone/1", b"", QoS::AtLeastOnce, true)
+        .await;
+    publisher
+        .publish_v311("kept/1", b"kept", QoS::AtLeastOnce, true)
+        .await;
+    publisher.disconnect().await;
+    // A 5.0 session whose expiry the DISCONNECT changes to 0 ends with it.
+    let mut ending = connect(&b, connect_expiry("ending", true, 3600), false).await;
+    ending.subscribe("t/#", QoS::AtLeastOnce).await;
+    ending
+        .disconnect_with(ReasonCode::Success, expiry_session(0))
+        .await;
+    b.stop().await;
+
+    // The stored session is discarded by a clean start after the restart.
+    let b = start(dir.path()).await;
+    let taken = connect(&b, connect_v311("taken"), false).await;
+    taken.disconnect().await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut taken = connect(&b, persistent_v311("taken"), false).await;
+    taken.expect_quiet("in a new session").await;
+    taken
+        .subscribe_ok(&[("gone/#", QoS::AtLeastOnce), ("kept/#", QoS::AtLeastOnce)])
+        .await;
+    let got = drain(&mut taken).await;
+    assert_eq!(
+        payloads(&got),
+        ["kept"],
+        "the cleared retained message stays cleared"
+    );
+    taken.disconnect().await;
+    let ending = connect(&b, connect_expiry("ending", false, 3600), false).await;
+    ending.disconnect().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn sys_topics_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::with(|c| {
+        persistent(c, dir.path(), SyncMode::Always);
+        c.sys_interval = 1;
+    })
+    .await;
+    let mut watcher = Client::connect_v311(b.addr, "watcher").await;
+    watcher
+        .subscribe_ok(&[("$SYS/broker/version", QoS::AtMostOnce)])
+        .await;
+    assert!(watcher.receive_v311().await.retain, "$SYS is retained");
+    watcher.disconnect().await;
+    b.stop().await;
+
+    // Without $SYS publishing after the restart, nothing of the last run's is there.
+    let b = start(dir.path()).await;
+    let mut watcher = Client::connect_v311(b.addr, "watcher").await;
+    watcher.subscribe_ok(&[("$SYS/#", QoS::AtMostOnce)]).await;
+    watcher.expect_quiet("from $SYS of the last run").await;
+    watcher.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart: wills and expiry deadlines (wall-clock time passes while the broker is down)
+// ---------------------------------------------------------------------------------------
+
+/// A 5.0 CONNECT with a Session Expiry Interval and a will on `will/<id>` delayed by
+/// `delay` seconds.
+fn with_will(client_id: &str, expiry: u32, delay: u32) -> Connect {
+    Connect {
+        properties: expiry_session(expiry),
+        ..connect_with_will(
+            client_id,
+            &format!("will/{client_id}"),
+            client_id,
+            will_delay(delay),
+        )
+    }
+}
+
+/// Waits until the broker holds `client_id`'s session offline (its connection gone).
+async fn wait_offline(b: &TestBroker, client_id: &str) {
+    let broker = b.broker().clone();
+    let id = client_id.to_owned();
+    eventually(&format!("{client_id} offline"), WAIT, move || {
+        broker
+            .session(&id)
+            .is_some_and(|s| s.inspect(|s| s.offline_since.is_some()))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn what_expired_while_the_broker_was_down_is_gone() {
+    const DOWN: Duration = Duration::from_millis(1500);
+    const LATE_WILL_DELAY: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let mut watchers = Vec::new();
+    for i in 0..3 {
+        let mut w = connect(&b, connect_expiry(&format!("watch-{i}"), true, 3600), false).await;
+        w.subscribe("will/#", QoS::AtLeastOnce).await;
+        w.disconnect().await;
+        watchers.push(format!("watch-{i}"));
+    }
+    let mut short = connect(&b, connect_expiry("short", true, 1), false).await;
+    short.subscribe("m/#", QoS::AtLeastOnce).await;
+    short.disconnect().await;
+    let mut shrunk = connect(&b, connect_expiry("shrunk", true, 3600), false).await;
+    shrunk.subscribe("m/#", QoS::AtLeastOnce).await;
+    shrunk
+        .disconnect_with(ReasonCode::Success, expiry_session(1))
+        .await;
+    let mut long = connect(&b, connect_expiry("long", true, 3600), false).await;
+    long.subscribe("m/#", QoS::AtLeastOnce).await;
+    long.disconnect().await;
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    for (topic, payload, expiry, retain) in [
+        ("m/1", "expires", Some(1), false),
+        ("m/2", "stays", None, false),
+        ("ret/short", "expires", Some(1), true),
+        ("ret/long", "stays", Some(100), true),
+    ] {
+        let props = expiry.map_or_else(Properties::default, expiry_props);
+        let mut m = message(topic, payload.as_bytes(), QoS::AtLeastOnce, props);
+        m.retain = retain;
+        publisher.publish(m).await;
+    }
+    publisher.disconnect().await;
+    // Wills: (a) its session ends while the broker is down, before its delay: it goes at
+    // the end of the session; (b) its delay ends while the broker is down; (c) its delay
+    // ends after the restart; (d) its client comes back first, which cancels it.
+    let mut dropped = None;
+    for (id, expiry, delay) in [
+        ("a", 1, 60),
+        ("b", 3600, 1),
+        ("c", 3600, LATE_WILL_DELAY),
+        ("d", 3600, 3600),
+    ] {
+        let (c, _) = Client::accepted(b.addr, with_will(id, expiry, delay)).await;
+        if id == "c" {
+            dropped = Some(Instant::now());
+        }
+        drop(c); // no DISCONNECT: the will stands
+        wait_offline(&b, id).await;
+    }
+    let dropped = dropped.unwrap();
+    b.stop().await;
+    std::thread::sleep(DOWN);
+
+    let b = start(dir.path()).await;
+    for id in ["short", "shrunk"] {
+        let mut c = connect(&b, connect_expiry(id, false, 3600), false).await;
+        c.expect_quiet("in a new session: the old one expired")
+            .await;
+        c.disconnect().await;
+    }
+    let restored = b.broker().session("long").expect("long's session is back");
+    assert_eq!(
+        restored.inspect(|s| s.queued()),
+        1,
+        "the expired message left the queue at start"
+    );
+    let mut long = connect(&b, connect_expiry("long", false, 3600), true).await;
+    let got = drain(&mut long).await;
+    assert_eq!(
+        payloads(&got),
+        ["stays"],
+        "the expired message is not delivered"
+    );
+    long.disconnect().await;
+    let mut reader = Client::connect_v5(b.addr, "reader").await;
+    reader.subscribe("ret/#", QoS::AtLeastOnce).await;
+    let got = drain(&mut reader).await;
+    assert_eq!(topics(&got), BTreeSet::from(["ret/long".to_owned()]));
+    let left = props_of(&got[0]).message_expiry_interval.unwrap();
+    assert!(
+        left < 100,
+        "the retained message's expiry counted on: {left} s left"
+    );
+    reader.disconnect().await;
+    let back = Connect {
+        clean_start: false,
+        ..with_will("d", 3600, 3600)
+    };
+    let d = connect(&b, back, true).await;
+    // Every watcher, however the restart ordered the sessions, gets the wills due at
+    // start, and the late one at its time, not before; d's was cancelled.
+    let mut clients = Vec::new();
+    for id in &watchers {
+        let mut w = connect(&b, connect_expiry(id, false, 3600), true).await;
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let will = w.receive().await;
+            if will.topic == "will/c" {
+                assert!(
+                    dropped.elapsed() >= Duration::from_secs(LATE_WILL_DELAY.into()),
+                    "{id}: will/c came {:?} after its client left, before its delay",
+                    dropped.elapsed()
+                );
+            }
+            got.push(will);
+        }
+        let wanted = ["will/a", "will/b", "will/c"].map(str::to_owned);
+        assert_eq!(topics(&got), BTreeSet::from(wanted), "{id}: the wills");
+        w.expect_quiet("after the wills: d's was cancelled").await;
+        clients.push(w);
+    }
+    for w in clients {
+        w.disconnect().await;
+    }
+    d.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// sync = "always"
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn under_sync_always_every_acknowledgement_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::with(|c| persistent(c, dir.path(), SyncMode::Always)).await;
+    // Nothing of these is stored (no retained message, no persistent subscriber): the
+    // acknowledgements wait for the store all the same, and must not wait for ever.
+    let mut clean = Client::connect_v5(b.addr, "clean").await;
+    clean.subscribe("x/#", QoS::ExactlyOnce).await;
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        publisher
+            .publish_expect(plain("x/1", b"x", qos), ReasonCode::Success)
+            .await;
+        publisher
+            .publish_expect(
+                plain("nobody", b"x", qos),
+                ReasonCode::NoMatchingSubscribers,
+            )
+            .await;
+    }
+    assert_eq!(drain(&mut clean).await.len(), 2);
+    clean.disconnect().await;
+    publisher.disconnect().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// mosquitto's clients
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn mosquitto_sub_resumes_its_session_after_a_restart() {
+    if !clients_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path()).await;
+    let args = ["-c", "-i", "mosq-resume", "-q", "1", "-t", "inbox/#", "-v"];
+    let mut first = args.to_vec();
+    first.push("-E"); // subscribe, then disconnect
+    mosquitto::mosquitto_sub(&b, &first).output().await;
+    mosquitto::publish_lines(&b, &["-q", "1", "-t", "inbox/a"], &["one", "two", "three"]).await;
+    b.stop().await;
+
+    let b = start(dir.path()).await;
+    let mut again = args.to_vec();
+    again.extend(["-C", "3"]);
+    let lines = mosquitto::mosquitto_sub(&b, &again).output().await;
+    assert_eq!(lines, ["inbox/a one", "inbox/a two", "inbox/a three"]);
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The binary: crashes and damaged stores
+// ---------------------------------------------------------------------------------------
+
+/// Bound of every wait on the binary.
+const BINARY_WAIT: Duration = Duration::from_secs(15);
+
+/// The `ternmq` binary on a data directory, its output collected; killed when dropped.
+struct Binary {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// A configuration for the binary: a TCP listener on a free port, the store in `data`.
+fn binary_config(dir: &Path, data: &Path, sync: &str, on_corruption: &str) -> PathBuf {
+    let text = format!(
+        "log_level = \"info\"\n\
+         [[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n\
+         [session]\nmax_queued_messages = 1000000\n\
+         [persistence]\nenabled = true\ndir = {data:?}\nsync = \"{sync}\"\non_corruption = \"{on_corruption}\"\n",
+    );
+    let path = dir.join(format!("broker-{sync}-{on_corruption}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Binary {
+    fn spawn(config: &Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ternmq"))
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the ternmq binary");
+        let output = Arc::new(Mutex::new(String::new()));
+        let collect = |mut from: Box<dyn Read + Send>| {
+            let into = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    into.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        let readers = vec![
+            collect(Box::new(child.stdout.take().unwrap())),
+            collect(Box::new(child.stderr.take().unwrap())),
+        ];
+        Binary {
+            child,
+            output,
+            readers,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Starts the binary and waits for its TCP listener; returns it with the address.
+    async fn start(config: &Path) -> (Binary, SocketAddr) {
+        let mut b = Binary::spawn(config);
+        let addr = b
+            .wait_for_log("the listening address", |log| {
+                log.lines()
+                    .filter(|l| l.contains("listening") && l.contains("kind=Tcp"))
+                    .find_map(|l| {
+                        l.split("addr=")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+            })
+            .await;
+        (b, addr)
+    }
+
+    /// Waits (bounded) until `find` finds something in the complete lines of the log;
+    /// fails if the process exits first.
+    async fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + BINARY_WAIT;
+        loop {
+            let log = self.log();
+            let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(found) = find(complete) {
+                return found;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ternmq exited ({status}) before logging {what}:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "no {what} in the log:\n{log}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits (bounded) for the process to end, then for the rest of its output.
+    async fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + BINARY_WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ternmq still running:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// SIGKILL: a crash.
+    async fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.wait().await;
+    }
+
+    /// SIGTERM: a clean shutdown, which must succeed.
+    async fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = self.wait().await;
+        assert!(
+            status.success(),
+            "exit after SIGTERM: {status}\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A small deterministic generator for the random moments (the seed is printed).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Publishes numbered QoS 1 messages (`first`, `first + 1`, ...) to `topic`, up to 32
+/// unacknowledged at a time, until the connection breaks; returns the numbers whose
+/// PUBACK came, and the highest number sent.
+async fn publish_until_broken(
+    addr: SocketAddr,
+    topic: &str,
+    first: u64,
+    flowing: Arc<AtomicBool>,
+) -> (Vec<u64>, u64) {
+    const WINDOW: usize = 32;
+    let (mut c, _) = Client::accepted(addr, connect_v5("numbered")).await;
+    let mut next = first;
+    let mut waiting = std::collections::HashMap::new();
+    let mut acked = Vec::new();
+    loop {
+        while waiting.len() < WINDOW {
+            let pkid = c.pkid();
+            let payload = next.to_string();
+            let mut p = plain(topic, payload.as_bytes(), QoS::AtLeastOnce);
+            p.pkid = pkid;
+            let encoded = encode(&Packet::Publish(p), Protocol::V5);
+            use tokio::io::AsyncWriteExt;
+            if c.stream.write_all(&encoded).await.is_err() {
+                return (acked, next - 1);
+            }
+            waiting.insert(pkid, next);
+            next += 1;
+        }
+        match c.next_event(BINARY_WAIT).await {
+            Event::Packet(Packet::PubAck(Ack { pkid, reason, .. })) => {
+                assert!(!reason.is_error(), "PUBACK {reason:?}");
+                acked.extend(waiting.remove(&pkid));
+                flowing.store(true, Ordering::Relaxed);
+            }
+            Event::Packet(other) => panic!("publisher: unexpected {other:?}"),
+            Event::Closed(_) => return (acked, next - 1),
+            Event::Timeout => panic!("publisher: no PUBACK within {BINARY_WAIT:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
+    const ROUNDS: usize = 4;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(dir.path(), &dir.path().join("data"), "always", "recover");
+    let (mut broker, addr) = Binary::start(&config).await;
+    let mut sub = connect_at(addr, persistent_v311("offline"), false).await;
+    sub.subscribe_ok(&[("n", QoS::AtLeastOnce)]).await;
+    sub.disconnect().await;
+    let mut addr = addr;
+    let mut first = 1;
+    for round in 0..ROUNDS {
+        let flowing = Arc::new(AtomicBool::new(false));
+        let publisher = tokio::spawn(publish_until_broken(addr, "n", first, flowing.clone()));
+        // Kill at a random moment once messages flow.
+        eventually("the first PUBACK", BINARY_WAIT, || {
+            flowing.load(Ordering::Relaxed)
+        })
+        .await;
+        let kill_after = Duration::from_millis(rng.below(400));
+        tokio::time::sleep(kill_after).await;
+        broker.kill_9().await;
+        let (acked, last_sent) = publisher.await.unwrap();
+        assert!(
+            !acked.is_empty(),
+            "round {round}: nothing acknowledged in {kill_after:?}"
+        );
+
+        let started = Binary::start(&config).await;
+        (broker, addr) = started;
+        let mut sub = connect_at(addr, persistent_v311("offline"), true).await;
+        let got: BTreeSet<u64> = drain(&mut sub)
+            .await
+            .iter()
+            .map(|p| text(&p.payload).parse().unwrap())
+            .collect();
+        sub.disconnect().await;
+        let lost: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round} (seed {seed}, killed after {kill_after:?}): {} of {} acknowledged \
+             messages lost, e.g. {:?}\n{}",
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(10)],
+            broker.log()
+        );
+        assert!(
+            got.iter().all(|n| (first..=last_sent).contains(n)),
+            "round {round}: only what was sent is delivered"
+        );
+        first = last_sent + 1;
+    }
+    broker.terminate().await;
+}
+
+/// `connect`, to an address.
+async fn connect_at(addr: SocketAddr, connect: Connect, present: bool) -> Client {
+    let id = connect.client_id.to_string();
+    let (c, got) = Client::connect_accepted(addr, connect).await;
+    assert_eq!(got, present, "{id}: Session Present");
+    c
+}
+
+/// The fjall journal holding the newest writes, and where its data ends.
+fn newest_journal(data: &Path) -> (PathBuf, u64) {
+    let journal = std::fs::read_dir(data.join("db"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .max_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+        })
+        .expect("a journal");
+    let bytes = std::fs::read(&journal).unwrap();
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1);
+    (journal, end)
+}
+
+/// Queues `count` numbered messages for the offline persistent client "victim", one
+/// acknowledged PUBLISH (so one commit, under `always`) at a time.
+async fn queue_numbered(addr: SocketAddr, count: u64) {
+    let mut sub = connect_at(addr, persistent_v311("victim"), false).await;
+    sub.subscribe_ok(&[("v", QoS::AtLeastOnce)]).await;
+    sub.disconnect().await;
+    let mut publisher = Client::connect_v311(addr, "pub").await;
+    for n in 1..=count {
+        publisher
+            .publish_v311("v", n.to_string().as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+    publisher.disconnect().await;
+}
+
+/// The numbers queued for "victim" (connecting resumes its session, if there is one).
+async fn queued_numbers(addr: SocketAddr) -> Vec<u64> {
+    let (mut sub, _) = Client::connect_accepted(addr, persistent_v311("victim")).await;
+    let got = drain(&mut sub).await;
+    sub.disconnect().await;
+    got.iter()
+        .map(|p| text(&p.payload).parse().unwrap())
+        .collect()
+}
+
+/// The value of `key=` in the log line containing `line`.
+fn logged(log: &str, line: &str, key: &str) -> Option<u64> {
+    log.lines().filter(|l| l.contains(line)).find_map(|l| {
+        l.split(&format!("{key}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn a_store_cut_mid_record_after_a_crash_starts_with_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // "stop" too: a torn tail is what a crash leaves, not damage.
+    let config = binary_config(dir.path(), &data, "always", "stop");
+    let (mut broker, addr) = Binary::start(&config).await;
+    queue_numbered(addr, 40).await;
+    broker.kill_9().await;
+    let (journal, end) = newest_journal(&data);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .unwrap();
+    f.set_len(end - 20).unwrap();
+    drop(f);
+
+    let (mut broker, addr) = Binary::start(&config).await;
+    let log = broker
+        .wait_for_log("the recovery report", |log| {
+            log.lines()
+                .any(|l| l.contains("state restored from the store"))
+                .then(|| log.to_owned())
+        })
+        .await;
+    assert!(
+        logged(&log, "the store was damaged", "discarded_tail_bytes").is_some_and(|n| n > 0),
+        "the cut is reported:\n{log}"
+    );
+    assert_eq!(
+        logged(&log, "state restored from the store", "sessions"),
+        Some(1),
+        "{log}"
+    );
+    let got = queued_numbers(addr).await;
+    assert_eq!(got, (1..=39).collect::<Vec<_>>(), "all but the last commit");
+    broker.terminate().await;
+}
+
+#[tokio::test]
+async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let recover = binary_config(dir.path(), &data, "always", "recover");
+    let (mut broker, addr) = Binary::start(&recover).await;
+    queue_numbered(addr, 60).await;
+    broker.terminate().await;
+    let (journal, end) = newest_journal(&data);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap();
+        f.seek(SeekFrom::Start(end / 2)).unwrap();
+        f.write_all(&[0; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    let stop = binary_config(dir.path(), &data, "always", "stop");
+    let mut refused = Binary::spawn(&stop);
+    let status = refused.wait().await;
+    let log = refused.log();
+    assert_eq!(status.code(), Some(1), "refuses to start:\n{log}");
+    assert!(
+        log.contains("is damaged") && log.contains(&data.join("db").display().to_string()),
+        "a clear error naming the store:\n{log}"
+    );
+    assert!(log.contains("on_corruption"), "says what to do:\n{log}");
+
+    let (mut broker, addr) = Binary::start(&recover).await;
+    let log = broker
+        .wait_for_log("the recovery report", |log| {
+            log.lines()
+                .any(|l| l.contains("state restored from the store"))
+                .then(|| log.to_owned())
+        })
+        .await;
+    assert!(
+        log.contains("the store was damaged"),
+        "reported as an error:\n{log}"
+    );
+    let got = queued_numbers(addr).await;
+    assert!(
+        !got.is_empty() && got.len() < 60,
+        "what was before the damage: {got:?}\n{log}"
+    );
+    assert_eq!(
+        got,
+        (1..=got.len() as u64).collect::<Vec<_>>(),
+        "a prefix, in order"
+    );
+    broker.terminate().await;
+}
+
+#[tokio::test]
+async fn a_sigterm_as_soon_as_the_broker_listens_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = binary_config(dir.path(), &data, "interval", "stop");
+    let (mut broker, _) = Binary::start(&config).await;
+    broker.terminate().await;
+    assert!(
+        data.join("clean-shutdown").exists(),
+        "a clean shutdown, not the signal's default action:\n{}",
+        broker.log()
+    );
+}
 
 /// Queues spill to disk rather than fill the memory budget: an offline persistent
 /// subscriber is sent three times the broker's message memory at QoS 1; every publish is
 /// accepted, the memory in use stays under the budget, and the subscriber gets every
-/// message, in order, when it comes back.
+/// message, in order, when it comes back, after a restart too (which reads only the head
+/// of the queue back into memory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_past_the_memory_budget_spill_to_disk() {
     const BUDGET: usize = 1 << 20;
     const MESSAGES: usize = 3 * 1024;
     let dir = tempfile::tempdir().expect("temporary directory");
-    let b = TestBroker::with(|cfg| {
-        cfg.persistence.enabled = true;
-        cfg.persistence.dir = dir.path().join("data");
+    let config = |cfg: &mut Config| {
+        persistent(cfg, dir.path(), SyncMode::Interval);
         cfg.limits.max_queued_memory = BUDGET;
         cfg.session.max_queued_messages = 10 * MESSAGES;
-    })
-    .await;
+    };
+    let b = TestBroker::with(config).await;
     let (mut sub, _) = Client::accepted(b.addr, connect_expiry("away", true, 3600)).await;
     sub.subscribe("spill/t", QoS::AtLeastOnce).await;
     sub.disconnect_with(ReasonCode::Success, Default::default())
@@ -51,7 +1238,12 @@ async fn queues_past_the_memory_budget_spill_to_disk() {
         .expect("stored session")
         .inspect(|s| s.spilled());
     assert!(spilled > MESSAGES / 2, "only {spilled} messages spilled");
+    publisher.disconnect().await;
+    b.stop().await;
 
+    let b = TestBroker::with(config).await;
+    let held = b.broker().memory.used();
+    assert!(held < BUDGET, "{held} bytes restored into memory");
     let (mut sub, ack) = Client::accepted(b.addr, connect_expiry("away", false, 3600)).await;
     assert!(ack.session_present);
     for i in 0..MESSAGES {

@@ -205,6 +205,8 @@ struct Shared {
     /// a message lost at QoS 0 would otherwise block the publisher for good.
     stall: Duration,
     open_loop: bool,
+    /// Subscribers use persistent sessions.
+    persistent: bool,
     /// Per publisher, messages per second (0: as fast as the window allows).
     rate: f64,
     count: u32,
@@ -410,6 +412,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         batch: args.batch,
         stall: Duration::from_secs_f64(args.stall),
         open_loop: args.open_loop,
+        persistent: args.persistent,
         rate: total_rate as f64 / publishers as f64,
         count: args.count.unwrap_or(u32::MAX),
         duration: Duration::from_secs_f64(args.duration),
@@ -777,6 +780,17 @@ impl Conn {
         keep_alive: u16,
         read_size: usize,
     ) -> anyhow::Result<Conn> {
+        Conn::open_session(addr, client_id, keep_alive, true, read_size).await
+    }
+
+    /// `open`, with Clean Session `clean`.
+    async fn open_session(
+        addr: SocketAddr,
+        client_id: &str,
+        keep_alive: u16,
+        clean: bool,
+        read_size: usize,
+    ) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -789,7 +803,7 @@ impl Conn {
             wbuf: Vec::new(),
             read_size,
         };
-        mqtt::connect(&mut conn.wbuf, client_id, keep_alive);
+        mqtt::connect_session(&mut conn.wbuf, client_id, keep_alive, clean);
         conn.flush().await?;
         loop {
             if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
@@ -1016,7 +1030,8 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
     }
     let client_id = format!("lg{:08x}s{s}", sh.run);
     let permit = sh.connecting.acquire().await?;
-    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive, 64 * 1024).await?;
+    let clean = !sh.persistent;
+    let mut conn = Conn::open_session(sh.addr, &client_id, sh.keep_alive, clean, 64 * 1024).await?;
     subscribe(&mut conn, &[sh.topology.filter(&sh.prefix, s)], sh.qos).await?;
     drop(permit);
     sh.ready.fetch_add(1, Ordering::AcqRel);
@@ -1047,6 +1062,13 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         }
     }
     conn.close().await;
+    if sh.persistent {
+        // A clean connection discards the session, so that runs do not pile up sessions.
+        Conn::open(sh.addr, &client_id, sh.keep_alive, 4096)
+            .await?
+            .close()
+            .await;
+    }
     local.counters.borrow_mut().add(&inbox.totals());
     Ok(())
 }

@@ -77,6 +77,10 @@ pub struct Args {
     /// it (a "stall"; for QoS 0 loss). Deep queues (iot) need longer.
     #[arg(long, default_value_t = 1.0)]
     pub stall: f64,
+    /// Subscribers ask for persistent sessions (Clean Session 0), which a broker with
+    /// persistence stores; each is discarded (a clean reconnect) when the run ends.
+    #[arg(long)]
+    pub persistent: bool,
     /// Let publishers run ahead of their subscribers (QoS 0: no limit at all; QoS 1/2:
     /// only the acknowledgement window). The broker may then queue or drop.
     #[arg(long)]
@@ -227,6 +231,7 @@ fn load_lines(args: &Args, r: &load::Report) -> (String, Json) {
         .int("window", u64::from(args.window))
         .int("batch", u64::from(args.batch))
         .bool("open_loop", args.open_loop)
+        .bool("persistent", args.persistent)
         .int("rate_target", args.rate)
         .int("sent", c.sent)
         .int("acked", c.acked)

@@ -45,11 +45,16 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 
 /// CONNECT, MQTT 3.1.1, clean session, no will, no credentials.
 pub fn connect(out: &mut Vec<u8>, client_id: &str, keep_alive: u16) {
+    connect_session(out, client_id, keep_alive, true);
+}
+
+/// CONNECT with Clean Session `clean`: false asks for a persistent session.
+pub fn connect_session(out: &mut Vec<u8>, client_id: &str, keep_alive: u16, clean: bool) {
     out.push(0x10);
     put_len(out, 10 + 2 + client_id.len());
     put_str(out, b"MQTT");
     out.push(4); // protocol level 3.1.1
-    out.push(0x02); // clean session
+    out.push(if clean { 0x02 } else { 0x00 });
     out.extend_from_slice(&keep_alive.to_be_bytes());
     put_str(out, client_id.as_bytes());
 }

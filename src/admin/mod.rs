@@ -1,11 +1,11 @@
-//! The admin listener (`[[listeners]] type = "admin"`): HTTP/1.1 for operators, on
-//! hyper. `GET /metrics` (Prometheus), the JSON API under `/api/v1/` (`api`) and the web
-//! console (`console`). Every request but the console's own files must carry the
+//! The admin listener (`[[listeners]] type = "admin"`): HTTP for operators. `GET /metrics`
+//! (Prometheus), the JSON API under `/api/v1/` (`api`) and the web console (`console`). Every request but the console's own files must carry the
 //! listener's token as `Authorization: Bearer <token>`. docs/observability.md documents
 //! the endpoints with examples.
 //!
-//! This module is the HTTP side only: the accept loop, the token check, routing, and
-//! the few helpers the handlers share (`Reply`, `Query`). The handlers read the broker
+//! This module is the HTTP side only: the token check, routing, and the few helpers the
+//! handlers share (`Reply`, `Query`); `transport::http` serves its connections, like the
+//! http listener's, with the same limits, timeouts and TLS. The handlers read the broker
 //! and answer; none of them is on the MQTT hot path.
 
 mod api;
@@ -14,21 +14,16 @@ pub mod prometheus;
 
 use crate::broker::{Broker, ListenerRules};
 use crate::config::ListenerKind;
+use crate::conn::Peer;
+use crate::transport::http::{Body, Handler};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
 
-/// HTTP connections served at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 32;
-/// A client that has not sent its request headers by then is dropped.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body read (`POST /api/v1/publish`).
 const MAX_BODY: usize = 1 << 20;
 
@@ -58,7 +53,7 @@ impl Admin {
     }
 
     /// Answers one request.
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         if let Some(file) = console::file(&path) {
@@ -153,56 +148,9 @@ impl Admin {
     }
 }
 
-/// Serves the admin API on `socket` until the broker shuts down.
-pub fn spawn(admin: Admin, socket: TcpListener) {
-    let admin = Arc::new(admin);
-    let broker = admin.broker.clone();
-    let tasks = broker.tasks.clone();
-    tasks.spawn(async move {
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                _ = broker.shutdown.cancelled() => return,
-                accepted = socket.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    crate::warn_limited!("admin listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let admin = admin.clone();
-            broker.tasks.spawn(async move {
-                let _permit = permit;
-                serve_connection(admin, stream).await;
-            });
-        }
-    });
-}
-
-async fn serve_connection(admin: Arc<Admin>, stream: tokio::net::TcpStream) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let shutdown = admin.broker.shutdown.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let admin = admin.clone();
-        async move { Ok::<_, Infallible>(admin.handle(req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = conn => {
-            if let Err(e) = r {
-                tracing::debug!("admin connection: {e}");
-            }
-        }
+impl Handler for Admin {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: Peer) -> Response<Body> {
+        self.answer(req).await
     }
 }
 
@@ -246,8 +194,8 @@ impl Reply {
         }
     }
 
-    fn into_response(self) -> Response<Full<Bytes>> {
-        let mut r = Response::new(Full::new(self.body));
+    fn into_response(self) -> Response<Body> {
+        let mut r = Response::new(Body::full(self.body));
         *r.status_mut() = self.status;
         let headers = r.headers_mut();
         headers.insert(

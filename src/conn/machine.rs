@@ -244,11 +244,19 @@ impl<'a> Connection<'a> {
             Packet::PubAck(a) => self.owned(|s| s.acknowledge(a.pkid, false)).map(drop),
             Packet::PubRec(a) => {
                 let known = self.owned(|s| s.pubrec(a.pkid))?;
+                // Once the client has the PUBREL it may complete and forget the id: a
+                // stored session must come back from a crash resending the PUBREL, not the
+                // PUBLISH (which the client would take for a new message).
+                self.wait_for_disk_if_stored();
                 self.send(out, Packet::PubRel(self.ack(a.pkid, known)));
                 Ok(())
             }
             Packet::PubRel(a) => {
                 let known = self.owned(|s| s.release_incoming(a.pkid))?;
+                // Once the client has the PUBCOMP it may reuse the id: a stored session
+                // must not come back from a crash still holding it (the new message would
+                // be taken for a resend and dropped).
+                self.wait_for_disk_if_stored();
                 self.send(out, Packet::PubComp(self.ack(a.pkid, known)));
                 Ok(())
             }
@@ -297,7 +305,9 @@ impl<'a> Connection<'a> {
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
-            // again: this is what makes it exactly once.
+            // again: this is what makes it exactly once. It promises what the first PUBREC
+            // did, which may still be waiting for the disk (on a connection taken over).
+            self.wait_for_disk();
             self.send(out, Packet::PubRec(self.ack(p.pkid, true)));
             return Ok(());
         }
@@ -327,10 +337,26 @@ impl<'a> Connection<'a> {
             QoS::AtLeastOnce => self.send(out, Packet::PubAck(ack)),
             QoS::ExactlyOnce => self.send(out, Packet::PubRec(ack)),
         }
-        if qos != QoS::AtMostOnce && self.broker.journal().acks_wait() {
-            self.awaits_disk = true;
+        if qos != QoS::AtMostOnce {
+            self.wait_for_disk();
         }
         Ok(())
+    }
+
+    /// Under `sync = "always"`, what this read wrote waits until the store has what it
+    /// promises (the driver's `await_disk`).
+    fn wait_for_disk(&mut self) {
+        if self.broker.journal().acks_wait() {
+            self.awaits_disk = true;
+        }
+    }
+
+    /// `wait_for_disk`, for an answer that promises something of a stored session only
+    /// (a SUBACK, an UNSUBACK, a PUBREL, a PUBCOMP).
+    fn wait_for_disk_if_stored(&mut self) {
+        if self.broker.journal().acks_wait() && self.session.inspect(SessionState::is_persisted) {
+            self.awaits_disk = true;
+        }
     }
 
     /// What closes the connection in a PUBLISH: a topic or a feature the server refuses.
@@ -543,6 +569,7 @@ impl<'a> Connection<'a> {
                 walks.push((filter, options.qos));
             }
         }
+        self.wait_for_disk_if_stored();
         self.send(
             out,
             Packet::SubAck(SubAck {
@@ -593,6 +620,7 @@ impl<'a> Connection<'a> {
         if !self.protocol.is_v5() {
             codes.clear();
         }
+        self.wait_for_disk_if_stored();
         self.send(
             out,
             Packet::UnsubAck(UnsubAck {

@@ -54,15 +54,22 @@ impl Journal {
         &self.clock
     }
 
-    /// Whether an acknowledgement must wait for what its message changed to be on disk.
+    /// Whether an acknowledgement must wait for what its message changed to be on disk:
+    /// always under `sync = "always"`; in the other modes only while the store is behind
+    /// by more than its memory bound (then its clients slow down to the disk's pace).
     pub fn acks_wait(&self) -> bool {
-        self.always && self.store.is_some()
+        self.store
+            .as_ref()
+            .is_some_and(|s| self.always || s.is_behind())
     }
 
-    /// Whether the store can take more: past its memory bound or disk budget the broker
-    /// refuses what it would have to store, before acknowledging it.
+    /// Whether the store can take more: past its disk budget, or once it failed, the
+    /// broker refuses what it would have to store, before acknowledging it. A store that
+    /// is only behind takes more, and the acknowledgements wait (`acks_wait`).
     pub fn has_room(&self) -> bool {
-        self.store.as_ref().is_none_or(|s| s.has_room())
+        self.store
+            .as_ref()
+            .is_none_or(|s| s.has_room() || s.is_behind())
     }
 
     pub fn submit(&self, ops: Vec<Op>) {

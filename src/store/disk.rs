@@ -129,6 +129,10 @@ impl Store for DiskStore {
         self.writer.has_room()
     }
 
+    fn is_behind(&self) -> bool {
+        self.writer.is_behind()
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.writer.close())
     }
@@ -453,6 +457,13 @@ fn recover(
             "store: starting on a store found damaged before: {}",
             detail.trim()
         );
+        // The journal was cut when the damage was found (the detail starts with the bytes
+        // lost): this start's report carries them, or it would look like a sound store.
+        report.discarded_tail_bytes = detail
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         std::fs::remove_file(&damaged_marker).map_err(|e| io_error(&damaged_marker, e))?;
     }
 
@@ -481,12 +492,12 @@ fn recover(
     };
     // fjall cuts a journal at its first bad batch: a torn write after a crash, damage otherwise.
     let after = journal_ends(&db_dir);
-    report.discarded_tail_bytes = journals
+    let bytes: u64 = journals
         .iter()
         .map(|(name, end)| end.saturating_sub(after.get(name).copied().unwrap_or(*end)))
         .sum();
-    if report.discarded_tail_bytes > 0 {
-        let bytes = report.discarded_tail_bytes;
+    report.discarded_tail_bytes += bytes;
+    if bytes > 0 {
         if clean_shutdown {
             if stop {
                 let detail = format!(

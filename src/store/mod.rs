@@ -64,6 +64,14 @@ pub trait Store: Send + Sync {
     /// reason 0x97 Quota exceeded) rather than acknowledge what it may not keep.
     fn has_room(&self) -> bool;
 
+    /// Whether the store is behind by more than its memory bound, so that the [`Durable`]
+    /// of a submit made now resolves only once written, whatever the mode. The broker then
+    /// makes acknowledgements wait for the store (its clients slow down to the disk's pace)
+    /// instead of refusing their messages.
+    fn is_behind(&self) -> bool {
+        false
+    }
+
     /// Writes everything submitted, makes it durable, and stops. Later submits fail.
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }

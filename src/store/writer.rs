@@ -183,6 +183,11 @@ impl Writer {
         self.shared.commits.load(Ordering::Relaxed)
     }
 
+    /// Past the memory bound: submits wait for the write (see `submit`).
+    pub(super) fn is_behind(&self) -> bool {
+        self.pending_bytes() > MAX_PENDING_BYTES
+    }
+
     pub(super) fn has_room(&self) -> bool {
         !self.shared.failed.load(Ordering::Relaxed)
             && self.pending_bytes() <= MAX_PENDING_BYTES
@@ -248,7 +253,10 @@ fn run(shared: &Shared, mut backend: impl Backend) {
         let work = {
             let mut q = shared.queue.lock();
             loop {
-                if !q.ops.is_empty() || !q.requests.is_empty() || q.closed {
+                // A waiter alone is a barrier (an empty submit): it is answered on this
+                // turn, once everything taken before it is as durable as the mode says.
+                if !q.ops.is_empty() || !q.waiting.is_empty() || !q.requests.is_empty() || q.closed
+                {
                     break;
                 }
                 // Idle: wake for the next fsync (interval) or disk usage measurement due.
