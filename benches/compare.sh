@@ -76,8 +76,10 @@ SCENARIOS=(
   # 10,000 devices (QoS 1 telemetry, 10 command subscriptions each), 100 dashboards on
   # wildcards: saturation, then half of the publish rate it reached (@HALF@). A global
   # dashboard's queue holds up to 10,000 × 5 messages at saturation: seconds, not stalls.
-  "iot-sat|iot --qos 1 --clients 10000 --window 5 --stall 30"
-  "iot-half|iot --qos 1 --clients 10000 --window 5 --stall 30 --rate @HALF@"
+  # One message per write, as a device sends it: the paced run at half the rate then
+  # costs the broker what the saturated one did per message.
+  "iot-sat|iot --qos 1 --clients 10000 --window 5 --batch 1 --stall 30"
+  "iot-half|iot --qos 1 --clients 10000 --window 5 --batch 1 --stall 30 --rate @HALF@"
 )
 # Idle runs last, each on a freshly started broker: memory a process kept from earlier
 # load (allocator caches) would otherwise hide what connections cost.
@@ -311,7 +313,7 @@ run_one() {
 
 # Half of the publish rate in a JSON result (0 if none).
 half_rate() {
-  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(int((r.get("publish_rate") or 0) / 2))' "$1" 2>/dev/null || echo 0
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(int((r.get("publish_rate") or 0) / 2) if r.get("ok") else 0)' "$1" 2>/dev/null || echo 0
 }
 declare -A HALF
 LAST_JSON=""
@@ -322,6 +324,13 @@ for round in $(seq "$ROUNDS"); do
     name=${entry%%|*}
     [[ -n $ONLY && ! $name =~ $ONLY ]] && continue
     for b in $BROKERS; do
+      # rumqttd 0.20 delivered nothing in iot-sat (10,000 devices; "no-connection id .. is
+      # already gone" in its log) and then kept a core busy for minutes, skewing every run
+      # after it: left out of the IoT scenario.
+      if [[ $b == rumqttd && $name == iot-* ]]; then
+        echo "round $round $name $b: skipped (see the comment in compare.sh)"
+        continue
+      fi
       args=${entry#*|}
       if [[ $args == *@HALF@* ]]; then
         if ((${HALF[$b]:-0} == 0)); then

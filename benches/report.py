@@ -290,8 +290,9 @@ def main(path):
 
     print("### Idle connections")
     print()
-    header = ["broker", "connections", "connect rate (conn/s)", "RSS before", "RSS connected",
-              "bytes per connection", "RSS after close", "failed"]
+    header = ["broker", "connections", "connect rate (conn/s)", "broker CPU µs/connection",
+              "RSS before", "RSS connected", "bytes per connection", "RSS after close",
+              "failed"]
     rows = []
     idle = {}
     for b in brokers:
@@ -305,6 +306,7 @@ def main(path):
             b,
             rs[0].get("connections", "–"),
             fmt_rate(rate),
+            fmt_cpu(med([r.get("cpu_us_per_connection") for r in rs])),
             fmt_mib(med([r.get("rss_before_kb") for r in rs])),
             fmt_mib(med([r.get("rss_connected_kb") for r in rs])),
             "–" if per is None else f"{per:.0f}",

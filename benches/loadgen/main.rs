@@ -288,6 +288,13 @@ fn idle_lines(args: &Args, r: &idle::IdleReport) -> (String, Json) {
         .num("connect_s", r.connect_s)
         .num("connect_rate", r.connect_rate())
         .num("loadgen_cpu_s", r.loadgen_cpu_s);
+    if let Some(cpu) = r.broker_connect_cpu_s {
+        let per_us = cpu * 1e6 / r.connections.max(1) as f64;
+        human += &format!(", broker CPU {per_us:.1} µs/connection");
+        json = json
+            .num("broker_connect_cpu_s", cpu)
+            .num("cpu_us_per_connection", per_us);
+    }
     if let (Some(before), Some(with), Some(after)) =
         (r.rss_before_kb, r.rss_connected_kb, r.rss_after_kb)
     {
