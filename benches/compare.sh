@@ -15,7 +15,7 @@
 #
 # Needs: cargo, python3; installs mosquitto (apt-get) and rumqttd (cargo install, into
 # ${TERNMQ_BENCH_CACHE:-~/.cache/ternmq-bench}) when missing. Builds in release into
-# ${CARGO_TARGET_DIR:-target}. Brokers listen on 127.0.0.1:18830-18832.
+# ${CARGO_TARGET_DIR:-target}. Brokers listen on 127.0.0.1:18830-18835.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
