@@ -35,6 +35,9 @@ pub struct Broker {
     security_generation: AtomicU64,
     /// Slows down addresses that keep failing to authenticate.
     pub backoff: Backoff,
+    /// Password checks running at once (`password_check`): each holds the memory of
+    /// its hash (19 MiB for argon2id), so their number must not follow the clients'.
+    password_checks: tokio::sync::Semaphore,
     /// MQTT 5 enhanced authentication methods, by name (SCRAM-SHA-256 built in).
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     pub router: Router<Session>,
@@ -60,6 +63,12 @@ pub struct Broker {
     /// When the broker started, on its clock (`now()`) and on the wall clock.
     pub started: Instant,
     pub started_at: SystemTime,
+}
+
+/// Password checks at once: one per core, at most 4 (4 × 19 MiB of argon2id memory);
+/// more clients wait their turn, holding no more than their CONNECT.
+fn password_checks() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// The clock the broker runs on: tokio's, so that tests can pause it.
@@ -104,6 +113,7 @@ impl Broker {
             security,
             security_generation: AtomicU64::new(0),
             backoff: Backoff::new(BackoffConfig::default()),
+            password_checks: tokio::sync::Semaphore::new(password_checks()),
             buffers: Budget::new(config.limits.max_buffered_memory),
             router: Router::new(memory.clone()),
             memory,
@@ -131,6 +141,18 @@ impl Broker {
     /// Changes with every reload of the security files.
     pub fn security_generation(&self) -> u64 {
         self.security_generation.load(Ordering::Relaxed)
+    }
+
+    /// Runs a credentials check (`Authenticator::authenticate`) off the runtime, once one
+    /// of the few password-check slots is free: a crowd of clients with passwords waits
+    /// its turn, holding only its request, instead of making the broker hold one hash's
+    /// memory per client. None if the check could not run (shutdown, a panic).
+    pub async fn password_check<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _slot = self.password_checks.acquire().await.ok()?;
+        tokio::task::spawn_blocking(check).await.ok()
     }
 
     /// A fresh id for a connection or a session.

@@ -736,6 +736,37 @@ mod tests {
                 ..d.persistence
             }
         );
+        assert_eq!(c.session.max_queued_bytes, d.session.max_queued_bytes);
+        assert_eq!(
+            c.session.persistent_client_expiration,
+            d.session.persistent_client_expiration
+        );
+        let (l, dl) = (&c.limits, &d.limits);
+        assert_eq!(
+            (l.max_connections, l.max_connect_size, l.message_size_limit),
+            (
+                dl.max_connections,
+                dl.max_connect_size,
+                dl.message_size_limit
+            )
+        );
+        assert_eq!(
+            (l.max_client_id_length, l.max_subscriptions, l.publish_rate),
+            (
+                dl.max_client_id_length,
+                dl.max_subscriptions,
+                dl.publish_rate
+            )
+        );
+        assert_eq!(
+            (l.publish_bytes_rate, l.publish_burst),
+            (dl.publish_bytes_rate, dl.publish_burst)
+        );
+        assert_eq!(
+            (l.max_buffered_memory, l.max_queued_memory),
+            (dl.max_buffered_memory, dl.max_queued_memory)
+        );
+        assert_eq!(c.auth, d.auth, "[auth] has only commented-out keys");
     }
 
     #[test]

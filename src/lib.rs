@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod conn;
+pub mod fuzz;
 pub mod http;
 pub mod message;
 pub mod metrics;

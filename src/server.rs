@@ -383,6 +383,11 @@ impl Exhausted {
 
     async fn refuse_one(&mut self, listener: &TcpListener) {
         const SERVER_UNAVAILABLE: [u8; 4] = [0x20, 0x02, 0x00, 0x03];
+        if self.spare.is_none() {
+            // Lost last time (another task took the descriptor first): try again, or the
+            // spare would be gone for good.
+            self.spare = std::fs::File::open("/dev/null").ok();
+        }
         if self.spare.take().is_some() {
             let accept = tokio::time::timeout(Duration::from_millis(100), listener.accept());
             if let Ok(Ok((stream, _))) = accept.await {

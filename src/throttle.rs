@@ -5,8 +5,11 @@
 use std::time::{Duration, Instant};
 
 /// Token buckets for the publish rate of one client: a burst of `publish_burst`
-/// seconds' worth, refilled at the rates. Past them, reading pauses until the deficit is
-/// paid back: TCP backpressure slows the client, nothing is refused or lost.
+/// seconds' worth, refilled at the rates. Past them, reading pauses: TCP backpressure
+/// slows the client, nothing is refused or lost. A message is read when the message
+/// bucket holds one (N messages at once take (N − rate × burst) / rate seconds); its size
+/// is known only once it is read, so the byte bucket may be overdrawn by one message, and
+/// the next waits until the debt is paid back.
 pub struct Throttle {
     /// Messages and bytes per second (0 = not limited).
     rates: [f64; 2],
@@ -37,14 +40,17 @@ impl Throttle {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         let mut wait: f64 = 0.0;
+        // What must be in each bucket before the next message is read: a whole message,
+        // and no debt of bytes.
+        let floor = [1.0, 0.0];
         for (i, cost) in [1.0, bytes as f64].into_iter().enumerate() {
             let rate = self.rates[i];
             if rate == 0.0 {
                 continue;
             }
             self.tokens[i] = (self.tokens[i] + elapsed * rate).min(rate * self.burst) - cost;
-            if self.tokens[i] < 0.0 {
-                wait = wait.max(-self.tokens[i] / rate);
+            if self.tokens[i] < floor[i] {
+                wait = wait.max((floor[i] - self.tokens[i]) / rate);
             }
         }
         if wait > 0.0 {

@@ -10,16 +10,15 @@
 
 mod common;
 
+use common::binary::BrokerProcess;
 use common::client::*;
 use common::mosquitto::{self, clients_available};
 use common::TestBroker;
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ternmq::config::{Config, SyncMode};
 use ternmq::protocol::{
@@ -752,156 +751,14 @@ async fn mosquitto_sub_resumes_its_session_after_a_restart() {
 /// Bound of every wait on the binary.
 const BINARY_WAIT: Duration = Duration::from_secs(15);
 
-/// The `ternmq` binary on a data directory, its output collected; killed when dropped.
-struct Binary {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
 /// A configuration for the binary: a TCP listener on a free port, the store in `data`.
-fn binary_config(dir: &Path, data: &Path, sync: &str, on_corruption: &str) -> PathBuf {
-    let text = format!(
+fn binary_config(data: &Path, sync: &str, on_corruption: &str) -> String {
+    format!(
         "log_level = \"info\"\n\
          [[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n\
          [session]\nmax_queued_messages = 1000000\n\
          [persistence]\nenabled = true\ndir = {data:?}\nsync = \"{sync}\"\non_corruption = \"{on_corruption}\"\n",
-    );
-    let path = dir.join(format!("broker-{sync}-{on_corruption}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-impl Binary {
-    fn spawn(config: &Path) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ternmq"))
-            .arg("--config")
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run the ternmq binary");
-        let output = Arc::new(Mutex::new(String::new()));
-        let collect = |mut from: Box<dyn Read + Send>| {
-            let into = output.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    into.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            })
-        };
-        let readers = vec![
-            collect(Box::new(child.stdout.take().unwrap())),
-            collect(Box::new(child.stderr.take().unwrap())),
-        ];
-        Binary {
-            child,
-            output,
-            readers,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Starts the binary and waits for its TCP listener; returns it with the address.
-    async fn start(config: &Path) -> (Binary, SocketAddr) {
-        let mut b = Binary::spawn(config);
-        let addr = b
-            .wait_for_log("the listening address", |log| {
-                log.lines()
-                    .filter(|l| l.contains("listening") && l.contains("kind=Tcp"))
-                    .find_map(|l| {
-                        l.split("addr=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-            })
-            .await;
-        (b, addr)
-    }
-
-    /// Waits (bounded) until `find` finds something in the complete lines of the log;
-    /// fails if the process exits first.
-    async fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + BINARY_WAIT;
-        loop {
-            let log = self.log();
-            let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
-            if let Some(found) = find(complete) {
-                return found;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("ternmq exited ({status}) before logging {what}:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "no {what} in the log:\n{log}");
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Waits (bounded) for the process to end, then for the rest of its output.
-    async fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + BINARY_WAIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ternmq still running:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(POLL).await;
-        };
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        status
-    }
-
-    /// SIGKILL: a crash.
-    async fn kill_9(&mut self) {
-        self.child.kill().unwrap();
-        self.wait().await;
-    }
-
-    /// SIGTERM: a clean shutdown, which must succeed.
-    async fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let status = self.wait().await;
-        assert!(
-            status.success(),
-            "exit after SIGTERM: {status}\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    )
 }
 
 /// A small deterministic generator for the random moments (the seed is printed).
@@ -968,8 +825,9 @@ async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
     println!("seed {seed}");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let config = binary_config(dir.path(), &dir.path().join("data"), "always", "recover");
-    let (mut broker, addr) = Binary::start(&config).await;
+    let config = binary_config(&dir.path().join("data"), "always", "recover");
+    let mut broker = BrokerProcess::start(&config);
+    let addr = broker.addr;
     let mut sub = connect_at(addr, persistent_v311("offline"), false).await;
     sub.subscribe_ok(&[("n", QoS::AtLeastOnce)]).await;
     sub.disconnect().await;
@@ -985,15 +843,15 @@ async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
         .await;
         let kill_after = Duration::from_millis(rng.below(400));
         tokio::time::sleep(kill_after).await;
-        broker.kill_9().await;
+        broker.kill_9();
         let (acked, last_sent) = publisher.await.unwrap();
         assert!(
             !acked.is_empty(),
             "round {round}: nothing acknowledged in {kill_after:?}"
         );
 
-        let started = Binary::start(&config).await;
-        (broker, addr) = started;
+        broker = BrokerProcess::start(&config);
+        addr = broker.addr;
         let mut sub = connect_at(addr, persistent_v311("offline"), true).await;
         let got: BTreeSet<u64> = drain(&mut sub)
             .await
@@ -1017,7 +875,7 @@ async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
         );
         first = last_sent + 1;
     }
-    broker.terminate().await;
+    broker.terminate();
 }
 
 /// `connect`, to an address.
@@ -1091,10 +949,11 @@ async fn a_store_cut_mid_record_after_a_crash_starts_with_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // "stop" too: a torn tail is what a crash leaves, not damage.
-    let config = binary_config(dir.path(), &data, "always", "stop");
-    let (mut broker, addr) = Binary::start(&config).await;
+    let config = binary_config(&data, "always", "stop");
+    let mut broker = BrokerProcess::start(&config);
+    let addr = broker.addr;
     queue_numbered(addr, 40).await;
-    broker.kill_9().await;
+    broker.kill_9();
     let (journal, end) = newest_journal(&data);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -1103,14 +962,13 @@ async fn a_store_cut_mid_record_after_a_crash_starts_with_the_rest() {
     f.set_len(end - 20).unwrap();
     drop(f);
 
-    let (mut broker, addr) = Binary::start(&config).await;
-    let log = broker
-        .wait_for_log("the recovery report", |log| {
-            log.lines()
-                .any(|l| l.contains("state restored from the store"))
-                .then(|| log.to_owned())
-        })
-        .await;
+    let mut broker = BrokerProcess::start(&config);
+    let addr = broker.addr;
+    let log = broker.wait_for_log("the recovery report", |log| {
+        log.lines()
+            .any(|l| l.contains("state restored from the store"))
+            .then(|| log.to_owned())
+    });
     assert!(
         logged(&log, "the store was damaged", "discarded_tail_bytes").is_some_and(|n| n > 0),
         "the cut is reported:\n{log}"
@@ -1122,17 +980,18 @@ async fn a_store_cut_mid_record_after_a_crash_starts_with_the_rest() {
     );
     let got = queued_numbers(addr).await;
     assert_eq!(got, (1..=39).collect::<Vec<_>>(), "all but the last commit");
-    broker.terminate().await;
+    broker.terminate();
 }
 
 #[tokio::test]
 async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let recover = binary_config(dir.path(), &data, "always", "recover");
-    let (mut broker, addr) = Binary::start(&recover).await;
+    let recover = binary_config(&data, "always", "recover");
+    let mut broker = BrokerProcess::start(&recover);
+    let addr = broker.addr;
     queue_numbered(addr, 60).await;
-    broker.terminate().await;
+    broker.terminate();
     let (journal, end) = newest_journal(&data);
     {
         use std::io::{Seek, SeekFrom, Write};
@@ -1145,10 +1004,8 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         f.sync_all().unwrap();
     }
 
-    let stop = binary_config(dir.path(), &data, "always", "stop");
-    let mut refused = Binary::spawn(&stop);
-    let status = refused.wait().await;
-    let log = refused.log();
+    let stop = binary_config(&data, "always", "stop");
+    let (status, log) = BrokerProcess::run_to_exit(&stop);
     assert_eq!(status.code(), Some(1), "refuses to start:\n{log}");
     assert!(
         log.contains("is damaged") && log.contains(&data.join("db").display().to_string()),
@@ -1156,14 +1013,13 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
     );
     assert!(log.contains("on_corruption"), "says what to do:\n{log}");
 
-    let (mut broker, addr) = Binary::start(&recover).await;
-    let log = broker
-        .wait_for_log("the recovery report", |log| {
-            log.lines()
-                .any(|l| l.contains("state restored from the store"))
-                .then(|| log.to_owned())
-        })
-        .await;
+    let mut broker = BrokerProcess::start(&recover);
+    let addr = broker.addr;
+    let log = broker.wait_for_log("the recovery report", |log| {
+        log.lines()
+            .any(|l| l.contains("state restored from the store"))
+            .then(|| log.to_owned())
+    });
     assert!(
         log.contains("the store was damaged"),
         "reported as an error:\n{log}"
@@ -1178,16 +1034,16 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         (1..=got.len() as u64).collect::<Vec<_>>(),
         "a prefix, in order"
     );
-    broker.terminate().await;
+    broker.terminate();
 }
 
 #[tokio::test]
 async fn a_sigterm_as_soon_as_the_broker_listens_closes_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = binary_config(dir.path(), &data, "interval", "stop");
-    let (mut broker, _) = Binary::start(&config).await;
-    broker.terminate().await;
+    let config = binary_config(&data, "interval", "stop");
+    let mut broker = BrokerProcess::start(&config);
+    broker.terminate();
     assert!(
         data.join("clean-shutdown").exists(),
         "a clean shutdown, not the signal's default action:\n{}",

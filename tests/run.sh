@@ -28,7 +28,14 @@ need mosquitto_sub mosquitto-clients
 need stdbuf coreutils # line-buffers mosquitto_sub's output
 need openssl openssl   # src/transport/tls.rs tests: the docs' test-CA recipe and s_client
 need curl curl         # tests/http.rs: SSE with curl -N, HTTP/2 over TLS
-need mosquitto_passwd mosquitto # password files in mosquitto's format (security::password, tests/cli.rs)
+need mosquitto_passwd mosquitto # password files in mosquitto's format (security::password, tests/cli.rs, tests/security.rs)
+# The mosquitto broker itself (tests/security.rs runs the same acl_file in it): same
+# package, in /usr/sbin, which a user's PATH may not hold.
+if [[ ! -x /usr/sbin/mosquitto ]] && ! command -v mosquitto >/dev/null 2>&1; then
+  missing_commands+=(mosquitto)
+  missing_packages+=(mosquitto)
+fi
+need prlimit util-linux # tests/security.rs: the broker binary with a low open-file limit
 need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
 need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)
 need npm npm
@@ -56,7 +63,7 @@ install_missing() {
     apt-get install -y --no-install-recommends "${packages[@]}"
   local cmd
   for cmd in "${missing_commands[@]}"; do
-    if ! command -v "$cmd" >/dev/null 2>&1; then
+    if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! -x /usr/sbin/$cmd ]]; then
       echo "tests/run.sh: $cmd is still missing after installing ${packages[*]}" >&2
       exit 1
     fi

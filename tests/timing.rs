@@ -176,6 +176,60 @@ async fn no_connect_within_the_connect_timeout_closes_the_connection() {
     assert_eq!(closed_after(&mut c, None, t0).await, secs(1.0));
 }
 
+/// A connection logged in with a token ends when the token expires (`exp` + the 5 s
+/// leeway), keep-alive or not: 5.0 gets DISCONNECT 0xA0, 3.1.1 is closed; the will goes
+/// out, as for any end the client did not ask for.
+#[tokio::test(start_paused = true)]
+async fn a_token_login_ends_when_the_token_expires() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let b = TestBroker::in_memory(|c| {
+        c.listeners[0].allow_anonymous = false;
+        c.auth.jwt = Some(ternmq::security::jwt::JwtConfig {
+            secret: Some("k3y".into()),
+            ..Default::default()
+        });
+    });
+    let mut w = watcher(&b, "watcher", "will/#").await;
+    for (protocol, code) in [
+        (Protocol::V5, Some(ReasonCode::MaximumConnectTime)),
+        (Protocol::V311, None),
+    ] {
+        // The token is checked on the wall clock, the connection's time on the paused one.
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let exp = wall.as_secs() + 30;
+        let claims = serde_json::json!({"sub": "device", "exp": exp});
+        let token = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"k3y"),
+        )
+        .unwrap();
+        let id = format!("device-{protocol:?}");
+        let will = format!("will/{id}");
+        let connect = Connect {
+            protocol,
+            username: Some(ByteStr::from("device")),
+            password: Some(token.into_bytes().into()),
+            ..connect_with_will(&id, &will, "gone", Properties::default())
+        };
+        let t0 = Instant::now();
+        let (mut c, _) = Client::accepted(b.target(), connect).await;
+        let valid = secs((exp + 5) as f64 - wall.as_secs_f64());
+        at(t0 + valid - secs(1.0)).await;
+        assert!(
+            c.ping().await.is_empty(),
+            "{protocol:?}: still in a second before"
+        );
+        let closed = closed_after(&mut c, code, t0).await;
+        assert!(
+            closed >= valid && closed < valid + secs(0.1),
+            "{protocol:?}: {closed:?}"
+        );
+        assert_eq!(w.expect_publish().await.topic, will.as_str());
+    }
+}
+
 // =======================================================================================
 // Wills on keep-alive timeout and after a delay
 // =======================================================================================

@@ -733,8 +733,55 @@ mod browser {
         missing
     }
 
+    /// A wss listener for the browser (a certificate for `localhost`, made now) that lets
+    /// in only clients with a JWT signed by `secret`: the TLS config, the base64 SHA-256
+    /// of the server key's SubjectPublicKeyInfo (for Chromium to trust that key alone)
+    /// and a token for user `web`, whose ACL claim allows the browser case's two topics.
+    fn wss_with_jwt(
+        dir: &Path,
+        secret: &str,
+    ) -> (ternmq::transport::tls::TlsConfig, String, String) {
+        use base64::Engine;
+        use rcgen::{CertificateParams, KeyPair, PublicKeyData};
+        use sha2::Digest;
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.join("wss.crt"), dir.join("wss.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let spki = sha2::Sha256::digest(key.subject_public_key_info());
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({
+            "sub": "web",
+            "exp": exp,
+            "acl": {
+                "sub": ["ternmq-test/v5-wss-jwt/to-browser"],
+                "pub": ["ternmq-test/v5-wss-jwt/from-browser"],
+            },
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        (
+            ternmq::transport::tls::TlsConfig::new(cert_file, key_file),
+            base64::engine::general_purpose::STANDARD.encode(spki),
+            token,
+        )
+    }
+
     /// mqtt.js in headless Chromium talks to mosquitto_pub and mosquitto_sub through
-    /// ternmq, over `ws://host:port/mqtt` and `ws://host:port`, in MQTT 3.1.1 and 5.0.
+    /// ternmq, over `ws://host:port/mqtt` and `ws://host:port`, in MQTT 3.1.1 and 5.0, and
+    /// with a JWT over `wss://` (MQTT 5.0) to a listener that refuses anonymous clients.
     /// Screenshots land in target/browser-test/.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mqttjs_in_chromium_chats_with_mosquitto_clients() {
@@ -752,13 +799,33 @@ mod browser {
         let log_path = out.join("run.log");
         let log = std::fs::File::create(&log_path).unwrap();
 
-        let broker = TestBroker::with_ws(|_| {}).await;
+        let files = tempfile::tempdir().unwrap();
+        let secret = "the app server's secret";
+        let (tls, spki, token) = wss_with_jwt(files.path(), secret);
+        let broker = TestBroker::with_ws(|c| {
+            c.listeners.push(ternmq::config::Listener {
+                tls: Some(tls),
+                ..ternmq::config::Listener::new(
+                    ternmq::config::ListenerKind::Ws,
+                    "127.0.0.1:0".parse().unwrap(),
+                )
+            });
+            c.auth.jwt = Some(ternmq::security::jwt::JwtConfig {
+                secret: Some(secret.into()),
+                ..Default::default()
+            });
+        })
+        .await;
+        let wss_port = broker.server.as_ref().unwrap().local_addrs()[2].1.port();
         let mut node = Command::new("node")
             .arg("run.js")
             .arg(broker.ws_addr().port().to_string())
             .arg(broker.port().to_string())
             .arg(&out)
             .env("CHROMIUM", chromium())
+            .env("TERNMQ_WSS_PORT", wss_port.to_string())
+            .env("TERNMQ_WSS_TOKEN", token)
+            .env("TERNMQ_WSS_SPKI", spki)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -789,7 +856,13 @@ mod browser {
             ),
             None => panic!("browser test still running after {BROWSER_WAIT:?}; killed"),
         }
-        for case in ["v3.1.1-path", "v3.1.1-root", "v5-path", "v5-root"] {
+        for case in [
+            "v3.1.1-path",
+            "v3.1.1-root",
+            "v5-path",
+            "v5-root",
+            "v5-wss-jwt",
+        ] {
             let shot = out.join(format!("{case}.png"));
             assert!(shot.is_file(), "no screenshot {}", shot.display());
         }

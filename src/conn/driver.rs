@@ -156,8 +156,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         if tokio::time::timeout_at(deadline, flush).await.is_err() {
             return;
         }
-        self.rbuf.clear();
-        self.rbuf.reserve(MIN_READ);
+        // What the client still sends is dropped: a small buffer does, and the one a
+        // flood may have grown (up to its share of max_buffered_memory) goes back now.
+        self.rbuf = BytesMut::with_capacity(16 * MIN_READ);
         let drain = async {
             loop {
                 self.rbuf.clear();
@@ -363,7 +364,7 @@ where
         let (security, client_id) = (broker.security.clone(), client_id.to_string());
         let check =
             move || security.authenticate(username.as_deref(), password.as_deref(), &client_id);
-        tokio::task::spawn_blocking(check).await.map_err(|_| {
+        broker.password_check(check).await.ok_or_else(|| {
             Refusal::new(ReasonCode::UnspecifiedError, "authentication failed to run")
         })?
     };
@@ -522,6 +523,8 @@ where
             }
             _ = &mut deadline => {
                 conn.handle_timeout(now())?;
+                // Packets that waited out a publish-rate pause are already here.
+                conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
                 // Moved lazily: resetting the timer on every packet would cost more.
                 deadline.as_mut().reset(deadline_of(conn));
             }

@@ -18,6 +18,8 @@ pub enum Exit {
     /// A limit of the broker closed it (docs/security.md); 5.0 gets this reason code.
     Limit(ReasonCode, Cow<'static, str>),
     KeepAliveTimeout,
+    /// The token the client logged in with expired (`exp` + leeway).
+    TokenExpired,
     TakenOver,
     /// An administrator closed it (the admin API).
     Administrative,
@@ -47,6 +49,8 @@ impl Exit {
             Exit::Closed(_) => (true, None),
             Exit::Violation(code, _) | Exit::Limit(code, _) => (true, Some(*code)),
             Exit::KeepAliveTimeout => (true, Some(ReasonCode::KeepAliveTimeout)),
+            // "Connected longer than allowed": the client may come back with a new token.
+            Exit::TokenExpired => (true, Some(ReasonCode::MaximumConnectTime)),
             Exit::TakenOver => (true, Some(ReasonCode::SessionTakenOver)),
             // The server closes it without a DISCONNECT from the client: the will goes
             // out [MQTT-3.1.2-8].
@@ -65,6 +69,7 @@ impl Exit {
         match self {
             Exit::Violation(_, why) | Exit::Limit(_, why) => why.clone(),
             Exit::KeepAliveTimeout => "keep-alive timeout".into(),
+            Exit::TokenExpired => "token expired".into(),
             Exit::TakenOver => "session taken over".into(),
             Exit::Administrative => "disconnected by an administrator".into(),
             Exit::Shutdown => "server shutting down".into(),
@@ -84,6 +89,7 @@ impl Exit {
             Exit::Violation(_, why) => crate::warn_limited!("protocol violation: {why}; closing"),
             Exit::Limit(_, why) => crate::warn_limited!("{why}; closing"),
             Exit::KeepAliveTimeout => tracing::info!("keep-alive timeout; closing"),
+            Exit::TokenExpired => tracing::info!("token expired; closing"),
             Exit::TakenOver => tracing::info!("session taken over by a new connection; closing"),
             Exit::Administrative => tracing::info!("disconnected by an administrator; closing"),
             Exit::Shutdown => tracing::debug!("closing for shutdown"),
@@ -110,6 +116,11 @@ mod tests {
                 Exit::KeepAliveTimeout,
                 true,
                 Some(ReasonCode::KeepAliveTimeout),
+            ),
+            (
+                Exit::TokenExpired,
+                true,
+                Some(ReasonCode::MaximumConnectTime),
             ),
             (Exit::TakenOver, true, Some(ReasonCode::SessionTakenOver)),
             (

@@ -7,6 +7,7 @@ use crate::protocol::{ByteStr, ReasonCode};
 use crate::security::acl::{Access, Authorizer};
 use crate::security::{AuthResult, Authenticator};
 use bytes::Bytes;
+use std::time::Duration;
 
 /// A client let in.
 #[derive(Debug)]
@@ -14,8 +15,9 @@ pub struct Login {
     /// The username the ACL applies to.
     pub username: Option<String>,
     pub authorizer: Authorizer,
-    /// The ACL came with a token: reloading the ACL file does not change it.
-    pub from_token: bool,
+    /// Logged in with a token, accepted this much longer: the connection closes then,
+    /// and reloading the ACL file does not change its rules.
+    pub token_valid_for: Option<Duration>,
     /// MQTT 5 enhanced authentication: the method and the data for the CONNACK.
     pub method: Option<ByteStr>,
     pub data: Option<Bytes>,
@@ -28,7 +30,7 @@ impl Login {
         Login {
             authorizer: security.authorizer(username.as_deref(), client_id, None),
             username,
-            from_token: false,
+            token_valid_for: None,
             method: None,
             data: None,
         }
@@ -56,7 +58,7 @@ pub(crate) fn decide(result: AuthResult, allow_anonymous: bool) -> Result<Login,
         ));
     }
     Ok(Login {
-        from_token: identity.expires_at.is_some(),
+        token_valid_for: identity.valid_for,
         username: identity.username,
         authorizer: identity.authorizer,
         method: None,
@@ -64,8 +66,9 @@ pub(crate) fn decide(result: AuthResult, allow_anonymous: bool) -> Result<Login,
     })
 }
 
-/// A will goes out under its client's name: the client must be allowed to publish it
-/// (as mosquitto refuses the CONNECT otherwise).
+/// A will goes out under its client's name: the client must be allowed to publish it.
+/// Refused at CONNECT, so that the client knows (mosquitto 2.0.11 accepts the CONNECT
+/// and drops the will when it would be published).
 pub(super) fn check_will(login: &Login, negotiated: &Negotiated) -> Result<(), Refusal> {
     match &negotiated.will {
         Some(will) if !login.authorizer.check(&will.topic, Access::Write) => Err(Refusal::new(

@@ -120,7 +120,7 @@ impl<'a> Connection<'a> {
             access: Box::new(Access {
                 username: login.username,
                 authorizer: login.authorizer,
-                from_token: login.from_token,
+                token_deadline: login.token_valid_for.map(|d| now + d),
                 generation: broker.security_generation(),
                 method: login.method,
                 reauth: None,
@@ -154,7 +154,9 @@ impl<'a> Connection<'a> {
         self.protocol
     }
 
-    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`.
+    /// Decodes and handles every complete packet in `rbuf`, writing answers to `out`;
+    /// while the publish rate limit pauses the client, the rest stays in `rbuf` (the
+    /// driver calls again after `handle_timeout`).
     pub fn handle_bytes(
         &mut self,
         rbuf: &mut BytesMut,
@@ -165,6 +167,11 @@ impl<'a> Connection<'a> {
         // Counted once per read, not per packet.
         let mut tally = metrics::Tally::default();
         let result = loop {
+            // Past its publish rate, the client's next packets wait in `rbuf` (and the
+            // socket) until the pause ends, however many one read brought.
+            if self.paused_until().is_some() {
+                break Ok(());
+            }
             match protocol::decode(rbuf, self.protocol, max) {
                 Ok(Some(packet)) => {
                     self.last_packet = now;
@@ -185,24 +192,32 @@ impl<'a> Connection<'a> {
     }
 
     /// When `handle_timeout` must be called next: the keep-alive deadline, or the end
-    /// of a pause of the publish rate limit.
+    /// of a pause of the publish rate limit (during which the keep-alive does not run:
+    /// the client's packets are waiting on the broker), or the login token's expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let keep_alive = self.keep_alive.map(|k| self.last_packet + k);
-        match self.paused_until() {
-            Some(p) => Some(keep_alive.map_or(p, |k| k.min(p))),
-            None => keep_alive,
+        let timer = match self.paused_until() {
+            Some(p) => Some(p),
+            None => self.keep_alive.map(|k| self.last_packet + k),
+        };
+        match (timer, self.access.token_deadline) {
+            (Some(t), Some(d)) => Some(t.min(d)),
+            (t, d) => t.or(d),
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
+        if self.access.token_deadline.is_some_and(|d| now >= d) {
+            return Err(Exit::TokenExpired);
+        }
         if let Some(until) = self.paused_until() {
-            if now >= until {
-                // The client's packets waited in the socket meanwhile: the pause must
-                // not count against its keep-alive.
-                self.last_packet = self.last_packet.max(now);
-                if let Some(t) = self.throttle.as_deref_mut() {
-                    t.resume();
-                }
+            if now < until {
+                return Ok(());
+            }
+            // The client's packets waited meanwhile: the pause must not count against
+            // its keep-alive.
+            self.last_packet = self.last_packet.max(now);
+            if let Some(t) = self.throttle.as_deref_mut() {
+                t.resume();
             }
         }
         match self.keep_alive.map(|k| self.last_packet + k) {
@@ -278,6 +293,10 @@ impl<'a> Connection<'a> {
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
+        // Every PUBLISH counts against the rate, refused ones too: refusing costs work.
+        if let Some(throttle) = self.throttle.as_deref_mut() {
+            throttle.spend(p.payload.len(), now);
+        }
         if let Some(props) = p.properties.as_deref_mut() {
             self.resolve_alias(&mut p.topic, props)?;
             if !props.subscription_identifiers.is_empty() {
@@ -299,9 +318,6 @@ impl<'a> Connection<'a> {
         }
         if !self.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
-        }
-        if let Some(throttle) = self.throttle.as_deref_mut() {
-            throttle.spend(p.payload.len(), now);
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
             // A resent QoS 2 PUBLISH (same id, before PUBREL) is acknowledged, not routed
@@ -886,7 +902,7 @@ impl<'a> Connection<'a> {
     /// a token).
     fn rebuild_access(&mut self, generation: u64) {
         let a = &mut *self.access;
-        if !a.from_token {
+        if a.token_deadline.is_none() {
             let client_id = &self.session.client_id;
             a.authorizer = self
                 .broker
@@ -995,8 +1011,9 @@ fn properties_mut(packet: &mut Packet) -> Option<&mut Properties> {
 struct Access {
     username: Option<String>,
     authorizer: Authorizer,
-    /// The rules came with a token, not from the ACL file.
-    from_token: bool,
+    /// Logged in with a token, which expires then: the connection closes, and its rules
+    /// came with it, not from the ACL file.
+    token_deadline: Option<Instant>,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
     /// The MQTT 5 enhanced authentication method of the CONNECT, if any.

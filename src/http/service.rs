@@ -168,7 +168,7 @@ impl HttpService {
                 let (user, password) = creds.as_login();
                 security.authenticate(user, password, &id)
             };
-            tokio::task::spawn_blocking(check).await.map_err(|_| {
+            broker.password_check(check).await.ok_or_else(|| {
                 HttpError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
@@ -436,6 +436,9 @@ fn taken_over() -> HttpError {
 const TAKEN_OVER: &[u8] = b"event: taken_over\ndata: {}\n\n";
 /// Sent before a persistent stream ends because its window is full: the browser
 /// reconnects at once, acknowledging with `Last-Event-ID`.
+/// What a stream tells its page when the token it was opened with expires: reconnecting
+/// with the same URL would be refused (401), the page needs a new token.
+const TOKEN_EXPIRED: &[u8] = b"event: token_expired\ndata: {}\n\n";
 const RECONNECT_NOW: &[u8] = b"retry: 0\n\n";
 const PING: &[u8] = b": ping\n\n";
 
@@ -479,9 +482,14 @@ impl SseState {
             return None;
         }
         let wake = self.sub.wake().clone();
+        let token_deadline = self.sub.token_deadline();
         loop {
             if self.shutdown.is_cancelled() {
                 return None;
+            }
+            if token_deadline.is_some_and(|d| now() >= d) {
+                self.ended = true;
+                return Some(Bytes::from_static(TOKEN_EXPIRED));
             }
             let mut out = BytesMut::new();
             let full = self
@@ -508,9 +516,18 @@ impl SseState {
                 biased;
                 _ = wake.notified() => {}
                 _ = self.shutdown.cancelled() => return None,
+                _ = until(token_deadline) => {}
                 _ = tokio::time::sleep(self.heartbeat) => return Some(Bytes::from_static(PING)),
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, for ever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 

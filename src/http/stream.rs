@@ -54,7 +54,9 @@ pub struct Subscriber {
     wake: Arc<Notify>,
     username: Option<String>,
     authorizer: Authorizer,
-    from_token: bool,
+    /// Logged in with a token: the stream ends when it expires, and its rules are not
+    /// the ACL file's.
+    token_deadline: Option<Instant>,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
     /// The session outlives the request: events stay in flight until acknowledged.
@@ -101,7 +103,7 @@ impl Subscriber {
             wake,
             username: login.username,
             authorizer: login.authorizer,
-            from_token: login.from_token,
+            token_deadline: login.token_valid_for.map(|d| now + d),
             generation: broker.security_generation(),
             persistent,
             window: if persistent { window } else { usize::MAX },
@@ -109,6 +111,11 @@ impl Subscriber {
             outbox: Outbox::default(),
             refill_due: false,
         }
+    }
+
+    /// When the token the stream was opened with expires.
+    pub fn token_deadline(&self) -> Option<Instant> {
+        self.token_deadline
     }
 
     /// Whether a stored session was resumed (its queue and in-flight events with it).
@@ -197,7 +204,7 @@ impl Subscriber {
     /// The ACL, rebuilt from the files if they were reloaded since.
     fn refresh_access(&mut self) {
         let generation = self.broker.security_generation();
-        if self.generation != generation && !self.from_token {
+        if self.generation != generation && self.token_deadline.is_none() {
             self.authorizer = self.broker.security.authorizer(
                 self.username.as_deref(),
                 &self.session.client_id,

@@ -102,8 +102,8 @@ pub struct Claims {
     pub username: String,
     /// Rules replacing the acl_file's, if the token has the ACL claim.
     pub acl: Option<TokenAcl>,
-    /// When the token stops being valid (`exp`, without leeway): the connection core may
-    /// disconnect the client then.
+    /// When the token stops being accepted (`exp` + leeway): a connection made with it
+    /// is closed then.
     pub expires_at: SystemTime,
 }
 
@@ -295,7 +295,7 @@ impl JwtVerifier {
                 Some(acl)
             }
         };
-        let expires_at = Duration::try_from_secs_f64(exp)
+        let expires_at = Duration::try_from_secs_f64(exp + leeway)
             .ok()
             .and_then(|d| UNIX_EPOCH.checked_add(d))
             .ok_or_else(|| JwtError::Claim("exp".into()))?;
@@ -469,7 +469,7 @@ mod tests {
         let claims = v.verify(&token, at(NOW)).unwrap();
         assert_eq!(claims.username, "alice");
         assert_eq!(claims.acl, None);
-        assert_eq!(claims.expires_at, at(NOW + 60));
+        assert_eq!(claims.expires_at, at(NOW + 65), "exp + the leeway");
     }
 
     #[test]

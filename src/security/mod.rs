@@ -25,7 +25,7 @@ use password::{PasswordError, PasswordFile};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The `[auth]` table of broker.toml. `allow_anonymous` is per listener (not here).
 ///
@@ -61,8 +61,8 @@ pub struct Identity {
     /// The username checks were made for: the CONNECT's, or a token's claim.
     pub username: Option<String>,
     pub authorizer: Authorizer,
-    /// A token's expiry: the core may disconnect the client then.
-    pub expires_at: Option<SystemTime>,
+    /// How much longer the token logged in with is accepted: the connection closes then.
+    pub valid_for: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -204,7 +204,7 @@ impl Authenticator {
         now: SystemTime,
     ) -> AuthResult {
         let loaded = self.current();
-        let identity = |username: Option<String>, token: Option<&TokenAcl>, expires_at| {
+        let identity = |username: Option<String>, token: Option<&TokenAcl>, valid_for| {
             let authorizer = loaded.acl.authorizer(
                 &Client {
                     username: username.as_deref(),
@@ -215,7 +215,7 @@ impl Authenticator {
             Identity {
                 username,
                 authorizer,
-                expires_at,
+                valid_for,
             }
         };
 
@@ -238,7 +238,7 @@ impl Authenticator {
                         return AuthResult::Authenticated(identity(
                             Some(claims.username),
                             claims.acl.as_ref(),
-                            Some(claims.expires_at),
+                            Some(claims.expires_at.duration_since(now).unwrap_or_default()),
                         ));
                     }
                     Err(e) => token_error = Some(e),
@@ -387,7 +387,8 @@ mod tests {
         match at_now(&s, None, Some(&good)) {
             AuthResult::Authenticated(i) => {
                 assert_eq!(i.username.as_deref(), Some("tok"));
-                assert_eq!(i.expires_at, Some(at(NOW + 60)));
+                let leeway = Duration::from_secs(jwt::DEFAULT_LEEWAY);
+                assert_eq!(i.valid_for, Some(Duration::from_secs(60) + leeway));
                 // The token's rules replace the file's `#`.
                 assert!(i.authorizer.check("t/tok", Access::Write));
                 assert!(!i.authorizer.check("x", Access::Read));

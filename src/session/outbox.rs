@@ -79,13 +79,24 @@ impl Outbox {
         let walk = session.with_state(conn_id, |s| {
             let room = window.saturating_sub(s.inflight.outstanding());
             s.inflight.resend(room, &mut resend);
+            // After a resume, whoever resumed the session may not read all that was in
+            // flight (another user with the same client id, a reloaded ACL): checked like
+            // any other delivery, and dropped from the window when not readable.
+            resend.retain(|(pkid, d)| match d {
+                Some(d) if !readable(d) => {
+                    s.forget(*pkid);
+                    unreadable += 1;
+                    false
+                }
+                _ => true,
+            });
             let walk = s.walks.front().cloned();
             // The hot path: one lock per batch when no walk is under way. During a
             // walk, the queue and the walk take turns at the window: live messages must
             // not wait (and overflow the queue) behind a long walk, nor retained ones
             // behind a steady stream of live ones.
             if walk.is_none() || queue_first {
-                unreadable = s.take_sendable(window, BATCH, now, readable, &mut batch);
+                unreadable += s.take_sendable(window, BATCH, now, readable, &mut batch);
             }
             refill = s.wants_refill();
             walk.map(|w| (w, window.saturating_sub(s.inflight.outstanding())))

@@ -7,7 +7,10 @@
 //
 // For each case (MQTT 3.1.1 and 5.0, `ws://127.0.0.1:<port>/mqtt` and the same without a
 // path): a message from mosquitto_pub must appear in the page's DOM, and a message
-// published by the page must reach mosquitto_sub. One screenshot per case goes to
+// published by the page must reach mosquitto_sub. With TERNMQ_WSS_PORT, TERNMQ_WSS_TOKEN
+// and TERNMQ_WSS_SPKI in the environment, one case more: MQTT 5.0 over
+// `wss://localhost:<port>/mqtt` with the JWT as password (username `web`), Chromium
+// trusting the server's key by its SPKI hash (base64 SHA-256), nothing else. One screenshot per case goes to
 // <out-dir>/<case>.png. Every wait is bounded, a watchdog bounds the whole run, and only
 // the processes started here are stopped (by their handles).
 'use strict';
@@ -101,8 +104,8 @@ async function runCase(context, pageUrl, c, tcpPort, outDir) {
     const outTopic = `ternmq-test/${c.name}/from-browser`;
     log(`${c.name}: connecting to ${c.url} with MQTT ${c.version === 5 ? '5.0' : '3.1.1'}`);
     await withTimeout(page.evaluate(
-      ([url, version, id, topic]) => window.start(url, version, id, topic),
-      [c.url, c.version, clientId, inTopic]), 'page connects and subscribes');
+      ([url, version, id, topic, auth]) => window.start(url, version, id, topic, auth),
+      [c.url, c.version, clientId, inTopic, c.auth]), 'page connects and subscribes');
 
     // mosquitto_pub -> ternmq (tcp) -> page (ws)
     const inText = `hello browser, ${c.name}, from mosquitto_pub`;
@@ -148,16 +151,23 @@ async function test(wsPort, tcpPort, outDir) {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'ternmq-chromium-'));
   let context;
   const results = [];
+  const cases = [];
+  for (const [version, v] of [[4, 'v3.1.1'], [5, 'v5']]) {
+    cases.push({ name: `${v}-path`, version, url: `ws://127.0.0.1:${wsPort}/mqtt` });
+    cases.push({ name: `${v}-root`, version, url: `ws://127.0.0.1:${wsPort}` });
+  }
+  const args = [...CHROMIUM_ARGS];
+  const { TERNMQ_WSS_PORT: wssPort, TERNMQ_WSS_TOKEN: token, TERNMQ_WSS_SPKI: spki } = process.env;
+  if (wssPort && token && spki) {
+    args.push(`--ignore-certificate-errors-spki-list=${spki}`);
+    cases.push({ name: 'v5-wss-jwt', version: 5, url: `wss://localhost:${wssPort}/mqtt`,
+                 auth: { username: 'web', password: token } });
+  }
   try {
     log(`launching ${CHROMIUM}; page at ${pageUrl}`);
     context = await chromium.launchPersistentContext(profile, {
-      executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, timeout: 30000,
+      executablePath: CHROMIUM, headless: true, args, timeout: 30000,
     });
-    const cases = [];
-    for (const [version, v] of [[4, 'v3.1.1'], [5, 'v5']]) {
-      cases.push({ name: `${v}-path`, version, url: `ws://127.0.0.1:${wsPort}/mqtt` });
-      cases.push({ name: `${v}-root`, version, url: `ws://127.0.0.1:${wsPort}` });
-    }
     for (const c of cases) {
       try {
         await runCase(context, pageUrl, c, String(tcpPort), outDir);
@@ -175,7 +185,7 @@ async function test(wsPort, tcpPort, outDir) {
   for (const [name, result] of results) log(`${name}: ${result}`);
   const failed = results.filter(([, r]) => r !== 'ok').length;
   console.log(`${results.length - failed} passed, ${failed} failed`);
-  return failed === 0 && results.length === 4;
+  return failed === 0 && results.length === cases.length;
 }
 
 async function main() {

@@ -1,6 +1,7 @@
 //! Shared by the integration test binaries: an in-process broker on a free port.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod client;
 pub mod http;
 pub mod mosquitto;

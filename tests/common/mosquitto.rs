@@ -261,3 +261,80 @@ pub async fn wait_no_connections(broker: &TestBroker) {
     )
     .await;
 }
+
+/// Where Debian's broker is: `mosquitto` on PATH, or /usr/sbin (not on a user's PATH).
+pub fn mosquitto_broker_command() -> Option<std::path::PathBuf> {
+    if on_path("mosquitto") {
+        return Some("mosquitto".into());
+    }
+    let sbin = std::path::Path::new("/usr/sbin/mosquitto");
+    sbin.is_file().then(|| sbin.to_path_buf())
+}
+
+/// Whether Debian's `mosquitto` broker is installed; skips (outside CI) or fails (under CI).
+pub fn mosquitto_broker_available() -> bool {
+    if mosquitto_broker_command().is_some() {
+        return true;
+    }
+    let what = "mosquitto (the broker) not found (apt-get install mosquitto, or run tests/run.sh)";
+    if in_ci() {
+        panic!("CI=true and {what}");
+    }
+    eprintln!("note: skipping the comparison with mosquitto: {what}");
+    false
+}
+
+/// A real mosquitto broker on 127.0.0.1 and a free port, with `config` (mosquitto.conf
+/// lines: password_file, acl_file, allow_anonymous...) after its `listener` line; for
+/// asserting that ternmq decides as mosquitto does. Killed when dropped.
+pub struct MosquittoBroker {
+    pub addr: std::net::SocketAddr,
+    pub process: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl MosquittoBroker {
+    pub async fn start(config: &str) -> MosquittoBroker {
+        let command = mosquitto_broker_command().expect("mosquitto is installed");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // A port the OS has just given out and taken back: free unless something races
+        // for it in the next milliseconds.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        // Started as root, mosquitto would switch to its own user, which cannot read the
+        // test's files: `user root` keeps it as it is.
+        let as_root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        });
+        let user = if as_root { "user root\n" } else { "" };
+        let text = format!(
+            "{user}listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\nlog_type all\n{config}\n"
+        );
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
+        let mut cmd = Command::new(command);
+        cmd.arg("-c").arg(&conf);
+        let mut process = Proc::spawn(cmd, None);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Some(status) = process.exited() {
+                panic!("mosquitto exited ({status}): {}", process.describe());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto does not listen: {}",
+                process.describe()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        MosquittoBroker {
+            addr,
+            process,
+            _dir: dir,
+        }
+    }
+}
