@@ -11,12 +11,24 @@ import statistics
 import sys
 from collections import defaultdict
 
-THROUGHPUT = ["fanin-q0", "fanin-q1", "fanout-q0", "fanout-q1", "p2p-q0", "p2p-q1", "p2p-q2"]
-LATENCY = ["latency-q0", "latency-q1"]
+THROUGHPUT = ["fanin-q0", "fanin-q1", "fanin8-q0", "fanin8-q1", "fanout-q0", "fanout-q1",
+              "p2p-q0", "p2p-q1", "p2p-q2", "p2p50-q1"]
+LATENCY = ["latency-q0", "latency-q1", "latency50k-q0", "latency50k-q1"]
+IOT = ["iot-sat", "iot-half"]
 PEERS = ["mosquitto", "rumqttd"]
-# ternmq with $SYS every second and /metrics scraped every second (compare.sh
-# --brokers "ternmq ternmq-observed"): compared with ternmq in its own table.
+# Other ternmq brokers, each compared with ternmq in a table of its own: with $SYS every
+# second and /metrics scraped every second; another binary (TERNMQ_BASE, "before");
+# one worker thread.
 OBSERVED = "ternmq-observed"
+VARIANTS = {
+    OBSERVED: "Observability overhead ($SYS every 1 s, /metrics scraped every 1 s)",
+    "ternmq-base": "Before and after (ternmq-base: the binary at $TERNMQ_BASE)",
+    "ternmq-1t": "Worker threads (ternmq-1t: one worker thread, ternmq: one per core)",
+}
+# Issue 12's targets: broker CPU per delivered message, µs.
+CPU_TARGETS = {"fanin8-q0": 2.0, "fanin8-q1": 2.4, "p2p-q1": 1.9, "p2p50-q1": 1.9}
+# p99 latency, as a fraction of mosquitto's.
+P99_TARGETS = {"latency-q0": 0.8, "latency-q1": 0.8, "latency50k-q0": 0.5, "latency50k-q1": 0.5}
 
 
 def load(path):
@@ -93,13 +105,22 @@ def problems(rs):
     return ", ".join(notes) or "0"
 
 
-def throughput_row(name, broker, rs, base):
+def cpu_per_msg(rs):
+    """Median broker CPU seconds over median messages received, in µs."""
+    cpu, unique = med([r.get("broker_cpu_s") for r in rs]), med([r.get("unique") for r in rs])
+    return cpu * 1e6 / unique if cpu is not None and unique else None
+
+
+def fmt_cpu(v):
+    return "–" if v is None else f"{v:.2f}"
+
+
+def throughput_row(name, broker, rs, base, base_cpu):
     rates = [r["receive_rate"] for r in rs if r.get("receive_rate") is not None]
     rate = med(rates)
     spread = f" ({fmt_rate(min(rates))}–{fmt_rate(max(rates))})" if len(rates) > 1 else ""
     cpu = med([r.get("broker_cpu_s") for r in rs])
-    unique = med([r.get("unique") for r in rs])
-    cpu_per_msg = cpu * 1e6 / unique if cpu is not None and unique else None
+    per_msg = cpu_per_msg(rs)
     peak = max((r.get("rss_peak_kb") or 0 for r in rs), default=None)
     cells = [
         name,
@@ -109,14 +130,15 @@ def throughput_row(name, broker, rs, base):
         fmt_us(med([r.get("p99_us") for r in rs])),
         fmt_mib(peak),
         "–" if cpu is None else f"{cpu:.1f}",
-        "–" if cpu_per_msg is None else f"{cpu_per_msg:.2f}",
+        fmt_cpu(per_msg),
         problems(rs),
     ]
     if broker == "ternmq":
         cells += [ratio(rate, base.get(p)) for p in PEERS]
+        cells += [ratio(per_msg, base_cpu.get(p)) for p in PEERS]
     else:
-        cells += ["", ""]
-    return cells, rate
+        cells += ["", "", "", ""]
+    return cells, rate, per_msg
 
 
 def table(header, rows):
@@ -125,41 +147,38 @@ def table(header, rows):
     return "\n".join(out)
 
 
-def observed(runs):
-    """ternmq-observed against ternmq, scenario by scenario: the overhead of $SYS and
-    /metrics, with each side's spread across rounds to judge it against the noise."""
-    print("### Observability overhead ($SYS every 1 s, /metrics scraped every 1 s)")
+def variant(runs, other):
+    """Another ternmq broker against ternmq, scenario by scenario, with each side's spread
+    across rounds to judge the difference against the noise."""
+    print(f"### {VARIANTS[other]}")
     print()
-    header = ["scenario", "ternmq (off)", "ternmq-observed", "observed / off",
-              "CPU µs/msg off → observed"]
+    header = ["scenario", "ternmq", other, f"{other} / ternmq",
+              f"CPU µs/msg ternmq → {other}"]
     rows = []
-    for name in THROUGHPUT + LATENCY:
-        off, on = runs.get((name, "ternmq")), runs.get((name, OBSERVED))
+    for name in THROUGHPUT + LATENCY + IOT:
+        off, on = runs.get((name, "ternmq")), runs.get((name, other))
         if not off or not on:
             continue
-        key = "p99_us" if name in LATENCY else "receive_rate"
-        show = fmt_us if name in LATENCY else fmt_rate
+        key = "p99_us" if name in LATENCY or name == "iot-half" else "receive_rate"
+        show = fmt_us if key == "p99_us" else fmt_rate
 
         def cell(rs):
             vals = [r.get(key) for r in rs if r.get(key) is not None]
             if not vals:
                 return "–", None
             spread = f" ({show(min(vals))}–{show(max(vals))})" if len(vals) > 1 else ""
-            return show(med(vals)) + spread + (" p99" if name in LATENCY else ""), med(vals)
-
-        def cpu(rs):
-            c, u = med([r.get("broker_cpu_s") for r in rs]), med([r.get("unique") for r in rs])
-            return f"{c * 1e6 / u:.2f}" if c is not None and u else "–"
+            return show(med(vals)) + spread + (" p99" if key == "p99_us" else ""), med(vals)
 
         (a, va), (b, vb) = cell(off), cell(on)
-        rows.append([name, a, b, ratio(vb, va), f"{cpu(off)} → {cpu(on)}"])
+        rows.append([name, a, b, ratio(vb, va),
+                     f"{fmt_cpu(cpu_per_msg(off))} → {fmt_cpu(cpu_per_msg(on))}"])
     print(table(header, rows))
     print()
 
 
 def main(path):
     meta, end, runs, rss = load(path)
-    brokers = [b for b in ["ternmq", OBSERVED, "mosquitto", "rumqttd"]
+    brokers = [b for b in ["ternmq", *VARIANTS, "mosquitto", "rumqttd"]
                if any(k[1] == b for k in runs)]
     verdicts = []
     print(f"Measured {meta.get('date', '?')} at commit `{meta.get('commit', '?')}` on "
@@ -172,19 +191,24 @@ def main(path):
     print("### Throughput (messages received by subscribers per second)")
     print()
     header = ["scenario", "broker", "msg/s median (min–max)", "p50", "p99", "peak RSS",
-              "broker CPU s", "CPU µs/msg", "loss", "vs mosquitto", "vs rumqttd"]
+              "broker CPU s", "CPU µs/msg", "loss", "msg/s vs mosquitto", "msg/s vs rumqttd",
+              "CPU/msg vs mosquitto", "CPU/msg vs rumqttd"]
     rows = []
     for name in THROUGHPUT:
-        base = {}
+        base, base_cpu = {}, {}
         stats = {}
         for b in brokers:
             if runs.get((name, b)):
-                _, base[b] = throughput_row(name, b, runs[(name, b)], {})
+                _, base[b], base_cpu[b] = throughput_row(name, b, runs[(name, b)], {}, {})
         for b in brokers:
             rs = runs.get((name, b))
             if rs:
-                row, stats[b] = throughput_row(name, b, rs, base)
+                row, stats[b], _ = throughput_row(name, b, rs, base, base_cpu)
                 rows.append(row)
+        if name in CPU_TARGETS and runs.get((name, "ternmq")):
+            c = cpu_per_msg(runs[(name, "ternmq")])
+            verdicts.append((f"{name}: broker CPU ≤ {CPU_TARGETS[name]} µs/msg",
+                             c is not None and c <= CPU_TARGETS[name], f"{fmt_cpu(c)} µs"))
         t = stats.get("ternmq")
         if t is not None and not name.startswith("p2p-q2"):
             if stats.get("rumqttd"):
@@ -203,9 +227,10 @@ def main(path):
     print(table(header, rows))
     print()
 
-    print("### Latency at a fixed rate (10 publisher/subscriber pairs, 5,000 msg/s in total)")
+    print("### Latency at a fixed rate (10 publisher/subscriber pairs; 5,000 or 50,000 msg/s "
+          "in total)")
     print()
-    header = ["scenario", "broker", "p50", "p99", "p99.9", "max", "loss",
+    header = ["scenario", "broker", "p50", "p99", "p99.9", "max", "CPU µs/msg", "loss",
               "p99 vs mosquitto", "p99 vs rumqttd"]
     rows = []
     for name in LATENCY:
@@ -220,6 +245,7 @@ def main(path):
                 continue
             row = [name, b] + [fmt_us(med([r.get(k) for r in rs]))
                                for k in ["p50_us", "p99_us", "p999_us", "max_us"]]
+            row.append(fmt_cpu(cpu_per_msg(rs)))
             row.append(problems(rs))
             if b == "ternmq":
                 row += [ratio(p99s.get(b), p99s.get(p)) for p in PEERS]
@@ -227,15 +253,46 @@ def main(path):
                 row += ["", ""]
             rows.append(row)
         if p99s.get("ternmq") is not None and p99s.get("mosquitto"):
-            verdicts.append((f"{name}: p99 ≤ mosquitto's", p99s["ternmq"] <= p99s["mosquitto"],
-                             f"{fmt_us(p99s['ternmq'])} vs {fmt_us(p99s['mosquitto'])}"))
+            limit = P99_TARGETS.get(name, 1.0)
+            verdicts.append((f"{name}: p99 ≤ {limit}× mosquitto's",
+                             p99s["ternmq"] <= limit * p99s["mosquitto"],
+                             f"{fmt_us(p99s['ternmq'])} vs {fmt_us(p99s['mosquitto'])} "
+                             f"({ratio(p99s['ternmq'], p99s['mosquitto'])})"))
     print(table(header, rows))
     print()
 
+    iot_rows = []
+    for b in brokers:
+        sat, half = runs.get(("iot-sat", b), []), runs.get(("iot-half", b), [])
+        if not sat and not half:
+            continue
+        rates = [r["receive_rate"] for r in sat if r.get("receive_rate") is not None]
+        iot_rows.append([
+            b,
+            fmt_rate(med(rates)) + (f" ({fmt_rate(min(rates))}–{fmt_rate(max(rates))})"
+                                    if len(rates) > 1 else ""),
+            fmt_rate(med([r.get("publish_rate") for r in sat])),
+            fmt_cpu(cpu_per_msg(sat)),
+            fmt_rate(med([r.get("rate_target") for r in half])),
+            fmt_us(med([r.get("p50_us") for r in half])),
+            fmt_us(med([r.get("p99_us") for r in half])),
+            fmt_cpu(cpu_per_msg(half)),
+            fmt_mib(max((r.get("rss_peak_kb") or 0 for r in sat + half), default=None)),
+            problems(sat + half),
+        ])
+    if iot_rows:
+        print("### IoT: 10,000 devices, 100 dashboards, 100,000 subscriptions")
+        print()
+        print(table(["broker", "delivered msg/s at saturation", "publishes/s",
+                     "CPU µs/msg", "half rate (publishes/s)", "p50 at half", "p99 at half",
+                     "CPU µs/msg at half", "peak RSS", "loss"], iot_rows))
+        print()
+
     print("### Idle connections")
     print()
-    header = ["broker", "connections", "connect rate (conn/s)", "RSS before", "RSS connected",
-              "bytes per connection", "RSS after close", "failed"]
+    header = ["broker", "connections", "connect rate (conn/s)", "broker CPU µs/connection",
+              "RSS before", "RSS connected", "bytes per connection", "RSS after close",
+              "failed"]
     rows = []
     idle = {}
     for b in brokers:
@@ -249,6 +306,7 @@ def main(path):
             b,
             rs[0].get("connections", "–"),
             fmt_rate(rate),
+            fmt_cpu(med([r.get("cpu_us_per_connection") for r in rs])),
             fmt_mib(med([r.get("rss_before_kb") for r in rs])),
             fmt_mib(med([r.get("rss_connected_kb") for r in rs])),
             "–" if per is None else f"{per:.0f}",
@@ -260,9 +318,10 @@ def main(path):
     if "ternmq" in idle:
         rate, per = idle["ternmq"]
         if per is not None:
-            verdicts.append(("idle: ≤ 2 KB RSS per connection", per <= 2048, f"{per:.0f} B"))
+            verdicts.append(("idle: ≤ 1,000 B RSS per connection", per <= 1000, f"{per:.0f} B"))
         if "mosquitto" in idle and rate and idle["mosquitto"][0]:
-            verdicts.append(("idle: connect rate ≥ mosquitto's", rate >= idle["mosquitto"][0],
+            verdicts.append(("idle: connect rate ≥ 1.2× mosquitto's",
+                             rate >= 1.2 * idle["mosquitto"][0],
                              ratio(rate, idle["mosquitto"][0])))
 
     print("### Broker memory after each round (RSS once every client has left)")
@@ -286,8 +345,9 @@ def main(path):
     verdicts.append(("no loss or failure at QoS 1/2 (ternmq)", not failed_qos,
                      ", ".join(k[0] for k in failed_qos) or "none"))
 
-    if any(k[1] == OBSERVED for k in runs):
-        observed(runs)
+    for other in VARIANTS:
+        if any(k[1] == other for k in runs):
+            variant(runs, other)
 
     print("### Targets (ternmq)")
     print()

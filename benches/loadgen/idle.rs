@@ -33,6 +33,9 @@ pub struct IdleReport {
     pub rss_peak_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
     pub loadgen_cpu_s: f64,
+    /// The broker's CPU time while the connections were being set up (with `--pid`):
+    /// connect cost that does not depend on how fast the generator is.
+    pub broker_connect_cpu_s: Option<f64>,
 }
 
 impl IdleReport {
@@ -86,6 +89,7 @@ async fn idle(args: &Args, addr: SocketAddr) -> anyhow::Result<IdleReport> {
     let pid = args.pid;
     let rss_before = pid.and_then(procfs::memory).map(|m| m.rss_kb);
     let own_cpu = procfs::own_cpu_seconds();
+    let broker_cpu = pid.and_then(procfs::cpu_seconds);
     let run = std::process::id();
 
     let open: Rc<RefCell<Vec<TcpStream>>> = Rc::new(RefCell::new(Vec::with_capacity(n)));
@@ -114,6 +118,9 @@ async fn idle(args: &Args, addr: SocketAddr) -> anyhow::Result<IdleReport> {
         h.await?;
     }
     let connect_s = start.elapsed().as_secs_f64();
+    let broker_connect_cpu_s = broker_cpu
+        .zip(pid.and_then(procfs::cpu_seconds))
+        .map(|(before, after)| after - before);
 
     tokio::time::sleep(SETTLE).await;
     let rss_connected = pid.and_then(procfs::memory).map(|m| m.rss_kb);
@@ -142,6 +149,7 @@ async fn idle(args: &Args, addr: SocketAddr) -> anyhow::Result<IdleReport> {
         rss_peak_kb: rss_peak,
         rss_after_kb: rss_after,
         loadgen_cpu_s: procfs::own_cpu_seconds() - own_cpu,
+        broker_connect_cpu_s,
     })
 }
 
@@ -213,6 +221,7 @@ mod tests {
             rss_peak_kb: Some(3000),
             rss_after_kb: Some(1100),
             loadgen_cpu_s: 0.1,
+            broker_connect_cpu_s: Some(0.25),
         };
         assert_eq!(report.bytes_per_connection(), Some(2048.0));
         assert_eq!(report.connect_rate(), 2000.0);

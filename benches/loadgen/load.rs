@@ -26,19 +26,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
-/// Messages encoded per write.
-const BATCH: u32 = 64;
 /// A subscriber gives up waiting this long after the last message, once every
 /// publisher is done: what has not arrived by then is lost.
 const QUIET: Duration = Duration::from_secs(2);
 /// A publisher waiting for acknowledgements gives up after this long without one.
 const ACK_PATIENCE: Duration = Duration::from_secs(5);
-/// An end-to-end window that does not move for this long is given up on (QoS 0 loss
-/// at the tail of the window would otherwise block the publisher for good).
-const STALL: Duration = Duration::from_secs(1);
 /// How often waiting tasks look at the shared state.
 const TICK: Duration = Duration::from_millis(50);
 /// Connections get this long to CONNECT and SUBSCRIBE before the run is abandoned.
@@ -53,6 +48,33 @@ pub enum Shape {
     FanOut,
     /// N publishers, each with its own subscriber on its own topic.
     Pairs,
+    /// N devices publishing telemetry, dashboards on wildcards (see `Iot`).
+    Iot(Iot),
+}
+
+/// The IoT shape: devices spread over `sites` publish on
+/// `site/{s}/device/{d}/telemetry`, each subscribed to `device_subs` command topics of
+/// its own (`site/{s}/device/{d}/cmd/{k}`, never published to: they fill the broker's
+/// subscription tree); `dashboards` subscribers, the first `global` of them on
+/// `site/+/device/+/telemetry`, the others on one site each (`site/{s}/#`, round robin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Iot {
+    pub sites: usize,
+    pub dashboards: usize,
+    pub global: usize,
+    pub device_subs: usize,
+}
+
+impl Iot {
+    /// The site of device `p` of `n`: devices are numbered site by site.
+    fn site_of(&self, p: usize, n: usize) -> usize {
+        p / n.div_ceil(self.sites)
+    }
+
+    /// The site dashboard `s` watches, None for a global one.
+    fn watched(&self, s: usize) -> Option<usize> {
+        s.checked_sub(self.global).map(|i| i % self.sites)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +87,7 @@ impl Topology {
     pub fn publishers(&self) -> usize {
         match self.shape {
             Shape::FanOut => 1,
-            Shape::FanIn | Shape::Pairs => self.n,
+            Shape::FanIn | Shape::Pairs | Shape::Iot(_) => self.n,
         }
     }
 
@@ -73,15 +95,34 @@ impl Topology {
         match self.shape {
             Shape::FanIn => 1,
             Shape::FanOut | Shape::Pairs => self.n,
+            Shape::Iot(iot) => iot.dashboards,
         }
     }
 
     /// The subscribers that receive publisher `p`'s messages.
-    pub fn subs_of(&self, p: usize) -> Range<usize> {
+    pub fn subs_of(&self, p: usize) -> Vec<usize> {
         match self.shape {
-            Shape::FanIn => 0..1,
-            Shape::FanOut => 0..self.n,
-            Shape::Pairs => p..p + 1,
+            Shape::FanIn => vec![0],
+            Shape::FanOut => (0..self.n).collect(),
+            Shape::Pairs => vec![p],
+            Shape::Iot(iot) => {
+                let site = iot.site_of(p, self.n);
+                (0..iot.dashboards)
+                    .filter(|s| iot.watched(*s).is_none_or(|w| w == site))
+                    .collect()
+            }
+        }
+    }
+
+    /// Where subscriber `s` is in `subs_of(p)` of every publisher `p` it hears from.
+    pub fn slot(&self, s: usize) -> usize {
+        match self.shape {
+            Shape::FanIn | Shape::Pairs => 0,
+            Shape::FanOut => s,
+            Shape::Iot(iot) => match s.checked_sub(iot.global) {
+                None => s,
+                Some(i) => iot.global + i / iot.sites,
+            },
         }
     }
 
@@ -91,6 +132,13 @@ impl Topology {
             Shape::FanIn => 0..self.n,
             Shape::FanOut => 0..1,
             Shape::Pairs => s..s + 1,
+            Shape::Iot(iot) => match iot.watched(s) {
+                None => 0..self.n,
+                Some(site) => {
+                    let per_site = self.n.div_ceil(iot.sites);
+                    (site * per_site).min(self.n)..((site + 1) * per_site).min(self.n)
+                }
+            },
         }
     }
 
@@ -99,6 +147,10 @@ impl Topology {
             Shape::FanIn => format!("{prefix}/in/{p}"),
             Shape::FanOut => format!("{prefix}/out"),
             Shape::Pairs => format!("{prefix}/p2p/{p}"),
+            Shape::Iot(iot) => {
+                let site = iot.site_of(p, self.n);
+                format!("{}site/{site}/device/{p}/telemetry", iot_root(prefix))
+            }
         }
     }
 
@@ -107,7 +159,34 @@ impl Topology {
             Shape::FanIn => format!("{prefix}/in/+"),
             Shape::FanOut => format!("{prefix}/out"),
             Shape::Pairs => format!("{prefix}/p2p/{s}"),
+            Shape::Iot(iot) => match iot.watched(s) {
+                None => format!("{}site/+/device/+/telemetry", iot_root(prefix)),
+                Some(site) => format!("{}site/{site}/#", iot_root(prefix)),
+            },
         }
+    }
+
+    /// What publisher `p` subscribes to itself (an IoT device's command topics).
+    pub fn own_filters(&self, prefix: &str, p: usize) -> Vec<String> {
+        match self.shape {
+            Shape::Iot(iot) => {
+                let site = iot.site_of(p, self.n);
+                let root = iot_root(prefix);
+                (0..iot.device_subs)
+                    .map(|k| format!("{root}site/{site}/device/{p}/cmd/{k}"))
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// IoT topics start at `site/` (the default prefix, "bench", is left out) or under
+/// another prefix given, so that runs can be kept apart.
+fn iot_root(prefix: &str) -> String {
+    match prefix {
+        crate::DEFAULT_PREFIX => String::new(),
+        p => format!("{p}/"),
     }
 }
 
@@ -122,6 +201,11 @@ struct Shared {
     qos: u8,
     payload: usize,
     window: u32,
+    /// Messages a publisher writes at once (`--batch`).
+    batch: u32,
+    /// An end-to-end window that does not move for this long is given up on (`--stall`):
+    /// a message lost at QoS 0 would otherwise block the publisher for good.
+    stall: Duration,
     open_loop: bool,
     /// Subscribers use persistent sessions.
     persistent: bool,
@@ -139,6 +223,8 @@ struct Shared {
     published: AtomicUsize,
     start: watch::Sender<Start>,
     errors: Mutex<Vec<String>>,
+    /// Bounds the connections being set up at once (`--connect-concurrency`).
+    connecting: Semaphore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -278,11 +364,17 @@ impl Report {
     }
 }
 
-pub fn shape(scenario: Scenario) -> Shape {
-    match scenario {
+pub fn shape(args: &Args) -> Shape {
+    match args.scenario {
         Scenario::FanIn => Shape::FanIn,
         Scenario::FanOut => Shape::FanOut,
         Scenario::P2p | Scenario::Latency | Scenario::Idle => Shape::Pairs,
+        Scenario::Iot => Shape::Iot(Iot {
+            sites: args.sites,
+            dashboards: args.dashboards,
+            global: args.global_dashboards.min(args.dashboards),
+            device_subs: args.device_subs,
+        }),
     }
 }
 
@@ -291,7 +383,7 @@ pub fn shape(scenario: Scenario) -> Shape {
 #[allow(clippy::too_many_lines)] // setup, run and report of a scenario, read in order
 pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
     let topology = Topology {
-        shape: shape(args.scenario),
+        shape: shape(args),
         n: args.clients,
     };
     let (publishers, subscribers) = (topology.publishers(), topology.subscribers());
@@ -303,7 +395,11 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         .map(|p| PubState {
             sent: AtomicU32::new(0),
             done: AtomicBool::new(false),
-            progress: topology.subs_of(p).map(|_| AtomicU32::new(0)).collect(),
+            progress: topology
+                .subs_of(p)
+                .iter()
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             wake: Notify::new(),
         })
         .collect();
@@ -318,6 +414,8 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         qos: args.qos,
         payload: args.payload,
         window: args.window,
+        batch: args.batch,
+        stall: Duration::from_secs_f64(args.stall),
         open_loop: args.open_loop,
         persistent: args.persistent,
         rate: total_rate as f64 / publishers as f64,
@@ -332,6 +430,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         published: AtomicUsize::new(0),
         start: watch::Sender::new(Start::Waiting),
         errors: Mutex::new(Vec::new()),
+        connecting: Semaphore::new(args.connect_concurrency),
     });
 
     let threads = args.threads.max(1);
@@ -675,11 +774,19 @@ struct Conn {
     wr: OwnedWriteHalf,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
+    /// Room made before each read: a publisher reads acknowledgements only, and with
+    /// 10,000 of them (iot) large buffers would cost the generator's memory for nothing.
+    read_size: usize,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, client_id: &str, keep_alive: u16) -> anyhow::Result<Conn> {
-        Conn::open_session(addr, client_id, keep_alive, true).await
+    async fn open(
+        addr: SocketAddr,
+        client_id: &str,
+        keep_alive: u16,
+        read_size: usize,
+    ) -> anyhow::Result<Conn> {
+        Conn::open_session(addr, client_id, keep_alive, true, read_size).await
     }
 
     /// `open`, with Clean Session `clean`.
@@ -688,6 +795,7 @@ impl Conn {
         client_id: &str,
         keep_alive: u16,
         clean: bool,
+        read_size: usize,
     ) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
@@ -697,8 +805,9 @@ impl Conn {
         let mut conn = Conn {
             rd,
             wr,
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: Vec::with_capacity(4096),
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+            read_size,
         };
         mqtt::connect_session(&mut conn.wbuf, client_id, keep_alive, clean);
         conn.flush().await?;
@@ -720,7 +829,7 @@ impl Conn {
 
     /// Reads what is available (at least one byte).
     async fn read(&mut self) -> anyhow::Result<()> {
-        self.rbuf.reserve(64 * 1024);
+        self.rbuf.reserve(self.read_size);
         let n = self.rd.read_buf(&mut self.rbuf).await?;
         if n == 0 {
             bail!("the broker closed the connection");
@@ -783,7 +892,11 @@ impl Acks {
 #[allow(clippy::too_many_lines)] // one publisher's whole loop, its pacing and its acks
 async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
     let client_id = format!("lg{:08x}p{p}", sh.run);
-    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive).await?;
+    let permit = sh.connecting.acquire().await?;
+    let mut conn = Conn::open(sh.addr, &client_id, sh.keep_alive, 4096).await?;
+    let filters = sh.topology.own_filters(&sh.prefix, p);
+    subscribe(&mut conn, &filters, sh.qos).await?;
+    drop(permit);
     sh.ready.fetch_add(1, Ordering::AcqRel);
     let t0 = sh.wait_start().await?;
     let deadline = t0 + sh.duration;
@@ -809,7 +922,7 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
         if now >= deadline || sent >= sh.count {
             break;
         }
-        let mut allowed = BATCH.min(sh.count - sent);
+        let mut allowed = sh.batch.min(sh.count - sent);
         if qos > 0 {
             allowed = allowed.min(sh.window - (sent - acks.acked));
         }
@@ -825,10 +938,14 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
         }
         let mut wake_at = deadline;
         if sh.rate > 0.0 {
-            let elapsed = now.duration_since(t0).as_secs_f64();
-            let due = (elapsed * sh.rate) as u64 + 1;
+            // Message k is due at (k + phase) / rate: publishers spread evenly over a
+            // period instead of all sending at once (10,000 IoT devices in step would be
+            // one burst per period, measuring its queue instead of the broker's latency).
+            let phase = p as f64 / sh.pubs.len() as f64;
+            let ahead = now.duration_since(t0).as_secs_f64() * sh.rate - phase;
+            let due = if ahead < 0.0 { 0 } else { ahead as u64 + 1 };
             allowed = allowed.min(due.saturating_sub(u64::from(sent)) as u32);
-            let next = Duration::from_secs_f64(f64::from(sent) / sh.rate);
+            let next = Duration::from_secs_f64((f64::from(sent) + phase) / sh.rate);
             wake_at = wake_at.min(t0 + next);
         }
         if allowed > 0 {
@@ -870,12 +987,12 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
             }
         }
         if e2e_blocked {
-            if now.duration_since(progress.1) >= STALL {
+            if now.duration_since(progress.1) >= sh.stall {
                 floor = sent;
                 stalls += 1;
                 continue;
             }
-            wake_at = wake_at.min(progress.1 + STALL);
+            wake_at = wake_at.min(progress.1 + sh.stall);
         }
         timer.as_mut().reset(wake_at.min(now + TICK * 20));
         tokio::select! {
@@ -884,7 +1001,10 @@ async fn publisher(sh: &Shared, local: &Local, p: usize) -> anyhow::Result<()> {
                 acks.handle(&mut conn.rbuf, &mut conn.wbuf)?;
                 conn.flush().await?;
             }
-            _ = state.wake.notified(), if !sh.open_loop => {}
+            // Subscribers' progress matters only to a publisher it holds back: a paced
+            // publisher woken by every dashboard's progress (iot: 10,000 of them per
+            // dashboard batch) would spend the generator's CPU on wake-ups.
+            _ = state.wake.notified(), if !sh.open_loop && e2e_blocked => {}
             _ = &mut timer => {}
         }
     }
@@ -922,28 +1042,12 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
         return sse::subscriber(sh, local, s, addr).await;
     }
     let client_id = format!("lg{:08x}s{s}", sh.run);
+    let permit = sh.connecting.acquire().await?;
     let clean = !sh.persistent;
-    let mut conn = Conn::open_session(sh.sub_addr, &client_id, sh.keep_alive, clean).await?;
-    let filter = sh.topology.filter(&sh.prefix, s);
-    mqtt::subscribe(&mut conn.wbuf, 1, &filter, sh.qos);
-    conn.flush().await?;
-    loop {
-        if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
-            if frame.kind != mqtt::SUBACK {
-                bail!("expected SUBACK, got packet type {}", frame.kind);
-            }
-            let code = mqtt::suback_code(&frame)?;
-            if code != sh.qos {
-                bail!(
-                    "subscription to {filter} at QoS {} answered {code:#04x}",
-                    sh.qos
-                );
-            }
-            conn.rbuf.advance(used);
-            break;
-        }
-        conn.read().await?;
-    }
+    let mut conn =
+        Conn::open_session(sh.sub_addr, &client_id, sh.keep_alive, clean, 64 * 1024).await?;
+    subscribe(&mut conn, &[sh.topology.filter(&sh.prefix, s)], sh.qos).await?;
+    drop(permit);
     sh.ready.fetch_add(1, Ordering::AcqRel);
     sh.wait_start().await?;
 
@@ -974,12 +1078,39 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
     conn.close().await;
     if sh.persistent {
         // A clean connection discards the session, so that runs do not pile up sessions.
-        Conn::open(sh.addr, &client_id, sh.keep_alive)
+        Conn::open(sh.addr, &client_id, sh.keep_alive, 4096)
             .await?
             .close()
             .await;
     }
     local.counters.borrow_mut().add(&inbox.totals());
+    Ok(())
+}
+
+/// Subscribes to each of `filters` (one SUBSCRIBE each) and waits for every SUBACK.
+async fn subscribe(conn: &mut Conn, filters: &[String], qos: u8) -> anyhow::Result<()> {
+    for (i, filter) in filters.iter().enumerate() {
+        mqtt::subscribe(&mut conn.wbuf, i as u16 + 1, filter, qos);
+    }
+    conn.flush().await?;
+    let mut acked = 0;
+    while acked < filters.len() {
+        while let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
+            if frame.kind != mqtt::SUBACK {
+                bail!("expected SUBACK, got packet type {}", frame.kind);
+            }
+            let code = mqtt::suback_code(&frame)?;
+            if code != qos {
+                let filter = &filters[acked];
+                bail!("subscription to {filter} at QoS {qos} answered {code:#04x}");
+            }
+            conn.rbuf.advance(used);
+            acked += 1;
+        }
+        if acked < filters.len() {
+            conn.read().await?;
+        }
+    }
     Ok(())
 }
 
@@ -1062,7 +1193,7 @@ impl Inbox {
             self.is_touched[i] = false;
             let p = self.pubs.start + i;
             let state = &sh.pubs[p];
-            let slot = s - sh.topology.subs_of(p).start;
+            let slot = sh.topology.slot(s);
             state.progress[slot].store(self.trackers[i].progress(), Ordering::Release);
             state.wake.notify_one();
         }
@@ -1101,20 +1232,69 @@ mod tests {
         let t = |shape| Topology { shape, n: 3 };
         let fan_in = t(Shape::FanIn);
         assert_eq!((fan_in.publishers(), fan_in.subscribers()), (3, 1));
-        assert_eq!((fan_in.subs_of(2), fan_in.pubs_of(0)), (0..1, 0..3));
+        assert_eq!((fan_in.subs_of(2), fan_in.pubs_of(0)), (vec![0], 0..3));
         assert_eq!(fan_in.topic("b", 2), "b/in/2");
         assert_eq!(fan_in.filter("b", 0), "b/in/+");
 
         let fan_out = t(Shape::FanOut);
         assert_eq!((fan_out.publishers(), fan_out.subscribers()), (1, 3));
-        assert_eq!((fan_out.subs_of(0), fan_out.pubs_of(2)), (0..3, 0..1));
+        assert_eq!(
+            (fan_out.subs_of(0), fan_out.pubs_of(2)),
+            (vec![0, 1, 2], 0..1)
+        );
+        assert_eq!(fan_out.slot(2), 2);
         assert_eq!(fan_out.topic("b", 0), fan_out.filter("b", 2));
 
         let pairs = t(Shape::Pairs);
         assert_eq!((pairs.publishers(), pairs.subscribers()), (3, 3));
-        assert_eq!((pairs.subs_of(1), pairs.pubs_of(1)), (1..2, 1..2));
+        assert_eq!((pairs.subs_of(1), pairs.pubs_of(1)), (vec![1], 1..2));
+        assert_eq!(pairs.slot(1), 0);
         assert_eq!(pairs.topic("b", 1), pairs.filter("b", 1));
         assert_ne!(pairs.topic("b", 1), pairs.filter("b", 2));
+    }
+
+    #[test]
+    fn iot_devices_reach_the_global_and_their_site_dashboards() {
+        // 10 devices on 3 sites (4, 4, 2), 2 global dashboards, 5 site ones (sites 0, 1,
+        // 2, 0, 1).
+        let iot = Iot {
+            sites: 3,
+            dashboards: 7,
+            global: 2,
+            device_subs: 2,
+        };
+        let t = Topology {
+            shape: Shape::Iot(iot),
+            n: 10,
+        };
+        assert_eq!((t.publishers(), t.subscribers()), (10, 7));
+        assert_eq!(t.subs_of(0), vec![0, 1, 2, 5]);
+        assert_eq!(t.subs_of(5), vec![0, 1, 3, 6]);
+        assert_eq!(t.subs_of(9), vec![0, 1, 4]);
+        for p in 0..10 {
+            for (i, s) in t.subs_of(p).into_iter().enumerate() {
+                assert_eq!(t.slot(s), i, "device {p}, dashboard {s}");
+                assert!(t.pubs_of(s).contains(&p), "device {p}, dashboard {s}");
+            }
+        }
+        assert_eq!(
+            (t.pubs_of(0), t.pubs_of(2), t.pubs_of(4)),
+            (0..10, 0..4, 8..10)
+        );
+        assert_eq!(t.topic("bench", 5), "site/1/device/5/telemetry");
+        assert_eq!(t.topic("x", 9), "x/site/2/device/9/telemetry");
+        assert_eq!(t.filter("bench", 1), "site/+/device/+/telemetry");
+        assert_eq!(t.filter("bench", 6), "site/1/#");
+        assert_eq!(
+            t.own_filters("bench", 5),
+            vec!["site/1/device/5/cmd/0", "site/1/device/5/cmd/1"]
+        );
+        assert!(Topology {
+            shape: Shape::Pairs,
+            n: 2
+        }
+        .own_filters("b", 0)
+        .is_empty());
     }
 
     #[test]

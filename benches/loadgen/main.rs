@@ -30,7 +30,14 @@ pub enum Scenario {
     Latency,
     /// Open N idle connections: connect rate and broker memory per connection.
     Idle,
+    /// N devices publishing telemetry on `site/{s}/device/{d}/telemetry`, each
+    /// subscribed to --device-subs command topics of its own; --dashboards subscribers on
+    /// `site/+/device/+/telemetry` (--global-dashboards of them) and `site/{s}/#`.
+    Iot,
 }
+
+/// The default --topic-prefix (left out of the IoT scenario's `site/...` topics).
+pub const DEFAULT_PREFIX: &str = "bench";
 
 #[derive(Debug, Clone, Parser)]
 #[command(about = "MQTT load generator (docs/benchmarks.md)")]
@@ -70,6 +77,14 @@ pub struct Args {
     /// by its subscribers unless --open-loop.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub window: u32,
+    /// Messages a publisher writes with one system call when it may (1: one write per
+    /// message, as most client libraries do).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub batch: u32,
+    /// Seconds after which a publisher whose end-to-end window has not moved gives up on
+    /// it (a "stall"; for QoS 0 loss). Deep queues (iot) need longer.
+    #[arg(long, default_value_t = 1.0)]
+    pub stall: f64,
     /// Subscribers ask for persistent sessions (Clean Session 0), which a broker with
     /// persistence stores; each is discarded (a clean reconnect) when the run ends.
     #[arg(long)]
@@ -84,10 +99,24 @@ pub struct Args {
     /// The broker's process id: report its memory and CPU time.
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Topics are <prefix>/in/<n>, <prefix>/out or <prefix>/p2p/<n>.
-    #[arg(long, default_value = "bench")]
+    /// Topics are <prefix>/in/<n>, <prefix>/out or <prefix>/p2p/<n> (iot: site/..., or
+    /// <prefix>/site/... for another prefix than the default).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
     pub topic_prefix: String,
-    /// Idle: connections being set up at once.
+    /// IoT: sites the devices are spread over.
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
+    pub sites: usize,
+    /// IoT: dashboard subscribers.
+    #[arg(long, default_value_t = 100)]
+    pub dashboards: usize,
+    /// IoT: dashboards on every site (`site/+/device/+/telemetry`); the others watch one
+    /// site each (`site/{s}/#`).
+    #[arg(long, default_value_t = 10)]
+    pub global_dashboards: usize,
+    /// IoT: command topics each device subscribes to (never published to).
+    #[arg(long, default_value_t = 10)]
+    pub device_subs: usize,
+    /// Connections being set up at once.
     #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub connect_concurrency: usize,
     /// Idle: local addresses to connect from (127.0.0.1, .2, ...; 0: one per 25,000).
@@ -208,6 +237,7 @@ fn load_lines(args: &Args, r: &load::Report) -> (String, Json) {
         .int("subscribers", r.topology.subscribers() as u64)
         .int("threads", args.threads as u64)
         .int("window", u64::from(args.window))
+        .int("batch", u64::from(args.batch))
         .bool("open_loop", args.open_loop)
         .bool("persistent", args.persistent)
         .int("rate_target", args.rate)
@@ -266,6 +296,13 @@ fn idle_lines(args: &Args, r: &idle::IdleReport) -> (String, Json) {
         .num("connect_s", r.connect_s)
         .num("connect_rate", r.connect_rate())
         .num("loadgen_cpu_s", r.loadgen_cpu_s);
+    if let Some(cpu) = r.broker_connect_cpu_s {
+        let per_us = cpu * 1e6 / r.connections.max(1) as f64;
+        human += &format!(", broker CPU {per_us:.1} µs/connection");
+        json = json
+            .num("broker_connect_cpu_s", cpu)
+            .num("cpu_us_per_connection", per_us);
+    }
     if let (Some(before), Some(with), Some(after)) =
         (r.rss_before_kb, r.rss_connected_kb, r.rss_after_kb)
     {
@@ -366,6 +403,12 @@ mod tests {
                 ),
                 ("fan-in --qos 0 --clients 2", 2 * 200, 2 * 200),
                 ("latency --qos 1 --clients 2 --rate 4000", 2 * 200, 2 * 200),
+                // 6 devices on 2 sites; 1 global dashboard and 2 site ones: 2 copies each.
+                (
+                    "iot --qos 1 --clients 6 --sites 2 --dashboards 3 --global-dashboards 1 --window 5",
+                    6 * 200,
+                    6 * 200 * 2,
+                ),
             ];
             for (case, sent, received) in cases {
                 let line = format!("loadgen {case} --count 200 --duration 20 --topic-prefix t");

@@ -41,21 +41,21 @@ const YIELD_AFTER_READ: usize = 4096;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Serves one connection until it ends. Never fails: every problem closes this
-/// connection only, and is logged with its reason.
+/// connection only, and is logged with its reason. The peer is kept behind a pointer:
+/// the future holds it for the connection's whole life, and each byte of that future
+/// counts per idle client (a caller whose own future lives as long can box it first).
 pub fn serve<'a, R, W>(
     broker: &'a Arc<Broker>,
     reader: R,
     writer: W,
-    peer: Peer,
+    peer: impl Into<Box<Peer>>,
 ) -> impl Future<Output = ()> + Send + 'a
 where
     R: AsyncRead + Unpin + Send + 'a,
     W: AsyncWrite + Unpin + Send + 'a,
 {
+    let peer: Box<Peer> = peer.into();
     let span = tracing::info_span!("conn", peer = %peer.addr, client_id = tracing::field::Empty);
-    // Behind a pointer: the future holds it for the connection's whole life, and each
-    // byte of that future counts per idle client.
-    let peer = Box::new(peer);
     let mut io = Io {
         reader,
         writer,
@@ -463,8 +463,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let far_future = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let deadline_of = |conn: &Connection| conn.poll_timeout().map_or(far_future, Instant::from_std);
     let deadline = sleep_until(deadline_of(conn));
     tokio::pin!(deadline);
     let wake = conn.wake().clone();
@@ -543,6 +541,14 @@ where
             }
         }
     }
+}
+
+/// When the connection's timer must fire next (far away without a keep-alive). Not a
+/// closure over a local of `run`: that local would live in every connection's future.
+fn deadline_of(conn: &Connection) -> Instant {
+    let far_future = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    conn.poll_timeout()
+        .map_or_else(far_future, Instant::from_std)
 }
 
 /// Reads the next messages of the session's queue back from the store, where they were

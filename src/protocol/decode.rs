@@ -303,8 +303,12 @@ fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, Error> {
     } else {
         r.packet_id()?
     };
-    let properties = v5_properties(r, v5, Context::Publish)?;
-    if topic.is_empty() && properties.topic_alias.is_none() {
+    // 3.x PUBLISHes have no properties: none built to be found empty.
+    let properties = match v5 {
+        true => Some(Properties::decode(r, Context::Publish)?),
+        false => None,
+    };
+    if topic.is_empty() && properties.as_ref().and_then(|p| p.topic_alias).is_none() {
         return Err(Error::Protocol("empty topic name"));
     }
     if topic.bytes().any(|b| b == b'+' || b == b'#') {
@@ -317,7 +321,7 @@ fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, Error> {
         topic,
         pkid,
         payload: r.rest(),
-        properties: (!properties.is_empty()).then(|| Box::new(properties)),
+        properties: properties.filter(|p| !p.is_empty()).map(Box::new),
     })
 }
 
