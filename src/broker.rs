@@ -18,11 +18,11 @@ use crate::security::enhanced::{AuthMethod, Scram};
 use crate::security::{Authenticator, SecurityError};
 use crate::session::journal::Journal;
 use crate::session::{Detached, Ended, Env, Link, NotOwner, QueueLimits, Session, NEVER_EXPIRE};
-use crate::store::Op;
+use crate::store::{BoxFuture, Op};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,7 +63,33 @@ pub struct Broker {
     /// When the broker started, on its clock (`now()`) and on the wall clock.
     pub started: Instant,
     pub started_at: SystemTime,
+    /// The other nodes, when this broker is one node of a cluster (src/cluster).
+    peers: OnceLock<Arc<dyn Peers>>,
 }
+
+/// The other nodes of a cluster, as the broker sees them; `cluster::Cluster` is the one
+/// implementation. The broker tells them what its sessions subscribe to and publish,
+/// and asks them for a client id before it opens that client's session.
+pub trait Peers: Send + Sync {
+    /// A message published on this node: sent to the other nodes whose sessions want it,
+    /// and to one member of each matching shared subscription, wherever it is. Returns
+    /// how many nodes and groups took it.
+    fn publish(&self, message: &Arc<Message>) -> usize;
+    /// A session of this node subscribed to `filter` (as written, `$share/..` included).
+    fn subscribed(&self, filter: &str);
+    /// A session of this node let go of `filter`.
+    fn unsubscribed(&self, filter: &str);
+    /// Makes this node the owner of `client_id` in the cluster, before its session is
+    /// opened: the node that had it gives it up (its connection is taken over) and its
+    /// stored state is loaded here. Resolves to a guard to hold until the session is
+    /// open; an error refuses the CONNECT.
+    fn claim<'a>(&'a self, client_id: &'a ByteStr) -> BoxFuture<'a, Result<Claimed, String>>;
+    /// The session of `client_id` ended on this node: its claim on the id goes.
+    fn session_ended(&self, client_id: &ByteStr);
+}
+
+/// Held while a claimed session is being opened (see `Peers::claim`).
+pub type Claimed = Box<dyn Send>;
 
 /// Password checks at once: one per core, at most 4 (4 × 19 MiB of argon2id memory);
 /// more clients wait their turn, holding no more than their CONNECT.
@@ -127,6 +153,7 @@ impl Broker {
             clients: Clients::default(),
             started: now(),
             started_at: SystemTime::now(),
+            peers: OnceLock::new(),
         }))
     }
 
@@ -170,9 +197,76 @@ impl Broker {
         self.env.clone()
     }
 
-    /// Registers a restored session (start-up only: before any connection).
+    /// Registers a restored session (start-up, or loaded in a cluster before a connection
+    /// resumes it).
     pub(crate) fn adopt(&self, session: Arc<Session>) {
         self.sessions.insert(session.client_id.clone(), session);
+    }
+
+    /// Makes this broker one node of a cluster (once, before it serves clients).
+    pub fn join(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
+        self.peers.get()
+    }
+
+    /// In a cluster, makes this node the owner of `client_id` before its session is
+    /// opened (see `Peers::claim`): the guard is held until it is. Alone, nothing to do.
+    pub async fn claim(&self, client_id: &ByteStr) -> Result<Option<Claimed>, String> {
+        match self.peers.get() {
+            None => Ok(None),
+            Some(peers) => peers.claim(client_id).await.map(Some),
+        }
+    }
+
+    /// Subscribes `session` in the router, and tells the other nodes of a filter it did
+    /// not hold. Returns whether it had that subscription.
+    pub(crate) fn route(
+        &self,
+        filter: &str,
+        session: &Arc<Session>,
+        options: SubOptions,
+        id: Option<u32>,
+    ) -> bool {
+        let existed = self.router.subscribe(filter, session, options, id);
+        if let (false, Some(peers)) = (existed, self.peers.get()) {
+            peers.subscribed(filter);
+        }
+        existed
+    }
+
+    /// The reverse of `route`.
+    fn unroute(&self, filter: &str, session: u64) -> bool {
+        let existed = self.router.unsubscribe(filter, session);
+        if let (true, Some(peers)) = (existed, self.peers.get()) {
+            peers.unsubscribed(filter);
+        }
+        existed
+    }
+
+    /// Gives the session of `client_id` to another node of the cluster: its connection,
+    /// if any, ends as taken over (5.0 DISCONNECT 0x8E), and the session leaves this node
+    /// (registry, router, timers) as it is: not ended, its stored state left for the node
+    /// that takes it. Returns whether there was one.
+    pub fn release(&self, client_id: &ByteStr) -> bool {
+        let Some((_, session)) = self.sessions.remove(client_id) else {
+            return false;
+        };
+        let control = session.control();
+        let (link, filters) = session.release();
+        for f in &filters {
+            self.unroute(f, session.id);
+        }
+        drop(control);
+        wake(link);
+        true
+    }
+
+    /// Every session of this node, connected or not.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Gives `client_id`'s session to a new connection. A stored session is resumed
@@ -234,7 +328,7 @@ impl Broker {
         if !session.is_owned_by(conn_id) {
             return Err(NotOwner);
         }
-        let existed = self.router.subscribe(filter, session, options, id);
+        let existed = self.route(filter, session, options, id);
         let sub = crate::session::Subscription { options, id };
         session.with_state(conn_id, |s| s.subscribe(filter.clone(), sub))?;
         Ok(existed)
@@ -252,7 +346,7 @@ impl Broker {
             return Err(NotOwner);
         }
         session.with_state(conn_id, |s| s.unsubscribe(filter))?;
-        Ok(self.router.unsubscribe(filter, session.id))
+        Ok(self.unroute(filter, session.id))
     }
 
     /// Routes a message from a client (or a will): stored if retained, then handed to
@@ -274,7 +368,14 @@ impl Broker {
                 journal.submit(vec![op]);
             }
         }
-        self.router.publish(message)
+        match self.peers.get() {
+            // Shared subscriptions are served cluster-wide: the peers pick the member.
+            // $SYS topics are each node's own, never sent to the others.
+            Some(peers) if !message.topic.starts_with("$SYS/") => {
+                self.router.publish_plain(message) + peers.publish(message)
+            }
+            _ => self.router.publish(message),
+        }
     }
 
     /// Publishes a will. Its Message Expiry Interval counts from now, not from the
@@ -304,10 +405,15 @@ impl Broker {
     ) {
         let expiry = match detached {
             Detached::Ended(ended) => {
-                self.sessions
+                let removed = self
+                    .sessions
                     .remove_if(&session.client_id, |_, s| Arc::ptr_eq(s, session));
-                let _control = session.control();
+                let control = session.control();
                 self.clean_up(session, ended, now);
+                drop(control);
+                if let (Some(_), Some(peers)) = (removed, self.peers.get()) {
+                    peers.session_ended(&session.client_id);
+                }
                 return;
             }
             Detached::Kept { expiry } => expiry,
@@ -371,8 +477,12 @@ impl Broker {
         if let Some(ended) = ended {
             tracing::debug!(client_id = %session.client_id, "session expired");
             crate::metrics::add(crate::metrics::Counter::SessionsExpired, 1);
-            let _control = session.control();
+            let control = session.control();
             self.clean_up(session, ended, now);
+            drop(control);
+            if let Some(peers) = self.peers.get() {
+                peers.session_ended(&session.client_id);
+            }
         }
     }
 
@@ -384,7 +494,7 @@ impl Broker {
             self.publish_will(will, now);
         }
         for f in &ended.filters {
-            self.router.unsubscribe(f, session.id);
+            self.unroute(f, session.id);
         }
         let max_waiting = self.config.session.max_queued_messages;
         for orphan in ended.orphans {

@@ -33,6 +33,8 @@ pub struct Config {
     pub auth: SecurityConfig,
     /// The store of retained messages and persistent sessions (docs/persistence.md).
     pub persistence: PersistenceConfig,
+    /// Several nodes as one broker, on NATS JetStream (docs/cluster.md). None: one node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -450,6 +452,129 @@ impl Default for PersistenceConfig {
     }
 }
 
+/// `[cluster]`: this broker is one node of several, which share their clients' state
+/// through NATS JetStream (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster's name: the prefix of its NATS subjects, streams and buckets, so that
+    /// several clusters can share one NATS system.
+    #[serde(deserialize_with = "cluster_token")]
+    pub name: String,
+    /// This node's name, unique in the cluster and kept across restarts.
+    #[serde(deserialize_with = "cluster_token")]
+    pub node: String,
+    /// NATS server URLs (`nats://host:port`, `tls://host:port`); the client tries them all.
+    #[serde(deserialize_with = "nats_urls")]
+    pub nats: Vec<String>,
+    /// NATS user and password (both or neither).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A NATS credentials file (JWT and NKey seed), instead of user and password.
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the NATS servers' certificates: TLS to NATS.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// JetStream replicas of every stream and bucket (1, or 3 to survive losing a server).
+    #[serde(default = "default_replicas", deserialize_with = "replicas")]
+    pub replicas: usize,
+    /// How long a node waits for another to hand over a client's session before it takes
+    /// the session from JetStream as it stands, milliseconds.
+    #[serde(
+        default = "default_takeover_timeout",
+        deserialize_with = "cluster_millis"
+    )]
+    pub takeover_timeout_ms: u64,
+    /// A node whose heartbeat is older than this is dead and its sessions are adopted,
+    /// milliseconds.
+    #[serde(default = "default_node_timeout", deserialize_with = "cluster_millis")]
+    pub node_timeout_ms: u64,
+}
+
+fn default_replicas() -> usize {
+    3
+}
+
+fn default_takeover_timeout() -> u64 {
+    2000
+}
+
+fn default_node_timeout() -> u64 {
+    // Above the 4 to 9 s nats-server 2.9 takes to elect a stream's new leader, so that a
+    // node cut off that long by a lost NATS server is not taken for dead.
+    10_000
+}
+
+impl ClusterConfig {
+    /// A cluster `name` with this `node` on these NATS servers, the rest at defaults.
+    pub fn new(name: &str, node: &str, nats: Vec<String>) -> ClusterConfig {
+        ClusterConfig {
+            name: name.into(),
+            node: node.into(),
+            nats,
+            user: None,
+            password: None,
+            creds_file: None,
+            tls_ca_file: None,
+            replicas: default_replicas(),
+            takeover_timeout_ms: default_takeover_timeout(),
+            node_timeout_ms: default_node_timeout(),
+        }
+    }
+
+    pub fn takeover_timeout(&self) -> Duration {
+        Duration::from_millis(self.takeover_timeout_ms)
+    }
+
+    pub fn node_timeout(&self) -> Duration {
+        Duration::from_millis(self.node_timeout_ms)
+    }
+}
+
+/// Cluster and node names are parts of NATS subjects and stream names.
+fn cluster_token<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let ok = (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(serde::de::Error::custom(format!(
+            "must be 1 to 32 characters of A-Z, a-z, 0-9, '-' and '_' (got {s:?})"
+        )));
+    }
+    Ok(s)
+}
+
+fn nats_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let urls = Vec::<String>::deserialize(d)?;
+    if urls.is_empty() {
+        return Err(serde::de::Error::custom(
+            "at least one NATS server is needed, e.g. [\"nats://127.0.0.1:4222\"]",
+        ));
+    }
+    let schemes = ["nats://", "tls://"];
+    match urls
+        .iter()
+        .find(|u| !schemes.iter().any(|s| u.starts_with(s)))
+    {
+        Some(bad) => Err(serde::de::Error::custom(format!(
+            "NATS URLs start with nats:// or tls:// (got {bad:?})"
+        ))),
+        None => Ok(urls),
+    }
+}
+
+fn replicas<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    ranged(d, 1, 5, "value").map(|v| v as usize)
+}
+
+fn cluster_millis<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 100, 600_000, "value (milliseconds)")
+}
+
 impl PersistenceConfig {
     pub fn sync_interval(&self) -> Duration {
         Duration::from_millis(self.sync_interval_ms)
@@ -472,6 +597,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: SecurityConfig::default(),
             persistence: PersistenceConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -545,6 +671,17 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         if config.listeners.is_empty() {
             return Err("`listeners` is empty: at least one [[listeners]] entry is needed".into());
+        }
+        if config.cluster.is_some() && config.persistence.enabled {
+            return Err("[cluster] keeps the state in JetStream: remove [persistence] enabled = true (it is for a single node)".into());
+        }
+        if let Some(c) = &config.cluster {
+            if c.user.is_some() != c.password.is_some() {
+                return Err("[cluster]: `user` and `password` go together".into());
+            }
+            if c.user.is_some() && c.creds_file.is_some() {
+                return Err("[cluster]: `creds_file` or `user` and `password`, not both".into());
+            }
         }
         Ok(config)
     }
@@ -831,6 +968,40 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(err.contains("line 2") && err.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn cluster_keys() {
+        let base =
+            "[cluster]\nname = \"prod\"\nnode = \"n-1\"\nnats = [\"nats://127.0.0.1:4222\"]\n";
+        let c = Config::parse(base).unwrap().cluster.unwrap();
+        assert_eq!(
+            c,
+            ClusterConfig::new("prod", "n-1", vec!["nats://127.0.0.1:4222".into()])
+        );
+        assert!(Config::parse("").unwrap().cluster.is_none());
+        for (extra, key) in [
+            ("replicas = 7\n", "replicas"),
+            ("takeover_timeout_ms = 5\n", "takeover_timeout_ms"),
+            ("node_timeout_ms = 0\n", "node_timeout_ms"),
+            ("nodes = 3\n", "nodes"),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}")).unwrap_err();
+            assert!(err.contains("line 5") && err.contains(key), "{err}");
+        }
+        let err =
+            Config::parse("[cluster]\nname = \"a.b\"\nnode = \"n\"\nnats = [\"nats://h:1\"]\n")
+                .unwrap_err();
+        assert!(err.contains("line 2") && err.contains("name"), "{err}");
+        let err = Config::parse("[cluster]\nname = \"a\"\nnode = \"n\"\nnats = [\"http://h:1\"]\n")
+            .unwrap_err();
+        assert!(err.contains("line 4") && err.contains("nats"), "{err}");
+        let err = Config::parse(&format!("{base}[persistence]\nenabled = true\n")).unwrap_err();
+        assert!(err.contains("JetStream"), "{err}");
+        let err = Config::parse(&format!("{base}user = \"u\"\n")).unwrap_err();
+        assert!(err.contains("`user` and `password`"), "{err}");
+        let both = format!("{base}user = \"u\"\npassword = \"p\"\ncreds_file = \"c\"\n");
+        assert!(Config::parse(&both).unwrap_err().contains("creds_file"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod broker;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fuzz;

@@ -212,6 +212,8 @@ async fn serve_signals(server: &Server, mut signals: Signals) -> anyhow::Result<
         tokio::select! {
             _ = signals.int.recv() => return Ok(()),
             _ = signals.term.recv() => return Ok(()),
+            // The broker stopped by itself (a cluster node declared dead by the others).
+            _ = server.stopped() => return Ok(()),
             _ = signals.hup.recv() => {
                 let errors = server.reload();
                 if errors.is_empty() {

@@ -31,7 +31,8 @@ pub struct Recovered {
     pub expired: usize,
 }
 
-/// Puts `snapshot` into `broker`, which must be new (no connection yet).
+/// Puts `snapshot` into `broker`, which must be new (no connection yet), or, in a
+/// cluster, one session taken from another node, before its client's connection opens it.
 pub fn restore(broker: &Arc<Broker>, snapshot: Snapshot, now: Instant) -> Recovered {
     let journal = broker.journal();
     let mut r = Restorer {
@@ -218,9 +219,7 @@ impl Restorer<'_> {
         let env = broker.session_env();
         let session = Arc::new(Session::with(broker.next_id(), s.client_id, env, state));
         for (filter, sub) in &subscriptions {
-            broker
-                .router
-                .subscribe(filter, &session, sub.options, sub.id);
+            broker.route(filter, &session, sub.options, sub.id);
         }
         broker.adopt(session.clone());
         let expires_at = ends_ms.map(|end| self.clock.to_instant(end));

@@ -3,6 +3,7 @@
 
 use crate::admin::Admin;
 use crate::broker::{Broker, ListenerRules};
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
 use crate::http::HttpService;
@@ -29,6 +30,8 @@ pub struct Server {
     tls: Vec<TlsAcceptor>,
     /// The MQTT listeners' rules and counts, for `/metrics`.
     rules: Vec<Arc<ListenerRules>>,
+    /// This node's part in its cluster (`[cluster]`).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Why a broker could not start.
@@ -47,6 +50,9 @@ pub enum StartError {
     /// The store cannot be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The node cannot join its cluster (NATS unreachable, refused, ...).
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 impl StartError {
@@ -69,8 +75,29 @@ impl Server {
     ) -> Result<Server, StartError> {
         let started = std::time::Instant::now();
         let queue_head = config.session.max_queued_messages;
-        let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
+        let (journal, snapshot, connected) = match &config.cluster {
+            // A node of a cluster keeps its state in JetStream (src/cluster).
+            Some(c) => {
+                let connected = cluster::connect(c).await?;
+                (connected.journal(), None, Some(connected))
+            }
+            None => {
+                let (journal, snapshot) = open_store(&config.persistence, queue_head).await?;
+                (journal, snapshot, None)
+            }
+        };
         let broker = Broker::with_journal(config, auth_methods, journal)?;
+        let cluster = match connected {
+            Some(c) => match cluster::start(&broker, c).await {
+                Ok(cluster) => Some(cluster),
+                Err(e) => {
+                    // Stops the cluster tasks already started.
+                    broker.begin_shutdown();
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         if let Some(snapshot) = snapshot {
             let read_ms = started.elapsed().as_millis() as u64;
             report(&snapshot.recovery);
@@ -93,6 +120,7 @@ impl Server {
             addrs: Vec::new(),
             tls: Vec::new(),
             rules: Vec::new(),
+            cluster,
         };
         // The admin listeners last: they report on the others.
         let (admins, others): (Vec<&Listener>, Vec<&Listener>) = broker
@@ -179,6 +207,11 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// This node's part in its cluster, with `[cluster]`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The bound address of the first listener of `kind` (useful with port 0).

@@ -39,6 +39,7 @@ need prlimit util-linux # tests/security.rs: the broker binary with a low open-f
 need chromium chromium # tests/websocket.rs browser test: headless Chromium driven by playwright-core
 need node nodejs       # tests/browser/run.js (playwright-core wants Node >= 20)
 need npm npm
+need nats-server nats-server # tests/cluster.rs: a 3-server NATS cluster with JetStream
 need promtool prometheus # tests/observe.rs: checks /metrics with Prometheus's own checker
 
 install_missing() {

@@ -193,6 +193,8 @@ fn iot_root(prefix: &str) -> String {
 /// Everything the threads share.
 struct Shared {
     addr: SocketAddr,
+    /// Where subscribers connect (`--sub-port`), else `addr`.
+    sub_addr: SocketAddr,
     /// Subscribers read SSE from here (`--sse-port`).
     sse_addr: Option<SocketAddr>,
     topology: Topology,
@@ -404,6 +406,9 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
     let base = Instant::now();
     let shared = Arc::new(Shared {
         addr,
+        sub_addr: args
+            .sub_port
+            .map_or(addr, |port| SocketAddr::new(addr.ip(), port)),
         sse_addr: args.sse_port.map(|port| SocketAddr::new(addr.ip(), port)),
         topology,
         qos: args.qos,
@@ -467,6 +472,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         }
         bail!("{why}");
     }
+    std::thread::sleep(Duration::from_millis(args.settle_ms));
 
     let pid = args.pid;
     let rss_before = pid.and_then(procfs::memory);
@@ -1038,7 +1044,8 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
     let client_id = format!("lg{:08x}s{s}", sh.run);
     let permit = sh.connecting.acquire().await?;
     let clean = !sh.persistent;
-    let mut conn = Conn::open_session(sh.addr, &client_id, sh.keep_alive, clean, 64 * 1024).await?;
+    let mut conn =
+        Conn::open_session(sh.sub_addr, &client_id, sh.keep_alive, clean, 64 * 1024).await?;
     subscribe(&mut conn, &[sh.topology.filter(&sh.prefix, s)], sh.qos).await?;
     drop(permit);
     sh.ready.fetch_add(1, Ordering::AcqRel);

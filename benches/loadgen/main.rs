@@ -47,6 +47,14 @@ pub struct Args {
     pub host: String,
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
+    /// Subscribers connect to this port instead (same host): publishers on one node of a
+    /// cluster, subscribers on another (docs/cluster.md).
+    #[arg(long)]
+    pub sub_port: Option<u16>,
+    /// Milliseconds between every subscription's SUBACK and the first publish: the time
+    /// a cluster takes to spread new subscriptions to its other nodes.
+    #[arg(long, default_value_t = 0)]
+    pub settle_ms: u64,
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
     /// Payload bytes (at least 20: the stamp of run, publisher, sequence and send time).

@@ -225,6 +225,17 @@ where
         }
     };
 
+    // In a cluster, the client id is made this node's first: the node that had the
+    // session gives it up, and it is loaded here (held until the session is open).
+    let _claimed = match broker.claim(&negotiated.client_id).await {
+        Ok(claimed) => claimed,
+        Err(why) => {
+            crate::warn_limited!("cannot take the session: {why}");
+            let refusal = Refusal::new(ReasonCode::ServerUnavailable, "session unavailable");
+            refuse(io, refusal, protocol).await;
+            return None;
+        }
+    };
     let conn_id = broker.next_id();
     let wake = Arc::new(Notify::new());
     let link = Link {

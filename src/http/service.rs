@@ -230,6 +230,16 @@ impl HttpService {
         let expiry = s
             .session_expiry
             .min(broker.config.mqtt.max_session_expiry_interval);
+        // In a cluster, the session is made this node's first (as for MQTT).
+        let _claimed = broker.claim(&client_id).await.map_err(|why| {
+            crate::warn_limited!("cannot take the session: {why}");
+            HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "session unavailable",
+            )
+            .retry_after(1)
+        })?;
         let mut sub = Subscriber::open(
             broker,
             login,

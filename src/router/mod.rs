@@ -108,6 +108,16 @@ impl<M: Mailbox> Router<M> {
     /// of their QoS, carrying all their identifiers (mosquitto's choice, which the
     /// standard allows). Each matching shared group gives one more copy to one member.
     pub fn publish(&self, message: &Arc<Message>) -> usize {
+        self.publish_with(message, true)
+    }
+
+    /// `publish` to plain subscriptions only: in a cluster, the member of a shared
+    /// subscription is picked cluster-wide (src/cluster), not here.
+    pub fn publish_plain(&self, message: &Arc<Message>) -> usize {
+        self.publish_with(message, false)
+    }
+
+    fn publish_with(&self, message: &Arc<Message>, shared: bool) -> usize {
         let trie = self.subscriptions.read();
         let mut matches: Vec<&Subscriber<M>> = Vec::new();
         let mut groups: Vec<&SharedGroup<M>> = Vec::new();
@@ -119,7 +129,11 @@ impl<M: Mailbox> Router<M> {
                     matches.push(s)
                 }
             },
-            &mut |g| groups.push(g),
+            &mut |g| {
+                if shared {
+                    groups.push(g)
+                }
+            },
         );
         if nodes > 1 {
             // Only matches from different filters can name the same mailbox twice.

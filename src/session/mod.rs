@@ -312,6 +312,17 @@ impl Session {
         (link, ended)
     }
 
+    /// Lets the session go to another node of the cluster, whoever owns it here: returns
+    /// the link (to be told it lost the session) and the session's filters (to leave the
+    /// router). Its stored state stays as it is, for the node that takes it.
+    pub fn release(&self) -> (Option<Link>, Vec<ByteStr>) {
+        let mut inner = self.inner.lock();
+        let link = inner.link.take();
+        let filters = inner.state.release();
+        inner.settle(&self.env, &self.client_id);
+        (link, filters)
+    }
+
     /// Ends the session if it is still offline since `conn_id` left it.
     pub fn expire(&self, conn_id: u64) -> Option<Ended> {
         let mut inner = self.inner.lock();
@@ -350,8 +361,10 @@ impl Session {
         }
     }
 
+    /// Discarded or expired (a session that moved to another node has not ended).
     pub fn has_ended(&self) -> bool {
-        self.inner.lock().state.ended
+        let inner = self.inner.lock();
+        inner.state.ended && !inner.state.moved
     }
 
     /// Runs `f` on the state if `conn_id` still owns the session.

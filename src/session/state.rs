@@ -51,6 +51,8 @@ pub struct SessionState {
     pub dropped: u64,
     /// Discarded or expired: no connection will ever resume it.
     pub ended: bool,
+    /// Over on this node because another node of the cluster took it (`release`).
+    pub moved: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,6 +446,25 @@ impl SessionState {
             will: self.pending_will.take(),
             orphans,
         }
+    }
+
+    /// The session moved to another node of a cluster, which loads it from the store:
+    /// here it is over (nothing more is recorded, its timers do nothing), but not ended
+    /// for the client. Returns its filters, to leave this node's router.
+    pub fn release(&mut self) -> Vec<ByteStr> {
+        self.log = None;
+        self.ended = true;
+        self.moved = true;
+        self.detached_by = None;
+        self.pending_will = None;
+        self.will_at = None;
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.spilled = 0;
+        self.inflight = Inflight::default();
+        self.inbound_qos2.clear();
+        self.walks.clear();
+        self.subscriptions.drain().map(|(f, _)| f).collect()
     }
 
     /// The connection went away and the session stays: what was in flight is resent

@@ -28,7 +28,7 @@ use super::{
 use crate::protocol::{ByteStr, Properties, QoS, SubOptions};
 
 /// The record format this code writes and reads.
-pub(super) const FORMAT_VERSION: u8 = 1;
+pub(crate) const FORMAT_VERSION: u8 = 1;
 
 pub(super) const VERSION: u8 = b'V';
 pub(super) const RETAINED: u8 = b'R';
@@ -46,7 +46,7 @@ const HEADER: usize = 5;
 
 /// Why a record could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RecordError {
+pub(crate) enum RecordError {
     Checksum,
     Version(u8),
     Malformed(&'static str),
@@ -314,19 +314,19 @@ fn read_message(r: &mut Reader) -> Result<StoredMessage, RecordError> {
 
 /// A message body (the `R` and `M` tables). Fails only for properties the codec cannot
 /// encode, which the decoder never produces.
-pub(super) fn message(m: &StoredMessage) -> Result<Vec<u8>, RecordError> {
+pub(crate) fn message(m: &StoredMessage) -> Result<Vec<u8>, RecordError> {
     let mut w = Writer(Vec::with_capacity(32 + m.topic.len() + m.payload.len()));
     write_message(&mut w, m)?;
     Ok(w.0)
 }
 
-pub(super) fn decode_message(body: &[u8]) -> Result<StoredMessage, RecordError> {
+pub(crate) fn decode_message(body: &[u8]) -> Result<StoredMessage, RecordError> {
     read_all(body, read_message)
 }
 
 /// A delivery as a queue or in-flight entry stores it: the message by id.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct DeliveryRef {
+pub(crate) struct DeliveryRef {
     pub message_id: u64,
     pub qos: QoS,
     pub retain: bool,
@@ -334,7 +334,7 @@ pub(super) struct DeliveryRef {
 }
 
 impl DeliveryRef {
-    pub(super) fn resolve(self, message: std::sync::Arc<StoredMessage>) -> Delivery {
+    pub(crate) fn resolve(self, message: std::sync::Arc<StoredMessage>) -> Delivery {
         Delivery {
             message,
             qos: self.qos,
@@ -368,20 +368,20 @@ fn read_delivery(r: &mut Reader) -> Result<DeliveryRef, RecordError> {
     })
 }
 
-pub(super) fn delivery(d: &Delivery) -> Vec<u8> {
+pub(crate) fn delivery(d: &Delivery) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(16 + 4 * d.subscription_ids.len()));
     write_delivery(&mut w, d);
     w.0
 }
 
-pub(super) fn decode_delivery(body: &[u8]) -> Result<DeliveryRef, RecordError> {
+pub(crate) fn decode_delivery(body: &[u8]) -> Result<DeliveryRef, RecordError> {
     read_all(body, read_delivery)
 }
 
 const STAGE_PUBLISH: u8 = 0;
 const STAGE_PUBREL: u8 = 1;
 
-pub(super) fn inflight(e: &InflightEntry) -> Vec<u8> {
+pub(crate) fn inflight(e: &InflightEntry) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(32));
     w.u64(e.order);
     match &e.stage {
@@ -397,7 +397,7 @@ pub(super) fn inflight(e: &InflightEntry) -> Vec<u8> {
 }
 
 /// An in-flight entry: its order and, while the PUBLISH is unacknowledged, its delivery.
-pub(super) fn decode_inflight(body: &[u8]) -> Result<(u64, Option<DeliveryRef>), RecordError> {
+pub(crate) fn decode_inflight(body: &[u8]) -> Result<(u64, Option<DeliveryRef>), RecordError> {
     read_all(body, |r| {
         let order = r.u64()?;
         let stage = match r.u8()? {
@@ -409,7 +409,7 @@ pub(super) fn decode_inflight(body: &[u8]) -> Result<(u64, Option<DeliveryRef>),
     })
 }
 
-pub(super) fn session(s: &StoredSession) -> Result<Vec<u8>, RecordError> {
+pub(crate) fn session(s: &StoredSession) -> Result<Vec<u8>, RecordError> {
     let mut w = Writer(Vec::with_capacity(16));
     w.u32(s.expiry_interval).opt_u64(s.offline_since);
     match &s.will {
@@ -424,7 +424,7 @@ pub(super) fn session(s: &StoredSession) -> Result<Vec<u8>, RecordError> {
     Ok(w.0)
 }
 
-pub(super) fn decode_session(body: &[u8]) -> Result<StoredSession, RecordError> {
+pub(crate) fn decode_session(body: &[u8]) -> Result<StoredSession, RecordError> {
     read_all(body, |r| {
         let expiry_interval = r.u32()?;
         let offline_since = r.opt_u64()?;
@@ -445,7 +445,7 @@ pub(super) fn decode_session(body: &[u8]) -> Result<StoredSession, RecordError> 
     })
 }
 
-pub(super) fn subscription(s: &StoredSubscription) -> Vec<u8> {
+pub(crate) fn subscription(s: &StoredSubscription) -> Vec<u8> {
     let o = s.options;
     let options = o.qos as u8
         | u8::from(o.no_local) << 2
@@ -460,7 +460,7 @@ pub(super) fn subscription(s: &StoredSubscription) -> Vec<u8> {
     w.0
 }
 
-pub(super) fn decode_subscription(body: &[u8]) -> Result<StoredSubscription, RecordError> {
+pub(crate) fn decode_subscription(body: &[u8]) -> Result<StoredSubscription, RecordError> {
     read_all(body, |r| {
         let o = r.u8()?;
         let options = SubOptions {

@@ -256,6 +256,9 @@ mod tests {
         let s = &snap.sessions[0];
         assert_eq!((s.queued, s.last_seq), (1, 2));
         assert_eq!(s.queue[0].delivery.message.id, 6);
+        let one = store.load_session(&c, 10).await.unwrap();
+        assert_eq!(one.as_ref(), Some(s), "one session, as load gives it");
+        assert_eq!(store.load_session(&orphan, 10).await.unwrap(), None);
         assert_eq!(store.read_queue(&c, 2, 10).await.unwrap(), vec![]);
         assert_eq!(store.read_queue(&c, 0, 10).await.unwrap().len(), 1);
         store.close().await.unwrap();

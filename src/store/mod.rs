@@ -12,7 +12,7 @@
 //! restart.
 
 mod batch;
-mod codec;
+pub(crate) mod codec;
 mod disk;
 mod mem;
 mod writer;
@@ -45,6 +45,24 @@ pub trait Store: Send + Sync {
     /// store is behind by more than its memory bound (then once written, which slows the
     /// submitters down).
     fn submit(&self, batch: Vec<Op>) -> Durable;
+
+    /// One session as [`Store::load`] would return it (None if it is not stored), read
+    /// when a node of a cluster takes the session over from another. The default reads
+    /// everything and keeps one: right for the local stores, which load every session at
+    /// start anyway; a shared store (src/cluster) reads that session's records only.
+    fn load_session<'a>(
+        &'a self,
+        client_id: &'a ByteStr,
+        queue_head: usize,
+    ) -> BoxFuture<'a, Result<Option<SessionSnapshot>, StoreError>> {
+        Box::pin(async move {
+            let snapshot = self.load(queue_head).await?;
+            Ok(snapshot
+                .sessions
+                .into_iter()
+                .find(|s| s.client_id == *client_id))
+        })
+    }
 
     /// Up to `limit` queued entries of a session with a sequence number above `after_seq`,
     /// in order, as they stand after every batch submitted before this call.

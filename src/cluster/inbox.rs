@@ -1,0 +1,239 @@
+//! The messages other nodes send to this one, into its sessions: QoS 0 from a core NATS
+//! subscription, QoS 1/2 from this node's durable consumer on the messages stream. A
+//! QoS 1/2 message is acknowledged to JetStream only once it is in the sessions here and
+//! what they stored of it is written (a barrier on the store), so a node that dies before
+//! leaves it in the stream for whoever adopts the node's consumer.
+//!
+//! A received message is routed into this node's own sessions only (plain subscriptions,
+//! or the one member of a shared group the sender picked): never out again.
+
+use super::wire::{self, Envelope};
+use super::{Cluster, ClusterError};
+use crate::broker::Broker;
+use crate::message::{Message, SharedKey};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::Message as JsMessage;
+use futures_util::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Messages routed before one store barrier and their acknowledgements.
+const BATCH: usize = 256;
+
+pub(super) async fn spawn(
+    broker: &Arc<Broker>,
+    cluster: &Arc<Cluster>,
+) -> Result<(), ClusterError> {
+    let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
+    let consumer = fresh_consumer(cluster, &cluster.node).await?;
+    let mut live = cluster
+        .client
+        .subscribe(cluster.names.live_subject(&cluster.node))
+        .await
+        .map_err(|e| nats(&e))?;
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = b.shutdown.cancelled() => return,
+                next = live.next() => next,
+            };
+            let Some(message) = next else { return };
+            each_envelope(&message.payload, |envelope| {
+                deliver(&b, &c, envelope);
+            });
+        }
+    });
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        let deliver = |envelope: Envelope| {
+            deliver(&b, &c, envelope);
+        };
+        consume(&b, consumer, &deliver, None).await;
+    });
+    Ok(())
+}
+
+/// The durable consumer of `node`'s messages, made afresh: no instance of `node` runs
+/// (this one starts, or adopts it). Messages the old consumer handed to a pull of a
+/// node that died would wait out their ack wait (a minute) there; the stream is a work
+/// queue, so what it holds for `node` is exactly what no one acknowledged, and the new
+/// consumer has all of it at once. (A message the dead node had taken into its sessions
+/// but not yet acknowledged comes again: at least once across a crash.)
+pub(super) async fn fresh_consumer(
+    cluster: &Cluster,
+    node: &str,
+) -> Result<PullConsumer, ClusterError> {
+    let name = cluster.names.consumer(node);
+    let stream = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+        .map_err(|e| ClusterError::Nats(format!("messages stream: {e}")))?;
+    match stream.delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(e.kind(), ConsumerErrorKind::JetStream(ref j)
+                if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
+        Err(e) => return Err(ClusterError::Nats(format!("consumer {name}: {e}"))),
+    }
+    stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: cluster.names.node_subject(node),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 10_000,
+                num_replicas: cluster.config.replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ClusterError::Nats(format!("consumer {name}: {e}")))
+}
+
+/// Takes messages from `consumer` until shutdown (or, with `idle`, until none came for
+/// that long): each batch is handed to `deliver`, made durable, then acknowledged.
+pub(super) async fn consume(
+    broker: &Arc<Broker>,
+    consumer: PullConsumer,
+    deliver: &(dyn Fn(Envelope) + Sync),
+    idle: Option<Duration>,
+) {
+    loop {
+        // Short pull requests with heartbeats: a pull lost with a NATS server is noticed
+        // within seconds, and made again on another.
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(1))
+            .messages();
+        let mut messages = match pull.await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cannot take messages from the stream: {e}; trying again");
+                tokio::select! {
+                    _ = broker.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let wait = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+            let first = tokio::select! {
+                _ = broker.shutdown.cancelled() => return,
+                next = tokio::time::timeout(wait, messages.next()) => match next {
+                    Err(_) => return,
+                    Ok(next) => next,
+                },
+            };
+            let mut batch: Vec<JsMessage> = Vec::new();
+            match first {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    // Missed heartbeats, a lost server: pull again, afresh.
+                    tracing::debug!("stream consumer: {e}; pulling again");
+                    break;
+                }
+                None => break,
+            }
+            while batch.len() < BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
+            }
+            for m in &batch {
+                each_envelope(&m.payload, deliver);
+            }
+            if let Err(e) = broker.journal().barrier().await {
+                // Not acknowledged: JetStream sends them again after the ack wait.
+                tracing::error!("the cluster store failed: {e}; messages will come again");
+                continue;
+            }
+            for m in &batch {
+                if let Err(e) = m.ack().await {
+                    tracing::debug!("acknowledging to JetStream: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Waits (briefly) until this node has taken every message its consumer holds: before a
+/// session is handed over, what was sent to it here is in it (and so in the store).
+pub(super) async fn settle(cluster: &Cluster) {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let name = cluster.names.consumer(&cluster.node);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let Ok(stream) = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+    else {
+        return;
+    };
+    while tokio::time::Instant::now() < deadline {
+        let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&name).await else {
+            return;
+        };
+        match consumer.info().await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Each message of what one NATS or JetStream message carried (a batch, or one), to `f`;
+/// what cannot be read is dropped with a warning.
+fn each_envelope(payload: &[u8], mut f: impl FnMut(Envelope)) {
+    let frames = match wire::split(payload) {
+        Ok(frames) => frames,
+        Err(e) => return tracing::warn!("messages from another node dropped: {e}"),
+    };
+    for frame in frames {
+        match wire::decode(frame) {
+            Ok(envelope) => f(envelope),
+            Err(e) => tracing::warn!("message from another node dropped: {e}"),
+        }
+    }
+}
+
+/// A message from another node into this node's sessions.
+pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) -> usize {
+    let message = Arc::new(
+        broker
+            .journal()
+            .restore_message(&envelope.message, crate::broker::now()),
+    );
+    match envelope.shared {
+        None => broker.router.publish_plain(&message),
+        Some((group, filter)) => {
+            let key = Arc::new(SharedKey {
+                group: Box::from(&*group),
+                filter: Box::from(&*filter),
+            });
+            usize::from(deliver_shared(broker, cluster, &message, key))
+        }
+    }
+}
+
+fn deliver_shared(
+    broker: &Broker,
+    cluster: &Cluster,
+    message: &Arc<Message>,
+    key: Arc<SharedKey>,
+) -> bool {
+    let taken = cluster.deliver_shared_here(broker, message, key);
+    if !taken {
+        crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
+    }
+    taken
+}

@@ -1,0 +1,491 @@
+//! Which nodes are alive, and what happens to the sessions and messages of one that is
+//! not.
+//!
+//! Each node keeps its entry in the nodes bucket fresh (`alive <instance>`, every third of
+//! `node_timeout`), by compare and set on its own last revision: if another node has
+//! written it meanwhile (declared this one dead and adopted it), the CAS fails and this
+//! node stops serving rather than run on beside the adopter.
+//!
+//! Every node watches the bucket. A node whose entry is older than `node_timeout` is
+//! adopted by the first live node that sets its entry to `adopting <node>` (CAS): the
+//! adopter takes every session the owners bucket gives the dead node (owner set by CAS,
+//! state loaded from the store), deletes the dead node's interest entries (after its own
+//! for the adopted sessions, in order), then takes what is left in the dead node's
+//! durable consumer into those sessions, and at last marks the entry `adopted <node>`.
+//! Clients of the dead node that reconnect anywhere then take their session over from
+//! the adopter, as from any live node.
+
+use super::inbox;
+use super::ownership::{self, owner_value, parse_owner};
+use super::{Cluster, ClusterError};
+use crate::broker::Broker;
+use crate::config::ClusterConfig;
+use crate::protocol::ByteStr;
+use crate::router::{is_shared, Router};
+use crate::session::Session;
+use async_nats::jetstream::kv::{Entry, Operation};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A dead node's consumer is read until no message came for this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// How long a node waits for another's adoption of a dead node to finish.
+const ADOPTION_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Alive(String),
+    Adopting(String),
+    Adopted(String),
+}
+
+fn parse(value: &[u8]) -> Option<State> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (kind, rest) = text.split_once(' ')?;
+    Some(match kind {
+        "alive" => State::Alive(rest.into()),
+        "adopting" => State::Adopting(rest.into()),
+        "adopted" => State::Adopted(rest.into()),
+        _ => return None,
+    })
+}
+
+fn encode(state: &State) -> Bytes {
+    Bytes::from(match state {
+        State::Alive(i) => format!("alive {i}"),
+        State::Adopting(n) => format!("adopting {n}"),
+        State::Adopted(n) => format!("adopted {n}"),
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    state: State,
+    revision: u64,
+    /// When this entry was written, unix milliseconds.
+    at_ms: u64,
+    /// This node's own heartbeats written when the entry was seen.
+    beats: u64,
+}
+
+/// Own heartbeats a node must have written since another's last one before it calls the
+/// other dead: while the bucket is unavailable to all (a NATS server lost, its streams
+/// electing leaders) nobody writes, and nobody is called dead.
+const BEATS_BEFORE_DEAD: u64 = 3;
+
+pub(super) struct Liveness {
+    instance: String,
+    timeout: Duration,
+    nodes: Mutex<FxHashMap<String, Seen>>,
+    /// This node's own last revision, for its CAS.
+    revision: Mutex<u64>,
+    /// This node's heartbeats written so far.
+    beats: std::sync::atomic::AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    crate::store::now_millis()
+}
+
+fn created_ms(entry: &Entry) -> u64 {
+    u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+impl Liveness {
+    pub(super) fn new(config: &ClusterConfig) -> Liveness {
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        Liveness {
+            instance: format!("{}-{:x}", now_ms(), u64::from_le_bytes(r)),
+            timeout: config.node_timeout(),
+            nodes: Mutex::new(FxHashMap::default()),
+            revision: Mutex::new(0),
+            beats: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Puts this node's heartbeat, after waiting out a fresh one of an earlier instance
+    /// (a quick restart after a crash) or an adoption of this node under way. Fails if
+    /// another instance keeps it fresh.
+    pub(super) async fn announce(&self, cluster: &Cluster) -> Result<(), ClusterError> {
+        let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("nodes bucket: {e}"));
+        let started = std::time::Instant::now();
+        let limit = self.timeout * 3 + ADOPTION_WAIT;
+        let mut seen_revision = None;
+        loop {
+            let entry = cluster
+                .nodes
+                .entry(cluster.node.clone())
+                .await
+                .map_err(|e| nats(&e))?;
+            let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
+                break;
+            };
+            let age = Duration::from_millis(now_ms().saturating_sub(created_ms(&entry)));
+            let busy = match parse(&entry.value) {
+                Some(State::Alive(_)) => age < self.timeout,
+                Some(State::Adopting(_)) => age < ADOPTION_WAIT,
+                _ => false,
+            };
+            if !busy {
+                break;
+            }
+            if matches!(parse(&entry.value), Some(State::Alive(_)))
+                && seen_revision.is_some_and(|r| r != entry.revision)
+            {
+                return Err(ClusterError::NodeInUse(cluster.node.clone()));
+            }
+            seen_revision = Some(entry.revision);
+            if started.elapsed() > limit {
+                return Err(ClusterError::NodeInUse(cluster.node.clone()));
+            }
+            tracing::info!(node = %cluster.node, "waiting for the previous run of this node to time out");
+            tokio::time::sleep(self.timeout / 3).await;
+        }
+        let revision = cluster
+            .nodes
+            .put(
+                cluster.node.clone(),
+                encode(&State::Alive(self.instance.clone())),
+            )
+            .await
+            .map_err(|e| nats(&e))?;
+        *self.revision.lock() = revision;
+        Ok(())
+    }
+
+    fn saw(&self, entry: &Entry, live: bool) {
+        if entry.operation != Operation::Put {
+            self.nodes.lock().remove(&entry.key);
+            return;
+        }
+        let Some(state) = parse(&entry.value) else {
+            return;
+        };
+        // History is dated by the server; live updates by their arrival (no clock skew).
+        let at_ms = if live { now_ms() } else { created_ms(entry) };
+        let beats = self.beats.load(std::sync::atomic::Ordering::Relaxed);
+        self.nodes.lock().insert(
+            entry.key.clone(),
+            Seen {
+                state,
+                revision: entry.revision,
+                at_ms,
+                beats,
+            },
+        );
+    }
+
+    /// Nodes whose heartbeat is older than the timeout while this node kept writing its
+    /// own, with the revision of their entry.
+    fn dead(&self, me: &str) -> Vec<(String, u64)> {
+        let now = now_ms();
+        let timeout = self.timeout.as_millis() as u64;
+        let beats = self.beats.load(std::sync::atomic::Ordering::Relaxed);
+        self.nodes
+            .lock()
+            .iter()
+            .filter(|(name, seen)| {
+                let age = now.saturating_sub(seen.at_ms);
+                // An adoption that never finished (its adopter died too) is taken up again.
+                let stale = match seen.state {
+                    State::Alive(_) => age > timeout,
+                    State::Adopting(_) => age > ADOPTION_WAIT.as_millis() as u64,
+                    State::Adopted(_) => false,
+                };
+                name.as_str() != me
+                    && stale
+                    && beats.saturating_sub(seen.beats) >= BEATS_BEFORE_DEAD
+            })
+            .map(|(name, seen)| (name.clone(), seen.revision))
+            .collect()
+    }
+
+    /// Returns once `node`, which does not answer, has been adopted (by this node or
+    /// another). Fails if it is alive after all, or the adoption does not finish.
+    pub(super) async fn wait_gone(&self, cluster: &Cluster, node: &str) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + self.timeout * 2 + ADOPTION_WAIT;
+        loop {
+            let entry = cluster
+                .nodes
+                .entry(node.to_owned())
+                .await
+                .map_err(|e| format!("reading the nodes bucket: {e}"))?;
+            let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
+                return Ok(());
+            };
+            let age = Duration::from_millis(now_ms().saturating_sub(created_ms(&entry)));
+            match parse(&entry.value) {
+                Some(State::Adopted(_)) | None => return Ok(()),
+                Some(State::Alive(_)) if age > self.timeout => {
+                    if let Some(broker) = cluster.broker() {
+                        adopt(cluster, &broker, node, entry.revision).await;
+                    }
+                }
+                Some(State::Adopting(_)) if age > ADOPTION_WAIT => {
+                    if let Some(broker) = cluster.broker() {
+                        adopt(cluster, &broker, node, entry.revision).await;
+                    }
+                }
+                Some(State::Alive(_)) if std::time::Instant::now() > deadline => {
+                    return Err("its heartbeat is fresh".into())
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    return Err("its adoption does not finish".into())
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Heartbeats and the watch for dead nodes.
+pub(super) fn spawn(broker: &Arc<Broker>, cluster: &Arc<Cluster>) {
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        let every = c.liveness.timeout / 3;
+        loop {
+            tokio::select! {
+                _ = b.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let revision = *c.liveness.revision.lock();
+            let alive = encode(&State::Alive(c.liveness.instance.clone()));
+            match c.nodes.update(c.node.clone(), alive, revision).await {
+                Ok(r) => {
+                    *c.liveness.revision.lock() = r;
+                    c.liveness.beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                    tracing::error!(node = %c.node, "another node declared this one dead and adopted its sessions; stopping");
+                    b.begin_shutdown();
+                    return;
+                }
+                Err(e) => tracing::warn!("heartbeat not written: {e}"),
+            }
+            for (node, revision) in c.liveness.dead(&c.node) {
+                adopt(&c, &b, &node, revision).await;
+            }
+        }
+    });
+    let (b, c) = (broker.clone(), cluster.clone());
+    broker.tasks.spawn(async move {
+        let mut watch = match c.nodes.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => return tracing::error!("cannot watch the nodes bucket: {e}"),
+        };
+        let mut history = true;
+        loop {
+            let next = tokio::select! {
+                _ = b.shutdown.cancelled() => return,
+                next = watch.next() => next,
+            };
+            match next {
+                Some(Ok(entry)) => {
+                    c.liveness.saw(&entry, !history);
+                    if entry.delta == 0 {
+                        history = false;
+                    }
+                }
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Ok(w) = c.nodes.watch(">").await {
+                        watch = w;
+                        history = false;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The client ids the owners bucket gives `node`.
+async fn owned_by(cluster: &Cluster, node: &str) -> Result<Vec<ByteStr>, ClusterError> {
+    let bucket = cluster.names.owners_bucket();
+    let entries = super::js::last_per_subject(
+        &cluster.js,
+        &format!("KV_{bucket}"),
+        &format!("$KV.{bucket}.>"),
+    )
+    .await?;
+    Ok(entries
+        .iter()
+        .filter_map(|(_, value)| parse_owner(value))
+        .filter(|(n, _)| *n == node)
+        .map(|(_, client)| ByteStr::from(client))
+        .collect())
+}
+
+/// At start: the sessions this node owned when it stopped, loaded from the store.
+pub(super) async fn take_back_own_sessions(
+    cluster: &Arc<Cluster>,
+    broker: &Arc<Broker>,
+) -> Result<usize, ClusterError> {
+    let mine = owned_by(cluster, &cluster.node).await?;
+    for client_id in &mine {
+        ownership::load(cluster, broker, client_id)
+            .await
+            .map_err(ClusterError::Nats)?;
+    }
+    Ok(mine.len())
+}
+
+/// Adopts `dead` if this node is the first to claim it (CAS on its entry at `revision`).
+async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u64) {
+    let claim = encode(&State::Adopting(cluster.node.clone()));
+    let Ok(claimed) = cluster.nodes.update(dead.to_owned(), claim, revision).await else {
+        return;
+    };
+    tracing::warn!(
+        node = dead,
+        "node is gone: adopting its sessions and messages"
+    );
+    match adopt_claimed(cluster, broker, dead).await {
+        Ok(sessions) => {
+            let done = encode(&State::Adopted(cluster.node.clone()));
+            if let Err(e) = cluster.nodes.put(dead.to_owned(), done).await {
+                tracing::error!(node = dead, "adoption done but not recorded: {e}");
+            }
+            tracing::warn!(node = dead, sessions, "node adopted");
+        }
+        Err(e) => {
+            tracing::error!(node = dead, "adoption failed: {e}; another node will try");
+            // Back to a heartbeat nobody keeps fresh: taken for dead again after the
+            // timeout, by whichever node is first then.
+            let unclaimed = encode(&State::Alive("unadopted".into()));
+            let _ = cluster
+                .nodes
+                .update(dead.to_owned(), unclaimed, claimed)
+                .await;
+        }
+    }
+}
+
+async fn adopt_claimed(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+) -> Result<usize, ClusterError> {
+    let adopted = adopt_sessions(cluster, broker, dead).await?;
+    forget_interest(cluster, dead).await?;
+    drain(cluster, broker, dead, &adopted).await?;
+    Ok(adopted.len())
+}
+
+/// Adoption, first: the dead node's sessions, each by CAS on its owner entry, loaded here.
+async fn adopt_sessions(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+) -> Result<Vec<Arc<Session>>, ClusterError> {
+    let mut adopted: Vec<Arc<Session>> = Vec::new();
+    for client_id in owned_by(cluster, dead).await? {
+        let key = super::names::token(&client_id);
+        let Ok(Some(entry)) = cluster.owners.entry(key.clone()).await else {
+            continue;
+        };
+        if parse_owner(&entry.value).is_none_or(|(n, _)| n != dead) {
+            continue;
+        }
+        let value = owner_value(&cluster.node, &client_id);
+        let Ok(revision) = cluster.owners.update(&key, value, entry.revision).await else {
+            continue;
+        };
+        ownership::load(cluster, broker, &client_id)
+            .await
+            .map_err(ClusterError::Nats)?;
+        match broker.session(&client_id) {
+            Some(session) => adopted.push(session),
+            // A session that ended with its connection: nothing to keep an owner for.
+            None => {
+                let _ = cluster
+                    .owners
+                    .delete_expect_revision(&key, Some(revision))
+                    .await;
+            }
+        }
+    }
+    Ok(adopted)
+}
+
+/// Adoption, second: its interest, deleted after this node's own for the adopted sessions (same writer).
+async fn forget_interest(cluster: &Cluster, dead: &str) -> Result<(), ClusterError> {
+    let bucket = cluster.names.interest_bucket();
+    let entries = super::js::last_per_subject(
+        &cluster.js,
+        &format!("KV_{bucket}"),
+        &format!("$KV.{bucket}.{dead}.>"),
+    )
+    .await?;
+    let prefix = format!("$KV.{bucket}.");
+    for (subject, value) in entries {
+        if value.is_empty() {
+            continue;
+        }
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            cluster.interest.delete_foreign(key.to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Adoption, last: what is left in its consumer, into the adopted sessions only (they were its
+/// sessions; the others had their copy). Once the deletes above are written, the other
+/// nodes stop sending to it within the time their watchers take: the consumer is read
+/// until nothing more comes for a moment, then deleted.
+async fn drain(
+    cluster: &Cluster,
+    broker: &Arc<Broker>,
+    dead: &str,
+    adopted: &[Arc<Session>],
+) -> Result<(), ClusterError> {
+    cluster.interest.flush().await;
+    let router: Router<Session> = Router::default();
+    for session in adopted {
+        for (filter, sub) in session.inspect(|s| s.subscriptions().clone()) {
+            if !is_shared(&filter) {
+                router.subscribe(&filter, session, sub.options, sub.id);
+            }
+        }
+    }
+    let consumer = inbox::fresh_consumer(cluster, dead).await?;
+    let deliver = |envelope: super::wire::Envelope| {
+        let message = Arc::new(
+            broker
+                .journal()
+                .restore_message(&envelope.message, crate::broker::now()),
+        );
+        match envelope.shared {
+            // For a shared group: that group's member picked again, among the members
+            // there are now (the other groups had their copy).
+            Some((group, filter)) => {
+                let same = |k: &Option<Arc<crate::message::SharedKey>>| {
+                    k.as_ref()
+                        .is_some_and(|k| *k.group == *group && *k.filter == *filter)
+                };
+                let targets = cluster.interest.targets(&message);
+                let shared = targets.into_iter().filter(|(_, k)| same(k)).collect();
+                cluster.send(broker, &message, shared);
+            }
+            None => {
+                router.publish_plain(&message);
+            }
+        }
+    };
+    inbox::consume(broker, consumer, &deliver, Some(DRAIN_IDLE)).await;
+    let _ = broker.journal().barrier().await;
+    if let Ok(stream) = cluster
+        .js
+        .get_stream_no_info(cluster.names.messages_stream())
+        .await
+    {
+        let _ = stream.delete_consumer(&cluster.names.consumer(dead)).await;
+    }
+    Ok(())
+}
