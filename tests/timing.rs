@@ -195,7 +195,9 @@ async fn a_token_login_ends_when_the_token_expires() {
         (Protocol::V5, Some(ReasonCode::MaximumConnectTime)),
         (Protocol::V311, None),
     ] {
-        // The token is checked on the wall clock, the connection's time on the paused one.
+        // The token is checked on the wall clock, the connection's time on the paused one:
+        // the broker reads the wall clock a little later (up to a second on a busy
+        // machine), so its deadline may come that much before `valid`.
         let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
         let exp = wall.as_secs() + 30;
         let claims = serde_json::json!({"sub": "device", "exp": exp});
@@ -216,15 +218,12 @@ async fn a_token_login_ends_when_the_token_expires() {
         let t0 = Instant::now();
         let (mut c, _) = Client::accepted(b.target(), connect).await;
         let valid = secs((exp + 5) as f64 - wall.as_secs_f64());
-        at(t0 + valid - secs(1.0)).await;
-        assert!(
-            c.ping().await.is_empty(),
-            "{protocol:?}: still in a second before"
-        );
+        at(t0 + valid - secs(2.0)).await;
+        assert!(c.ping().await.is_empty(), "{protocol:?}: still in before");
         let closed = closed_after(&mut c, code, t0).await;
         assert!(
-            closed >= valid && closed < valid + secs(0.1),
-            "{protocol:?}: {closed:?}"
+            closed <= valid && closed + secs(1.0) >= valid,
+            "{protocol:?}: closed after {closed:?}, the token valid for {valid:?}"
         );
         assert_eq!(w.expect_publish().await.topic, will.as_str());
     }
