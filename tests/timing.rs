@@ -221,8 +221,9 @@ async fn a_token_login_ends_when_the_token_expires() {
         at(t0 + valid - secs(2.0)).await;
         assert!(c.ping().await.is_empty(), "{protocol:?}: still in before");
         let closed = closed_after(&mut c, code, t0).await;
+        // (Up to a millisecond late: tokio's timers round up to whole milliseconds.)
         assert!(
-            closed <= valid && closed + secs(1.0) >= valid,
+            closed <= valid + secs(0.001) && closed + secs(1.0) >= valid,
             "{protocol:?}: closed after {closed:?}, the token valid for {valid:?}"
         );
         assert_eq!(w.expect_publish().await.topic, will.as_str());
