@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::binary::BrokerProcess;
 use common::client::{connect_expiry, plain, retained, Client, WAIT};
 use common::mosquitto::{in_ci, on_path};
 use std::net::{SocketAddr, TcpListener};
@@ -348,80 +349,18 @@ async fn publish_on_one_node_reaches_subscribers_on_the_others() {
     }
 }
 
-/// A node run as the real binary (`kill -9` can hit it), logging to a file.
-struct BinaryNode {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl BinaryNode {
-    fn start(dir: &std::path::Path, name: &str, node: &str, urls: &[String]) -> BinaryNode {
-        let port = free_port();
-        let nats = urls
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = dir.join(format!("{node}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "log_level = \"info\"\n\n[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:{port}\"\n\
-                 allow_anonymous = true\n\n[cluster]\nname = \"{name}\"\nnode = \"{node}\"\n\
-                 nats = [{nats}]\nnode_timeout_ms = 1500\ntakeover_timeout_ms = 1000\n"
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("{node}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ternmq"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("ternmq starts");
-        BinaryNode {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-        }
-    }
-
-    /// Waits until the node accepts connections.
-    async fn ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("ternmq exited ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ternmq not listening: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL: no chance to hand anything over.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for BinaryNode {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// A node run as the real binary (`kill -9` can hit it).
+fn binary_node(name: &str, node: &str, urls: &[String]) -> BrokerProcess {
+    let nats = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    BrokerProcess::start(&format!(
+        "log_level = \"info\"\n\n[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\n\
+         allow_anonymous = true\n\n[cluster]\nname = \"{name}\"\nnode = \"{node}\"\n\
+         nats = [{nats}]\nnode_timeout_ms = 1500\ntakeover_timeout_ms = 1000\n"
+    ))
 }
 
 /// Publishes probes on `topic` until `sub` receives one: the subscription is known on the
@@ -520,14 +459,10 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     }
     let nats = shared_nats();
     let name = cluster_name("kill9");
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<BinaryNode> = ["a", "b", "c"]
+    let mut nodes: Vec<BrokerProcess> = ["a", "b", "c"]
         .iter()
-        .map(|n| BinaryNode::start(dir.path(), &name, n, &nats.urls()))
+        .map(|n| binary_node(&name, n, &nats.urls()))
         .collect();
-    for n in &mut nodes {
-        n.ready().await;
-    }
     let (mut sub, _) = Client::accepted(nodes[0].addr, connect_expiry("s", true, 600)).await;
     sub.subscribe("load/#", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect_v5(nodes[2].addr, "p").await;
@@ -538,7 +473,7 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     let mut acked = Vec::new();
     for i in 0..N {
         if i == N / 3 {
-            nodes[0].kill9();
+            nodes[0].kill_9();
         }
         let topic = format!("load/{i}");
         if publisher
