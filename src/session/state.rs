@@ -26,7 +26,9 @@ pub struct SessionState {
     /// When the client went offline (None while a connection owns the session).
     pub offline_since: Option<Instant>,
     /// What few sessions use (a delayed will, inbound QoS 2 ids, retained walks), made
-    /// on first use and dropped once empty: an idle client's session holds the pointer.
+    /// on first use: an idle client's session holds the pointer. Dropped when a will or
+    /// walk leaves it empty, and kept once the client published at QoS 2 (see
+    /// `release_incoming`).
     rare: Option<Box<Rare>>,
     subscriptions: FxHashMap<ByteStr, Subscription>,
     /// Messages waiting for the in-flight window or for the client to come back, each
@@ -266,7 +268,8 @@ impl SessionState {
             .rare
             .as_mut()
             .is_some_and(|r| r.inbound_qos2.remove(&pkid));
-        self.tidy();
+        // Not tidied: a client that publishes at QoS 2 keeps the box (and the set its
+        // capacity), or every message would allocate both again.
         if known {
             self.record(Change::ReleasedIncoming(pkid));
         }
