@@ -516,8 +516,9 @@ impl Broker {
         }
     }
 
-    /// Counts a new connection on `listener` for as long as the guard lives.
-    pub fn open_connection<'a>(&'a self, listener: &'a ListenerRules) -> Opened<'a> {
+    /// Counts a new connection on `listener` for as long as the guard lives. The guard
+    /// holds the listener itself, so that the connection need not keep its `Peer`.
+    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> Opened<'_> {
         let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
         let over = |n: usize, max: usize| max > 0 && n > max;
@@ -525,7 +526,7 @@ impl Broker {
             within_limits: !over(all, self.config.limits.max_connections)
                 && !over(here, listener.max_connections),
             connections: &self.connections,
-            listener,
+            listener: listener.clone(),
         }
     }
 
@@ -607,7 +608,7 @@ pub struct Opened<'a> {
     /// False when the connection is one too many: it is refused at its CONNECT.
     pub within_limits: bool,
     connections: &'a AtomicUsize,
-    listener: &'a ListenerRules,
+    listener: Arc<ListenerRules>,
 }
 
 impl Drop for Opened<'_> {

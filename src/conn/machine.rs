@@ -64,14 +64,12 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    /// What the session has due for the client (shared with the HTTP streams); behind
-    /// a pointer, with its buffers, as this struct lives as long as the connection.
-    outbox: Box<Outbox>,
     wake: Arc<Notify>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
-    /// Who the client is and what it may do.
-    access: Box<Access>,
+    /// Who the client is and what the session has due for it, in one allocation: this
+    /// struct lives as long as the connection.
+    held: Box<Held>,
     /// Acknowledgements were written that must not reach the client before the store
     /// has what they promise (`sync = "always"`).
     awaits_disk: bool,
@@ -114,16 +112,18 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            outbox: Box::default(),
             wake,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
-            access: Box::new(Access {
-                username: login.username,
-                authorizer: login.authorizer,
-                token_deadline: login.token_valid_for.map(|d| now + d),
-                generation: broker.security_generation(),
-                method: login.method,
-                reauth: None,
+            held: Box::new(Held {
+                access: Access {
+                    username: login.username.map(Into::into),
+                    authorizer: login.authorizer,
+                    token_deadline: login.token_valid_for.map(|d| now + d),
+                    generation: broker.security_generation(),
+                    method: login.method.map(Box::new),
+                    reauth: None,
+                },
+                outbox: Outbox::default(),
             }),
             awaits_disk: false,
             wants_refill: false,
@@ -199,14 +199,14 @@ impl<'a> Connection<'a> {
             Some(p) => Some(p),
             None => self.keep_alive.map(|k| self.last_packet + k),
         };
-        match (timer, self.access.token_deadline) {
+        match (timer, self.held.access.token_deadline) {
             (Some(t), Some(d)) => Some(t.min(d)),
             (t, d) => t.or(d),
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Exit> {
-        if self.access.token_deadline.is_some_and(|d| now >= d) {
+        if self.held.access.token_deadline.is_some_and(|d| now >= d) {
             return Err(Exit::TokenExpired);
         }
         if let Some(until) = self.paused_until() {
@@ -316,7 +316,7 @@ impl<'a> Connection<'a> {
         if let Some((reason, why)) = self.over_limit(&p) {
             return self.refuse_for_limit(&p, reason, why, out);
         }
-        if !self.access.authorizer.check(&p.topic, Acl::Write) {
+        if !self.held.access.authorizer.check(&p.topic, Acl::Write) {
             return self.refuse_unauthorized(&p, out);
         }
         if p.qos == QoS::ExactlyOnce && !self.first_delivery(p.pkid)? {
@@ -608,7 +608,7 @@ impl<'a> Connection<'a> {
 
     /// Why a SUBSCRIBE to `filter` is refused (the 5.0 code), if it is.
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
-        let authorizer = &self.access.authorizer;
+        let authorizer = &self.held.access.authorizer;
         subscribe::refusal(
             self.broker,
             authorizer,
@@ -652,7 +652,7 @@ impl<'a> Connection<'a> {
     /// method of the CONNECT, AUTH 0x18 continues it; success is answered with AUTH 0x00
     /// and the client's ACL rebuilt, failure ends the connection (DISCONNECT 0x87).
     fn on_auth(&mut self, a: Auth, out: &mut BytesMut) -> Result<(), Exit> {
-        let Some(method) = self.access.method.clone() else {
+        let Some(method) = self.held.access.method.as_deref().cloned() else {
             return Err(violation(
                 ReasonCode::ProtocolError,
                 "AUTH without an authentication method",
@@ -664,13 +664,13 @@ impl<'a> Connection<'a> {
                 "AUTH with another authentication method than CONNECT's",
             ));
         }
-        let next = match (a.reason, self.access.reauth.as_mut()) {
+        let next = match (a.reason, self.held.access.reauth.as_mut()) {
             (ReasonCode::Reauthenticate, None) => {
                 let client_id = &self.session.client_id;
                 let data = a.properties.authentication_data;
                 let methods = &self.broker.auth_methods;
                 let (exchange, next) = Exchange::start(methods, &method, client_id, data);
-                self.access.reauth = exchange.map(Box::new);
+                self.held.access.reauth = exchange.map(Box::new);
                 next
             }
             (ReasonCode::ContinueAuthentication, Some(exchange)) => {
@@ -690,8 +690,9 @@ impl<'a> Connection<'a> {
                 return Err(limit(code, "re-authentication failed"));
             }
             Next::Done { data, username } => {
-                self.access.reauth = None;
-                if username.is_some() && username != self.access.username {
+                self.held.access.reauth = None;
+                if username.is_some() && username.as_deref() != self.held.access.username.as_deref()
+                {
                     return Err(limit(
                         ReasonCode::NotAuthorized,
                         "re-authentication as another user",
@@ -733,10 +734,11 @@ impl<'a> Connection<'a> {
             if out.len() >= WRITE_HIGH_WATER {
                 return Ok(());
             }
-            let mut due = std::mem::take(&mut self.outbox.due);
-            let authorizer = &self.access.authorizer;
+            let mut due = std::mem::take(&mut self.held.outbox.due);
+            let authorizer = &self.held.access.authorizer;
             let readable = |d: &Delivery| authorizer.check(&d.message.topic, Acl::Read);
             let progress = self
+                .held
                 .outbox
                 .take(
                     &self.broker.router,
@@ -770,7 +772,7 @@ impl<'a> Connection<'a> {
                     Due::Release(pkid) => self.send(out, Packet::PubRel(self.ack(pkid, true))),
                 }
             }
-            self.outbox.due = due;
+            self.held.outbox.due = due;
             self.forget(too_large)?;
             tally.sent();
             if progress == Progress::Refill {
@@ -893,7 +895,7 @@ impl<'a> Connection<'a> {
     /// The client's ACL, rebuilt from the files if they were reloaded since.
     fn refresh_access(&mut self) {
         let generation = self.broker.security_generation();
-        if self.access.generation != generation {
+        if self.held.access.generation != generation {
             self.rebuild_access(generation);
         }
     }
@@ -901,7 +903,7 @@ impl<'a> Connection<'a> {
     /// Builds the client's ACL again from the current files (unless its rules came with
     /// a token).
     fn rebuild_access(&mut self, generation: u64) {
-        let a = &mut *self.access;
+        let a = &mut self.held.access;
         if a.token_deadline.is_none() {
             let client_id = &self.session.client_id;
             a.authorizer = self
@@ -1008,16 +1010,26 @@ fn properties_mut(packet: &mut Packet) -> Option<&mut Properties> {
 }
 
 /// Who the client is, for the ACL.
+/// The parts of a connection kept behind its one pointer (see `Connection::held`).
+struct Held {
+    access: Access,
+    /// What the session has due for the client (shared with the HTTP streams), with its
+    /// buffers.
+    outbox: Outbox,
+}
+
+/// Who the client is and what it may do.
 struct Access {
-    username: Option<String>,
+    username: Option<Box<str>>,
     authorizer: Authorizer,
     /// Logged in with a token, which expires then: the connection closes, and its rules
     /// came with it, not from the ACL file.
     token_deadline: Option<Instant>,
     /// `Broker::security_generation` when `authorizer` was built.
     generation: u64,
-    /// The MQTT 5 enhanced authentication method of the CONNECT, if any.
-    method: Option<ByteStr>,
+    /// The MQTT 5 enhanced authentication method of the CONNECT, if any (boxed: few
+    /// clients have one).
+    method: Option<Box<ByteStr>>,
     /// A re-authentication under way.
     reauth: Option<Box<Exchange>>,
 }

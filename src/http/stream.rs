@@ -311,7 +311,7 @@ impl Subscriber {
     pub fn window_full(&self) -> Result<bool, Gone> {
         let window = self.window;
         self.owned(|s| {
-            s.inflight.outstanding() >= window && (s.queued() > 0 || !s.walks.is_empty())
+            s.inflight.outstanding() >= window && (s.queued() > 0 || !s.walks().is_empty())
         })
     }
 }

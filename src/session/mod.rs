@@ -114,9 +114,9 @@ fn record(journal: &Journal, client_id: &ByteStr, state: &SessionState, change: 
     match change {
         Change::Record => {
             let clock = journal.clock();
-            let will = state.pending_will.as_ref().map(|w| StoredWill {
+            let will = state.pending_will().map(|w| StoredWill {
                 message: journal.message(w),
-                publish_at: state.will_at.map_or(0, |t| clock.to_unix(t)),
+                publish_at: state.will_at().map_or(0, |t| clock.to_unix(t)),
             });
             Op::PutSession {
                 client_id,
@@ -231,8 +231,7 @@ impl Session {
         }
         let state = &mut inner.state;
         state.expiry = expiry;
-        state.pending_will = None;
-        state.will_at = None;
+        state.set_will(None, None);
         state.detached_by = None;
         state.offline_since = None;
         if let Some(timer) = inner.timer.take() {
@@ -290,8 +289,7 @@ impl Session {
         } else {
             state.detached_by = Some(conn_id);
             state.offline_since = Some(now);
-            state.will_at = will.as_ref().and(will_at);
-            state.pending_will = will;
+            state.set_will(will, will_at);
             state.park(self.env.limits.queue_qos0);
             state.touch();
             Detached::Kept {
@@ -340,8 +338,7 @@ impl Session {
         if inner.link.is_some() || inner.state.detached_by != Some(conn_id) {
             return None;
         }
-        let will = inner.state.pending_will.take();
-        inner.state.will_at = None;
+        let will = inner.state.take_will();
         inner.state.touch();
         inner.settle(&self.env, &self.client_id);
         will

@@ -6,7 +6,7 @@
 //!
 //! No I/O and no clock: the caller passes `now`, then writes what `take` returned.
 
-use super::{NotOwner, RetainedWalk, Session, MAX_ACTIVE_WALKS};
+use super::{NotOwner, RetainedWalk, Session};
 use crate::message::Delivery;
 use crate::metrics::{self, Counter};
 use crate::protocol::QoS;
@@ -90,7 +90,7 @@ impl Outbox {
                 }
                 _ => true,
             });
-            let walk = s.walks.front().cloned();
+            let walk = s.walks().front().cloned();
             // The hot path: one lock per batch when no walk is under way. During a
             // walk, the queue and the walk take turns at the window: live messages must
             // not wait (and overflow the queue) behind a long walk, nor retained ones
@@ -182,14 +182,7 @@ fn walk_step(
         router.retained_step(&walk.filter, walk.after.as_deref(), limit, now, &mut found);
     let mut unreadable = 0;
     session.with_state(conn_id, |s| {
-        if done {
-            s.walks.pop_front();
-        } else if let Some(mut w) = s.walks.pop_front() {
-            // Round robin over the first few walks, so a long one does not hold up the
-            // retained messages of a later subscription.
-            w.after = last;
-            s.walks.insert((MAX_ACTIVE_WALKS - 1).min(s.walks.len()), w);
-        }
+        s.walk_stepped(done, last);
         for m in found {
             let mut d = Delivery::new(m, QoS::AtMostOnce, true);
             d.qos = d.message.qos.min(walk.qos);

@@ -25,10 +25,11 @@ pub struct SessionState {
     pub detached_by: Option<u64>,
     /// When the client went offline (None while a connection owns the session).
     pub offline_since: Option<Instant>,
-    /// A 5.0 will waiting out its Will Delay Interval; cancelled if the session resumes.
-    pub pending_will: Option<Arc<Message>>,
-    /// When `pending_will` is due.
-    pub will_at: Option<Instant>,
+    /// What few sessions use (a delayed will, inbound QoS 2 ids, retained walks), made
+    /// on first use: an idle client's session holds the pointer. Dropped when a will or
+    /// walk leaves it empty, and kept once the client published at QoS 2 (see
+    /// `release_incoming`).
+    rare: Option<Box<Rare>>,
     subscriptions: FxHashMap<ByteStr, Subscription>,
     /// Messages waiting for the in-flight window or for the client to come back, each
     /// with its sequence number.
@@ -41,12 +42,8 @@ pub struct SessionState {
     queued_bytes: usize,
     /// Outbound QoS 1/2 messages sent and not yet fully acknowledged.
     pub inflight: Inflight,
-    /// Inbound QoS 2 packet ids received and not yet released by PUBREL.
-    inbound_qos2: FxHashSet<u16>,
     /// Changes not yet handed to the store, for a session that is stored (`persist`).
     log: Option<Vec<Change>>,
-    /// Retained messages still to send for new subscriptions, oldest first.
-    pub walks: VecDeque<RetainedWalk>,
     /// Messages refused because the queue was full.
     pub dropped: u64,
     /// Discarded or expired: no connection will ever resume it.
@@ -54,6 +51,28 @@ pub struct SessionState {
     /// Over on this node because another node of the cluster took it (`release`).
     pub moved: bool,
 }
+
+/// The parts of a session that most sessions never use (see `SessionState::rare`).
+#[derive(Debug, Default)]
+struct Rare {
+    /// A 5.0 will waiting out its Will Delay Interval; cancelled if the session resumes.
+    pending_will: Option<Arc<Message>>,
+    /// When `pending_will` is due.
+    will_at: Option<Instant>,
+    /// Inbound QoS 2 packet ids received and not yet released by PUBREL.
+    inbound_qos2: FxHashSet<u16>,
+    /// Retained messages still to send for new subscriptions, oldest first.
+    walks: VecDeque<RetainedWalk>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.pending_will.is_none() && self.inbound_qos2.is_empty() && self.walks.is_empty()
+    }
+}
+
+/// What `SessionState::walks` shows of a session without walks.
+static NO_WALKS: VecDeque<RetainedWalk> = VecDeque::new();
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subscription {
@@ -143,20 +162,24 @@ impl SessionState {
             Some((will, at)) => (Some(will), Some(at)),
             None => (None, None),
         };
+        let rare = Rare {
+            pending_will,
+            will_at,
+            inbound_qos2: r.incoming.into_iter().collect(),
+            walks: VecDeque::new(),
+        };
         let queued_bytes = r.queue.iter().map(|(_, d)| d.size()).sum();
         SessionState {
             expiry: r.expiry,
             detached_by: Some(0),
             offline_since: Some(r.offline_since),
-            pending_will,
-            will_at,
+            rare: (!rare.is_empty()).then(|| Box::new(rare)),
             subscriptions: r.subscriptions.into_iter().collect(),
             queue: r.queue.into(),
             next_seq: r.next_seq,
             spilled: r.spilled,
             queued_bytes,
             inflight: Inflight::restore(r.inflight),
-            inbound_qos2: r.incoming.into_iter().collect(),
             log: Some(Vec::new()),
             ..SessionState::default()
         }
@@ -222,7 +245,7 @@ impl SessionState {
     /// An incoming QoS 2 PUBLISH: true the first time its packet id is seen (until its
     /// PUBREL), false for a resend.
     pub fn receive_incoming(&mut self, pkid: u16) -> bool {
-        let first = self.inbound_qos2.insert(pkid);
+        let first = self.rare().inbound_qos2.insert(pkid);
         if first {
             self.record(Change::Received(pkid));
         }
@@ -230,16 +253,23 @@ impl SessionState {
     }
 
     pub fn incoming_count(&self) -> usize {
-        self.inbound_qos2.len()
+        self.rare.as_ref().map_or(0, |r| r.inbound_qos2.len())
     }
 
     pub fn has_incoming(&self, pkid: u16) -> bool {
-        self.inbound_qos2.contains(&pkid)
+        self.rare
+            .as_ref()
+            .is_some_and(|r| r.inbound_qos2.contains(&pkid))
     }
 
     /// PUBREL: true if the packet id was waiting for it.
     pub fn release_incoming(&mut self, pkid: u16) -> bool {
-        let known = self.inbound_qos2.remove(&pkid);
+        let known = self
+            .rare
+            .as_mut()
+            .is_some_and(|r| r.inbound_qos2.remove(&pkid));
+        // Not tidied: a client that publishes at QoS 2 keeps the box (and the set its
+        // capacity), or every message would allocate both again.
         if known {
             self.record(Change::ReleasedIncoming(pkid));
         }
@@ -408,11 +438,75 @@ impl SessionState {
         unreadable
     }
 
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the rare parts once nothing is left in them.
+    fn tidy(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+    }
+
+    /// The 5.0 will waiting out its Will Delay Interval, if any.
+    pub fn pending_will(&self) -> Option<&Arc<Message>> {
+        self.rare.as_ref()?.pending_will.as_ref()
+    }
+
+    /// When the pending will is due.
+    pub fn will_at(&self) -> Option<Instant> {
+        self.rare.as_ref()?.will_at
+    }
+
+    /// Holds `will` until `at` (or cancels the pending will, given None).
+    pub fn set_will(&mut self, will: Option<Arc<Message>>, at: Option<Instant>) {
+        if will.is_none() && self.rare.is_none() {
+            return;
+        }
+        let rare = self.rare();
+        rare.will_at = will.as_ref().and(at);
+        rare.pending_will = will;
+        self.tidy();
+    }
+
+    /// Takes the pending will (it is due or the session ends).
+    pub fn take_will(&mut self) -> Option<Arc<Message>> {
+        let rare = self.rare.as_mut()?;
+        rare.will_at = None;
+        let will = rare.pending_will.take();
+        self.tidy();
+        will
+    }
+
+    /// Retained walks still to run, oldest first.
+    pub fn walks(&self) -> &VecDeque<RetainedWalk> {
+        self.rare.as_ref().map_or(&NO_WALKS, |r| &r.walks)
+    }
+
+    /// The first walk made a step that ended at `last`, or finished (`done`): it goes,
+    /// or takes its turn behind the next few (round robin, so that a long walk does not
+    /// hold up the retained messages of a later subscription).
+    pub fn walk_stepped(&mut self, done: bool, last: Option<ByteStr>) {
+        let Some(rare) = self.rare.as_mut() else {
+            return;
+        };
+        let walks = &mut rare.walks;
+        if done {
+            walks.pop_front();
+        } else if let Some(mut w) = walks.pop_front() {
+            w.after = last;
+            walks.insert((MAX_ACTIVE_WALKS - 1).min(walks.len()), w);
+        }
+        self.tidy();
+    }
+
     /// Starts (or restarts, for a filter subscribed again) the walk of the retained
     /// messages matching a new subscription.
     pub fn start_walk(&mut self, filter: ByteStr, qos: QoS, sub_id: Option<u32>) {
-        self.walks.retain(|w| w.filter != filter);
-        self.walks.push_back(RetainedWalk {
+        let walks = &mut self.rare().walks;
+        walks.retain(|w| w.filter != filter);
+        walks.push_back(RetainedWalk {
             filter,
             qos,
             sub_id,
@@ -439,11 +533,10 @@ impl SessionState {
             .collect();
         orphans.extend(self.inflight.take_unreceived_shared());
         self.inflight = Inflight::default();
-        self.inbound_qos2.clear();
-        self.walks.clear();
+        let rare = self.rare.take();
         Ended {
             filters: self.subscriptions.drain().map(|(f, _)| f).collect(),
-            will: self.pending_will.take(),
+            will: rare.and_then(|r| r.pending_will),
             orphans,
         }
     }
@@ -456,14 +549,11 @@ impl SessionState {
         self.ended = true;
         self.moved = true;
         self.detached_by = None;
-        self.pending_will = None;
-        self.will_at = None;
+        self.rare = None;
         self.queue.clear();
         self.queued_bytes = 0;
         self.spilled = 0;
         self.inflight = Inflight::default();
-        self.inbound_qos2.clear();
-        self.walks.clear();
         self.subscriptions.drain().map(|(f, _)| f).collect()
     }
 

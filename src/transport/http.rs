@@ -107,8 +107,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     H: Handler,
 {
-    let listener = peer.listener.clone();
-    let opened = broker.open_connection(&listener);
+    let opened = broker.open_connection(&peer.listener);
     if !opened.within_limits {
         debug!(peer = %peer.addr, "too many connections (max_connections); closing");
         return;
