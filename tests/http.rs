@@ -986,41 +986,11 @@ mod tools {
 
 mod browser {
     use super::*;
-    use common::mosquitto::{in_ci, on_path};
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
-    use std::time::Instant;
+    use common::browser::Browser;
 
     /// The whole browser run is bounded by this; http.js has its own, shorter watchdog.
     const BROWSER_WAIT: Duration = Duration::from_secs(180);
     const SECRET: &str = "browser-test-secret";
-
-    fn chromium() -> PathBuf {
-        std::env::var_os("CHROMIUM")
-            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
-    }
-
-    fn missing(dir: &Path) -> Vec<String> {
-        let mut missing: Vec<String> = [("node", "nodejs"), ("mosquitto_pub", "mosquitto-clients")]
-            .into_iter()
-            .filter(|(c, _)| !on_path(c))
-            .map(|(c, p)| format!("{c} (apt-get install {p})"))
-            .collect();
-        if !chromium().is_file() {
-            missing.push(format!(
-                "{} (apt-get install chromium)",
-                chromium().display()
-            ));
-        }
-        for module in ["playwright-core/package.json", "mqtt/dist/mqtt.min.js"] {
-            if !dir.join("node_modules").join(module).is_file() {
-                missing.push(format!(
-                    "node_modules/{module} (cd tests/browser && npm ci)"
-                ));
-            }
-        }
-        missing
-    }
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -1036,19 +1006,14 @@ mod browser {
     /// Screenshots land in target/browser-test/http-*.png.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn push_pages_and_the_friend_circle_in_chromium() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-        let missing = missing(&dir);
-        if !missing.is_empty() {
-            let what = format!("missing for the browser test: {}", missing.join(", "));
-            assert!(!in_ci(), "CI=true and {what}");
-            eprintln!("note: skipping the browser test: {what}");
+        let Some(browser) = Browser::prepare(
+            "browser test",
+            "browser-test",
+            &["playwright-core/package.json", "mqtt/dist/mqtt.min.js"],
+            &[("mosquitto_pub", "mosquitto-clients")],
+        ) else {
             return;
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../browser-test");
-        std::fs::create_dir_all(&out).unwrap();
-        let out = out.canonicalize().unwrap();
-        let log_path = out.join("http.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        };
         let (page_port, app_port) = (free_port(), free_port());
 
         let broker = TestBroker::with_http(|c| {
@@ -1065,53 +1030,21 @@ mod browser {
             });
         })
         .await;
-        let mut node = Command::new("node")
-            .arg("http.js")
-            .arg(broker.http_addr().port().to_string())
+        let mut node = browser.node("http.js");
+        node.arg(broker.http_addr().port().to_string())
             .arg(broker.port().to_string())
-            .arg(&out)
+            .arg(&browser.out)
             .arg(page_port.to_string())
             .arg(app_port.to_string())
-            .arg(SECRET)
-            .env("CHROMIUM", chromium())
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run node");
-        let deadline = Instant::now() + BROWSER_WAIT;
-        let status = loop {
-            if let Some(status) = node.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = node.kill();
-                let _ = node.wait();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-        println!("{output}");
+            .arg(SECRET);
+        browser.run(node, "http.log", BROWSER_WAIT).await;
         broker.stop().await;
-        match status {
-            Some(s) => assert!(
-                s.success(),
-                "browser test failed ({s}); log in {}",
-                log_path.display()
-            ),
-            None => panic!("browser test still running after {BROWSER_WAIT:?}; killed"),
-        }
-        for shot in [
-            "sse",
-            "poll",
-            "friend-circle-alice-sse",
-            "friend-circle-bob-mqtt",
-            "friend-circle-alice-back",
-        ] {
-            let file = out.join(format!("http-{shot}.png"));
-            assert!(file.is_file(), "no screenshot {}", file.display());
-        }
+        browser.assert_screenshots(&[
+            "http-sse",
+            "http-poll",
+            "http-friend-circle-alice-sse",
+            "http-friend-circle-bob-mqtt",
+            "http-friend-circle-alice-back",
+        ]);
     }
 }

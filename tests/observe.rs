@@ -852,37 +852,11 @@ fn admin_and_sys_config_keys() {
 
 mod browser {
     use super::*;
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+    use common::browser::Browser;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     const BROWSER_WAIT: Duration = Duration::from_secs(120);
-
-    fn chromium() -> PathBuf {
-        std::env::var_os("CHROMIUM")
-            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
-    }
-
-    fn missing(dir: &Path) -> Vec<String> {
-        let mut missing = Vec::new();
-        if !on_path("node") {
-            missing.push("node (apt-get install nodejs)".to_owned());
-        }
-        if !chromium().is_file() {
-            missing.push(format!(
-                "{} (apt-get install chromium)",
-                chromium().display()
-            ));
-        }
-        if !dir
-            .join("node_modules/playwright-core/package.json")
-            .is_file()
-        {
-            missing.push("node_modules/playwright-core (cd tests/browser && npm ci)".to_owned());
-        }
-        missing
-    }
 
     /// The console in headless Chromium: it loads, its charts move while messages flow,
     /// a connected client appears in the table and goes when the page disconnects it
@@ -891,19 +865,14 @@ mod browser {
     /// target/console-test/.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_console_in_chromium() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-        let missing = missing(&dir);
-        if !missing.is_empty() {
-            let what = format!("missing for the console test: {}", missing.join(", "));
-            assert!(!in_ci(), "CI=true and {what}");
-            eprintln!("note: skipping the console test: {what}");
+        let Some(browser) = Browser::prepare(
+            "console test",
+            "console-test",
+            &["playwright-core/package.json"],
+            &[],
+        ) else {
             return;
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../console-test");
-        std::fs::create_dir_all(&out).unwrap();
-        let out = out.canonicalize().unwrap();
-        let log_path = out.join("run.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        };
 
         let b = TestBroker::with_ws(with_admin).await;
         let admin = admin_addr(&b);
@@ -932,47 +901,18 @@ mod browser {
             })
         };
 
-        let mut node = Command::new("node")
-            .arg("admin-console.js")
-            .arg(admin.port().to_string())
+        let mut node = browser.node("admin-console.js");
+        node.arg(admin.port().to_string())
             .arg(TOKEN)
-            .arg(&out)
-            .env("CHROMIUM", chromium())
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run node");
-        let deadline = std::time::Instant::now() + BROWSER_WAIT;
-        let status = loop {
-            if let Some(status) = node.try_wait().unwrap() {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = node.kill();
-                let _ = node.wait();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+            .arg(&browser.out);
+        browser.run(node, "run.log", BROWSER_WAIT).await;
         running.store(false, Ordering::Relaxed);
         let _ = load.await;
-        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-        println!("{output}");
-        match status {
-            Some(s) => assert!(
-                s.success(),
-                "console test failed ({s}); log in {}",
-                log_path.display()
-            ),
-            None => panic!("console test still running after {BROWSER_WAIT:?}; killed"),
-        }
         let d = victim
             .expect_disconnect(ReasonCode::AdministrativeAction)
             .await;
         assert_eq!(d.reason, ReasonCode::AdministrativeAction);
-        assert!(out.join("console.png").is_file(), "screenshot saved");
+        browser.assert_screenshots(&["console"]);
     }
 }
 

@@ -682,56 +682,12 @@ async fn ws_connection_takes_over_a_tcp_one() {
 
 mod browser {
     use super::*;
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
-    use std::time::Instant;
+    use common::browser::Browser;
+    use std::path::Path;
 
     /// The whole browser run (Chromium start, 4 cases) is bounded by this; run.js has
     /// its own, shorter watchdog.
     const BROWSER_WAIT: Duration = Duration::from_secs(150);
-
-    fn in_ci() -> bool {
-        std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-    }
-
-    fn on_path(command: &str) -> bool {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
-    }
-
-    fn chromium() -> PathBuf {
-        std::env::var_os("CHROMIUM")
-            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
-    }
-
-    /// What the browser test needs and is missing, with how to get it.
-    fn missing(dir: &Path) -> Vec<String> {
-        let mut missing = Vec::new();
-        for (command, package) in [
-            ("node", "nodejs"),
-            ("mosquitto_pub", "mosquitto-clients"),
-            ("mosquitto_sub", "mosquitto-clients"),
-            ("stdbuf", "coreutils"),
-        ] {
-            if !on_path(command) {
-                missing.push(format!("{command} (apt-get install {package})"));
-            }
-        }
-        if !chromium().is_file() {
-            missing.push(format!(
-                "{} (apt-get install chromium)",
-                chromium().display()
-            ));
-        }
-        for module in ["playwright-core/package.json", "mqtt/dist/mqtt.min.js"] {
-            if !dir.join("node_modules").join(module).is_file() {
-                missing.push(format!(
-                    "node_modules/{module} (cd tests/browser && npm ci)"
-                ));
-            }
-        }
-        missing
-    }
 
     /// A wss listener for the browser (a certificate for `localhost`, made now) that lets
     /// in only clients with a JWT signed by `secret`: the TLS config, the base64 SHA-256
@@ -785,19 +741,18 @@ mod browser {
     /// Screenshots land in target/browser-test/.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mqttjs_in_chromium_chats_with_mosquitto_clients() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-        let missing = missing(&dir);
-        if !missing.is_empty() {
-            let what = format!("missing for the browser test: {}", missing.join(", "));
-            assert!(!in_ci(), "CI=true and {what}");
-            eprintln!("note: skipping the browser test: {what}");
+        let Some(browser) = Browser::prepare(
+            "browser test",
+            "browser-test",
+            &["playwright-core/package.json", "mqtt/dist/mqtt.min.js"],
+            &[
+                ("mosquitto_pub", "mosquitto-clients"),
+                ("mosquitto_sub", "mosquitto-clients"),
+                ("stdbuf", "coreutils"),
+            ],
+        ) else {
             return;
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../browser-test");
-        std::fs::create_dir_all(&out).unwrap();
-        let out = out.canonicalize().unwrap();
-        let log_path = out.join("run.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        };
 
         let files = tempfile::tempdir().unwrap();
         let secret = "the app server's secret";
@@ -817,54 +772,21 @@ mod browser {
         })
         .await;
         let wss_port = broker.server.as_ref().unwrap().local_addrs()[2].1.port();
-        let mut node = Command::new("node")
-            .arg("run.js")
-            .arg(broker.ws_addr().port().to_string())
+        let mut node = browser.node("run.js");
+        node.arg(broker.ws_addr().port().to_string())
             .arg(broker.port().to_string())
-            .arg(&out)
-            .env("CHROMIUM", chromium())
+            .arg(&browser.out)
             .env("TERNMQ_WSS_PORT", wss_port.to_string())
             .env("TERNMQ_WSS_TOKEN", token)
-            .env("TERNMQ_WSS_SPKI", spki)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run node");
-        let deadline = Instant::now() + BROWSER_WAIT;
-        let status = loop {
-            if let Some(status) = node.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                // Only our own child, by its handle; its watchdog should have fired first.
-                let _ = node.kill();
-                let _ = node.wait();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-        println!("{output}");
+            .env("TERNMQ_WSS_SPKI", spki);
+        browser.run(node, "run.log", BROWSER_WAIT).await;
         broker.stop().await;
-        match status {
-            Some(s) => assert!(
-                s.success(),
-                "browser test failed ({s}); log in {}",
-                log_path.display()
-            ),
-            None => panic!("browser test still running after {BROWSER_WAIT:?}; killed"),
-        }
-        for case in [
+        browser.assert_screenshots(&[
             "v3.1.1-path",
             "v3.1.1-root",
             "v5-path",
             "v5-root",
             "v5-wss-jwt",
-        ] {
-            let shot = out.join(format!("{case}.png"));
-            assert!(shot.is_file(), "no screenshot {}", shot.display());
-        }
+        ]);
     }
 }

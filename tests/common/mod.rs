@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod browser;
 pub mod client;
 pub mod http;
 pub mod mosquitto;
