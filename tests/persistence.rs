@@ -12,11 +12,12 @@ mod common;
 
 use common::binary::BrokerProcess;
 use common::client::*;
+use common::damage::{newest_journal, zero};
 use common::mosquitto::{self, clients_available};
 use common::TestBroker;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -886,27 +887,6 @@ async fn connect_at(addr: SocketAddr, connect: Connect, present: bool) -> Client
     c
 }
 
-/// The fjall journal holding the newest writes, and where its data ends.
-fn newest_journal(data: &Path) -> (PathBuf, u64) {
-    let journal = std::fs::read_dir(data.join("db"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
-        .max_by_key(|p| {
-            p.file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok())
-        })
-        .expect("a journal");
-    let bytes = std::fs::read(&journal).unwrap();
-    let end = bytes
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |i| i as u64 + 1);
-    (journal, end)
-}
-
 /// Queues `count` numbered messages for the offline persistent client "victim", one
 /// acknowledged PUBLISH (so one commit, under `always`) at a time.
 async fn queue_numbered(addr: SocketAddr, count: u64) {
@@ -993,16 +973,7 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
     queue_numbered(addr, 60).await;
     broker.terminate();
     let (journal, end) = newest_journal(&data);
-    {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&journal)
-            .unwrap();
-        f.seek(SeekFrom::Start(end / 2)).unwrap();
-        f.write_all(&[0; 4096]).unwrap();
-        f.sync_all().unwrap();
-    }
+    zero(&journal, end / 2, 4096);
 
     let stop = binary_config(&data, "always", "stop");
     let (status, log) = BrokerProcess::run_to_exit(&stop);

@@ -4,7 +4,11 @@
 // A test reads best as one sequence of steps, however long.
 #![allow(clippy::too_many_lines)]
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+mod common;
+
+use common::damage::{newest_journal, zero};
+
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -574,34 +578,6 @@ async fn kill_9_loses_nothing_that_was_durable() {
             );
         }
     }
-}
-
-/// The fjall journal holding the newest writes, and the end of its data.
-fn newest_journal(dir: &Path) -> (PathBuf, u64) {
-    let journal = std::fs::read_dir(dir.join("db"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
-        .max_by_key(|p| {
-            p.file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok())
-        })
-        .expect("a journal");
-    let bytes = std::fs::read(&journal).unwrap();
-    let end = bytes
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |i| i as u64 + 1);
-    (journal, end)
-}
-
-fn zero(path: &Path, at: u64, len: usize) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&vec![0; len]).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[tokio::test]

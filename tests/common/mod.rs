@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod browser;
 pub mod client;
+pub mod damage;
 pub mod http;
 pub mod mosquitto;
 pub mod ws;
