@@ -26,6 +26,7 @@ use ternmq::protocol::{
     self, ByteStr, Connect, Packet, Properties, Protocol, Publish, QoS, SubOptions, Subscribe,
     SubscribeFilter,
 };
+use ternmq::store::allocated_bytes;
 
 struct Sizes {
     retained: u64,
@@ -581,20 +582,4 @@ fn drain_numbers(addr: SocketAddr, client_id: &str) -> std::collections::HashSet
         }
     }
     got
-}
-
-/// Disk space used under `path`: blocks allocated, not file lengths (fjall preallocates its
-/// journal as a sparse file).
-fn allocated_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
-            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
-            Err(_) => 0,
-        })
-        .sum()
 }

@@ -405,7 +405,7 @@ fn read_message(engine: &Engine, id: u64) -> Result<Option<Arc<StoredMessage>>, 
 
 /// Disk space used under `path`: blocks allocated, not file lengths (fjall preallocates its
 /// journal as a sparse file).
-fn allocated_bytes(path: &Path) -> u64 {
+pub fn allocated_bytes(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };

@@ -18,7 +18,7 @@ mod mem;
 mod writer;
 
 pub use crate::config::{OnCorruption, PersistenceConfig, SyncMode};
-pub use disk::DiskStore;
+pub use disk::{allocated_bytes, DiskStore};
 pub use mem::MemStore;
 
 use std::future::Future;
