@@ -4,7 +4,7 @@
 //! state machine (`conn`) -> the router (`router`) -> the subscribers' sessions
 //! (`session`) -> bytes. `broker` holds the shared state and the life of sessions;
 //! `server` binds the listeners.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(unreachable_pub)]
 
 pub mod admin;

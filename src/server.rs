@@ -317,8 +317,48 @@ async fn bind(listener: &Listener) -> Result<(TcpListener, SocketAddr), StartErr
     };
     let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
     let addr = socket.local_addr().map_err(bind)?;
+    if let Err(e) = defer_accept(&socket) {
+        tracing::debug!(%addr, "TCP_DEFER_ACCEPT: {e}");
+    }
     Ok((socket, addr))
 }
+
+/// Asks Linux to hand over a connection only once its first bytes (a CONNECT, a TLS
+/// ClientHello, an HTTP request) have arrived: every client of every listener speaks
+/// first. The connection's first read (tokio takes a new socket as readable) then finds
+/// the request instead of waking the task twice, and a connection that never speaks
+/// holds no descriptor or task of ours until the kernel stops waiting
+/// (`DEFER_ACCEPT_SECS`), when `connect_timeout` takes over.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // no safe wrapper: std's is unstable, socket2 and rustix lack it
+fn defer_accept(socket: &TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let secs: libc::c_int = DEFER_ACCEPT_SECS;
+    // SAFETY: the descriptor is open for as long as `socket` is borrowed, and the value
+    // is a c_int passed with its size, as tcp(7) defines TCP_DEFER_ACCEPT.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_: &TcpListener) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// How long a connection may stay silent before Linux hands it over anyway.
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: libc::c_int = 5;
 
 /// The TLS handshake, then MQTT, the WebSocket upgrade or HTTP over the encrypted stream.
 async fn serve_tls(

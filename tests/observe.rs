@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::client::{connect_expiry, plain, retained, Client};
+use common::client::{connect_expiry, connect_v311, encode, plain, retained, Client};
 use common::mosquitto::{clients_available, in_ci, mosquitto_sub, on_path};
 use common::TestBroker;
 use serde_json::Value;
@@ -459,6 +459,46 @@ async fn metrics_are_valid_prometheus_text() {
             "CI=true and promtool is missing (apt-get install prometheus)"
         );
     }
+}
+
+/// Listeners hand over a connection only once it has sent something (TCP_DEFER_ACCEPT):
+/// connections that stay silent hold no descriptor and no task of the broker's, and do
+/// not count as accepted; the first bytes of one make it an ordinary connection.
+#[tokio::test]
+async fn silent_connections_are_not_accepted_until_they_speak() {
+    let b = TestBroker::with(with_admin).await;
+    let admin = admin_addr(&b);
+    let accepted = || async {
+        let (status, _, text) = http(admin, "GET", "/metrics", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "{text}");
+        let series = format!(
+            "ternmq_connections_accepted_total{{listener=\"mqtt://{}\"}}",
+            b.addr
+        );
+        parse_exposition(&text)[&series]
+    };
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+    }
+    let _speaking = Client::connect_v311(b.addr, "speaks").await;
+    assert_eq!(accepted().await, 1.0, "only the connection that spoke");
+
+    // One of the silent ones sends its CONNECT: accepted, and answered as usual.
+    let mut late = silent.pop().unwrap();
+    let connect = encode(
+        &Packet::Connect(Box::new(connect_v311("late"))),
+        Protocol::V311,
+    );
+    late.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, late.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    assert_eq!(accepted().await, 2.0);
+    b.stop().await;
 }
 
 // =======================================================================================

@@ -32,6 +32,7 @@ pub struct IdleReport {
     pub rss_connected_kb: Option<u64>,
     pub rss_peak_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
+    /// The generator's own CPU time while connecting: near `connect_s`, it is the limit.
     pub loadgen_cpu_s: f64,
     /// The broker's CPU time while the connections were being set up (with `--pid`):
     /// connect cost that does not depend on how fast the generator is.
@@ -118,6 +119,7 @@ async fn idle(args: &Args, addr: SocketAddr) -> anyhow::Result<IdleReport> {
         h.await?;
     }
     let connect_s = start.elapsed().as_secs_f64();
+    let loadgen_cpu_s = procfs::own_cpu_seconds() - own_cpu;
     let broker_connect_cpu_s = broker_cpu
         .zip(pid.and_then(procfs::cpu_seconds))
         .map(|(before, after)| after - before);
@@ -148,7 +150,7 @@ async fn idle(args: &Args, addr: SocketAddr) -> anyhow::Result<IdleReport> {
         rss_connected_kb: rss_connected,
         rss_peak_kb: rss_peak,
         rss_after_kb: rss_after,
-        loadgen_cpu_s: procfs::own_cpu_seconds() - own_cpu,
+        loadgen_cpu_s,
         broker_connect_cpu_s,
     })
 }
