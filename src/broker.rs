@@ -621,6 +621,6 @@ impl Drop for Opened<'_> {
 /// Tells a connection that its session has been taken from it.
 fn wake(link: Option<Link>) {
     if let Some(link) = link {
-        link.wake.notify_one();
+        link.wire.wake();
     }
 }

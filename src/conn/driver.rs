@@ -19,14 +19,13 @@ use crate::metrics::{self, Counter};
 use crate::observe::clients::LiveClient;
 use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol, ReasonCode};
 use crate::security::AuthResult;
-use crate::session::Link;
+use crate::session::{Link, Wire};
 use bytes::BytesMut;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, Instrument};
 
@@ -237,11 +236,16 @@ where
         }
     };
     let conn_id = broker.next_id();
-    let wake = Arc::new(Notify::new());
-    let link = Link {
-        conn_id,
-        wake: wake.clone(),
-    };
+    let client = LiveClient::new(
+        peer.addr,
+        peer.listener.clone(),
+        protocol,
+        negotiated.keep_alive,
+        login.username.as_deref(),
+    );
+    broker.clients.connected(&client);
+    let wire = Arc::new(Wire::new(Some(client)));
+    let link = Link::new(conn_id, wire.clone());
     let now = now();
     let (session, present) = broker.open_session(
         &negotiated.client_id,
@@ -257,22 +261,10 @@ where
         resumed = present,
         "connected"
     );
-    broker.clients.register(
-        negotiated.client_id.clone(),
-        LiveClient::new(
-            conn_id,
-            peer.addr,
-            peer.listener.clone(),
-            protocol,
-            negotiated.keep_alive,
-            login.username.as_deref(),
-            wake.clone(),
-        ),
-    );
     let mut ack = negotiated.connack(&broker.config, present);
     ack.properties.authentication_method = login.method.clone();
     ack.properties.authentication_data = login.data.take();
-    let conn = Connection::new(broker, &negotiated, login, session, conn_id, wake, now);
+    let conn = Connection::new(broker, &negotiated, login, session, conn_id, wire, now);
     conn.send(&mut io.wbuf, Packet::ConnAck(ack));
     Some(conn)
 }
@@ -465,7 +457,6 @@ where
 {
     let deadline = sleep_until(deadline_of(conn));
     tokio::pin!(deadline);
-    let wake = conn.wake().clone();
     // Clients may send packets right behind CONNECT, before the CONNACK: they are in
     // the buffer already.
     conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
@@ -502,7 +493,7 @@ where
         // calls for the broker and the client alike).
         tokio::select! {
             biased;
-            _ = wake.notified() => conn.check_owner()?,
+            _ = conn.woken() => conn.check_owner()?,
             read = io.reader.read_buf(&mut io.rbuf), if can_read => {
                 let n = match read {
                     Ok(0) => return Err(Exit::Closed(None)),
