@@ -25,6 +25,7 @@ use crate::protocol::{
 };
 use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
+use crate::session::link::Woken;
 use crate::session::outbox::{Due, Outbox, Progress};
 use crate::session::{Session, SessionState, Wire};
 use crate::throttle::Throttle;
@@ -149,7 +150,7 @@ impl<'a> Connection<'a> {
 
     /// Completes once a publisher, a takeover, an administrator or the shutdown woke
     /// this connection (then `check_owner`).
-    pub fn woken(&self) -> impl std::future::Future<Output = ()> + '_ {
+    pub fn woken(&self) -> Woken<'_> {
         self.wire.woken()
     }
 
