@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use ternmq::message::Message;
 use ternmq::protocol::{QoS, SubOptions};
 use ternmq::router::Router;
-use ternmq::session::{Env, Link, QueueLimits, Session};
-use tokio::sync::Notify;
+use ternmq::session::{Env, Link, QueueLimits, Session, Wire};
 
 fn options(qos: QoS) -> SubOptions {
     SubOptions {
@@ -161,10 +160,7 @@ fn fan_out(c: &mut Criterion) {
         let sessions: Vec<(Arc<Session>, Link)> = (0..SUBSCRIBERS as u64)
             .map(|id| {
                 let s = session(id, limits);
-                let link = Link {
-                    conn_id: id,
-                    wake: Arc::new(Notify::new()),
-                };
+                let link = Link::new(id, Arc::new(Wire::default()));
                 s.attach_new(link.clone(), 0);
                 router.subscribe("fan/out", &s, options(qos), None);
                 (s, link)

@@ -516,18 +516,20 @@ impl Broker {
         }
     }
 
-    /// Counts a new connection on `listener` for as long as the guard lives. The guard
+    /// Counts a new connection on `listener` for as long as the guard lives, and tells
+    /// whether it is within the limits (one too many is refused at its CONNECT). The guard
     /// holds the listener itself, so that the connection need not keep its `Peer`.
-    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> Opened<'_> {
+    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> (Opened<'_>, bool) {
         let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
         let over = |n: usize, max: usize| max > 0 && n > max;
-        Opened {
-            within_limits: !over(all, self.config.limits.max_connections)
-                && !over(here, listener.max_connections),
+        let within_limits =
+            !over(all, self.config.limits.max_connections) && !over(here, listener.max_connections);
+        let opened = Opened {
             connections: &self.connections,
             listener: listener.clone(),
-        }
+        };
+        (opened, within_limits)
     }
 
     /// Client connections open now.
@@ -603,10 +605,9 @@ impl ListenerRules {
     }
 }
 
-/// A connection counted against the limits, until dropped.
+/// A connection counted against the limits, until dropped. It lives as long as the
+/// connection's task: the verdict on the limits is not kept in it.
 pub struct Opened<'a> {
-    /// False when the connection is one too many: it is refused at its CONNECT.
-    pub within_limits: bool,
     connections: &'a AtomicUsize,
     listener: Arc<ListenerRules>,
 }
@@ -621,6 +622,6 @@ impl Drop for Opened<'_> {
 /// Tells a connection that its session has been taken from it.
 fn wake(link: Option<Link>) {
     if let Some(link) = link {
-        link.wake.notify_one();
+        link.wire.wake();
     }
 }

@@ -13,6 +13,7 @@
 mod common;
 
 use common::client::{connect_expiry, connect_v311, encode, plain, retained, Client};
+use common::http::Sse;
 use common::mosquitto::{clients_available, in_ci, mosquitto_sub, on_path};
 use common::TestBroker;
 use serde_json::Value;
@@ -504,6 +505,42 @@ async fn silent_connections_are_not_accepted_until_they_speak() {
 // =======================================================================================
 // The admin API
 // =======================================================================================
+
+/// An HTTP stream's session is listed as any session, not connected (a stream is no
+/// MQTT connection) and not closed by the API; the stream goes on. An MQTT client taking
+/// the session over shows as connected, and the API can close it.
+#[tokio::test]
+async fn admin_api_lists_http_streams_as_sessions() {
+    let b = TestBroker::with_http(with_admin).await;
+    let admin = admin_addr(&b);
+    let mut sse = Sse::connect(b.http_addr(), "/sse?topic=news&client_id=tab", &[]).await;
+    sse.next_block(WAIT).await;
+
+    let row = api(admin, "GET", "/api/v1/clients/tab", "", 200).await;
+    assert_eq!(row["connected"], false);
+    assert_eq!(row["address"], Value::Null);
+    assert_eq!(row["subscription_count"], 1);
+    let list = api(admin, "GET", "/api/v1/clients", "", 200).await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["clients"][0]["client_id"], "tab");
+    api(admin, "DELETE", "/api/v1/clients/tab", "", 404).await;
+
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    publisher
+        .publish(plain("news", b"still streaming", QoS::AtLeastOnce))
+        .await;
+    let event = sse.next_event().await.expect("the stream goes on");
+    assert_eq!(event.json()["payload"], "still streaming");
+
+    let mut mqtt = Client::connect_v5(b.addr, "tab").await;
+    assert_eq!(sse.next_event().await.unwrap().event, "taken_over");
+    let row = api(admin, "GET", "/api/v1/clients/tab", "", 200).await;
+    assert_eq!(row["connected"], true);
+    assert_eq!(row["protocol"], "5.0");
+    api(admin, "DELETE", "/api/v1/clients/tab", "", 200).await;
+    mqtt.expect_disconnect(ReasonCode::AdministrativeAction)
+        .await;
+}
 
 /// Clients listed, looked up and disconnected (5.0: DISCONNECT 0x98); the console's
 /// files are served without the token, the API not.

@@ -27,8 +27,7 @@ use ternmq::message::Message;
 use ternmq::protocol::{
     Ack, ByteStr, Connect, Packet, Properties, Protocol, Publish, QoS, ReasonCode, Subscribe,
 };
-use ternmq::session::{Link, NotOwner, NEVER_EXPIRE};
-use tokio::sync::Notify;
+use ternmq::session::{Link, NotOwner, Wire, NEVER_EXPIRE};
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------
@@ -132,10 +131,7 @@ async fn a_the_loser_of_a_takeover_changes_no_subscription() {
     let broker = b.broker();
     let client_id = ByteStr::from("a-client");
     let topic = ByteStr::from("a/t");
-    let link = |conn_id| Link {
-        conn_id,
-        wake: Arc::new(Notify::new()),
-    };
+    let link = |conn_id| Link::new(conn_id, Arc::new(Wire::default()));
     let now = ternmq::broker::now();
     let (loser, winner) = (broker.next_id(), broker.next_id());
 

@@ -11,7 +11,7 @@ use crate::observe::clients::{protocol_name, LiveClient};
 use crate::observe::process;
 use crate::protocol::{topic, ByteStr, QoS};
 use crate::router::within_levels;
-use crate::session::Session;
+use crate::session::{Session, Wire};
 use base64::Engine;
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -101,19 +101,15 @@ impl Api<'_> {
             Err(e) => return e,
         };
         let search = q.get("search").unwrap_or("");
-        let mut rows: Vec<(Arc<Session>, Option<Arc<LiveClient>>)> = self
+        let mut rows: Vec<(Arc<Session>, Option<Arc<Wire>>)> = self
             .broker
             .all_sessions()
             .into_iter()
             .map(|s| {
-                let live = self
-                    .broker
-                    .clients
-                    .get(&s.client_id)
-                    .filter(|l| s.is_owned_by(l.conn_id));
-                (s, live)
+                let wire = s.wire();
+                (s, wire)
             })
-            .filter(|(s, live)| search.is_empty() || matches_search(s, live.as_deref(), search))
+            .filter(|(s, wire)| search.is_empty() || matches_search(s, live(wire), search))
             .collect();
         rows.sort_by(|a, b| a.0.client_id.cmp(&b.0.client_id));
         let total = rows.len();
@@ -121,7 +117,7 @@ impl Api<'_> {
             .iter()
             .skip(offset)
             .take(limit)
-            .map(|(s, live)| client_json(s, live.as_deref(), false))
+            .map(|(s, wire)| client_json(s, live(wire), false))
             .collect();
         Reply::ok(json!({ "total": total, "offset": offset, "limit": limit, "clients": clients }))
     }
@@ -131,18 +127,15 @@ impl Api<'_> {
         let Some(session) = self.broker.session(id) else {
             return Reply::error(StatusCode::NOT_FOUND, &format!("no client {id:?}"));
         };
-        let live = self
-            .broker
-            .clients
-            .get(id)
-            .filter(|l| session.is_owned_by(l.conn_id));
-        Reply::ok(client_json(&session, live.as_deref(), true))
+        let wire = session.wire();
+        Reply::ok(client_json(&session, live(&wire), true))
     }
 
     /// `DELETE /api/v1/clients/{id}`: closes the client's connection (5.0: DISCONNECT
     /// 0x98 Administrative action); its session stays as its expiry says.
     pub(super) fn disconnect(&self, id: &str) -> Reply {
-        if self.broker.clients.kick(id) {
+        let wire = self.broker.session(id).and_then(|s| s.wire());
+        if wire.is_some_and(|w| w.kick()) {
             tracing::info!(client_id = id, "disconnecting on the admin API's request");
             Reply::ok(json!({ "disconnected": id }))
         } else {
@@ -300,6 +293,11 @@ fn page(q: &Query) -> Result<(usize, usize), Reply> {
 
 fn valid_topic(t: &str) -> bool {
     !t.is_empty() && !t.contains(['+', '#']) && within_levels(t) && !t.contains('\0')
+}
+
+/// The MQTT connection's record, from its session's wire (HTTP streams have none).
+fn live(wire: &Option<Arc<Wire>>) -> Option<&LiveClient> {
+    wire.as_deref().and_then(Wire::client)
 }
 
 fn matches_search(s: &Session, live: Option<&LiveClient>, search: &str) -> bool {

@@ -25,13 +25,13 @@ use crate::protocol::{
 };
 use crate::router::{is_shared, within_levels};
 use crate::security::acl::{Access as Acl, Authorizer};
+use crate::session::link::Woken;
 use crate::session::outbox::{Due, Outbox, Progress};
-use crate::session::{Session, SessionState};
+use crate::session::{Session, SessionState, Wire};
 use crate::throttle::Throttle;
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 /// Stop moving messages from the session queue into the write buffer past this: the
@@ -64,7 +64,9 @@ pub struct Connection<'a> {
     aliases: Option<Box<Aliases>>,
     /// How many topic aliases this connection may set towards the client (5.0).
     outgoing_aliases: u16,
-    wake: Arc<Notify>,
+    /// Shared with the session's `Link`: wake-ups, an administrator's kick, the admin
+    /// API's record.
+    wire: Arc<Wire>,
     /// The publish rate limit, when configured.
     throttle: Option<Box<Throttle>>,
     /// Who the client is and what the session has due for it, in one allocation: this
@@ -85,7 +87,7 @@ impl<'a> Connection<'a> {
         login: Login,
         session: Arc<Session>,
         conn_id: u64,
-        wake: Arc<Notify>,
+        wire: Arc<Wire>,
         now: Instant,
     ) -> Connection<'a> {
         let cfg = &broker.config;
@@ -112,7 +114,7 @@ impl<'a> Connection<'a> {
             outgoing_aliases: negotiated
                 .client_topic_alias_max
                 .min(cfg.mqtt.max_outgoing_topic_aliases),
-            wake,
+            wire,
             throttle: Throttle::new(&cfg.limits, now).map(Box::new),
             held: Box::new(Held {
                 access: Access {
@@ -146,8 +148,10 @@ impl<'a> Connection<'a> {
         (&self.session, self.conn_id)
     }
 
-    pub fn wake(&self) -> &Arc<Notify> {
-        &self.wake
+    /// Completes once a publisher, a takeover, an administrator or the shutdown woke
+    /// this connection (then `check_owner`).
+    pub fn woken(&self) -> Woken<'_> {
+        self.wire.woken()
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -238,11 +242,7 @@ impl<'a> Connection<'a> {
         if !self.session.is_owned_by(self.conn_id) {
             return Err(Exit::TakenOver);
         }
-        if self
-            .broker
-            .clients
-            .is_kicked(&self.session.client_id, self.conn_id)
-        {
+        if self.wire.is_kicked() {
             return Err(Exit::Administrative);
         }
         Ok(())
@@ -918,9 +918,9 @@ impl<'a> Connection<'a> {
     /// DISCONNECT with the reason, written to `out`.
     pub fn close(mut self, exit: &Exit, now: Instant, out: &mut BytesMut) {
         exit.log();
-        self.broker
-            .clients
-            .remove(&self.session.client_id, self.conn_id);
+        if let Some(client) = self.wire.client() {
+            self.broker.clients.disconnected(client);
+        }
         let outcome = exit.outcome();
         let will = self.will.take().filter(|_| outcome.publish_will);
         // A delayed will waits in the session; it is cancelled if the session resumes.

@@ -286,7 +286,7 @@ impl HttpService {
             .unwrap_or(DEFAULT_POLL_TIMEOUT)
             .min(self.settings.max_poll_timeout);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-        let wake = sub.wake().clone();
+        let wire = sub.wire().clone();
         let shutdown = &self.broker.shutdown;
         let mut out = BytesMut::from(&b"["[..]);
         loop {
@@ -302,7 +302,7 @@ impl HttpService {
             }
             tokio::select! {
                 biased;
-                _ = wake.notified() => {}
+                _ = wire.woken() => {}
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
@@ -491,7 +491,7 @@ impl SseState {
         if self.ended {
             return None;
         }
-        let wake = self.sub.wake().clone();
+        let wire = self.sub.wire().clone();
         let token_deadline = self.sub.token_deadline();
         loop {
             if self.shutdown.is_cancelled() {
@@ -524,7 +524,7 @@ impl SseState {
             }
             tokio::select! {
                 biased;
-                _ = wake.notified() => {}
+                _ = wire.woken() => {}
                 _ = self.shutdown.cancelled() => return None,
                 _ = until(token_deadline) => {}
                 _ = tokio::time::sleep(self.heartbeat) => return Some(Bytes::from_static(PING)),

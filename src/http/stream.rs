@@ -21,12 +21,11 @@ use crate::protocol::{ByteStr, QoS, ReasonCode, SubOptions};
 use crate::router::is_shared;
 use crate::security::acl::{Access, Authorizer};
 use crate::session::outbox::{Due, Outbox, Progress};
-use crate::session::{Link, NotOwner, Session, SessionState};
+use crate::session::{Link, NotOwner, Session, SessionState, Wire};
 use bytes::{BufMut, BytesMut};
 use hyper::StatusCode;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::Notify;
 
 /// The session was taken over by another connection or stream (or ended): this one ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +50,7 @@ pub struct Subscriber {
     broker: Arc<Broker>,
     session: Arc<Session>,
     conn_id: u64,
-    wake: Arc<Notify>,
+    wire: Arc<Wire>,
     username: Option<String>,
     authorizer: Authorizer,
     /// Logged in with a token: the stream ends when it expires, and its rules are not
@@ -84,11 +83,9 @@ impl Subscriber {
         now: Instant,
     ) -> Subscriber {
         let conn_id = broker.next_id();
-        let wake = Arc::new(Notify::new());
-        let link = Link {
-            conn_id,
-            wake: wake.clone(),
-        };
+        // No client record: the admin API lists the session, not the stream.
+        let wire = Arc::new(Wire::default());
+        let link = Link::new(conn_id, wire.clone());
         let expiry = if persistent { expiry } else { 0 };
         let (session, resumed) = broker.open_session(client_id, !persistent, expiry, link, now);
         if resumed {
@@ -100,7 +97,7 @@ impl Subscriber {
             broker: broker.clone(),
             session,
             conn_id,
-            wake,
+            wire,
             username: login.username,
             authorizer: login.authorizer,
             token_deadline: login.token_valid_for.map(|d| now + d),
@@ -128,8 +125,8 @@ impl Subscriber {
     }
 
     /// Notified when messages arrive for the session, and when it is taken over.
-    pub fn wake(&self) -> &Arc<Notify> {
-        &self.wake
+    pub fn wire(&self) -> &Arc<Wire> {
+        &self.wire
     }
 
     pub fn check_owner(&self) -> Result<(), Gone> {

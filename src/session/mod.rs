@@ -12,6 +12,7 @@
 //! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
 
 pub mod journal;
+pub mod link;
 pub mod outbox;
 pub mod state;
 
@@ -24,6 +25,7 @@ use crate::store::{
     InflightEntry, InflightStage, Op, StoredSession, StoredSubscription, StoredWill,
 };
 use journal::Journal;
+pub use link::{Link, Wire};
 use parking_lot::{Mutex, MutexGuard};
 use state::Change;
 pub use state::{
@@ -32,7 +34,6 @@ pub use state::{
 };
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 /// How many messages a session may hold, and which.
@@ -167,13 +168,6 @@ fn record(journal: &Journal, client_id: &ByteStr, state: &SessionState, change: 
         Change::ReleasedIncoming(pkid) => Op::DeleteIncoming { client_id, pkid },
         Change::Ended => Op::DeleteSession { client_id },
     }
-}
-
-/// The connection currently serving a session.
-#[derive(Clone)]
-pub struct Link {
-    pub conn_id: u64,
-    pub wake: Arc<Notify>,
 }
 
 /// The session changed hands: the connection asking is no longer its owner.
@@ -354,8 +348,13 @@ impl Session {
     /// Wakes the connection serving this session, if any.
     pub fn wake(&self) {
         if let Some(link) = &self.inner.lock().link {
-            link.wake.notify_one();
+            link.wire.wake();
         }
+    }
+
+    /// The wire of the connection serving this session, if any (for the admin API).
+    pub fn wire(&self) -> Option<Arc<Wire>> {
+        self.lock().link.as_ref().map(|l| l.wire.clone())
     }
 
     /// Discarded or expired (a session that moved to another node has not ended).
@@ -443,7 +442,7 @@ impl Mailbox for Session {
         // until the queue is empty or it is blocked on acks or the socket.
         if was_empty {
             if let Some(link) = &inner.link {
-                link.wake.notify_one();
+                link.wire.wake();
             }
         }
         true

@@ -107,8 +107,8 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     H: Handler,
 {
-    let opened = broker.open_connection(&peer.listener);
-    if !opened.within_limits {
+    let (_opened, within_limits) = broker.open_connection(&peer.listener);
+    if !within_limits {
         debug!(peer = %peer.addr, "too many connections (max_connections); closing");
         return;
     }
