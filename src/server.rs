@@ -318,7 +318,7 @@ async fn bind(listener: &Listener) -> Result<(TcpListener, SocketAddr), StartErr
     let socket = TcpListener::bind(listener.bind).await.map_err(bind)?;
     let addr = socket.local_addr().map_err(bind)?;
     if let Err(e) = defer_accept(&socket) {
-        tracing::debug!(%addr, "TCP_DEFER_ACCEPT: {e}");
+        tracing::warn!(%addr, "TCP_DEFER_ACCEPT not set: {e}");
     }
     Ok((socket, addr))
 }
