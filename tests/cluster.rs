@@ -308,6 +308,14 @@ async fn wait_interest_within(node: &Node, owner: &str, filter: &str, wait: Dura
 // Tests
 // ---------------------------------------------------------------------------------------
 
+/// The tests run one after the other: each runs up to three NATS servers and three nodes
+/// whose liveness is judged in 1.5 s, and two such tests at once on CI's two cores
+/// starve each other's heartbeats (a node declared dead while its NATS server restarts).
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// A message published on one node reaches subscribers on the two others, at each QoS:
 /// once each, QoS 2 exactly once, with its properties.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +323,7 @@ async fn publish_on_one_node_reaches_subscribers_on_the_others() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("fanout", shared_nats()).await;
     let mut subs = Vec::new();
     for (i, node) in nodes.iter().enumerate().skip(1) {
@@ -457,6 +466,7 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let nats = shared_nats();
     let name = cluster_name("kill9");
     let mut nodes: Vec<BrokerProcess> = ["a", "b", "c"]
@@ -540,6 +550,7 @@ async fn the_cluster_keeps_serving_when_a_nats_server_dies() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let mut nats = Nats::start();
     let (_name, nodes) = three_nodes("natsdown", &nats).await;
     let (mut sub, _) = Client::accepted(nodes[1].addr, connect_expiry("s", true, 600)).await;
@@ -596,6 +607,7 @@ async fn state_survives_restarting_every_node_and_nats_server() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let mut nats = Nats::start();
     let (name, nodes) = three_nodes("restart", &nats).await;
     let (mut client, _) = Client::accepted(nodes[0].addr, connect_expiry("p", true, 600)).await;
@@ -649,6 +661,7 @@ async fn mosquitto_clients_on_different_nodes() {
     if !nats_available() || !common::mosquitto::clients_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("mosquitto", shared_nats()).await;
     let port = |n: &Node| n.addr.port().to_string();
     let mut sub = common::mosquitto::Proc::spawn(
@@ -714,6 +727,7 @@ async fn retained_messages_are_cluster_wide() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("retained", shared_nats()).await;
     let mut publisher = Client::connect_v5(nodes[0].addr, "pub").await;
     publisher
@@ -760,6 +774,7 @@ async fn a_persistent_client_moves_and_receives_what_was_queued() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("moves", shared_nats()).await;
     let (mut client, ack) = Client::accepted(nodes[0].addr, connect_expiry("p", true, 300)).await;
     assert!(!ack.session_present);
@@ -797,6 +812,7 @@ async fn connecting_on_another_node_takes_the_session_over() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("takeover", shared_nats()).await;
     let (mut old, _) = Client::accepted(nodes[0].addr, connect_expiry("t", true, 300)).await;
     old.subscribe("k", QoS::AtLeastOnce).await;
@@ -820,6 +836,7 @@ async fn a_shared_group_over_three_nodes_gets_each_message_once() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let (_name, nodes) = three_nodes("shared", shared_nats()).await;
     let mut members = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -874,6 +891,7 @@ async fn nodes_reach_nats_over_tls_with_a_password() {
     if !nats_available() {
         return;
     }
+    let _serial = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     let path = |n: &str| dir.path().join(n);
     let mut params = CertificateParams::default();
