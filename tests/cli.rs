@@ -7,173 +7,24 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
-/// Bound of every wait: start-up, a log line, an exit.
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+
+use common::binary::{command as ternmq, BrokerProcess as Broker};
+use common::client::WAIT;
+
 /// The broker gives its connections 3 s to close after a signal; it should need far less.
 const EXIT_AFTER_SIGNAL: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(10);
-
-fn ternmq() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternmq"));
-    // The log checks below need the configured level, in plain text.
-    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
-    cmd
-}
-
-/// The running binary, its stdout and stderr collected by threads; killed when dropped.
-struct Broker {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Broker {
-    fn spawn(mut cmd: Command) -> Broker {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("run the ternmq binary");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
-            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
-        ];
-        Broker {
-            child,
-            stdout,
-            stderr,
-            readers,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        strip_ansi(&self.stdout.lock().unwrap())
-    }
-
-    fn stderr(&self) -> String {
-        strip_ansi(&self.stderr.lock().unwrap())
-    }
-
-    /// Everything printed so far: logs go to stdout, configuration errors to stderr.
-    fn log(&self) -> String {
-        self.stdout() + &self.stderr()
-    }
-
-    /// Waits (bounded) until `find` finds something in the complete lines of the log
-    /// (a line still being written could be read half); fails if the process exits first.
-    fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (out, err) = (self.stdout(), self.stderr());
-            if let Some(found) = find(complete_lines(&out)).or_else(|| find(complete_lines(&err))) {
-                return found;
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "ternmq exited ({status}) before logging {what}:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} in the log after {WAIT:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits up to `within` for the process to exit, then for the rest of its output.
-    fn wait(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ternmq still running after {within:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        };
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        status
-    }
-
-    /// Sends `signal` (e.g. "TERM") with kill(1), to this process only.
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed: {status}");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-}
-
-/// `text` up to its last newline.
-fn complete_lines(text: &str) -> &str {
-    &text[..text.rfind('\n').map_or(0, |end| end + 1)]
-}
-
-/// Removes terminal colour sequences (ESC [ ... m), in case the logger emits them anyway.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// Runs the binary with `args`, waits (bounded) for it to exit, and returns its exit
 /// status, stdout and stderr.
 fn run(args: &[&str]) -> (ExitStatus, String, String) {
     let mut cmd = ternmq();
     cmd.args(args);
-    let mut broker = Broker::spawn(cmd);
-    let status = broker.wait(WAIT);
+    let mut broker = Broker::spawn_command(cmd);
+    let status = broker.wait();
     (status, broker.stdout(), broker.stderr())
 }
 
@@ -337,7 +188,7 @@ fn start_sample() -> (Broker, SocketAddr, tempfile::TempDir) {
         .arg(config)
         .args(["--bind", "127.0.0.1:0"])
         .current_dir(dir.path());
-    let mut broker = Broker::spawn(cmd);
+    let mut broker = Broker::spawn_command(cmd);
     let addr = broker.wait_for_log("the TCP listening address", |log| {
         log.lines()
             .filter(|l| l.contains("listening") && l.contains("kind=Tcp"))
@@ -398,7 +249,7 @@ fn serves_and_exits_cleanly_on(signal: &str) {
         "the sample's data directory is made where the broker runs"
     );
     broker.signal(signal);
-    let status = broker.wait(EXIT_AFTER_SIGNAL);
+    let status = broker.wait_within(EXIT_AFTER_SIGNAL);
     assert_eq!(
         status.code(),
         Some(0),
@@ -593,11 +444,11 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         "--log-level",
         "debug",
     ]);
-    let mut broker = Broker::spawn(cmd);
+    let mut broker = Broker::spawn_command(cmd);
     broker.wait_for_log("the listening line", |log| {
         log.contains("listening").then_some(())
     });
-    let raw = broker.stdout.lock().unwrap().clone();
+    let raw = broker.stdout();
     assert!(
         !raw.contains('\u{1b}'),
         "escape sequences in the piped log: {raw:?}"

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::binary::BrokerProcess;
 use common::client::*;
 use common::damage::{newest_journal, zero};
@@ -760,18 +762,6 @@ fn binary_config(data: &Path, sync: &str, on_corruption: &str) -> String {
          [session]\nmax_queued_messages = 1000000\n\
          [persistence]\nenabled = true\ndir = {data:?}\nsync = \"{sync}\"\non_corruption = \"{on_corruption}\"\n",
     )
-}
-
-/// A small deterministic generator for the random moments (the seed is printed).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// Publishes numbered QoS 1 messages (`first`, `first + 1`, ...) to `topic`, up to 32

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::damage::{newest_journal, zero};
 
 use std::io::{BufRead, BufReader, Write};
@@ -224,18 +226,6 @@ async fn written_closed_reopened_everything_is_there() {
         d2.queue[0].delivery.message
     );
     store.close().await.unwrap();
-}
-
-/// A small deterministic generator for the model test.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// Random batches over a few clients, with the bookkeeping the session code keeps (growing

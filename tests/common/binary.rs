@@ -12,14 +12,23 @@ use std::time::{Duration, Instant};
 /// Bound of every wait: start-up, a log line, an exit.
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A running `ternmq --config FILE`; its stdout and stderr collected by threads.
+/// A running `ternmq`; its stdout (the log) and stderr (configuration errors) collected
+/// by threads.
 pub struct BrokerProcess {
     child: Child,
-    log: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
-    /// The first TCP listener's address, read from the log.
+    /// The first TCP listener's address, read from the log (`start*` only).
     pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The binary, with the configured log level in plain text.
+pub fn command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternmq"));
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd
 }
 
 impl BrokerProcess {
@@ -84,29 +93,32 @@ impl BrokerProcess {
         std::fs::write(&path, config).expect("write the config file");
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_ternmq"));
         let mut cmd = command(&bin, &path);
-        cmd.env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
+        cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+        let mut broker = Self::spawn_command(cmd);
+        broker._dir = Some(dir);
+        broker
+    }
+
+    /// Runs `cmd` (see `command`) as it is: no config file is written, and nothing is
+    /// awaited.
+    pub fn spawn_command(mut cmd: Command) -> BrokerProcess {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("run the ternmq binary");
-        let log = Arc::new(Mutex::new(String::new()));
-        let readers = [
-            Box::new(child.stdout.take().expect("piped stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("piped stderr")),
-        ]
-        .into_iter()
-        .map(|out| {
-            let log = log.clone();
-            std::thread::spawn(move || collect(out, &log))
-        })
-        .collect();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
         BrokerProcess {
             child,
-            log,
+            stdout,
+            stderr,
             readers,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            _dir: dir,
+            _dir: None,
         }
     }
 
@@ -131,27 +143,39 @@ impl BrokerProcess {
         self.child.id()
     }
 
-    /// Everything logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
-    /// Waits (bounded) until `find` finds something in the complete lines of the log;
-    /// fails if the process exits first.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything printed so far: the log, then any configuration error.
+    pub fn log(&self) -> String {
+        self.stdout() + &self.stderr()
+    }
+
+    /// Waits (bounded) until `find` finds something in the complete lines of stdout or
+    /// stderr (a line still being written could be read half); fails if the process
+    /// exits first.
     pub fn wait_for_log<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
         let deadline = Instant::now() + WAIT;
         loop {
-            let log = self.log();
-            let complete = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
-            if let Some(found) = find(complete) {
+            let (out, err) = (self.stdout(), self.stderr());
+            if let Some(found) = find(complete_lines(&out)).or_else(|| find(complete_lines(&err))) {
                 return found;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("ternmq exited ({status}) before logging {what}:\n{log}");
+                panic!(
+                    "ternmq exited ({status}) before logging {what}:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "no {what} in the log after {WAIT:?}:\n{log}"
+                "no {what} in the log after {WAIT:?}:\n{}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -180,14 +204,19 @@ impl BrokerProcess {
 
     /// Waits (bounded) for the process to end, then for the rest of its output.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
+        self.wait_within(WAIT)
+    }
+
+    /// Waits up to `within` for the process to end, then for the rest of its output.
+    pub fn wait_within(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 break status;
             }
             assert!(
                 Instant::now() < deadline,
-                "ternmq still running:\n{}",
+                "ternmq still running after {within:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -198,6 +227,16 @@ impl BrokerProcess {
         status
     }
 
+    /// Sends `signal` (e.g. "TERM") with kill(1), to this process only.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
     /// SIGKILL: a crash.
     pub fn kill_9(&mut self) {
         self.child.kill().expect("SIGKILL");
@@ -206,12 +245,7 @@ impl BrokerProcess {
 
     /// SIGTERM: a clean shutdown, which must succeed.
     pub fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        self.signal("TERM");
         let status = self.wait();
         assert!(
             status.success(),
@@ -235,11 +269,21 @@ impl Drop for BrokerProcess {
     }
 }
 
-fn collect(mut from: impl Read, into: &Mutex<String>) {
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = from.read(&mut buf) {
-        into.lock()
-            .unwrap()
-            .push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+fn collect(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+}
+
+/// `text` up to its last newline.
+fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |end| end + 1)]
 }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod damage;
 pub mod http;
 pub mod mosquitto;
+pub mod rng;
 pub mod ws;
 
 use std::net::SocketAddr;
