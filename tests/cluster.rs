@@ -227,7 +227,9 @@ fn cluster_name(test: &str) -> String {
 
 fn node_config(name: &str, node: &str, urls: &[String]) -> Config {
     let mut cluster = ClusterConfig::new(name, node, urls.to_vec());
-    cluster.node_timeout_ms = 1500;
+    // The default node timeout (10 s): no in-process node is meant to be declared dead
+    // (the kill -9 test runs binaries with 1.5 s), and after a NATS server dies or every
+    // one restarts, heartbeats stall while JetStream elects its leaders again.
     cluster.takeover_timeout_ms = 1000;
     Config {
         listeners: vec![Listener {
