@@ -519,14 +519,14 @@ impl Broker {
     /// Counts a new connection on `listener` for as long as the guard lives, and tells
     /// whether it is within the limits (one too many is refused at its CONNECT). The guard
     /// holds the listener itself, so that the connection need not keep its `Peer`.
-    pub fn open_connection(&self, listener: &Arc<ListenerRules>) -> (Opened<'_>, bool) {
+    pub fn open_connection(self: &Arc<Self>, listener: &Arc<ListenerRules>) -> (Opened, bool) {
         let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
         let over = |n: usize, max: usize| max > 0 && n > max;
         let within_limits =
             !over(all, self.config.limits.max_connections) && !over(here, listener.max_connections);
         let opened = Opened {
-            connections: &self.connections,
+            broker: self.clone(),
             listener: listener.clone(),
         };
         (opened, within_limits)
@@ -565,6 +565,8 @@ pub struct ListenerRules {
     pub identity_as_username: bool,
     /// Connections open now on this listener.
     open: AtomicUsize,
+    /// Of those, the idle ones parked without a task (`transport::park`).
+    pub parked: AtomicUsize,
     /// How `/metrics` names the listener (e.g. `mqtt://127.0.0.1:1883`).
     pub name: String,
     /// Connections accepted, and accept calls that failed, since the start.
@@ -584,6 +586,7 @@ impl ListenerRules {
                 .as_ref()
                 .is_some_and(|t| t.identity_as_username.is_some()),
             open: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             name: String::new(),
             accepted: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
@@ -606,15 +609,21 @@ impl ListenerRules {
 }
 
 /// A connection counted against the limits, until dropped. It lives as long as the
-/// connection's task: the verdict on the limits is not kept in it.
-pub struct Opened<'a> {
-    connections: &'a AtomicUsize,
+/// connection (in its task, or parked): the verdict on the limits is not kept in it.
+pub struct Opened {
+    broker: Arc<Broker>,
     listener: Arc<ListenerRules>,
 }
 
-impl Drop for Opened<'_> {
+impl Opened {
+    pub fn listener(&self) -> &Arc<ListenerRules> {
+        &self.listener
+    }
+}
+
+impl Drop for Opened {
     fn drop(&mut self) {
-        self.connections.fetch_sub(1, Ordering::Relaxed);
+        self.broker.connections.fetch_sub(1, Ordering::Relaxed);
         self.listener.open.fetch_sub(1, Ordering::Relaxed);
     }
 }

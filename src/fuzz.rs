@@ -215,7 +215,7 @@ fn serve(broker: &Arc<Broker>) -> DuplexStream {
     broker.tasks.spawn(async move {
         let (r, w) = tokio::io::split(server);
         let peer = crate::conn::Peer::new(SocketAddr::from(([127, 0, 0, 1], 1883)));
-        crate::conn::serve(&b, r, w, peer).await;
+        crate::conn::serve(&b, r, w, peer, false).await;
     });
     client
 }

@@ -14,7 +14,7 @@ use crate::session::journal::Journal;
 use crate::store::{
     DiskStore, PersistenceConfig, RecoveryReport, Snapshot, Store, StoreError, SyncMode,
 };
-use crate::transport::{self, tls, tls::TlsAcceptor, tls::TlsError};
+use crate::transport::{self, park::Lot, tls, tls::TlsAcceptor, tls::TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -32,6 +32,8 @@ pub struct Server {
     rules: Vec<Arc<ListenerRules>>,
     /// This node's part in its cluster (`[cluster]`).
     cluster: Option<Arc<Cluster>>,
+    /// Where plain TCP listeners park idle connections (made with the first of them).
+    lot: Option<Arc<Lot>>,
 }
 
 /// Why a broker could not start.
@@ -53,6 +55,9 @@ pub enum StartError {
     /// The node cannot join its cluster (NATS unreachable, refused, ...).
     #[error("cluster: {0}")]
     Cluster(#[from] ClusterError),
+    /// The parking lot's epoll set cannot be made.
+    #[error("cannot watch idle connections: {0}")]
+    Lot(std::io::Error),
 }
 
 impl StartError {
@@ -121,6 +126,7 @@ impl Server {
             tls: Vec::new(),
             rules: Vec::new(),
             cluster,
+            lot: None,
         };
         // The admin listeners last: they report on the others.
         let (admins, others): (Vec<&Listener>, Vec<&Listener>) = broker
@@ -182,7 +188,16 @@ impl Server {
             }
         };
         match (tls, proto) {
-            (None, Proto::Mqtt) => spawn_accept(broker, socket, rules, transport::tcp::serve),
+            (None, Proto::Mqtt) => {
+                let lot = match &self.lot {
+                    Some(lot) => lot.clone(),
+                    None => Lot::start(broker).map_err(StartError::Lot)?,
+                };
+                self.lot = Some(lot.clone());
+                spawn_accept(broker, socket, rules, move |b, stream, peer| {
+                    transport::tcp::serve(b, stream, peer, lot.clone())
+                })
+            }
             (None, Proto::Ws(policy)) => {
                 spawn_accept(broker, socket, rules, move |b, stream, peer| {
                     transport::ws::serve(b, stream, peer, policy.clone())

@@ -502,6 +502,87 @@ async fn silent_connections_are_not_accepted_until_they_speak() {
     b.stop().await;
 }
 
+/// Idle connections are parked without a task of their own (`transport::park`; the
+/// `ternmq_connections_parked` gauge) and still do everything a connection does: answer
+/// pings, take deliveries, lose their session to a takeover, close on an administrator's
+/// request, time out on their keep-alive (with their will) and hear of the shutdown.
+#[tokio::test]
+async fn idle_connections_are_parked_and_keep_working() {
+    let b = TestBroker::with(with_admin).await;
+    let admin = admin_addr(&b);
+    let series = format!(
+        "ternmq_connections_parked{{listener=\"mqtt://{}\"}}",
+        b.addr
+    );
+    let parked = || async {
+        let (status, _, text) = http(admin, "GET", "/metrics", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "{text}");
+        parse_exposition(&text)[&series]
+    };
+    let all_parked = |n: f64| async move {
+        let deadline = Instant::now() + WAIT;
+        while parked().await != n {
+            assert!(Instant::now() < deadline, "{n} connections parked in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    let mut idle = Client::connect_v311(b.addr, "idle").await;
+    let mut sub = Client::connect_v5(b.addr, "sub").await;
+    sub.subscribe("p/#", QoS::AtLeastOnce).await;
+    let mut victim = Client::connect_v5(b.addr, "victim").await;
+    let mut kicked = Client::connect_v5(b.addr, "kicked").await;
+    let mut watcher = Client::connect_v5(b.addr, "watcher").await;
+    watcher.subscribe("will/#", QoS::AtLeastOnce).await;
+    let silent =
+        common::client::connect_with_will("silent", "will/silent", "gone", Default::default());
+    let (mut silent, _) = Client::connect_with(
+        b.addr,
+        ternmq::protocol::Connect {
+            keep_alive: 2,
+            ..silent
+        },
+    )
+    .await;
+    // Connections that carried no message are parked once they have nothing to do.
+    all_parked(6.0).await;
+
+    assert!(idle.ping().await.is_empty(), "a parked client's PINGRESP");
+    let mut publisher = Client::connect_v5(b.addr, "publisher").await;
+    assert_eq!(
+        publisher
+            .publish(plain("p/1", b"wake up", QoS::AtLeastOnce))
+            .await,
+        ReasonCode::Success
+    );
+    let p = sub.expect_publish().await;
+    assert_eq!((&*p.topic, &p.payload[..]), ("p/1", &b"wake up"[..]));
+    sub.acknowledge(&p).await;
+
+    // The silent client's keep-alive (3 s) runs out while it is parked: it is closed,
+    // and its will is published.
+    silent.expect_disconnect(ReasonCode::KeepAliveTimeout).await;
+    let will = watcher.expect_publish().await;
+    assert_eq!(
+        (&*will.topic, &will.payload[..]),
+        ("will/silent", &b"gone"[..])
+    );
+    watcher.acknowledge(&will).await;
+
+    let _thief = Client::connect_v5(b.addr, "victim").await;
+    victim.expect_disconnect(ReasonCode::SessionTakenOver).await;
+    api(admin, "DELETE", "/api/v1/clients/kicked", "", 200).await;
+    kicked
+        .expect_disconnect(ReasonCode::AdministrativeAction)
+        .await;
+
+    // Shutdown reaches the parked ones too.
+    all_parked(5.0).await;
+    b.stop().await;
+    sub.expect_disconnect(ReasonCode::ServerShuttingDown).await;
+    idle.expect_closed(WAIT).await;
+}
+
 // =======================================================================================
 // The admin API
 // =======================================================================================

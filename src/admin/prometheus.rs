@@ -62,6 +62,18 @@ fn connections(e: &mut Exposition, listeners: &[Arc<ListenerRules>]) {
         );
     }
     e.family(
+        "ternmq_connections_parked",
+        "gauge",
+        "Idle connections held without a task of their own, by listener (docs/architecture.md).",
+    );
+    for l in listeners {
+        e.sample(
+            "ternmq_connections_parked",
+            &[("listener", &l.name)],
+            l.parked.load(Relaxed),
+        );
+    }
+    e.family(
         "ternmq_clients_connected",
         "gauge",
         "MQTT clients connected now (past CONNECT), by listener and protocol version.",

@@ -13,7 +13,7 @@ use super::handshake::{negotiate, Negotiated, Refusal};
 use super::login::{self, Login};
 use super::machine::{self, Connection, WRITE_HIGH_WATER};
 use super::Peer;
-use crate::broker::{now, Broker};
+use crate::broker::{now, Broker, ListenerRules, Opened};
 use crate::budget::{Budget, Level};
 use crate::metrics::{self, Counter};
 use crate::observe::clients::LiveClient;
@@ -21,8 +21,8 @@ use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol, ReasonCode};
 use crate::security::AuthResult;
 use crate::session::{Link, Wire};
 use bytes::BytesMut;
-use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -39,44 +39,166 @@ const YIELD_AFTER_READ: usize = 4096;
 /// client reads the reason instead of a reset.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// Serves one connection until it ends. Never fails: every problem closes this
-/// connection only, and is logged with its reason. The peer is kept behind a pointer
-/// and freed after the handshake: the future lives as long as the connection, and each
-/// byte of it (or held by it) counts per idle client.
+/// Serves one connection until it ends, or (if `parkable`) until it has nothing to do:
+/// then it is handed back (`Idle`) for its transport to hold without a task. Never
+/// fails: every problem closes this connection only, and is logged with its reason. The
+/// peer is kept behind a pointer and freed after the handshake: the future lives as long
+/// as the connection, and each byte of it (or held by it) counts per client.
 pub fn serve<'a, R, W>(
     broker: &'a Arc<Broker>,
     reader: R,
     writer: W,
     peer: impl Into<Box<Peer>>,
-) -> impl Future<Output = ()> + Send + 'a
+    parkable: bool,
+) -> impl Future<Output = Option<Idle>> + Send + 'a
 where
     R: AsyncRead + Unpin + Send + 'a,
     W: AsyncWrite + Unpin + Send + 'a,
 {
     let peer: Box<Peer> = peer.into();
     let span = tracing::info_span!("conn", peer = %peer.addr, client_id = tracing::field::Empty);
-    let mut io = Io {
-        reader,
-        writer,
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-        read_size: MIN_READ as u32,
-        charged: 0,
+    let start = Start::Connect {
+        broker,
+        peer,
+        parkable,
     };
-    async move {
-        let (_opened, within_limits) = broker.open_connection(&peer.listener);
-        let handshake = handshake(broker, &mut io, peer, within_limits);
-        // `let else`, not `if let`: an `if let`'s scrutinee lives across the awaits of its
-        // block, a second copy of the connection in every idle task.
-        let Some(mut conn) = Box::pin(handshake).await else {
-            io.settle(&broker.buffers, true);
-            return;
-        };
-        let Err(exit) = run(&mut conn, &mut io, broker).await;
-        Box::pin(close(conn, exit, &mut io)).await;
-        io.settle(&broker.buffers, true);
+    drive(Io::new(reader, writer), start).instrument(span)
+}
+
+/// Serves a parked connection again (its socket had bytes, a publisher woke it, or its
+/// timer is due), until it ends or is idle again. `read` is what the transport already
+/// read from the socket.
+pub fn resume<'a, R, W>(
+    reader: R,
+    writer: W,
+    read: BytesMut,
+    idle: Idle,
+    peer: Option<SocketAddr>,
+    parkable: bool,
+) -> impl Future<Output = Option<Idle>> + Send + 'a
+where
+    R: AsyncRead + Unpin + Send + 'a,
+    W: AsyncWrite + Unpin + Send + 'a,
+{
+    let span = span_of(idle.0.conn.client_id(), peer);
+    let mut io = Io::new(reader, writer);
+    io.rbuf = read;
+    drive(io, Start::Resume(idle, parkable)).instrument(span)
+}
+
+/// How long a connection that carries no messages keeps its task: it is parked after one
+/// to two such periods (`QUIET_PERIODS`). Short enough that a client which pings or
+/// publishes now and then is mostly parked; long enough that one which streams is never.
+const PARK_AFTER: Duration = Duration::from_secs(2);
+
+/// A connection is parked after this many timer periods (`PARK_AFTER`) without a
+/// message either way (`run` counts them in an `Option<u8>`, None where it cannot park).
+/// A connection new or resumed starts at it: it is parked as soon as it has nothing to
+/// do, unless a message flows.
+const QUIET_PERIODS: u8 = 2;
+
+/// A connection with nothing to do, for its transport to hold without a task
+/// (`transport::park`) until its socket has bytes, a publisher wakes it or its timer is
+/// due: then `resume` serves it again. Boxed: the task that resumes it holds it only
+/// until it is unpacked.
+pub struct Idle(Box<Parts>);
+
+struct Parts {
+    conn: Connection,
+    /// Counted against the limits for as long as the connection lives.
+    opened: Opened,
+}
+
+impl Idle {
+    pub fn broker(&self) -> &Arc<Broker> {
+        self.0.conn.broker()
     }
-    .instrument(span)
+
+    pub fn wire(&self) -> &Arc<Wire> {
+        self.0.conn.wire()
+    }
+
+    pub fn listener(&self) -> &Arc<ListenerRules> {
+        self.0.opened.listener()
+    }
+
+    /// When it must be served again even if nothing happens (keep-alive, token expiry).
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.0.conn.poll_timeout()
+    }
+
+    /// Ends a parked connection whose client is gone (`None`: it closed the connection)
+    /// or whose socket failed: the will is published, as for any connection lost.
+    pub fn end(self, error: Option<std::io::Error>, peer: Option<SocketAddr>) {
+        let Parts { conn, opened: _ } = *self.0;
+        let _enter = span_of(conn.client_id(), peer).entered();
+        conn.close(&Exit::Closed(error), now(), &mut BytesMut::new());
+    }
+}
+
+/// A resumed connection's span: as a new one's, once its client id is known.
+fn span_of(client_id: &str, peer: Option<SocketAddr>) -> tracing::Span {
+    match peer {
+        Some(addr) => tracing::info_span!("conn", peer = %addr, client_id),
+        None => tracing::info_span!("conn", client_id),
+    }
+}
+
+/// Where `drive` starts: a new connection's handshake, or a parked connection.
+enum Start<'a> {
+    Connect {
+        broker: &'a Arc<Broker>,
+        peer: Box<Peer>,
+        parkable: bool,
+    },
+    Resume(Idle, bool),
+}
+
+/// The connection's life in its task: the handshake (if new), then the event loop until
+/// the connection ends, closing it, or until it is idle, returned as `Idle`. One future
+/// for both starts: a future that moved its connection into another would hold both.
+/// An `async` block rather than an `async fn`, whose arguments would be copied into it.
+#[allow(clippy::manual_async_fn)]
+fn drive<'a, R, W>(mut io: Io<R, W>, start: Start<'a>) -> impl Future<Output = Option<Idle>> + 'a
+where
+    R: AsyncRead + Unpin + 'a,
+    W: AsyncWrite + Unpin + 'a,
+{
+    async move {
+        let (mut conn, opened, park) = match start {
+            Start::Connect {
+                broker,
+                peer,
+                parkable,
+            } => {
+                let (opened, within_limits) = broker.open_connection(&peer.listener);
+                let handshake = handshake(broker, &mut io, peer, within_limits);
+                // `let else`, not `if let`: an `if let`'s scrutinee lives across the awaits
+                // of its block, a second copy of the connection in every task.
+                let Some(conn) = Box::pin(handshake).await else {
+                    io.settle(&broker.buffers, true);
+                    return None;
+                };
+                (conn, opened, parkable.then_some(QUIET_PERIODS))
+            }
+            Start::Resume(idle, parkable) => {
+                let Parts { conn, opened } = *idle.0;
+                (conn, opened, parkable.then_some(QUIET_PERIODS))
+            }
+        };
+        let broker = conn.broker().clone();
+        match run(&mut conn, &mut io, &broker, park).await {
+            Ok(()) => {
+                io.settle(&broker.buffers, true);
+                Some(Idle(Box::new(Parts { conn, opened })))
+            }
+            Err(exit) => {
+                Box::pin(close(conn, exit, &mut io)).await;
+                io.settle(&broker.buffers, true);
+                None
+            }
+        }
+    }
 }
 
 /// The byte side of a connection: the socket halves and their buffers.
@@ -93,6 +215,17 @@ struct Io<R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
+    fn new(reader: R, writer: W) -> Io<R, W> {
+        Io {
+            reader,
+            writer,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_size: MIN_READ as u32,
+            charged: 0,
+        }
+    }
+
     /// Reads one whole packet (None if the peer closed), for the handshake phase.
     async fn read_packet(
         &mut self,
@@ -194,12 +327,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 
 /// Reads and checks the CONNECT, authenticates, opens the session and queues the
 /// CONNACK. On refusal, answers and closes; returns None.
-async fn handshake<'a, R, W>(
-    broker: &'a Arc<Broker>,
+async fn handshake<R, W>(
+    broker: &Arc<Broker>,
     io: &mut Io<R, W>,
     peer: Box<Peer>,
     within_limits: bool,
-) -> Option<Connection<'a>>
+) -> Option<Connection>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -273,7 +406,15 @@ where
     let mut ack = negotiated.connack(&broker.config, present);
     ack.properties.authentication_method = login.method.clone();
     ack.properties.authentication_data = login.data.take();
-    let conn = Connection::new(broker, &negotiated, login, session, conn_id, wire, now);
+    let conn = Connection::new(
+        broker.clone(),
+        &negotiated,
+        login,
+        session,
+        conn_id,
+        wire,
+        now,
+    );
     conn.send(&mut io.wbuf, Packet::ConnAck(ack));
     Some(conn)
 }
@@ -454,17 +595,19 @@ fn connect_size(broker: &Broker) -> usize {
     cfg.mqtt.max_packet_size.min(cfg.limits.max_connect_size)
 }
 
-/// The connection's event loop; returns why it ended.
+/// The connection's event loop; returns why it ended, or Ok once it is idle: `quiet`
+/// counts the timer periods without messages (`QUIET_PERIODS` of them park it).
 async fn run<R, W>(
-    conn: &mut Connection<'_>,
+    conn: &mut Connection,
     io: &mut Io<R, W>,
     broker: &Broker,
-) -> Result<Infallible, Exit>
+    mut quiet: Option<u8>,
+) -> Result<(), Exit>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let deadline = sleep_until(deadline_of(conn));
+    let deadline = sleep_until(next_timer(conn, quiet.is_some()));
     tokio::pin!(deadline);
     // Clients may send packets right behind CONNECT, before the CONNACK: they are in
     // the buffer already.
@@ -485,6 +628,9 @@ where
                 Box::pin(refill(conn, broker)).await?;
                 continue;
             }
+        }
+        if idle(conn, io, &mut quiet)? {
+            return Ok(());
         }
         io.prepare_read();
         check_buffers(io, broker)?;
@@ -542,25 +688,54 @@ where
                 conn.handle_timeout(now())?;
                 // Packets that waited out a publish-rate pause are already here.
                 conn.handle_bytes(&mut io.rbuf, now(), &mut io.wbuf)?;
+                if let Some(q) = quiet.as_mut() {
+                    *q = q.saturating_add(1);
+                }
                 // Moved lazily: resetting the timer on every packet would cost more.
-                deadline.as_mut().reset(deadline_of(conn));
+                deadline.as_mut().reset(next_timer(conn, quiet.is_some()));
             }
         }
     }
 }
 
-/// When the connection's timer must fire next (far away without a keep-alive). Not a
-/// closure over a local of `run`: that local would live in every connection's future.
-fn deadline_of(conn: &Connection) -> Instant {
-    let far_future = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+/// Whether the connection may be parked now (see `QUIET_PERIODS`): nothing to write,
+/// nothing half read, no pause, no message for long enough. What would wake it again at
+/// once is done first: a wake-up seen (a takeover, a kick: the error) and a timer due.
+fn idle<R, W>(conn: &mut Connection, io: &Io<R, W>, quiet: &mut Option<u8>) -> Result<bool, Exit> {
+    let Some(q) = quiet.as_mut() else {
+        return Ok(false);
+    };
+    if conn.take_busy() {
+        *q = 0;
+    }
+    let idle = io.wbuf.is_empty() && io.rbuf.is_empty() && conn.paused_until().is_none();
+    if *q < QUIET_PERIODS || !idle {
+        return Ok(false);
+    }
+    conn.wire().clear_woken();
+    conn.check_owner()?;
+    conn.handle_timeout(now())?;
+    Ok(true)
+}
+
+/// When the connection's timer must fire next: its own deadline, or the end of the
+/// period that may park it. Not a closure over a local of `run`: that local would live
+/// in every connection's future.
+fn next_timer(conn: &Connection, parkable: bool) -> Instant {
+    let period = match parkable {
+        true => PARK_AFTER,
+        // Far away: the connection has no deadline.
+        false => Duration::from_secs(365 * 24 * 3600),
+    };
+    let end = Instant::now() + period;
     conn.poll_timeout()
-        .map_or_else(far_future, Instant::from_std)
+        .map_or(end, |t| Instant::from_std(t).min(end))
 }
 
 /// Reads the next messages of the session's queue back from the store, where they were
 /// spilled while memory ran high (a disk read: only under memory pressure, so it is
 /// boxed rather than sized into every connection's future).
-async fn refill(conn: &mut Connection<'_>, broker: &Broker) -> Result<(), Exit> {
+async fn refill(conn: &mut Connection, broker: &Broker) -> Result<(), Exit> {
     let (session, conn_id) = conn.session();
     broker
         .journal()
@@ -608,7 +783,7 @@ where
 }
 
 /// Ends the connection: the machine's bookkeeping and last packet, then the socket.
-async fn close<R, W>(conn: Connection<'_>, exit: Exit, io: &mut Io<R, W>)
+async fn close<R, W>(conn: Connection, exit: Exit, io: &mut Io<R, W>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -635,12 +810,11 @@ mod tests {
     use crate::config::Config;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// The future of one connection over TCP halves: 592 bytes when measured (test
-    /// profile, rustc 1.95). It is allocated for the connection's whole life, so it is most
-    /// of what an idle connection costs (docs/architecture.md, "Bounded memory"); this
-    /// bound makes growing it a decision, not an accident (the task around it is at the
-    /// edge of a size class: see `transport::tcp`'s bound).
-    const MAX_SERVE_FUTURE: usize = 600;
+    /// The future of one connection over TCP halves: 640 bytes when measured (test
+    /// profile, rustc 1.95). It is allocated for as long as the connection is active
+    /// (docs/architecture.md, "Bounded memory"); this bound makes growing it a decision,
+    /// not an accident (see also `transport::tcp`'s bound on the task around it).
+    const MAX_SERVE_FUTURE: usize = 648;
 
     #[tokio::test]
     async fn the_connection_future_stays_small() {
@@ -650,7 +824,7 @@ mod tests {
         let broker = Broker::new(Config::default(), Vec::new()).unwrap();
         let (reader, writer) = stream.split();
         // Measured before it is first polled: a future's size is fixed at compile time.
-        let future = serve(&broker, reader, writer, Peer::new(addr));
+        let future = serve(&broker, reader, writer, Peer::new(addr), true);
         let size = std::mem::size_of_val(&future);
         assert!(
             size <= MAX_SERVE_FUTURE,

@@ -38,8 +38,10 @@ use tracing::{debug, info, warn};
 /// rest waits in the (bounded) queue until the socket drains.
 pub(super) const WRITE_HIGH_WATER: usize = 64 * 1024;
 
-pub struct Connection<'a> {
-    broker: &'a Arc<Broker>,
+pub struct Connection {
+    /// Owned, not borrowed: an idle connection is parked without its task
+    /// (`transport::park`), and what it holds must outlive the task.
+    broker: Arc<Broker>,
     session: Arc<Session>,
     conn_id: u64,
     protocol: Protocol,
@@ -78,22 +80,29 @@ pub struct Connection<'a> {
     /// The session's queue is empty in memory while messages wait on disk: the driver
     /// reads the next ones back (`refill`).
     wants_refill: bool,
+    /// Messages flowed (a PUBLISH or its acknowledgements, either way) since the driver
+    /// last asked: a connection without them may be parked (`take_busy`).
+    busy: bool,
 }
 
-impl<'a> Connection<'a> {
+impl Connection {
     pub fn new(
-        broker: &'a Arc<Broker>,
+        broker: Arc<Broker>,
         negotiated: &Negotiated,
         login: Login,
         session: Arc<Session>,
         conn_id: u64,
         wire: Arc<Wire>,
         now: Instant,
-    ) -> Connection<'a> {
+    ) -> Connection {
         let cfg = &broker.config;
         let window = cfg.session.max_inflight_messages;
+        let throttle = Throttle::new(&cfg.limits, now).map(Box::new);
+        let generation = broker.security_generation();
+        let outgoing_aliases = negotiated
+            .client_topic_alias_max
+            .min(cfg.mqtt.max_outgoing_topic_aliases);
         Connection {
-            broker,
             session,
             conn_id,
             protocol: negotiated.protocol,
@@ -111,17 +120,15 @@ impl<'a> Connection<'a> {
                 .map_or(usize::MAX, |m| m as usize),
             problem_info: negotiated.problem_info,
             aliases: None,
-            outgoing_aliases: negotiated
-                .client_topic_alias_max
-                .min(cfg.mqtt.max_outgoing_topic_aliases),
+            outgoing_aliases,
             wire,
-            throttle: Throttle::new(&cfg.limits, now).map(Box::new),
+            throttle,
             held: Box::new(Held {
                 access: Access {
                     username: login.username.map(Into::into),
                     authorizer: login.authorizer,
                     token_deadline: login.token_valid_for.map(|d| now + d),
-                    generation: broker.security_generation(),
+                    generation,
                     method: login.method.map(Box::new),
                     reauth: None,
                 },
@@ -129,7 +136,27 @@ impl<'a> Connection<'a> {
             }),
             awaits_disk: false,
             wants_refill: false,
+            busy: false,
+            broker,
         }
+    }
+
+    /// Whether messages flowed since the last call (and clears it).
+    pub fn take_busy(&mut self) -> bool {
+        std::mem::take(&mut self.busy)
+    }
+
+    pub fn wire(&self) -> &Arc<Wire> {
+        &self.wire
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.session.client_id
+    }
+
+    /// The broker this connection belongs to.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
     }
 
     /// Whether the driver must wait for the store before writing (and clears it).
@@ -183,6 +210,10 @@ impl<'a> Connection<'a> {
                     if let Packet::Publish(p) = &packet {
                         tally.publish(p.qos, p.payload.len());
                     }
+                    self.busy |= !matches!(
+                        packet,
+                        Packet::PingReq | Packet::Subscribe(_) | Packet::Unsubscribe(_)
+                    );
                     if let Err(exit) = self.handle_packet(packet, now, out) {
                         break Err(exit);
                     }
@@ -610,7 +641,7 @@ impl<'a> Connection<'a> {
     fn refuse_filter(&self, filter: &str, shared: bool) -> Result<Option<ReasonCode>, Exit> {
         let authorizer = &self.held.access.authorizer;
         subscribe::refusal(
-            self.broker,
+            &self.broker,
             authorizer,
             &self.session,
             self.conn_id,
@@ -752,6 +783,7 @@ impl<'a> Connection<'a> {
                 .map_err(|_| Exit::TakenOver)?;
             let mut tally = metrics::Tally::default();
             let mut too_large = Vec::new();
+            self.busy |= !due.is_empty();
             for item in due.drain(..) {
                 match item {
                     Due::Message {

@@ -12,7 +12,7 @@ mod machine;
 pub mod subscribe;
 
 pub(crate) use driver::assign_client_id;
-pub use driver::serve;
+pub use driver::{resume, serve, Idle};
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};
 pub use login::Login;

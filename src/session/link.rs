@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 /// The connection currently serving a session.
 #[derive(Clone)]
@@ -62,6 +62,18 @@ impl Wire {
     /// waits on a wire at a time.
     pub fn woken(&self) -> Woken<'_> {
         Woken(self)
+    }
+
+    /// Makes `waker` (a parked connection's) the one woken, and tells whether a wake-up
+    /// came before it (which it then missed).
+    pub fn watch(&self, waker: &Waker) -> bool {
+        self.waker.register(waker);
+        self.woken.load(Acquire)
+    }
+
+    /// Forgets a wake-up not waited for (its cause was seen to otherwise).
+    pub fn clear_woken(&self) {
+        self.woken.store(false, Release);
     }
 
     pub fn client(&self) -> Option<&LiveClient> {

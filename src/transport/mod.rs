@@ -3,6 +3,7 @@
 //! either kind's sockets in TLS when the listener has a `tls` table.
 
 pub mod http;
+pub mod park;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

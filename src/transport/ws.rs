@@ -60,7 +60,7 @@ where
         Ok(Ok(ws)) => ws,
     };
     let (reader, writer) = tokio::io::split(WsBytes::new(ws));
-    conn::serve(&broker, reader, writer, peer).await;
+    conn::serve(&broker, reader, writer, peer, false).await;
 }
 
 /// Answers a WebSocket upgrade that came to an http listener (through hyper) with the
@@ -117,7 +117,7 @@ pub fn upgrade(
                 let io = hyper_util::rt::TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 let (reader, writer) = tokio::io::split(WsBytes::new(ws));
-                conn::serve(&broker, reader, writer, peer).await;
+                conn::serve(&broker, reader, writer, peer, false).await;
             }
             Err(e) => debug!("WebSocket upgrade failed: {e}"),
         }

@@ -33,7 +33,7 @@ pub fn connect_in_memory(broker: &Arc<Broker>) -> DuplexStream {
     tasks.spawn(async move {
         let (r, w) = tokio::io::split(server);
         let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-        ternmq::conn::serve(&broker, r, w, ternmq::conn::Peer::new(peer)).await;
+        ternmq::conn::serve(&broker, r, w, ternmq::conn::Peer::new(peer), false).await;
     });
     client
 }
