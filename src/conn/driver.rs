@@ -190,6 +190,7 @@ where
         match run(&mut conn, &mut io, &broker, park).await {
             Ok(()) => {
                 io.settle(&broker.buffers, true);
+                conn.release();
                 Some(Idle(Box::new(Parts { conn, opened })))
             }
             Err(exit) => {

@@ -138,7 +138,10 @@ pub fn negotiate(
     };
     Ok(Negotiated {
         protocol,
-        client_id,
+        // Copied out of the read buffer: the session keeps its id for its whole life, and
+        // a slice would keep the buffer that held the CONNECT, which a parked connection
+        // has given up (40 bytes of shared header and 64 or more of buffer, for ~20).
+        client_id: ByteStr::from(&*client_id),
         assigned_id,
         clean_start: connect.clean_start,
         keep_alive,

@@ -154,6 +154,11 @@ impl Connection {
         &self.session.client_id
     }
 
+    /// Gives back what is reused between batches: the connection is being parked.
+    pub fn release(&mut self) {
+        self.held.outbox.release();
+    }
+
     /// The broker this connection belongs to.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker

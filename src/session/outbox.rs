@@ -56,6 +56,12 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Gives back the memory reused between batches (a connection being parked).
+    pub fn release(&mut self) {
+        self.batch = Vec::new();
+        self.due = Vec::new();
+    }
+
     /// Appends the next batch of what is due to `out`: resends first, then, in turns,
     /// a step of the first retained walks and up to `BATCH` queued messages, within
     /// `window` messages in flight. `readable` says what the client may read; the rest
