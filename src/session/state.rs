@@ -384,7 +384,7 @@ impl SessionState {
     /// What the session holds for its client, queued and in flight, in bytes: what it
     /// is charged for in the broker's memory budget.
     pub fn held_bytes(&self) -> usize {
-        self.queued_bytes + self.inflight.held_bytes
+        self.queued_bytes + self.inflight.held_bytes()
     }
 
     /// Drops everything queued (the in-flight window stays).
@@ -572,9 +572,13 @@ fn is_shared(d: &Delivery) -> bool {
     d.shared.is_some()
 }
 
-/// The outbound QoS 1/2 window, by packet id.
+/// The outbound QoS 1/2 window, by packet id: made on first use (a session that has
+/// never been sent a QoS 1 or 2 message, such as an idle device's, holds a pointer).
 #[derive(Debug, Default)]
-pub struct Inflight {
+pub struct Inflight(Option<Box<Window>>);
+
+#[derive(Debug, Default)]
+struct Window {
     entries: FxHashMap<u16, Entry>,
     next_pkid: u16,
     next_seq: u64,
@@ -601,28 +605,119 @@ pub enum Stage {
 }
 
 impl Inflight {
+    fn window(&mut self) -> &mut Window {
+        self.0.get_or_insert_with(Box::default)
+    }
+
     /// Entries held, sent or not.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.0.as_ref().map_or(0, |w| w.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Sent on this connection and not yet acknowledged: what Receive Maximum counts.
     pub fn outstanding(&self) -> usize {
-        self.entries.len() - self.unsent
+        self.0.as_ref().map_or(0, |w| w.outstanding())
     }
 
     /// Entries waiting to be resent on this connection.
     pub fn unsent(&self) -> usize {
-        self.unsent
+        self.0.as_ref().map_or(0, |w| w.unsent)
+    }
+
+    /// The size of the messages held.
+    fn held_bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |w| w.held_bytes)
     }
 
     /// Entries kept by the store (packet id, send order, stage), all to be resent.
     fn restore(entries: Vec<(u16, u64, Stage)>) -> Inflight {
-        let mut w = Inflight::default();
+        match entries.is_empty() {
+            true => Inflight::default(),
+            false => Inflight(Some(Box::new(Window::restore(entries)))),
+        }
+    }
+
+    pub fn contains(&self, pkid: u16) -> bool {
+        self.0.as_ref().is_some_and(|w| w.contains(pkid))
+    }
+
+    /// Records `delivery` as sent; returns its packet id (0 for QoS 0, not recorded).
+    pub fn send(&mut self, delivery: &Delivery) -> u16 {
+        if delivery.qos == QoS::AtMostOnce {
+            return 0;
+        }
+        self.window().send(delivery)
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (`released`): the exchange for `pkid` is over. False if
+    /// no such exchange was waiting for it.
+    pub fn complete(&mut self, pkid: u16, released: bool) -> bool {
+        self.0.as_mut().is_some_and(|w| w.complete(pkid, released))
+    }
+
+    /// PUBREC: see `Window::received`.
+    pub fn received(&mut self, pkid: u16) -> Option<u64> {
+        self.0.as_mut()?.received(pkid)
+    }
+
+    /// The send order of `pkid`'s entry (see `Window::seq`).
+    pub fn seq(&self, pkid: u16) -> Option<u64> {
+        self.0.as_ref()?.seq(pkid)
+    }
+
+    /// Ends every exchange sent up to and including send order `seq`.
+    pub fn complete_through(&mut self, seq: u64) -> Vec<u16> {
+        self.0
+            .as_mut()
+            .map_or_else(Vec::new, |w| w.complete_through(seq))
+    }
+
+    /// Drops `pkid`, as if acknowledged.
+    pub fn forget(&mut self, pkid: u16) {
+        if let Some(w) = self.0.as_mut() {
+            w.forget(pkid);
+        }
+    }
+
+    /// The connection ended: every entry is to be resent on the next one.
+    pub fn mark_unsent(&mut self) {
+        if let Some(w) = self.0.as_mut() {
+            w.mark_unsent();
+        }
+    }
+
+    /// Up to `max` entries to resend, oldest first (see `Window::resend`).
+    pub fn resend(&mut self, max: usize, out: &mut Vec<(u16, Option<Delivery>)>) {
+        if let Some(w) = self.0.as_mut() {
+            w.resend(max, out);
+        }
+    }
+
+    fn take_unreceived_shared(&mut self) -> Vec<Delivery> {
+        self.0
+            .as_mut()
+            .map_or_else(Vec::new, |w| w.take_unreceived_shared())
+    }
+}
+
+impl Window {
+    /// Entries held, sent or not.
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Sent on this connection and not yet acknowledged: what Receive Maximum counts.
+    fn outstanding(&self) -> usize {
+        self.entries.len() - self.unsent
+    }
+
+    /// Entries kept by the store (packet id, send order, stage), all to be resent.
+    fn restore(entries: Vec<(u16, u64, Stage)>) -> Window {
+        let mut w = Window::default();
         for (pkid, seq, stage) in entries {
             if let Stage::Publish(d) = &stage {
                 w.held_bytes += d.size();
@@ -640,12 +735,12 @@ impl Inflight {
         w
     }
 
-    pub fn contains(&self, pkid: u16) -> bool {
+    fn contains(&self, pkid: u16) -> bool {
         self.entries.contains_key(&pkid)
     }
 
     /// Records `delivery` as sent; returns its packet id (0 for QoS 0, not recorded).
-    pub fn send(&mut self, delivery: &Delivery) -> u16 {
+    fn send(&mut self, delivery: &Delivery) -> u16 {
         if delivery.qos == QoS::AtMostOnce {
             return 0;
         }
@@ -677,7 +772,7 @@ impl Inflight {
     /// PUBACK (QoS 1) or PUBCOMP (`released`): the exchange for `pkid` is over. False if
     /// no such exchange was waiting for it. An entry not yet resent on this connection
     /// counts too: the client got it on an earlier one.
-    pub fn complete(&mut self, pkid: u16, released: bool) -> bool {
+    fn complete(&mut self, pkid: u16, released: bool) -> bool {
         let expected = self.entries.get(&pkid).is_some_and(|e| match &e.stage {
             Stage::Publish(d) => !released && d.qos == QoS::AtLeastOnce,
             Stage::Release => released,
@@ -691,7 +786,7 @@ impl Inflight {
     /// PUBREC: the QoS 2 message is received; the exchange moves on to PUBREL, which the
     /// caller sends now. The entry's send order if a PUBREL is due (also for a repeated
     /// PUBREC).
-    pub fn received(&mut self, pkid: u16) -> Option<u64> {
+    fn received(&mut self, pkid: u16) -> Option<u64> {
         let e = self.entries.get_mut(&pkid)?;
         match &e.stage {
             Stage::Publish(d) if d.qos == QoS::ExactlyOnce => {
@@ -710,13 +805,13 @@ impl Inflight {
 
     /// The send order of `pkid`'s entry (increasing over the session's life, kept across
     /// resends): the event id an HTTP stream shows for it.
-    pub fn seq(&self, pkid: u16) -> Option<u64> {
+    fn seq(&self, pkid: u16) -> Option<u64> {
         self.entries.get(&pkid).map(|e| e.seq)
     }
 
     /// Ends every exchange sent up to and including send order `seq`: an HTTP client
     /// confirms at once everything it received up to there. Returns the packet ids ended.
-    pub fn complete_through(&mut self, seq: u64) -> Vec<u16> {
+    fn complete_through(&mut self, seq: u64) -> Vec<u16> {
         let done: Vec<u16> = self
             .entries
             .iter()
@@ -728,7 +823,7 @@ impl Inflight {
     }
 
     /// Drops `pkid`, as if acknowledged.
-    pub fn forget(&mut self, pkid: u16) {
+    fn forget(&mut self, pkid: u16) {
         if let Some(e) = self.entries.remove(&pkid) {
             if !e.sent {
                 self.unsent -= 1;
@@ -740,7 +835,7 @@ impl Inflight {
     }
 
     /// The connection ended: every entry is to be resent on the next one.
-    pub fn mark_unsent(&mut self) {
+    fn mark_unsent(&mut self) {
         for e in self.entries.values_mut() {
             e.sent = false;
         }
@@ -749,7 +844,7 @@ impl Inflight {
 
     /// Up to `max` entries to resend, oldest first, now counted as sent: a PUBLISH (with
     /// DUP set by the caller) or a PUBREL (None).
-    pub fn resend(&mut self, max: usize, out: &mut Vec<(u16, Option<Delivery>)>) {
+    fn resend(&mut self, max: usize, out: &mut Vec<(u16, Option<Delivery>)>) {
         if self.unsent == 0 || max == 0 {
             return;
         }
@@ -815,7 +910,7 @@ mod tests {
         let mut w = Inflight::default();
         let a = w.send(&delivery(QoS::AtLeastOnce));
         assert_eq!(a, 1);
-        w.next_pkid = u16::MAX - 1;
+        w.window().next_pkid = u16::MAX - 1;
         assert_eq!(w.send(&delivery(QoS::AtLeastOnce)), u16::MAX);
         // Wraps past 0 and skips 1, still in flight.
         assert_eq!(w.send(&delivery(QoS::AtLeastOnce)), 2);
@@ -980,7 +1075,7 @@ mod tests {
                             }
                         }
                         let before = live.len();
-                        live.retain(|(p, _, _)| s.inflight.entries.contains_key(p));
+                        live.retain(|(p, _, _)| s.inflight.contains(*p));
                         completed += before - live.len();
                     }
                     Op::Reconnect(w) => {
