@@ -52,6 +52,19 @@ struct State {
 }
 
 impl State {
+    /// Takes the connection parked in `slot` (of that generation, if given).
+    fn take(&mut self, slot: u32, generation: Option<u32>) -> Option<Parked> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if generation.is_some_and(|g| g != s.generation) {
+            return None;
+        }
+        let parked = s.parked.take()?;
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(slot);
+        self.parked -= 1;
+        Some(parked)
+    }
+
     fn is_parked(&self, key: Key) -> bool {
         let slot = &self.slots[key.slot as usize];
         slot.generation == key.generation && slot.parked.is_some()
@@ -190,16 +203,7 @@ impl Lot {
 
     /// Takes the connection parked in `slot` (of that generation, if given).
     fn take(&self, slot: u32, generation: Option<u32>) -> Option<Parked> {
-        let mut state = self.state.lock();
-        let s = state.slots.get_mut(slot as usize)?;
-        if generation.is_some_and(|g| g != s.generation) {
-            return None;
-        }
-        let parked = s.parked.take()?;
-        s.generation = s.generation.wrapping_add(1);
-        state.free.push(slot);
-        state.parked -= 1;
-        Some(parked)
+        self.state.lock().take(slot, generation)
     }
 
     /// Serves a connection taken from its slot again.
@@ -223,19 +227,16 @@ impl Lot {
 
     /// The connections whose timers are due at `now`, and when the next one is.
     fn due(&self, now: Instant) -> (Vec<Parked>, Option<Instant>) {
+        let mut state = self.state.lock();
         let mut due = Vec::new();
-        loop {
-            let mut state = self.state.lock();
-            let Some(Reverse((at, key))) = state.timers.peek().copied() else {
-                return (due, None);
-            };
+        while let Some(&Reverse((at, key))) = state.timers.peek() {
             if at > now {
                 return (due, Some(at));
             }
             state.timers.pop();
-            drop(state);
-            due.extend(self.take(key.slot, Some(key.generation)));
+            due.extend(state.take(key.slot, Some(key.generation)));
         }
+        (due, None)
     }
 
     /// Closes the lot: every connection still parked is served again (shutdown).

@@ -60,16 +60,14 @@ pub async fn resume(lot: Arc<Lot>, stream: std::net::TcpStream, idle: Idle) {
 /// What the (non-blocking) socket has for us now, if anything; Err if the client is
 /// gone (None: it closed the connection).
 fn read_now(mut stream: &std::net::TcpStream) -> Result<BytesMut, Option<std::io::Error>> {
-    let mut read = BytesMut::zeroed(READ_NOW);
-    let n = match stream.read(&mut read) {
-        Ok(0) => return Err(None),
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-        Err(e) => return Err(Some(e)),
-    };
-    read.truncate(n);
-    Ok(read)
+    let mut buf = [0; READ_NOW];
+    match stream.read(&mut buf) {
+        Ok(0) => Err(None),
+        Ok(n) => Ok(BytesMut::from(&buf[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(BytesMut::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(BytesMut::new()),
+        Err(e) => Err(Some(e)),
+    }
 }
 
 /// What `read_now` reads at most: a parked connection's next packet is most often a
