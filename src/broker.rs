@@ -8,7 +8,9 @@
 //! taken under the registry entry's lock, which opening a session takes too.
 
 use crate::budget::Budget;
+use crate::clock::now;
 use crate::config::Config;
+use crate::listener::ListenerRules;
 use crate::message::Message;
 use crate::observe::clients::Clients;
 use crate::protocol::{ByteStr, SubOptions};
@@ -95,11 +97,6 @@ pub type Claimed = Box<dyn Send>;
 /// more clients wait their turn, holding no more than their CONNECT.
 fn password_checks() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-}
-
-/// The clock the broker runs on: tokio's, so that tests can pause it.
-pub fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
 }
 
 impl Broker {
@@ -444,12 +441,12 @@ impl Broker {
                 if let Some(w) = will_at {
                     tokio::time::sleep_until(w.into()).await;
                     if let Some(will) = session.take_pending_will(conn_id) {
-                        broker.publish_will(&will, self::now());
+                        broker.publish_will(&will, now());
                     }
                 }
                 if let Some(e) = expires_at {
                     tokio::time::sleep_until(e.into()).await;
-                    broker.expire(&session, conn_id, self::now());
+                    broker.expire(&session, conn_id, now());
                 }
             };
             tokio::select! {
@@ -521,7 +518,7 @@ impl Broker {
     /// holds the listener itself, so that the connection need not keep its `Peer`.
     pub fn open_connection(self: &Arc<Self>, listener: &Arc<ListenerRules>) -> (Opened, bool) {
         let all = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        let here = listener.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let here = listener.enter();
         let over = |n: usize, max: usize| max > 0 && n > max;
         let within_limits =
             !over(all, self.config.limits.max_connections) && !over(here, listener.max_connections);
@@ -554,60 +551,6 @@ impl Broker {
     }
 }
 
-/// What a listener allows, shared by its connections.
-#[derive(Debug, Default)]
-pub struct ListenerRules {
-    /// Connections at once on this listener (0 = no limit of its own).
-    pub max_connections: usize,
-    /// Clients without credentials get in.
-    pub allow_anonymous: bool,
-    /// The client certificate's identity is the username (TLS listeners).
-    pub identity_as_username: bool,
-    /// Connections open now on this listener.
-    open: AtomicUsize,
-    /// Of those, the idle ones parked without a task (`transport::park`).
-    pub parked: AtomicUsize,
-    /// How `/metrics` names the listener (e.g. `mqtt://127.0.0.1:1883`).
-    pub name: String,
-    /// Connections accepted, and accept calls that failed, since the start.
-    pub accepted: AtomicU64,
-    pub accept_errors: AtomicU64,
-    /// MQTT clients connected now (past CONNECT), by protocol version (3.1, 3.1.1, 5.0).
-    pub clients: [AtomicUsize; 3],
-}
-
-impl ListenerRules {
-    pub fn new(listener: &crate::config::Listener) -> ListenerRules {
-        ListenerRules {
-            max_connections: listener.max_connections,
-            allow_anonymous: listener.allow_anonymous,
-            identity_as_username: listener
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.identity_as_username.is_some()),
-            open: AtomicUsize::new(0),
-            parked: AtomicUsize::new(0),
-            name: String::new(),
-            accepted: AtomicU64::new(0),
-            accept_errors: AtomicU64::new(0),
-            clients: Default::default(),
-        }
-    }
-
-    /// Connections open now on this listener (in the handshake or connected).
-    pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// A listener with no limit of its own that lets anonymous clients in (tests, tools).
-    pub fn open() -> ListenerRules {
-        ListenerRules {
-            allow_anonymous: true,
-            ..ListenerRules::default()
-        }
-    }
-}
-
 /// A connection counted against the limits, until dropped. It lives as long as the
 /// connection (in its task, or parked): the verdict on the limits is not kept in it.
 pub struct Opened {
@@ -624,7 +567,7 @@ impl Opened {
 impl Drop for Opened {
     fn drop(&mut self) {
         self.broker.connections.fetch_sub(1, Ordering::Relaxed);
-        self.listener.open.fetch_sub(1, Ordering::Relaxed);
+        self.listener.leave();
     }
 }
 

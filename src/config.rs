@@ -5,9 +5,12 @@
 //! that toml reports them with the file position of the offending value, exactly like an
 //! unknown key or a wrong type.
 
+mod tls;
+
+pub use tls::{IdentitySource, TlsConfig, TlsVersion};
+
 use crate::protocol::QoS;
 use crate::security::SecurityConfig;
-use crate::transport::tls::TlsConfig;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1119,7 +1122,7 @@ mod tests {
 
     #[test]
     fn tls_listener_keys() {
-        use crate::transport::tls::{IdentitySource, TlsConfig};
+        use super::{IdentitySource, TlsConfig};
         let tcp = "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:8883\"\n";
         assert_eq!(Config::parse(tcp).unwrap().listeners[0].tls, None);
 

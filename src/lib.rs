@@ -4,17 +4,18 @@
 //! state machine (`conn`) -> the router (`router`) -> the subscribers' sessions
 //! (`session`) -> bytes. `broker` holds the shared state and the life of sessions;
 //! `server` binds the listeners.
-#![deny(unsafe_code)]
 #![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod broker;
 pub mod budget;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fuzz;
 pub mod http;
+pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod observe;

@@ -2,11 +2,12 @@
 //! wires shutdown. The only module that knows the transports.
 
 use crate::admin::Admin;
-use crate::broker::{Broker, ListenerRules};
+use crate::broker::Broker;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
 use crate::http::HttpService;
+use crate::listener::ListenerRules;
 use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
@@ -107,7 +108,7 @@ impl Server {
             let read_ms = started.elapsed().as_millis() as u64;
             report(&snapshot.recovery);
             let records = snapshot.recovery.recovered;
-            let recovered = recovery::restore(&broker, snapshot, crate::broker::now());
+            let recovered = recovery::restore(&broker, snapshot, crate::clock::now());
             tracing::info!(
                 retained = recovered.retained,
                 sessions = recovered.sessions,
@@ -150,7 +151,7 @@ impl Server {
                 .listen(listener, Proto::Admin(Arc::new(admin)))
                 .await?;
         }
-        crate::observe::sys::spawn(&broker);
+        crate::admin::sys::spawn(&broker);
         Ok(server)
     }
 
@@ -296,7 +297,7 @@ async fn open_store(
     // Longer queues stay on disk until their sessions' connections read them back.
     let snapshot = store.load(queue_head).await?;
     let always = config.sync == SyncMode::Always;
-    let now = crate::broker::now();
+    let now = crate::clock::now();
     let journal = Journal::new(Some(store), always, now, snapshot.max_message_id);
     Ok((journal, Some(snapshot)))
 }

@@ -715,7 +715,7 @@ async fn mosquitto_clients_on_different_nodes() {
 /// retained too).
 fn retained_under(broker: &ternmq::broker::Broker, filter: &str) -> usize {
     let mut out = Vec::new();
-    let now = ternmq::broker::now();
+    let now = ternmq::clock::now();
     broker
         .router
         .retained_step(filter, None, usize::MAX, now, &mut out);

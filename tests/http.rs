@@ -889,7 +889,7 @@ mod tools {
         std::fs::write(path("ca.pem"), ca.pem()).unwrap();
         std::fs::write(path("server.pem"), cert.pem()).unwrap();
         std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
-        let tls = ternmq::transport::tls::TlsConfig::new(path("server.pem"), path("server.key"));
+        let tls = ternmq::config::TlsConfig::new(path("server.pem"), path("server.key"));
         let b = TestBroker::with_http(|c| {
             c.listeners[1].tls = Some(tls.clone());
             // The admin listener is served the same way, TLS included.

@@ -121,7 +121,7 @@ async fn at(t: Instant) {
 async fn sys_topics_follow_the_broker_every_interval() {
     let b = TestBroker::in_memory(|c| c.sys_interval = 10);
     let t0 = Instant::now();
-    ternmq::observe::sys::spawn(b.broker());
+    ternmq::admin::sys::spawn(b.broker());
     tokio::task::yield_now().await;
     let mut watcher = Client::connect_v5(b.target(), "watcher").await;
     let filters = [
@@ -202,7 +202,7 @@ async fn sys_topics_are_read_as_the_acl_allows() {
         c.sys_interval = 10;
         c.auth.acl_file = Some(acl.clone());
     });
-    ternmq::observe::sys::spawn(b.broker());
+    ternmq::admin::sys::spawn(b.broker());
     tokio::task::yield_now().await;
     let mut everything = Client::connect_v5(b.target(), "everything").await;
     everything.subscribe("#", QoS::AtMostOnce).await;

@@ -132,7 +132,7 @@ async fn a_the_loser_of_a_takeover_changes_no_subscription() {
     let client_id = ByteStr::from("a-client");
     let topic = ByteStr::from("a/t");
     let link = |conn_id| Link::new(conn_id, Arc::new(Wire::default()));
-    let now = ternmq::broker::now();
+    let now = ternmq::clock::now();
     let (loser, winner) = (broker.next_id(), broker.next_id());
 
     let (session, present) = broker.open_session(&client_id, false, NEVER_EXPIRE, link(loser), now);

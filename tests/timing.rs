@@ -1,7 +1,7 @@
 //! Behaviour in time, on tokio's paused clock: keep-alive, the connect timeout, session
 //! expiry, will delay and message expiry, each asserted at its exact virtual instant.
 //!
-//! The broker reads tokio's clock (`ternmq::broker::now`), and these brokers have no
+//! The broker reads tokio's clock (`ternmq::clock::now`), and these brokers have no
 //! sockets (`TestBroker::in_memory`): clients reach them through in-memory pipes, so with
 //! `start_paused = true` time moves only when every task waits for a timer, and then
 //! straight to the next one. A test takes no wall time, and whatever the machine's load

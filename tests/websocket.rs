@@ -693,10 +693,7 @@ mod browser {
     /// in only clients with a JWT signed by `secret`: the TLS config, the base64 SHA-256
     /// of the server key's SubjectPublicKeyInfo (for Chromium to trust that key alone)
     /// and a token for user `web`, whose ACL claim allows the browser case's two topics.
-    fn wss_with_jwt(
-        dir: &Path,
-        secret: &str,
-    ) -> (ternmq::transport::tls::TlsConfig, String, String) {
+    fn wss_with_jwt(dir: &Path, secret: &str) -> (ternmq::config::TlsConfig, String, String) {
         use base64::Engine;
         use rcgen::{CertificateParams, KeyPair, PublicKeyData};
         use sha2::Digest;
@@ -729,7 +726,7 @@ mod browser {
         )
         .unwrap();
         (
-            ternmq::transport::tls::TlsConfig::new(cert_file, key_file),
+            ternmq::config::TlsConfig::new(cert_file, key_file),
             base64::engine::general_purpose::STANDARD.encode(spki),
             token,
         )

@@ -3,8 +3,9 @@
 //! docs/observability.md has a request and response example for each.
 
 use super::{Query, Reply};
-use crate::broker::{Broker, ListenerRules};
+use crate::broker::Broker;
 use crate::config::ListenerKind;
+use crate::listener::ListenerRules;
 use crate::message::Message;
 use crate::metrics::{self, Counter, Dropped};
 use crate::observe::clients::{protocol_name, LiveClient};
@@ -39,7 +40,7 @@ impl Api<'_> {
         let c = metrics::snapshot();
         let sessions = b.session_count();
         let online = b.clients.len().min(sessions);
-        let uptime = crate::broker::now().saturating_duration_since(b.started);
+        let uptime = crate::clock::now().saturating_duration_since(b.started);
         let process = process::usage().map(
             |u| json!({ "rss_bytes": u.rss, "cpu_seconds": u.cpu_seconds, "open_fds": u.open_fds }),
         );
@@ -197,7 +198,7 @@ impl Api<'_> {
         }
         let after = q.get("after").filter(|a| !a.is_empty());
         let mut found = Vec::new();
-        let now = crate::broker::now();
+        let now = crate::clock::now();
         let (last, done) = self
             .broker
             .router
@@ -220,7 +221,7 @@ impl Api<'_> {
             );
         };
         let mut found = Vec::new();
-        let now = crate::broker::now();
+        let now = crate::clock::now();
         self.broker
             .router
             .retained_step(t, None, 1, now, &mut found);
@@ -277,7 +278,7 @@ impl Api<'_> {
             p.retain,
             None,
             0,
-            crate::broker::now(),
+            crate::clock::now(),
         );
         let receivers = self.broker.publish(&Arc::new(message));
         Reply::ok(json!({ "receivers": receivers }))

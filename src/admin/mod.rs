@@ -1,6 +1,8 @@
-//! The admin listener (`[[listeners]] type = "admin"`): HTTP for operators. `GET /metrics`
-//! (Prometheus), the JSON API under `/api/v1/` (`api`) and the web console (`console`). Every request but the console's own files must carry the
-//! listener's token as `Authorization: Bearer <token>`. docs/observability.md documents
+//! What operators read: the admin listener (`[[listeners]] type = "admin"`, HTTP) with
+//! `GET /metrics` (Prometheus), the JSON API under `/api/v1/` (`api`) and the web console
+//! (`console`), and the `$SYS` topics (`sys`, published into the broker). Every request
+//! but the console's own files must carry the listener's token as
+//! `Authorization: Bearer <token>`. docs/observability.md documents
 //! the endpoints with examples.
 //!
 //! This module is the HTTP side only: the token check, routing, and the few helpers the
@@ -11,10 +13,12 @@
 mod api;
 mod console;
 pub mod prometheus;
+pub mod sys;
 
-use crate::broker::{Broker, ListenerRules};
+use crate::broker::Broker;
 use crate::config::ListenerKind;
 use crate::conn::Peer;
+use crate::listener::ListenerRules;
 use crate::transport::http::{Body, Handler};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};

@@ -1,7 +1,8 @@
 //! `GET /metrics`: the Prometheus text exposition format (version 0.0.4), every family
 //! with its HELP and TYPE lines. docs/observability.md lists the families.
 
-use crate::broker::{Broker, ListenerRules};
+use crate::broker::Broker;
+use crate::listener::ListenerRules;
 use crate::metrics::{self, Counter, Dropped, Snapshot};
 use crate::observe::process;
 use std::fmt::{Display, Write};

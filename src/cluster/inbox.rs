@@ -211,7 +211,7 @@ pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) ->
     let message = Arc::new(
         broker
             .journal()
-            .restore_message(&envelope.message, crate::broker::now()),
+            .restore_message(&envelope.message, crate::clock::now()),
     );
     match envelope.shared {
         None => broker.router.publish_plain(&message),

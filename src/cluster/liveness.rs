@@ -459,7 +459,7 @@ async fn drain(
         let message = Arc::new(
             broker
                 .journal()
-                .restore_message(&envelope.message, crate::broker::now()),
+                .restore_message(&envelope.message, crate::clock::now()),
         );
         match envelope.shared {
             // For a shared group: that group's member picked again, among the members

@@ -215,7 +215,7 @@ pub(super) async fn spawn_retained_watch(
         let Some(broker) = weak.upgrade() else {
             return;
         };
-        let now = crate::broker::now();
+        let now = crate::clock::now();
         match entry.operation {
             Operation::Put => {
                 let Ok(stored) = codec::decode_message(&entry.value) else {

@@ -80,7 +80,7 @@ impl Connected {
     /// for it (as `sync = "always"` does for the disk store).
     pub fn journal(&self) -> Journal {
         let store: Arc<dyn Store> = self.store.clone();
-        Journal::new(Some(store), true, crate::broker::now(), 0)
+        Journal::new(Some(store), true, crate::clock::now(), 0)
     }
 }
 

@@ -186,7 +186,7 @@ pub(super) async fn load(
             sessions: vec![session],
             ..Snapshot::default()
         };
-        crate::recovery::restore(broker, snapshot, crate::broker::now());
+        crate::recovery::restore(broker, snapshot, crate::clock::now());
         tracing::debug!(%client_id, "session loaded from the cluster store");
     }
     Ok(())

@@ -18,7 +18,7 @@ pub use handshake::{negotiate, Negotiated, Refusal};
 pub use login::Login;
 pub use machine::Connection;
 
-use crate::broker::ListenerRules;
+use crate::listener::ListenerRules;
 use std::net::SocketAddr;
 use std::sync::Arc;
 

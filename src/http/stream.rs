@@ -12,7 +12,8 @@
 
 use super::event;
 use super::reply::HttpError;
-use crate::broker::{now, Broker};
+use crate::broker::Broker;
+use crate::clock::now;
 use crate::conn::login::Login;
 use crate::conn::subscribe;
 use crate::message::Delivery;

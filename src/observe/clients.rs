@@ -6,7 +6,7 @@
 //! every idle connection another entry (docs/benchmarks.md). The client id is the
 //! session's, the connection id its `Link`'s.
 
-use crate::broker::ListenerRules;
+use crate::listener::ListenerRules;
 use crate::protocol::Protocol;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

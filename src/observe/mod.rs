@@ -1,10 +1,9 @@
-//! Seeing inside the broker: the registry of connected clients (`clients`), the `$SYS`
-//! topics (`sys`), the process's own figures (`process`) and rate-limited warnings
-//! (`ratelimit`). The counters themselves live in `crate::metrics`; the HTTP side
-//! (`/metrics`, the admin API, the console) in `crate::admin`. docs/observability.md
-//! lists every name.
+//! What the broker measures besides its counters: the registry of connected clients
+//! (`clients`), the process's own figures (`process`) and rate-limited warnings
+//! (`ratelimit`). It sits below `broker`, which feeds it. The counters live in
+//! `crate::metrics`; their readers (`/metrics`, the admin API, the console, the `$SYS`
+//! topics) in `crate::admin`. docs/observability.md lists every name.
 
 pub mod clients;
 pub mod process;
 pub mod ratelimit;
-pub mod sys;

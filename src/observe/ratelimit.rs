@@ -60,7 +60,7 @@ macro_rules! warn_limited {
     ($($arg:tt)+) => {{
         static LIMIT: $crate::observe::ratelimit::RateLimit =
             $crate::observe::ratelimit::RateLimit::new($crate::observe::ratelimit::REPEAT_INTERVAL);
-        match LIMIT.check($crate::broker::now()) {
+        match LIMIT.check($crate::clock::now()) {
             Some(0) => ::tracing::warn!($($arg)+),
             Some(repeated) => ::tracing::warn!(repeated, $($arg)+),
             None => {}

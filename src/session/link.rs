@@ -125,7 +125,7 @@ impl Future for Woken<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::ListenerRules;
+    use crate::listener::ListenerRules;
     use crate::protocol::Protocol;
     use futures_util::FutureExt;
     use std::task::Wake;

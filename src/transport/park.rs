@@ -273,7 +273,7 @@ async fn watch(lot: Arc<Lot>, mut poll: AsyncFd<Poll>, broker: Arc<Broker>) {
     const BATCH: usize = 256;
     let mut events = Events::with_capacity(BATCH);
     loop {
-        let (due, next) = lot.due(crate::broker::now());
+        let (due, next) = lot.due(crate::clock::now());
         for p in due {
             lot.unpark(p);
         }

@@ -320,7 +320,7 @@ async fn sys_topics_are_not_readable_through_hash() {
         true,
         None,
         0,
-        ternmq::broker::now(),
+        ternmq::clock::now(),
     ));
     b.broker().publish(&live);
     assert_eq!(

@@ -13,10 +13,10 @@ use bytes::Bytes;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
 use std::process::Command;
+use ternmq::config::{IdentitySource, TlsConfig};
 use ternmq::config::{Listener, ListenerKind};
 use ternmq::protocol::{Auth, ByteStr, Packet, Properties, Protocol, QoS, ReasonCode};
 use ternmq::security::jwt::JwtConfig;
-use ternmq::transport::tls::{IdentitySource, TlsConfig};
 
 /// A broker whose only listener refuses anonymous clients, with the password file.
 async fn with_password_file(

@@ -195,7 +195,7 @@ pub fn sample(broker: &Broker) -> Sample {
         retained,
         stored: retained + held as u64,
         stored_bytes: broker.memory.used() as u64,
-        heap: super::process::usage().map(|u| (u.rss, u.peak_rss)),
+        heap: crate::observe::process::usage().map(|u| (u.rss, u.peak_rss)),
     }
 }
 
@@ -222,7 +222,7 @@ pub fn spawn(broker: &Arc<Broker>) {
                 _ = broker.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = crate::broker::now();
+            let now = crate::clock::now();
             let uptime = now.saturating_duration_since(broker.started);
             for (topic, payload) in tree.update(&sample(&broker), uptime) {
                 publish(&broker, topic, payload);
@@ -232,7 +232,7 @@ pub fn spawn(broker: &Arc<Broker>) {
 }
 
 fn publish(broker: &Broker, topic: String, payload: String) {
-    let now: Instant = crate::broker::now();
+    let now: Instant = crate::clock::now();
     broker.publish(&Arc::new(Message::new(
         ByteStr::from(topic),
         Bytes::from(payload),
