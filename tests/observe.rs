@@ -915,8 +915,8 @@ fn json_logs_carry_the_client_id_and_peer() {
     assert_eq!(line["protocol"], 4, "{line}");
 }
 
-/// 50 garbage connections write one warning; the next one after the interval says how
-/// many were held back.
+/// 500 garbage connections write one warning; a different malformation in the same
+/// interval writes its own; the next line after the interval says how many were held back.
 #[tokio::test(start_paused = true)]
 async fn repeated_warnings_are_written_once_per_interval() {
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
@@ -931,13 +931,18 @@ async fn repeated_warnings_are_written_once_per_interval() {
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
     let b = TestBroker::in_memory(|_| {});
-    let garbage = async |b: &TestBroker| {
+    let send = async |b: &TestBroker, bytes: &[u8]| {
         let mut c = Client::open(b.target(), "garbage", Protocol::V311).await;
-        c.send_raw(&[0x10, 0x03, 0xff, 0xff, 0xff]).await;
-        c.expect_closed(WAIT).await;
+        c.send_raw(bytes).await;
+        // Closed, after a CONNACK refusal for an unknown level.
+        c.read_to_end().await;
     };
-    for _ in 0..50 {
-        garbage(&b).await;
+    // A CONNECT whose protocol name is cut short (malformed), and one of an unknown
+    // protocol level (another reason code).
+    let malformed: &[u8] = &[0x10, 0x03, 0xff, 0xff, 0xff];
+    let level_9: &[u8] = &[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 60, 0, 0];
+    for _ in 0..500 {
+        send(&b, malformed).await;
     }
     let bad_connect = |lines: &std::sync::Mutex<Vec<u8>>| -> Vec<String> {
         String::from_utf8(lines.lock().unwrap().clone())
@@ -950,11 +955,16 @@ async fn repeated_warnings_are_written_once_per_interval() {
     let logged = bad_connect(&lines);
     assert_eq!(logged.len(), 1, "{logged:#?}");
     assert!(!logged[0].contains("repeated"), "{}", logged[0]);
-    tokio::time::sleep(ternmq::observe::ratelimit::REPEAT_INTERVAL).await;
-    garbage(&b).await;
+    send(&b, level_9).await;
+    send(&b, level_9).await;
     let logged = bad_connect(&lines);
-    assert_eq!(logged.len(), 2, "{logged:#?}");
-    assert!(logged[1].contains("repeated=49"), "{}", logged[1]);
+    assert_eq!(logged.len(), 2, "another reason has its own line: {logged:#?}");
+    assert_ne!(logged[0], logged[1]);
+    tokio::time::sleep(ternmq::observe::ratelimit::REPEAT_INTERVAL).await;
+    send(&b, malformed).await;
+    let logged = bad_connect(&lines);
+    assert_eq!(logged.len(), 3, "{logged:#?}");
+    assert!(logged[2].contains("repeated=499"), "{}", logged[2]);
 }
 
 struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

@@ -444,7 +444,7 @@ where
         Ok(Ok(Some(_))) => crate::warn_limited!("first packet is not CONNECT; closing"),
         Ok(Ok(None)) => debug!("closed before CONNECT"),
         Ok(Err(e)) => {
-            crate::warn_limited!("bad CONNECT: {e}");
+            crate::warn_limited!(reason = e.reason_code() as u8; "bad CONNECT: {e}");
             if let protocol::Error::UnsupportedProtocol { .. } = e {
                 // Both 3.x and 5.0 clients understand a 3.1.1 CONNACK with code 1 here.
                 let refusal = Refusal::new(e.reason_code(), "unsupported protocol version");

@@ -86,8 +86,10 @@ impl Exit {
                 tracing::info!("connection lost without DISCONNECT");
                 tracing::debug!("socket error: {e}");
             }
-            Exit::Violation(_, why) => crate::warn_limited!("protocol violation: {why}; closing"),
-            Exit::Limit(_, why) => crate::warn_limited!("{why}; closing"),
+            Exit::Violation(code, why) => {
+                crate::warn_limited!(reason = *code as u8; "protocol violation: {why}; closing");
+            }
+            Exit::Limit(code, why) => crate::warn_limited!(reason = *code as u8; "{why}; closing"),
             Exit::KeepAliveTimeout => tracing::info!("keep-alive timeout; closing"),
             Exit::TokenExpired => tracing::info!("token expired; closing"),
             Exit::TakenOver => tracing::info!("session taken over by a new connection; closing"),

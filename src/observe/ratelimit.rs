@@ -1,9 +1,11 @@
 //! Warnings a hostile client can trigger at will (garbage instead of CONNECT, protocol
-//! violations, failed logins) are written at most once per interval per call site, with
-//! how many were held back since the last line: 500 garbage connections write one line,
-//! and the next line of that kind says `repeated=499`.
+//! violations, failed logins) are written at most once per interval per call site and
+//! reason, with how many were held back since the last line: 500 garbage connections
+//! write one line, and the next line of that kind says `repeated=499`.
 //!
-//! Use `warn_limited!` exactly like `tracing::warn!`. The count of lines held back is
+//! Use `warn_limited!` exactly like `tracing::warn!`; `warn_limited!(reason = code; ...)`
+//! limits each value of `code` (a `u8`, e.g. the MQTT reason code) on its own, so that
+//! a flood of one malformation does not hide another. The count of lines held back is
 //! reported with the next line of the same site (as the kernel's "callbacks suppressed"),
 //! so a burst that stops for good leaves its count unwritten; `/metrics` counts every
 //! event anyway.
@@ -53,10 +55,21 @@ impl RateLimit {
     }
 }
 
-/// `tracing::warn!`, at most once per `REPEAT_INTERVAL` for this call site; the line
-/// after a quiet spell carries `repeated = <lines held back>`.
+/// `tracing::warn!`, at most once per `REPEAT_INTERVAL` for this call site (and reason,
+/// when one is given); the line after a quiet spell carries `repeated = <lines held back>`.
 #[macro_export]
 macro_rules! warn_limited {
+    (reason = $reason:expr; $($arg:tt)+) => {{
+        static LIMITS: [$crate::observe::ratelimit::RateLimit; 256] = [const {
+            $crate::observe::ratelimit::RateLimit::new($crate::observe::ratelimit::REPEAT_INTERVAL)
+        }; 256];
+        let reason: u8 = $reason;
+        match LIMITS[usize::from(reason)].check($crate::clock::now()) {
+            Some(0) => ::tracing::warn!($($arg)+),
+            Some(repeated) => ::tracing::warn!(repeated, $($arg)+),
+            None => {}
+        }
+    }};
     ($($arg:tt)+) => {{
         static LIMIT: $crate::observe::ratelimit::RateLimit =
             $crate::observe::ratelimit::RateLimit::new($crate::observe::ratelimit::REPEAT_INTERVAL);
