@@ -145,6 +145,14 @@ impl Server {
         }
         let (reported, addrs) = (server.rules.clone(), server.addrs.clone());
         for listener in admins {
+            if !listener.bind.ip().is_loopback() && listener.tls.is_none() {
+                // The token would cross the network in the clear.
+                tracing::warn!(
+                    bind = %listener.bind,
+                    "the admin listener is reachable from the network without TLS: \
+                     bind it to 127.0.0.1 or give it a `tls` table (docs/observability.md)"
+                );
+            }
             let token = listener.token.clone().unwrap_or_default();
             let admin = Admin::new(broker.clone(), token, reported.clone(), addrs.clone());
             server

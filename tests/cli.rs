@@ -454,3 +454,22 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         "escape sequences in the piped log: {raw:?}"
     );
 }
+
+/// An admin listener on a public address without TLS starts, with a warning that its
+/// token would cross the network in the clear.
+#[test]
+fn an_admin_listener_open_to_the_network_without_tls_is_warned_about() {
+    let (_dir, path) = config_file(
+        "[[listeners]]\ntype = \"tcp\"\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\ntype = \"admin\"\nbind = \"0.0.0.0:0\"\ntoken = \"0123456789abcdef0123\"\n",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ternmq"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--config", path.to_str().unwrap_or_default()]);
+    let mut broker = Broker::spawn_command(cmd);
+    let line = broker.wait_for_log("the admin warning", |log| {
+        log.lines()
+            .find(|l| l.contains("admin listener is reachable from the network without TLS"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("WARN"), "{line}");
+}

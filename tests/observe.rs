@@ -958,7 +958,11 @@ async fn repeated_warnings_are_written_once_per_interval() {
     send(&b, level_9).await;
     send(&b, level_9).await;
     let logged = bad_connect(&lines);
-    assert_eq!(logged.len(), 2, "another reason has its own line: {logged:#?}");
+    assert_eq!(
+        logged.len(),
+        2,
+        "another reason has its own line: {logged:#?}"
+    );
     assert_ne!(logged[0], logged[1]);
     tokio::time::sleep(ternmq::observe::ratelimit::REPEAT_INTERVAL).await;
     send(&b, malformed).await;
@@ -978,6 +982,73 @@ impl std::io::Write for Capture {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The counters of refusals and expiries in `/metrics` follow the events that cause them
+/// (process-wide counters, shared with the other tests here: compared before and after).
+#[tokio::test]
+async fn metrics_count_refusals_and_expiries_as_they_happen() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwd");
+    let mut file = ternmq::security::password::PasswordFile::empty().unwrap();
+    file.set("alice", b"secret", Default::default()).unwrap();
+    file.save(&passwords).unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user alice\ntopic readwrite m/#\ntopic subscribe m/#\n",
+    )
+    .unwrap();
+    let b = TestBroker::with(|c| {
+        with_admin(c);
+        c.auth.password_file = Some(passwords.clone());
+        c.auth.acl_file = Some(acl.clone());
+    })
+    .await;
+    let admin = admin_addr(&b);
+    let metrics = async || {
+        let (status, _, text) = http(admin, "GET", "/metrics", Some(TOKEN), "").await;
+        assert_eq!(status, 200, "{text}");
+        parse_exposition(&text)
+    };
+    let before = metrics().await;
+    let alice = |id: &str, expiry: u32| ternmq::protocol::Connect {
+        username: Some("alice".into()),
+        password: Some(bytes::Bytes::from_static(b"secret")),
+        ..connect_expiry(id, true, expiry)
+    };
+
+    // A wrong password: CONNACK 0x86.
+    let wrong = ternmq::protocol::Connect {
+        password: Some(bytes::Bytes::from_static(b"guess")),
+        ..alice("intruder", 0)
+    };
+    let (_c, ack) = Client::connect_with(b.addr, wrong).await;
+    assert_eq!(ack.code, ReasonCode::BadUserNameOrPassword);
+    // A SUBSCRIBE outside the subscribe rules: 0x87 for that filter.
+    let (mut c, _) = Client::accepted(b.addr, alice("subscriber", 0)).await;
+    let codes = c
+        .subscribe_qos(&[("m/ok", QoS::AtMostOnce), ("other", QoS::AtMostOnce)])
+        .await;
+    assert_eq!(codes, [0x00, 0x87]);
+    // A session with a 1 s expiry, left to expire.
+    let (gone, _) = Client::accepted(b.addr, alice("short-lived", 1)).await;
+    gone.disconnect_with(ReasonCode::Success, Default::default())
+        .await;
+    common::client::eventually("the session expired", WAIT, || {
+        b.broker().session("short-lived").is_none()
+    })
+    .await;
+
+    let after = metrics().await;
+    let grew = |series: &str, by: f64| {
+        let (was, is) = (before[series], after[series]);
+        assert!(is - was >= by, "{series}: {was} -> {is}");
+    };
+    grew("ternmq_auth_failures_total", 1.0);
+    grew("ternmq_subscribe_denied_total", 1.0);
+    grew("ternmq_sessions_expired_total", 1.0);
+    grew("ternmq_connects_total", 3.0);
 }
 
 /// The config keys of this feature, with errors that name the listener.
