@@ -7,7 +7,8 @@
 // message console/retained = 42, a ws listener, and messages flowing (tests/observe.rs).
 // Checked here: the page loads and goes live; the message-rate chart moves; the victim
 // is in the client table, and goes when its Disconnect button is clicked; the topic
-// browser shows the retained value; the page's MQTT client subscribes, publishes and
+// browser shows the retained value; the page's MQTT client appears in the table when it
+// connects (and the clients chart moves), subscribes, publishes and
 // receives its own message. Screenshots go to <out-dir>. Every wait is bounded, and a
 // watchdog bounds the whole run.
 'use strict';
@@ -86,9 +87,18 @@ async function test(port, token, outDir) {
       // The page's MQTT client, over the broker's ws listener.
       await page.waitForFunction(() => document.getElementById('mqtt-url').value.startsWith('ws://'),
         null, { timeout: WAIT_MS });
+      const clientsChart = () => page.$eval('#chart-clients polyline', (p) => p.getAttribute('points'));
+      const clientsBefore = await clientsChart();
       await page.click('#mqtt-connect-button');
       await page.waitForFunction(() => document.getElementById('mqtt-state').textContent === 'connected',
         null, { timeout: WAIT_MS });
+      // A client that connects while the page is open appears in the table (its id is
+      // `console-<random>`), and the connection-count chart moves with it.
+      await page.waitForSelector('tr[data-client-id^="console-"]:not([data-client-id="console-victim"])',
+        { timeout: WAIT_MS });
+      await page.waitForFunction((b) => document.querySelector('#chart-clients polyline').getAttribute('points') !== b,
+        clientsBefore, { timeout: WAIT_MS });
+      log(`the page's own MQTT client appears in the table; the clients chart moved (${await clientsChart()})`);
       await page.fill('#mqtt-filter', 'console/#');
       await page.click('#mqtt-subscribe button');
       await page.waitForFunction(() => document.getElementById('mqtt-log').textContent.includes('subscribed to console/#'),
