@@ -310,9 +310,10 @@ async fn wait_interest_within(node: &Node, owner: &str, filter: &str, wait: Dura
 // Tests
 // ---------------------------------------------------------------------------------------
 
-/// The tests run one after the other: each runs up to three NATS servers and three nodes
-/// whose liveness is judged in 1.5 s, and two such tests at once on CI's two cores
-/// starve each other's heartbeats (a node declared dead while its NATS server restarts).
+/// The tests run one after the other: each runs up to three NATS servers and three nodes,
+/// and two such tests at once on CI's two cores starve each other's heartbeats (the kill
+/// test's binaries judge liveness in 1.5 s; in-process nodes in 10 s, which a JetStream
+/// leader election after a NATS restart can still approach).
 async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
