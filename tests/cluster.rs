@@ -478,7 +478,9 @@ async fn stop_all(nodes: Vec<Node>) {
 /// `kill -9` of the node holding a subscriber's session while a publisher on another
 /// node sends QoS 1 messages: every message the publisher had acknowledged reaches the
 /// subscriber once it reconnects to a third node (at least once: those it had received
-/// but not acknowledged come again).
+/// but not acknowledged come again); and every message the dead node itself acknowledged
+/// to a publisher connected to it, for an offline session of its own, reaches that
+/// session when it comes back on another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     if !nats_available() {
@@ -495,13 +497,28 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
     sub.subscribe("load/#", QoS::AtLeastOnce).await;
     let mut publisher = Client::connect_v5(nodes[2].addr, "p").await;
     wait_routed(&mut publisher, &mut sub, "load/probe").await;
+    // A second publisher on a itself, to an offline session of a: what a acknowledged to
+    // it sits only in that queue (and JetStream) when a dies.
+    let (mut offline, _) = Client::accepted(nodes[0].addr, connect_expiry("o", true, 600)).await;
+    offline.subscribe("local/#", QoS::AtLeastOnce).await;
+    offline
+        .disconnect_with(ReasonCode::Success, Default::default())
+        .await;
+    let mut local = Client::connect_v5(nodes[0].addr, "p-local").await;
+    let mut acked_locally = Vec::new();
     let mut received: std::collections::BTreeSet<String> = Default::default();
-    // Load: the publisher sends, a is killed part way, the publisher goes on.
+    // Load: the publishers send, a is killed part way, the publisher on c goes on.
     const N: usize = 300;
     let mut acked = Vec::new();
     for i in 0..N {
         if i == N / 3 {
             nodes[0].kill_9();
+        }
+        if i < N / 3 {
+            let topic = format!("local/{i}");
+            if local.publish(plain(&topic, b"x", QoS::AtLeastOnce)).await == ReasonCode::Success {
+                acked_locally.push(topic);
+            }
         }
         let topic = format!("load/{i}");
         if publisher
@@ -554,6 +571,25 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
         {
             sub.acknowledge(&p).await;
             received.insert(p.topic.to_string());
+        }
+    }
+    // The offline session comes back on c, with everything a acknowledged for it.
+    assert_eq!(acked_locally.len(), N / 3, "a acknowledged until it died");
+    let (mut offline, ack) = connect_within(nodes[2].addr, connect_expiry("o", false, 600)).await;
+    assert!(ack.session_present, "the offline session survived its node");
+    let mut got = std::collections::BTreeSet::new();
+    while acked_locally.iter().any(|t| !got.contains(t)) {
+        assert!(
+            Instant::now() < deadline,
+            "missing {} of the {} messages a acknowledged",
+            acked_locally.iter().filter(|t| !got.contains(*t)).count(),
+            acked_locally.len()
+        );
+        if let Some(ternmq::protocol::Packet::Publish(p)) =
+            offline.recv(Duration::from_millis(200)).await
+        {
+            offline.acknowledge(&p).await;
+            got.insert(p.topic.to_string());
         }
     }
     let adopted = nodes[1].log() + &nodes[2].log();
