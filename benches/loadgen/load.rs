@@ -209,6 +209,8 @@ struct Shared {
     open_loop: bool,
     /// Subscribers use persistent sessions.
     persistent: bool,
+    /// Subscribers connect with MQTT 5 and take this many topic aliases (`--topic-aliases`).
+    aliases: Option<u16>,
     /// Per publisher, messages per second (0: as fast as the window allows).
     rate: f64,
     count: u32,
@@ -302,6 +304,8 @@ pub struct Counters {
     pub last_receive_ns: u64,
     /// Time base offset of the last message published.
     pub last_send_ns: u64,
+    /// Bytes subscribers read from their sockets (all packets, a run's whole).
+    pub sub_bytes: u64,
 }
 
 impl Counters {
@@ -315,6 +319,7 @@ impl Counters {
         self.reordered += o.reordered;
         self.foreign += o.foreign;
         self.stalls += o.stalls;
+        self.sub_bytes += o.sub_bytes;
         self.last_receive_ns = self.last_receive_ns.max(o.last_receive_ns);
         self.last_send_ns = self.last_send_ns.max(o.last_send_ns);
     }
@@ -418,6 +423,7 @@ pub fn run(args: &Args, addr: SocketAddr) -> anyhow::Result<Report> {
         stall: Duration::from_secs_f64(args.stall),
         open_loop: args.open_loop,
         persistent: args.persistent,
+        aliases: args.topic_aliases,
         rate: total_rate as f64 / publishers as f64,
         count: args.count.unwrap_or(u32::MAX),
         duration: Duration::from_secs_f64(args.duration),
@@ -619,7 +625,7 @@ mod sse {
         sh.wait_start().await?;
 
         let pubs = sh.topology.pubs_of(s);
-        let mut inbox = Inbox::new(sh.run, pubs);
+        let mut inbox = Inbox::new(sh.run, pubs, false);
         let mut text = BytesMut::with_capacity(64 * 1024);
         let mut last_message = Instant::now();
         let timer = tokio::time::sleep(TICK);
@@ -777,6 +783,10 @@ struct Conn {
     /// Room made before each read: a publisher reads acknowledgements only, and with
     /// 10,000 of them (iot) large buffers would cost the generator's memory for nothing.
     read_size: usize,
+    /// MQTT 5 (a subscriber taking topic aliases), else 3.1.1.
+    v5: bool,
+    /// Bytes read so far.
+    bytes_in: u64,
 }
 
 impl Conn {
@@ -786,15 +796,17 @@ impl Conn {
         keep_alive: u16,
         read_size: usize,
     ) -> anyhow::Result<Conn> {
-        Conn::open_session(addr, client_id, keep_alive, true, read_size).await
+        Conn::open_session(addr, client_id, keep_alive, true, None, read_size).await
     }
 
-    /// `open`, with Clean Session `clean`.
+    /// `open`, with Clean Session `clean`; with `aliases`, MQTT 5 taking that many topic
+    /// aliases from the broker.
     async fn open_session(
         addr: SocketAddr,
         client_id: &str,
         keep_alive: u16,
         clean: bool,
+        aliases: Option<u16>,
         read_size: usize,
     ) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
@@ -808,8 +820,10 @@ impl Conn {
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             read_size,
+            v5: aliases.is_some(),
+            bytes_in: 0,
         };
-        mqtt::connect_session(&mut conn.wbuf, client_id, keep_alive, clean);
+        mqtt::connect_session(&mut conn.wbuf, client_id, keep_alive, clean, aliases);
         conn.flush().await?;
         loop {
             if let Some((frame, used)) = mqtt::next_frame(&conn.rbuf)? {
@@ -834,6 +848,7 @@ impl Conn {
         if n == 0 {
             bail!("the broker closed the connection");
         }
+        self.bytes_in += n as u64;
         Ok(())
     }
 
@@ -1044,15 +1059,22 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
     let client_id = format!("lg{:08x}s{s}", sh.run);
     let permit = sh.connecting.acquire().await?;
     let clean = !sh.persistent;
-    let mut conn =
-        Conn::open_session(sh.sub_addr, &client_id, sh.keep_alive, clean, 64 * 1024).await?;
+    let mut conn = Conn::open_session(
+        sh.sub_addr,
+        &client_id,
+        sh.keep_alive,
+        clean,
+        sh.aliases,
+        64 * 1024,
+    )
+    .await?;
     subscribe(&mut conn, &[sh.topology.filter(&sh.prefix, s)], sh.qos).await?;
     drop(permit);
     sh.ready.fetch_add(1, Ordering::AcqRel);
     sh.wait_start().await?;
 
     let pubs = sh.topology.pubs_of(s);
-    let mut inbox = Inbox::new(sh.run, pubs.clone());
+    let mut inbox = Inbox::new(sh.run, pubs.clone(), conn.v5);
     let mut last_message = Instant::now();
     let timer = tokio::time::sleep(TICK);
     tokio::pin!(timer);
@@ -1075,6 +1097,7 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
             break;
         }
     }
+    local.counters.borrow_mut().sub_bytes += conn.bytes_in;
     conn.close().await;
     if sh.persistent {
         // A clean connection discards the session, so that runs do not pile up sessions.
@@ -1090,7 +1113,7 @@ async fn subscriber(sh: &Shared, local: &Local, s: usize) -> anyhow::Result<()> 
 /// Subscribes to each of `filters` (one SUBSCRIBE each) and waits for every SUBACK.
 async fn subscribe(conn: &mut Conn, filters: &[String], qos: u8) -> anyhow::Result<()> {
     for (i, filter) in filters.iter().enumerate() {
-        mqtt::subscribe(&mut conn.wbuf, i as u16 + 1, filter, qos);
+        mqtt::subscribe(&mut conn.wbuf, i as u16 + 1, filter, qos, conn.v5);
     }
     conn.flush().await?;
     let mut acked = 0;
@@ -1099,7 +1122,7 @@ async fn subscribe(conn: &mut Conn, filters: &[String], qos: u8) -> anyhow::Resu
             if frame.kind != mqtt::SUBACK {
                 bail!("expected SUBACK, got packet type {}", frame.kind);
             }
-            let code = mqtt::suback_code(&frame)?;
+            let code = mqtt::suback_code(&frame, conn.v5)?;
             if code != qos {
                 let filter = &filters[acked];
                 bail!("subscription to {filter} at QoS {qos} answered {code:#04x}");
@@ -1123,12 +1146,15 @@ struct Inbox {
     touched: Vec<usize>,
     is_touched: Vec<bool>,
     counts: Counters,
+    /// The subscriber speaks MQTT 5.
+    v5: bool,
 }
 
 impl Inbox {
-    fn new(run: u32, pubs: Range<usize>) -> Inbox {
+    fn new(run: u32, pubs: Range<usize>, v5: bool) -> Inbox {
         Inbox {
             run,
+            v5,
             trackers: vec![SeqTracker::default(); pubs.len()],
             touched: Vec::new(),
             is_touched: vec![false; pubs.len()],
@@ -1149,7 +1175,7 @@ impl Inbox {
         while let Some((frame, used)) = mqtt::next_frame(rbuf)? {
             match frame.kind {
                 mqtt::PUBLISH => {
-                    let msg = mqtt::parse_publish(&frame)?;
+                    let msg = mqtt::parse_publish(&frame, self.v5)?;
                     match msg.qos {
                         1 => mqtt::ack(wbuf, mqtt::PUBACK, msg.pkid),
                         2 => mqtt::ack(wbuf, mqtt::PUBREC, msg.pkid),
@@ -1346,7 +1372,7 @@ mod tests {
     #[test]
     fn inbox_counts_acks_and_ignores_foreign_messages() {
         // Publishers 4 and 5 of run 7.
-        let mut inbox = Inbox::new(7, 4..6);
+        let mut inbox = Inbox::new(7, 4..6, false);
         let mut wire = Vec::new();
         for (publisher, seq) in [(4, 0), (5, 0), (4, 1), (4, 1), (5, 2), (5, 1)] {
             publish(&mut wire, 7, publisher, seq, 1);
@@ -1395,9 +1421,9 @@ mod tests {
 
     #[test]
     fn inbox_refuses_what_a_subscriber_never_gets() {
-        let mut inbox = Inbox::new(1, 0..1);
+        let mut inbox = Inbox::new(1, 0..1, false);
         let mut wire = Vec::new();
-        mqtt::subscribe(&mut wire, 1, "t", 0);
+        mqtt::subscribe(&mut wire, 1, "t", 0, false);
         let mut rbuf = BytesMut::from(&wire[..]);
         let mut latency = stats::new_histogram();
         assert!(inbox

@@ -1,5 +1,6 @@
-//! A lean MQTT 3.1.1 client codec: only the packets the load generator sends and reads,
-//! written straight into a reused buffer. It is independent of the broker's codec on
+//! A lean MQTT client codec: only the packets the load generator sends and reads, written
+//! straight into a reused buffer. MQTT 3.1.1, and for subscribers that take topic
+//! aliases from the broker (`--topic-aliases`), the few MQTT 5 packets they need. It is independent of the broker's codec on
 //! purpose, so that a bug there cannot hide behind the same bug here (the tests check
 //! both against each other).
 
@@ -45,25 +46,54 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 
 /// CONNECT, MQTT 3.1.1, clean session, no will, no credentials.
 pub fn connect(out: &mut Vec<u8>, client_id: &str, keep_alive: u16) {
-    connect_session(out, client_id, keep_alive, true);
+    connect_session(out, client_id, keep_alive, true, None);
 }
 
-/// CONNECT with Clean Session `clean`: false asks for a persistent session.
-pub fn connect_session(out: &mut Vec<u8>, client_id: &str, keep_alive: u16, clean: bool) {
+/// CONNECT with Clean Session `clean`: false asks for a persistent session. With
+/// `aliases`, an MQTT 5 CONNECT whose Topic Alias Maximum is that many (a persistent
+/// session then asks for a Session Expiry Interval of an hour).
+pub fn connect_session(
+    out: &mut Vec<u8>,
+    client_id: &str,
+    keep_alive: u16,
+    clean: bool,
+    aliases: Option<u16>,
+) {
+    let mut props = Vec::new();
+    if let Some(max) = aliases {
+        props.push(0x22); // Topic Alias Maximum
+        props.extend_from_slice(&max.to_be_bytes());
+        if !clean {
+            props.push(0x11); // Session Expiry Interval
+            props.extend_from_slice(&3600u32.to_be_bytes());
+        }
+    }
+    let props_len = if aliases.is_some() {
+        1 + props.len()
+    } else {
+        0
+    };
     out.push(0x10);
-    put_len(out, 10 + 2 + client_id.len());
+    put_len(out, 10 + props_len + 2 + client_id.len());
     put_str(out, b"MQTT");
-    out.push(4); // protocol level 3.1.1
+    out.push(if aliases.is_some() { 5 } else { 4 }); // protocol level
     out.push(if clean { 0x02 } else { 0x00 });
     out.extend_from_slice(&keep_alive.to_be_bytes());
+    if aliases.is_some() {
+        put_len(out, props.len());
+        out.extend_from_slice(&props);
+    }
     put_str(out, client_id.as_bytes());
 }
 
-/// SUBSCRIBE to one filter.
-pub fn subscribe(out: &mut Vec<u8>, pkid: u16, filter: &str, qos: u8) {
+/// SUBSCRIBE to one filter (MQTT 5: with an empty property list).
+pub fn subscribe(out: &mut Vec<u8>, pkid: u16, filter: &str, qos: u8, v5: bool) {
     out.push(0x82);
-    put_len(out, 2 + 2 + filter.len() + 1);
+    put_len(out, 2 + usize::from(v5) + 2 + filter.len() + 1);
     out.extend_from_slice(&pkid.to_be_bytes());
+    if v5 {
+        out.push(0);
+    }
     put_str(out, filter.as_bytes());
     out.push(qos);
 }
@@ -145,7 +175,9 @@ pub struct Publish<'a> {
     pub payload: &'a [u8],
 }
 
-pub fn parse_publish<'a>(frame: &Frame<'a>) -> Result<Publish<'a>, Malformed> {
+/// A PUBLISH; MQTT 5's properties are skipped (a topic alias is not resolved: the load
+/// generator tells messages apart by their payload's stamp).
+pub fn parse_publish<'a>(frame: &Frame<'a>, v5: bool) -> Result<Publish<'a>, Malformed> {
     let qos = (frame.flags >> 1) & 0x03;
     if qos == 3 {
         return Err(Malformed("PUBLISH with QoS 3"));
@@ -160,6 +192,13 @@ pub fn parse_publish<'a>(frame: &Frame<'a>) -> Result<Publish<'a>, Malformed> {
     if qos > 0 {
         pkid = u16_at(body, at)?;
         at += 2;
+    }
+    if v5 {
+        let (len, used) = varint(body.get(at..).unwrap_or_default())?;
+        at += used + len;
+        if at > body.len() {
+            return Err(Malformed("PUBLISH properties past the packet"));
+        }
     }
     Ok(Publish {
         qos,
@@ -179,9 +218,26 @@ pub fn connack_code(frame: &Frame<'_>) -> Result<u8, Malformed> {
     frame.body.get(1).copied().ok_or(Malformed("short CONNACK"))
 }
 
-/// SUBACK's first return code (granted QoS, or 0x80 for failure).
-pub fn suback_code(frame: &Frame<'_>) -> Result<u8, Malformed> {
-    frame.body.get(2).copied().ok_or(Malformed("short SUBACK"))
+/// SUBACK's first return code (granted QoS, or 0x80 and up for failure).
+pub fn suback_code(frame: &Frame<'_>, v5: bool) -> Result<u8, Malformed> {
+    let mut at = 2;
+    if v5 {
+        let (len, used) = varint(frame.body.get(at..).unwrap_or_default())?;
+        at += used + len;
+    }
+    frame.body.get(at).copied().ok_or(Malformed("short SUBACK"))
+}
+
+/// A variable byte integer at the start of `bytes`: its value and its length.
+fn varint(bytes: &[u8]) -> Result<(usize, usize), Malformed> {
+    let mut value = 0;
+    for (i, b) in bytes.iter().take(4).enumerate() {
+        value |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err(Malformed("bad variable byte integer"))
 }
 
 fn u16_at(body: &[u8], at: usize) -> Result<u16, Malformed> {
@@ -223,7 +279,7 @@ mod tests {
     #[test]
     fn subscribe_is_valid() {
         let mut out = Vec::new();
-        subscribe(&mut out, 9, "bench/in/+", 2);
+        subscribe(&mut out, 9, "bench/in/+", 2, false);
         let Packet::Subscribe(s) = theirs(&out) else {
             panic!("not a SUBSCRIBE");
         };
@@ -269,12 +325,73 @@ mod tests {
             assert_eq!(&theirs[..], &out[..], "both encoders agree byte for byte");
             let (frame, used) = next_frame(&theirs).expect("ok").expect("complete");
             assert_eq!(used, theirs.len());
-            let p = parse_publish(&frame).expect("parses");
+            let p = parse_publish(&frame, false).expect("parses");
             assert_eq!(
                 (p.qos, p.topic, p.payload),
                 (qos, &b"a/b"[..], &payload[..])
             );
         }
+    }
+
+    /// The MQTT 5 subscriber: CONNECT with Topic Alias Maximum, SUBSCRIBE, and a PUBLISH
+    /// that the broker sent with an alias and no topic, read past its properties.
+    #[test]
+    fn mqtt5_subscriber_packets_agree_with_the_broker_codec() {
+        let decode5 = |bytes: &[u8]| {
+            let mut buf = BytesMut::from(bytes);
+            protocol::decode(&mut buf, Protocol::V5, usize::MAX)
+                .expect("valid packet")
+                .expect("complete packet")
+        };
+        let mut out = Vec::new();
+        connect_session(&mut out, "lg-sub-5", 60, false, Some(10));
+        let Packet::Connect(c) = decode5(&out) else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(c.protocol, Protocol::V5);
+        assert_eq!(c.properties.topic_alias_maximum, Some(10));
+        assert_eq!(c.properties.session_expiry_interval, Some(3600));
+        assert!(!c.clean_start);
+        let mut out = Vec::new();
+        subscribe(&mut out, 3, "bench/#", 1, true);
+        let Packet::Subscribe(s) = decode5(&out) else {
+            panic!("not a SUBSCRIBE");
+        };
+        assert_eq!((s.pkid, &*s.filters[0].filter), (3, "bench/#"));
+
+        let mut theirs = BytesMut::new();
+        let header = PublishHeader {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "",
+            pkid: 7,
+        };
+        let properties = protocol::Properties {
+            topic_alias: Some(4),
+            ..Default::default()
+        };
+        protocol::encode_publish(
+            &mut theirs,
+            Protocol::V5,
+            &header,
+            Some(&properties),
+            b"stamp",
+        )
+        .expect("encodes");
+        let (frame, _) = next_frame(&theirs).expect("ok").expect("complete");
+        let p = parse_publish(&frame, true).expect("parses");
+        assert_eq!(
+            (p.qos, p.pkid, p.topic, p.payload),
+            (1, 7, &b""[..], &b"stamp"[..])
+        );
+        // SUBACK 5.0: packet id, properties (here a reason string), then the codes.
+        let suback = Frame {
+            kind: SUBACK,
+            flags: 0,
+            body: &[0, 3, 4, 0x1F, 0, 1, b'x', 0x01],
+        };
+        assert_eq!(suback_code(&suback, true), Ok(1));
     }
 
     #[test]
@@ -320,13 +437,14 @@ mod tests {
             flags: 0x02,
             body: &[0, 5, b'a'],
         };
-        assert!(parse_publish(&short).is_err());
+        assert!(parse_publish(&short, false).is_err());
+        assert!(parse_publish(&short, true).is_err());
         let qos3 = Frame {
             kind: PUBLISH,
             flags: 0x06,
             body: &[0, 0, 0, 1],
         };
-        assert!(parse_publish(&qos3).is_err());
+        assert!(parse_publish(&qos3, false).is_err());
         let empty = Frame {
             kind: PUBACK,
             flags: 0,
@@ -334,6 +452,7 @@ mod tests {
         };
         assert!(pkid(&empty).is_err());
         assert!(connack_code(&empty).is_err());
-        assert!(suback_code(&empty).is_err());
+        assert!(suback_code(&empty, false).is_err());
+        assert!(suback_code(&empty, true).is_err());
     }
 }
