@@ -554,46 +554,44 @@ async fn kill_9_of_a_node_under_qos1_load_loses_no_acknowledged_message() {
         nodes[1].log()
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.iter().any(|t| !received.contains(t)) {
-        assert!(
-            Instant::now() < deadline,
-            "missing {:?} of {} acknowledged messages; b: {}\nc: {}",
-            acked
-                .iter()
-                .filter(|t| !received.contains(*t))
-                .collect::<Vec<_>>(),
-            acked.len(),
-            nodes[1].log(),
-            nodes[2].log()
-        );
-        if let Some(ternmq::protocol::Packet::Publish(p)) =
-            sub.recv(Duration::from_millis(200)).await
-        {
-            sub.acknowledge(&p).await;
-            received.insert(p.topic.to_string());
-        }
-    }
+    let logs = || format!("b: {}\nc: {}", nodes[1].log(), nodes[2].log());
+    receive_every(&mut sub, &acked, &mut received, deadline, logs).await;
     // The offline session comes back on c, with everything a acknowledged for it.
     assert_eq!(acked_locally.len(), N / 3, "a acknowledged until it died");
     let (mut offline, ack) = connect_within(nodes[2].addr, connect_expiry("o", false, 600)).await;
     assert!(ack.session_present, "the offline session survived its node");
-    let mut got = std::collections::BTreeSet::new();
-    while acked_locally.iter().any(|t| !got.contains(t)) {
+    let mut got = Default::default();
+    receive_every(&mut offline, &acked_locally, &mut got, deadline, logs).await;
+    let adopted = nodes[1].log() + &nodes[2].log();
+    assert!(adopted.contains("node adopted"), "a was adopted: {adopted}");
+}
+
+/// Receives (and acknowledges) until every topic of `wanted` is in `got`; fails at
+/// `deadline` naming what is missing, with `logs()`.
+async fn receive_every(
+    c: &mut Client,
+    wanted: &[String],
+    got: &mut std::collections::BTreeSet<String>,
+    deadline: Instant,
+    logs: impl Fn() -> String,
+) {
+    while wanted.iter().any(|t| !got.contains(t)) {
         assert!(
             Instant::now() < deadline,
-            "missing {} of the {} messages a acknowledged",
-            acked_locally.iter().filter(|t| !got.contains(*t)).count(),
-            acked_locally.len()
+            "missing {:?} of {} acknowledged messages; {}",
+            wanted
+                .iter()
+                .filter(|t| !got.contains(*t))
+                .collect::<Vec<_>>(),
+            wanted.len(),
+            logs()
         );
-        if let Some(ternmq::protocol::Packet::Publish(p)) =
-            offline.recv(Duration::from_millis(200)).await
+        if let Some(ternmq::protocol::Packet::Publish(p)) = c.recv(Duration::from_millis(200)).await
         {
-            offline.acknowledge(&p).await;
+            c.acknowledge(&p).await;
             got.insert(p.topic.to_string());
         }
     }
-    let adopted = nodes[1].log() + &nodes[2].log();
-    assert!(adopted.contains("node adopted"), "a was adopted: {adopted}");
 }
 
 /// One of the three NATS servers dies: the nodes connected to it reconnect to the others,
