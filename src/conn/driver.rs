@@ -417,6 +417,7 @@ where
         now,
     );
     conn.send(&mut io.wbuf, Packet::ConnAck(ack));
+    peer.admit();
     Some(conn)
 }
 
@@ -427,7 +428,7 @@ where
     W: AsyncWrite + Unpin,
 {
     // Nothing larger is buffered from a peer that has not authenticated.
-    let max = connect_size(broker);
+    let max = connect_size(&broker.config);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return None,
         r = timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
@@ -577,7 +578,7 @@ where
         }
         let answer = timeout(
             broker.config.mqtt.connect_timeout(),
-            io.read_packet(Protocol::V5, connect_size(broker)),
+            io.read_packet(Protocol::V5, connect_size(&broker.config)),
         )
         .await;
         next = match (answer, exchange.as_mut()) {
@@ -591,8 +592,7 @@ where
 }
 
 /// The largest packet read before a client is in: `limits.max_connect_size`.
-fn connect_size(broker: &Broker) -> usize {
-    let cfg = &broker.config;
+pub(crate) fn connect_size(cfg: &crate::config::Config) -> usize {
     cfg.mqtt.max_packet_size.min(cfg.limits.max_connect_size)
 }
 
