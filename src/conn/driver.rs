@@ -22,7 +22,7 @@ use crate::security::AuthResult;
 use crate::session::{Link, Wire};
 use bytes::BytesMut;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -487,8 +487,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let client_id = &negotiated.client_id;
+    let ip = peer.addr.ip();
     if let Some(method) = &negotiated.auth_method {
-        return exchange(broker, negotiated, method, io).await;
+        slow_down(broker, ip).await;
+        return exchange(broker, negotiated, method, io, ip).await;
     }
     if peer.listener.identity_as_username {
         return match &peer.tls_identity {
@@ -503,11 +505,7 @@ where
             )),
         };
     }
-    let ip = peer.addr.ip();
-    if let Some(delay) = broker.backoff.delay_for(ip, now()) {
-        debug!(?delay, "slowing down repeated authentication failures");
-        tokio::time::sleep(delay).await;
-    }
+    slow_down(broker, ip).await;
     let username = negotiated.username.as_ref().map(|u| u.to_string());
     let password = negotiated.password.clone();
     let result = if password.is_none() {
@@ -535,12 +533,23 @@ where
     login::decide(result, peer.listener.allow_anonymous)
 }
 
-/// Runs an MQTT 5 enhanced authentication exchange (CONNECT, AUTH, AUTH, ...).
+/// Waits as long as the backoff says for `ip`: repeated authentication failures from
+/// one address are slowed down, whatever the method (the connection waits, not a worker).
+async fn slow_down(broker: &Broker, ip: IpAddr) {
+    if let Some(delay) = broker.backoff.delay_for(ip, now()) {
+        debug!(?delay, "slowing down repeated authentication failures");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Runs an MQTT 5 enhanced authentication exchange (CONNECT, AUTH, AUTH, ...); its
+/// outcome counts in the backoff of `ip` as a password's would.
 async fn exchange<R, W>(
     broker: &Broker,
     negotiated: &Negotiated,
     method: &ByteStr,
     io: &mut Io<R, W>,
+    ip: IpAddr,
 ) -> Result<Login, Refusal>
 where
     R: AsyncRead + Unpin,
@@ -558,10 +567,13 @@ where
                 let mut login = Login::named(&broker.security, username, &negotiated.client_id);
                 login.method = Some(method.clone());
                 login.data = data;
+                broker.backoff.success(ip);
                 return Ok(login);
             }
             Next::Refuse(code) => {
+                crate::warn_limited!("enhanced authentication ({method}) failed: {code:?}");
                 metrics::auth_failure();
+                broker.backoff.failure(ip, now());
                 return Err(Refusal::new(code, "enhanced authentication"));
             }
             Next::Challenge(auth) => *auth,
