@@ -335,7 +335,8 @@ pub struct SessionLimits {
     #[serde(deserialize_with = "count")]
     pub max_queued_bytes: usize,
     /// Seconds a 3.x persistent session (Clean Session 0) is kept offline before it
-    /// expires (0 = never, mosquitto's default).
+    /// expires (0 = never, mosquitto's default). A week by default: 3.x clients cannot
+    /// say how long, and abandoned sessions would otherwise hold their queues forever.
     #[serde(deserialize_with = "u32_value")]
     pub persistent_client_expiration: u32,
 }
@@ -633,7 +634,7 @@ impl Default for SessionLimits {
             max_queued_messages: 1000,
             queue_qos0_messages: false,
             max_queued_bytes: 0,
-            persistent_client_expiration: 0,
+            persistent_client_expiration: 7 * 24 * 3600,
         }
     }
 }
@@ -1156,5 +1157,15 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.contains("client_ca_file"), "{err}");
+    }
+
+    #[test]
+    fn persistent_client_expiration_defaults_to_a_week_and_0_is_never() {
+        let week = 604_800;
+        assert_eq!(Config::default().session.persistent_client_expiration, week);
+        let omitted = Config::parse("[session]\nmax_queued_messages = 10\n").unwrap();
+        assert_eq!(omitted.session.persistent_client_expiration, week);
+        let never = Config::parse("[session]\npersistent_client_expiration = 0\n").unwrap();
+        assert_eq!(never.session.persistent_client_expiration, 0);
     }
 }

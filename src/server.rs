@@ -437,6 +437,7 @@ fn spawn_accept<F, Fut>(
                         addr,
                         listener: rules.clone(),
                         tls_identity: None,
+                        admitted: None,
                     };
                     broker.tasks.spawn(serve(broker.clone(), stream, peer));
                 }

@@ -520,6 +520,41 @@ async fn oversized_packet_closes_the_connection() {
     broker.stop().await;
 }
 
+/// Until its CONNECT is accepted, a WebSocket client's message may hold only
+/// `max_connect_size` (+ 4 KiB); once it is in, `max_packet_size` applies.
+#[tokio::test]
+async fn the_connect_limit_holds_websocket_messages_until_the_client_is_in() {
+    let broker = TestBroker::with_ws(|c| c.limits.max_connect_size = 1024).await;
+    let big = vec![b'x'; 32 * 1024];
+
+    // A CONNECT and 16 Ki PINGREQs behind it in one 32 KiB message: closed unanswered
+    // (with the message taken whole, the CONNECT would be accepted and pings answered).
+    let mut c = Client::open(broker.ws_target(), "early", Protocol::V311).await;
+    let mut message = encode(
+        &Packet::Connect(Box::new(connect_v311("early"))),
+        Protocol::V311,
+    )
+    .to_vec();
+    message.extend([0xC0, 0].repeat(16 * 1024));
+    let _ = c.stream.write_all(&message).await;
+    let (packets, _) = c.read_to_end().await;
+    assert!(packets.is_empty(), "answered: {packets:?}");
+
+    // After: the same size goes through, to and from the client.
+    let mut c = Client::connect_v311(broker.ws_target(), "in").await;
+    c.subscribe_ok(&[("big", QoS::AtMostOnce)]).await;
+    c.send(Packet::Publish(publish_packet(
+        "big",
+        &big,
+        QoS::AtMostOnce,
+        false,
+        0,
+    )))
+    .await;
+    assert_eq!(c.expect_publish().await.payload.len(), big.len());
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_ws_reader_gets_everything() {
     // Far more than the socket buffers hold: the broker's writes must wait for the reader

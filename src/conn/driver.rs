@@ -24,7 +24,7 @@ use crate::security::AuthResult;
 use crate::session::{Link, Wire};
 use bytes::BytesMut;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -419,6 +419,7 @@ where
         now,
     );
     conn.send(&mut io.wbuf, Packet::ConnAck(ack));
+    peer.admit();
     Some(conn)
 }
 
@@ -429,7 +430,7 @@ where
     W: AsyncWrite + Unpin,
 {
     // Nothing larger is buffered from a peer that has not authenticated.
-    let max = connect_size(broker);
+    let max = connect_size(&broker.config);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return None,
         r = timeout(broker.config.mqtt.connect_timeout(), io.read_packet(Protocol::V311, max)) => r,
@@ -488,8 +489,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let client_id = &negotiated.client_id;
+    let ip = peer.addr.ip();
     if let Some(method) = &negotiated.auth_method {
-        return exchange(broker, negotiated, method, io).await;
+        slow_down(broker, ip).await;
+        return exchange(broker, negotiated, method, io, ip).await;
     }
     if peer.listener.identity_as_username {
         return match &peer.tls_identity {
@@ -504,11 +507,7 @@ where
             )),
         };
     }
-    let ip = peer.addr.ip();
-    if let Some(delay) = broker.backoff.delay_for(ip, now()) {
-        debug!(?delay, "slowing down repeated authentication failures");
-        tokio::time::sleep(delay).await;
-    }
+    slow_down(broker, ip).await;
     let username = negotiated.username.as_ref().map(|u| u.to_string());
     let password = negotiated.password.clone();
     let result = if password.is_none() {
@@ -536,12 +535,23 @@ where
     login::decide(result, peer.listener.allow_anonymous)
 }
 
-/// Runs an MQTT 5 enhanced authentication exchange (CONNECT, AUTH, AUTH, ...).
+/// Waits as long as the backoff says for `ip`: repeated authentication failures from
+/// one address are slowed down, whatever the method (the connection waits, not a worker).
+async fn slow_down(broker: &Broker, ip: IpAddr) {
+    if let Some(delay) = broker.backoff.delay_for(ip, now()) {
+        debug!(?delay, "slowing down repeated authentication failures");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Runs an MQTT 5 enhanced authentication exchange (CONNECT, AUTH, AUTH, ...); its
+/// outcome counts in the backoff of `ip` as a password's would.
 async fn exchange<R, W>(
     broker: &Broker,
     negotiated: &Negotiated,
     method: &ByteStr,
     io: &mut Io<R, W>,
+    ip: IpAddr,
 ) -> Result<Login, Refusal>
 where
     R: AsyncRead + Unpin,
@@ -559,10 +569,13 @@ where
                 let mut login = Login::named(&broker.security, username, &negotiated.client_id);
                 login.method = Some(method.clone());
                 login.data = data;
+                broker.backoff.success(ip);
                 return Ok(login);
             }
             Next::Refuse(code) => {
+                crate::warn_limited!("enhanced authentication ({method}) failed: {code:?}");
                 metrics::auth_failure();
+                broker.backoff.failure(ip, now());
                 return Err(Refusal::new(code, "enhanced authentication"));
             }
             Next::Challenge(auth) => *auth,
@@ -579,7 +592,7 @@ where
         }
         let answer = timeout(
             broker.config.mqtt.connect_timeout(),
-            io.read_packet(Protocol::V5, connect_size(broker)),
+            io.read_packet(Protocol::V5, connect_size(&broker.config)),
         )
         .await;
         next = match (answer, exchange.as_mut()) {
@@ -593,8 +606,7 @@ where
 }
 
 /// The largest packet read before a client is in: `limits.max_connect_size`.
-fn connect_size(broker: &Broker) -> usize {
-    let cfg = &broker.config;
+pub(crate) fn connect_size(cfg: &crate::config::Config) -> usize {
     cfg.mqtt.max_packet_size.min(cfg.limits.max_connect_size)
 }
 

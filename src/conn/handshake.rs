@@ -125,7 +125,7 @@ pub fn negotiate(
     };
 
     // 3.x: clean session means the session ends with the connection; otherwise it lasts
-    // until discarded, or `persistent_client_expiration`. 5.0: the client says how long,
+    // `persistent_client_expiration` (0: until discarded). 5.0: the client says how long,
     // within our maximum.
     let asked_expiry = if v5 {
         props.session_expiry_interval.unwrap_or(0)
@@ -387,5 +387,19 @@ mod tests {
         let n = run(&cfg, c).unwrap();
         assert_eq!(n.expiry, 100, "3.x persistent sessions are capped too");
         assert_eq!(n.connack(&cfg, false), ConnAck::default());
+    }
+
+    #[test]
+    fn persistent_3x_sessions_expire_after_persistent_client_expiration() {
+        let mut cfg = Config::default();
+        let mut c = connect(Protocol::V311, "dev");
+        c.clean_start = false;
+        assert_eq!(
+            run(&cfg, c.clone()).unwrap().expiry,
+            7 * 24 * 3600,
+            "a week by default"
+        );
+        cfg.session.persistent_client_expiration = 0;
+        assert_eq!(run(&cfg, c).unwrap().expiry, NEVER_EXPIRE, "0: never");
     }
 }

@@ -11,7 +11,7 @@ pub(crate) mod login;
 mod machine;
 pub mod subscribe;
 
-pub(crate) use driver::assign_client_id;
+pub(crate) use driver::{assign_client_id, connect_size};
 pub use driver::{resume, serve, Idle};
 pub use exit::{Exit, Outcome};
 pub use handshake::{negotiate, Negotiated, Refusal};
@@ -20,6 +20,7 @@ pub use machine::Connection;
 
 use crate::listener::ListenerRules;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Where a connection comes from: the client's address, the rules of the listener that
@@ -30,6 +31,10 @@ pub struct Peer {
     pub listener: Arc<ListenerRules>,
     /// The identity of a client certificate, when the listener takes it as username.
     pub tls_identity: Option<String>,
+    /// Set once the CONNECT is accepted, for a transport that buffers more than the
+    /// packet it is asked for (WebSocket): it holds an unauthenticated peer to
+    /// `limits.max_connect_size` until then.
+    pub admitted: Option<Arc<AtomicBool>>,
 }
 
 impl Peer {
@@ -40,6 +45,14 @@ impl Peer {
             addr,
             listener: Arc::new(ListenerRules::open()),
             tls_identity: None,
+            admitted: None,
+        }
+    }
+
+    /// The CONNECT is accepted: the transport may take packets up to `max_packet_size`.
+    pub(crate) fn admit(&self) {
+        if let Some(admitted) = &self.admitted {
+            admitted.store(true, Ordering::Release);
         }
     }
 }

@@ -19,7 +19,8 @@ pub const MAX_ACTIVE_WALKS: usize = 4;
 #[derive(Debug, Default)]
 pub struct SessionState {
     /// Seconds the session outlives its connection: 0 = it ends with it (3.x clean
-    /// session), `NEVER_EXPIRE` = kept until discarded (3.x persistent session).
+    /// session), `NEVER_EXPIRE` = kept until discarded (3.x persistent session, with
+    /// `persistent_client_expiration` 0).
     pub expiry: u32,
     /// The connection that last detached, so that a stale expiry timer does nothing.
     pub detached_by: Option<u64>,

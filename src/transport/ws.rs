@@ -11,19 +11,22 @@ use crate::config::Listener;
 use crate::conn::{self, Peer};
 use bytes::Bytes;
 use futures_util::{ready, Sink, Stream};
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response, ServerHandshake,
+};
+use tokio_tungstenite::tungstenite::handshake::HandshakeError;
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, WebSocket};
 use tracing::{debug, info};
 
 /// The subprotocols MQTT clients offer: `mqtt` (MQTT 3.1.1 and 5.0 standards) and
@@ -34,6 +37,10 @@ pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// when `max_packet_size` is tiny.
 const MIN_MESSAGE_LIMIT: usize = 64 * 1024;
 
+/// Before the CONNECT is accepted a message holds at most `max_connect_size` and this:
+/// room for packets a client sends in the same message right behind its CONNECT.
+const CONNECT_SLACK: usize = 4 * 1024;
+
 /// Browser connections are many and mostly idle: a small read buffer keeps them cheap
 /// (tungstenite's default is 128 KiB, allocated up front).
 const READ_BUFFER: usize = 8 * 1024;
@@ -41,14 +48,14 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Does the HTTP upgrade (bounded by the CONNECT timeout, so a silent or slow client
 /// cannot hold the socket), then serves MQTT over the WebSocket.
 #[allow(clippy::result_large_err)] // `check`'s result type is tungstenite's `Callback`.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: Peer, policy: Arc<Policy>)
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, mut peer: Peer, policy: Arc<Policy>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let config = ws_config(broker.config.mqtt.max_packet_size);
+    let limits = Limits::new(&broker, &mut peer);
     let addr = peer.addr;
     let check = |req: &Request, resp: Response| policy.check(req, resp, addr);
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let upgrade = accept(stream, check, limits.before_connect());
     let ws = tokio::select! {
         _ = broker.shutdown.cancelled() => return,
         r = tokio::time::timeout(broker.config.mqtt.connect_timeout(), upgrade) => r,
@@ -59,7 +66,7 @@ where
         Ok(Err(e)) => return debug!(%addr, "WebSocket upgrade failed: {e}"),
         Ok(Ok(ws)) => ws,
     };
-    let (reader, writer) = tokio::io::split(WsBytes::new(ws));
+    let (reader, writer) = tokio::io::split(WsBytes::new(Socket::new(ws, limits)));
     conn::serve(&broker, reader, writer, peer, false).await;
 }
 
@@ -69,7 +76,7 @@ where
 pub fn upgrade(
     broker: Arc<Broker>,
     req: hyper::Request<hyper::body::Incoming>,
-    peer: Peer,
+    mut peer: Peer,
     policy: &Policy,
 ) -> hyper::Response<super::http::Body> {
     use super::http::Body;
@@ -109,14 +116,15 @@ pub fn upgrade(
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
-    let config = ws_config(broker.config.mqtt.max_packet_size);
+    let limits = Limits::new(&broker, &mut peer);
     let tasks = broker.tasks.clone();
     tasks.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                let (reader, writer) = tokio::io::split(WsBytes::new(ws));
+                let io = SyncIo::new(hyper_util::rt::TokioIo::new(upgraded));
+                let config = limits.before_connect();
+                let ws = WebSocket::from_raw_socket(io, Role::Server, Some(config));
+                let (reader, writer) = tokio::io::split(WsBytes::new(Socket::new(ws, limits)));
                 conn::serve(&broker, reader, writer, peer, false).await;
             }
             Err(e) => debug!("WebSocket upgrade failed: {e}"),
@@ -125,14 +133,255 @@ pub fn upgrade(
     resp
 }
 
-fn ws_config(max_packet_size: usize) -> WebSocketConfig {
-    let limit = max_packet_size.max(MIN_MESSAGE_LIMIT);
+/// The WebSocket message limits of one connection. tungstenite holds a message whole
+/// (and reserves a frame's declared length at its header) before MQTT sees a byte of
+/// it, so the limit is what an unauthenticated peer could make the broker hold: until
+/// the CONNECT is accepted (`admitted`, set by the connection), the CONNECT's own
+/// limit; then `max_packet_size`'s.
+struct Limits {
+    admitted: Arc<AtomicBool>,
+    before: usize,
+    after: usize,
+}
+
+impl Limits {
+    /// Limits for `peer`, which is given the flag to raise them with.
+    fn new(broker: &Broker, peer: &mut Peer) -> Limits {
+        let admitted = Arc::new(AtomicBool::new(false));
+        peer.admitted = Some(admitted.clone());
+        let after = broker.config.mqtt.max_packet_size.max(MIN_MESSAGE_LIMIT);
+        Limits {
+            admitted,
+            before: (conn::connect_size(&broker.config) + CONNECT_SLACK).min(after),
+            after,
+        }
+    }
+
+    fn before_connect(&self) -> WebSocketConfig {
+        ws_config(self.before)
+    }
+}
+
+fn ws_config(limit: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         // Each write is sent at once; `WsBytes` does the batching (one message per write).
         .write_buffer_size(0)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit))
+}
+
+/// The server's WebSocket: tungstenite's, driven here rather than through
+/// tokio-tungstenite's `WebSocketStream`, whose limits are fixed when it is made; this
+/// one raises them once the client is in (`Limits`). Its `Stream` and `Sink` behave as
+/// tokio-tungstenite's.
+struct Socket<S> {
+    ws: WebSocket<SyncIo<S>>,
+    /// None once the limits are raised.
+    limits: Option<Limits>,
+    /// Closed, or failed: no more messages.
+    ended: bool,
+    /// A close frame is queued: `poll_close` only flushes.
+    closing: bool,
+    /// False while a message sent waits in tungstenite's buffer.
+    ready: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
+    fn new(ws: WebSocket<SyncIo<S>>, limits: Limits) -> Socket<S> {
+        Socket {
+            ws,
+            limits: Some(limits),
+            ended: false,
+            closing: false,
+            ready: true,
+        }
+    }
+
+    /// Runs `f` on the socket with the task's waker: tungstenite's `WouldBlock` means
+    /// the socket was not ready and will wake the task.
+    fn with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut WebSocket<SyncIo<S>>) -> Result<T, WsError>,
+    ) -> Poll<Result<T, WsError>> {
+        self.ws.get_mut().set_waker(cx.waker());
+        match f(&mut self.ws) {
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            r => Poll::Ready(r),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for Socket<S> {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(limits) = &this.limits {
+            if limits.admitted.load(Ordering::Acquire) {
+                let after = limits.after;
+                this.ws.set_config(|c| {
+                    c.max_message_size = Some(after);
+                    c.max_frame_size = Some(after);
+                });
+                this.limits = None;
+            }
+        }
+        match ready!(this.with(cx, WebSocket::read)) {
+            Ok(message) => Poll::Ready(Some(Ok(message))),
+            Err(e) => {
+                this.ended = true;
+                match e {
+                    WsError::AlreadyClosed | WsError::ConnectionClosed => Poll::Ready(None),
+                    WsError::Capacity(e) if this.limits.is_some() => {
+                        crate::warn_limited!(
+                            "WebSocket message over limits.max_connect_size before the CONNECT is accepted ({e}); closing"
+                        );
+                        Poll::Ready(Some(Err(WsError::Capacity(e))))
+                    }
+                    e => Poll::Ready(Some(Err(e))),
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for Socket<S> {
+    type Error = WsError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if self.ready {
+            return Poll::Ready(Ok(()));
+        }
+        let flushed = ready!(self.with(cx, WebSocket::flush));
+        self.ready = true;
+        Poll::Ready(flushed)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), WsError> {
+        self.ready = true;
+        match self.ws.write(message) {
+            // Queued; `poll_ready` and `poll_flush` send it.
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.ready = false;
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let flushed = ready!(self.with(cx, WebSocket::flush));
+        self.ready = true;
+        match flushed {
+            // The close handshake just completed: nothing left to flush.
+            Err(WsError::ConnectionClosed) => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
+        }
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        self.ready = true;
+        let closing = self.closing;
+        self.closing = true;
+        let closed = match closing {
+            true => self.with(cx, WebSocket::flush),
+            false => self.with(cx, |ws| ws.close(None)),
+        };
+        match ready!(closed) {
+            Ok(()) | Err(WsError::ConnectionClosed) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// A socket as tungstenite's blocking `Read` and `Write` want it: what would wait
+/// returns `WouldBlock` instead, having registered the waker of the task that last
+/// polled the `Socket` (one task serves a connection, both directions).
+struct SyncIo<S> {
+    io: S,
+    waker: Waker,
+}
+
+impl<S: Unpin> SyncIo<S> {
+    fn new(io: S) -> SyncIo<S> {
+        SyncIo {
+            io,
+            waker: Waker::noop().clone(),
+        }
+    }
+
+    fn set_waker(&mut self, waker: &Waker) {
+        if !self.waker.will_wake(waker) {
+            self.waker = waker.clone();
+        }
+    }
+
+    fn poll<T>(
+        &mut self,
+        f: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> io::Result<T> {
+        let mut cx = Context::from_waker(&self.waker);
+        match f(Pin::new(&mut self.io), &mut cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> Read for SyncIo<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut buf = ReadBuf::new(buf);
+        self.poll(|io, cx| io.poll_read(cx, &mut buf))?;
+        Ok(buf.filled().len())
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Write for SyncIo<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.poll(|io, cx| io.poll_write(cx, buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.poll(|io, cx| io.poll_flush(cx))
+    }
+}
+
+/// The server side of the HTTP upgrade over `stream`, with tungstenite's handshake
+/// driven by the task's waker.
+async fn accept<S, C>(
+    stream: S,
+    check: C,
+    config: WebSocketConfig,
+) -> Result<WebSocket<SyncIo<S>>, WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: Callback + Unpin,
+{
+    let mut mid = Some(ServerHandshake::start(
+        SyncIo::new(stream),
+        check,
+        Some(config),
+    ));
+    std::future::poll_fn(move |cx| {
+        let Some(mut m) = mid.take() else {
+            return Poll::Ready(Err(WsError::AlreadyClosed));
+        };
+        m.get_mut().get_mut().set_waker(cx.waker());
+        match m.handshake() {
+            Ok(ws) => Poll::Ready(Ok(ws)),
+            Err(HandshakeError::Interrupted(m)) => {
+                mid = Some(m);
+                Poll::Pending
+            }
+            Err(HandshakeError::Failure(e)) => Poll::Ready(Err(e)),
+        }
+    })
+    .await
 }
 
 /// What a listener accepts at the HTTP upgrade.
@@ -240,21 +489,22 @@ fn refuse(status: StatusCode, why: String, peer: SocketAddr) -> ErrorResponse {
 }
 
 /// A WebSocket seen as a byte stream: reads return the payloads of binary messages in
-/// order, each write is sent as one binary message.
+/// order, each write is sent as one binary message. Over the server's `Socket`, or over
+/// any other WebSocket (tests use tokio-tungstenite's on the client side).
 ///
 /// Writes go to the socket at once, but what it cannot take yet stays in tungstenite's
 /// buffer. A write first waits for that buffer to empty (which is the backpressure the
 /// connection relies on), and every read pushes it on too: `conn::serve` always has
 /// a read pending and flushes only when it closes, so without this the last message
 /// before a pause could wait in the buffer for the next write.
-pub struct WsBytes<S> {
-    ws: WebSocketStream<S>,
+pub struct WsBytes<W> {
+    ws: W,
     /// The unread rest of the current binary message.
     unread: Bytes,
 }
 
-impl<S> WsBytes<S> {
-    pub fn new(ws: WebSocketStream<S>) -> WsBytes<S> {
+impl<W> WsBytes<W> {
+    pub fn new(ws: W) -> WsBytes<W> {
         WsBytes {
             ws,
             unread: Bytes::new(),
@@ -262,7 +512,7 @@ impl<S> WsBytes<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
+impl<W: WsSocket> AsyncRead for WsBytes<W> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -303,7 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
+impl<W: WsSocket> AsyncWrite for WsBytes<W> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -334,6 +584,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.ws).poll_close(cx).map_err(into_io)
     }
+}
+
+/// What `WsBytes` needs of a WebSocket: its messages in, and out.
+pub trait WsSocket:
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+{
+}
+
+impl<W> WsSocket for W where
+    W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+{
 }
 
 fn into_io(e: WsError) -> io::Error {

@@ -590,7 +590,7 @@ async fn scram_login(b: &TestBroker, user: &str, password: &str) -> (Client, Rea
     let mut connect = connect_v5(&format!("scram-{user}"));
     connect.properties.authentication_method = Some(ByteStr::from(SCRAM));
     connect.properties.authentication_data = Some(Bytes::from(scram.client_first()));
-    let mut c = Client::open(b.addr, user, Protocol::V5).await;
+    let mut c = Client::open(b.target(), user, Protocol::V5).await;
     c.send(Packet::Connect(Box::new(connect))).await;
     let server_first = match c.expect("AUTH").await {
         Packet::Auth(a) => {
@@ -666,6 +666,49 @@ async fn scram_sha_256_login_over_auth_packets() {
         login(Protocol::V311, "pw", Some("dev"), Some("correct horse")),
     )
     .await;
+}
+
+/// Failed SCRAM exchanges count in the per-address backoff as failed passwords do, and
+/// wait as they do: after 5 failures from an address (any mix), its next attempt waits
+/// 1 s from the last failure, the one after 2 s, and so on; a success starts afresh. On
+/// tokio's paused clock, in memory (every client from 127.0.0.1): exact instants.
+#[tokio::test(start_paused = true)]
+async fn failed_scram_logins_are_slowed_down_like_failed_passwords() {
+    use tokio::time::{Duration, Instant};
+    let files = Files::new();
+    let passwd = files.path("passwd");
+    ternmq_passwd(&passwd, "dev", "correct horse", true);
+    let b = &TestBroker::in_memory(|c| c.auth.password_file = Some(passwd));
+    // A username without its password: refused without hashing, a failure all the same.
+    let no_password = |i: usize| async move {
+        let connect = login(Protocol::V5, &format!("no-pw-{i}"), Some("dev"), None);
+        connect_expecting(b.target(), connect, ReasonCode::BadUserNameOrPassword).await;
+    };
+    let wrong_scram = || async {
+        let (_, code) = scram_login(b, "dev", "wrong").await;
+        assert_eq!(code, ReasonCode::NotAuthorized);
+    };
+    let t0 = Instant::now();
+    let secs = |s| t0 + Duration::from_secs(s);
+    for i in 0..3 {
+        no_password(i).await;
+    }
+    wrong_scram().await;
+    wrong_scram().await;
+    assert_eq!(Instant::now(), t0, "5 failures, none delayed");
+    // The 6th attempt, SCRAM, waits 1 s before its exchange starts.
+    wrong_scram().await;
+    assert_eq!(Instant::now(), secs(1));
+    // The 7th, a password, 2 s more.
+    no_password(7).await;
+    assert_eq!(Instant::now(), secs(3));
+    // Once the 4 s are over, a right SCRAM login goes ahead and forgets the failures.
+    tokio::time::sleep_until(secs(7)).await;
+    let (_, code) = scram_login(b, "dev", "correct horse").await;
+    assert_eq!(code, ReasonCode::Success);
+    assert_eq!(Instant::now(), secs(7));
+    wrong_scram().await;
+    assert_eq!(Instant::now(), secs(7), "counted afresh");
 }
 
 /// The code block of docs/security.md that follows the line `after`.
