@@ -15,6 +15,7 @@ use common::rng::Rng;
 use common::binary::BrokerProcess;
 use common::client::*;
 use common::damage::{newest_journal, zero};
+use common::http::request;
 use common::mosquitto::{self, clients_available};
 use common::TestBroker;
 use std::collections::BTreeSet;
@@ -1076,4 +1077,168 @@ async fn queues_past_the_memory_budget_spill_to_disk() {
         .inspect(|s| (s.queued(), s.spilled()));
     assert_eq!(left, (0, 0));
     b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The disk budget (max_disk_bytes) and HTTP publishers
+// ---------------------------------------------------------------------------------------
+
+/// The smallest disk budget the configuration takes.
+const SMALL_DISK: u64 = 1 << 20;
+
+/// `len` bytes no compression shrinks, so that they take their size on disk.
+fn noise(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.below(256) as u8).collect()
+}
+
+fn seeded() -> Rng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u64)
+        | 1;
+    println!("seed {seed}");
+    Rng(seed)
+}
+
+/// HTTP publish obeys the store as MQTT publishers do: past the disk budget a message the
+/// broker would keep (retained, QoS 1/2) is refused with 503 `store` and not routed.
+#[tokio::test]
+async fn past_the_disk_budget_http_publish_answers_503_and_routes_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let b = TestBroker::with_http(|c| {
+        persistent(c, dir.path(), SyncMode::Interval);
+        c.persistence.max_disk_bytes = SMALL_DISK;
+    })
+    .await;
+    let http = b.http_addr();
+    let mut sub = Client::connect_v5(b.addr, "sub").await;
+    sub.subscribe("fill/#", QoS::AtLeastOnce).await;
+
+    let mut rng = seeded();
+    let mut taken = 0;
+    let mut refused = None;
+    for i in 0..1000 {
+        let path = format!("/publish?topic=fill/{i}&retain=1&qos=1");
+        let r = request(http, "POST", &path, &[], &noise(&mut rng, 16 << 10)).await;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        taken += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = refused.expect("the disk budget refuses at last");
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (503, "store"),
+        "{:?}",
+        r.json()
+    );
+    let r = request(http, "POST", "/publish?topic=fill/q1&qos=1", &[], b"x").await;
+    assert_eq!((r.status, r.error().as_str()), (503, "store"));
+    // QoS 0 is taken (and may be dropped), as from MQTT publishers.
+    let r = request(http, "POST", "/publish?topic=fill/q0", &[], b"x").await;
+    assert_eq!(r.status, 200);
+
+    let got = drain(&mut sub).await;
+    assert_eq!(got.len(), taken + 1, "the taken ones and the QoS 0 one");
+    assert_eq!(got.last().map(|p| &*p.topic), Some("fill/q0"));
+    assert_eq!(b.broker().router.retained_count(), taken);
+    sub.disconnect().await;
+    b.stop().await;
+}
+
+/// POSTs `body` to `path` on a connection of its own: the status, or None if the broker
+/// went away first.
+async fn try_post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(BINARY_WAIT, s.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Under `sync = "always"` an HTTP publish's 200 comes after the message is on disk, as an
+/// MQTT PUBACK does: publishers on 8 connections at once, the broker `kill -9`ed at a random
+/// moment, every number that got its 200 is delivered after the restart.
+#[tokio::test]
+async fn kill_9_under_sync_always_loses_no_http_publish_answered_200() {
+    const ROUNDS: u64 = 3;
+    const PUBLISHERS: u64 = 8;
+    let mut rng = seeded();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = binary_config(&dir.path().join("data"), "always", "recover")
+        + "[[listeners]]\ntype = \"http\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n";
+    let mut broker = BrokerProcess::start(&config);
+    let mut sub = connect_at(broker.addr, persistent_v311("offline"), false).await;
+    sub.subscribe_ok(&[("h", QoS::AtLeastOnce)]).await;
+    sub.disconnect().await;
+    for round in 0..ROUNDS {
+        let http = broker.addrs(ternmq::config::ListenerKind::Http)[0];
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let publishers: Vec<_> = (0..PUBLISHERS)
+            .map(|p| {
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    // Numbers of this round and publisher: round * 1e9 + p + k * PUBLISHERS.
+                    for n in (round * 1_000_000_000 + p..).step_by(PUBLISHERS as usize) {
+                        match try_post(http, "/publish?topic=h&qos=1", n.to_string().as_bytes())
+                            .await
+                        {
+                            Some(200) => acked.push(n),
+                            Some(status) => panic!("publish {n}: {status}"),
+                            None => return acked,
+                        }
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    acked
+                })
+            })
+            .collect();
+        eventually("the first answers", BINARY_WAIT, || {
+            answered.load(Ordering::Relaxed) >= 16
+        })
+        .await;
+        let kill_after = Duration::from_millis(rng.below(300));
+        tokio::time::sleep(kill_after).await;
+        broker.kill_9();
+        let mut acked = Vec::new();
+        for p in publishers {
+            acked.extend(p.await.expect("publisher"));
+        }
+
+        broker = BrokerProcess::start(&config);
+        let mut sub = connect_at(broker.addr, persistent_v311("offline"), true).await;
+        let got: BTreeSet<u64> = drain(&mut sub)
+            .await
+            .iter()
+            .filter_map(|p| text(&p.payload).parse().ok())
+            .collect();
+        sub.disconnect().await;
+        let lost: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round} (killed after {kill_after:?}): {} of {} publishes answered 200 \
+             lost, e.g. {:?}\n{}",
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(10)],
+            broker.log()
+        );
+    }
+    broker.terminate();
 }
