@@ -1100,6 +1100,98 @@ fn seeded() -> Rng {
     Rng(seed)
 }
 
+/// Past `max_disk_bytes` the broker refuses what it would store, before acknowledging it:
+/// 5.0 publishers get 0x97 in the PUBACK / PUBREC, a 3.1.1 publisher (which cannot be told)
+/// is disconnected, QoS 0 is still taken. Every message that was acknowledged reaches the
+/// persistent subscriber it was queued for; none that was refused does.
+#[tokio::test]
+async fn past_the_disk_budget_kept_messages_are_refused_before_acknowledgement() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let b = TestBroker::with(|c| {
+        persistent(c, dir.path(), SyncMode::Interval);
+        c.persistence.max_disk_bytes = SMALL_DISK;
+    })
+    .await;
+    let (mut away, _) = Client::accepted(b.addr, connect_expiry("away", true, 3600)).await;
+    away.subscribe("q/#", QoS::AtLeastOnce).await;
+    away.disconnect().await;
+
+    // Numbered, incompressible 16 KiB messages queued for "away" until the store is full
+    // (its size is measured twice a second: a pause per message lets it catch up).
+    let mut rng = seeded();
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    let mut acked = Vec::new();
+    for n in 0u64..1000 {
+        let mut payload = noise(&mut rng, 16 << 10);
+        payload[..8].copy_from_slice(&n.to_be_bytes());
+        match publisher
+            .publish(plain("q/n", &payload, QoS::AtLeastOnce))
+            .await
+        {
+            ReasonCode::Success => acked.push(n),
+            ReasonCode::QuotaExceeded => break,
+            other => panic!("message {n}: PUBACK {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        acked.len() < 1000,
+        "never refused: {} messages of 16 KiB taken under a 1 MiB disk budget",
+        acked.len()
+    );
+    assert!(acked.len() >= 32, "refused early: {} taken", acked.len());
+    publisher
+        .publish_expect(
+            plain("q/2", b"x", QoS::ExactlyOnce),
+            ReasonCode::QuotaExceeded,
+        )
+        .await;
+    publisher
+        .publish_expect(retained("r", b"x", QoS::AtMostOnce), ReasonCode::Success)
+        .await;
+    assert_eq!(
+        b.broker().router.retained_count(),
+        0,
+        "a retained QoS 0 message is dropped"
+    );
+    publisher
+        .publish_expect(plain("q/0", b"x", QoS::AtMostOnce), ReasonCode::Success)
+        .await;
+    publisher.disconnect().await;
+
+    let mut old = Client::connect_v311(b.addr, "old").await;
+    let pkid = old.pkid();
+    old.send(Packet::Publish(publish_packet(
+        "q/n",
+        b"x",
+        QoS::AtLeastOnce,
+        false,
+        pkid,
+    )))
+    .await;
+    match old.next_event(Duration::from_secs(10)).await {
+        Event::Closed(_) => {}
+        Event::Packet(p) => panic!("3.1.1 publisher: {p:?} instead of being disconnected"),
+        Event::Timeout => panic!("3.1.1 publisher: neither acknowledged nor disconnected"),
+    }
+
+    let (mut away, _) = Client::accepted(b.addr, connect_expiry("away", false, 3600)).await;
+    let got: Vec<u64> = drain(&mut away)
+        .await
+        .iter()
+        .map(|p| {
+            let n: [u8; 8] = p.payload[..8].try_into().expect("numbered");
+            u64::from_be_bytes(n)
+        })
+        .collect();
+    assert_eq!(
+        got, acked,
+        "every acknowledged message, and nothing refused"
+    );
+    away.disconnect().await;
+    b.stop().await;
+}
+
 /// HTTP publish obeys the store as MQTT publishers do: past the disk budget a message the
 /// broker would keep (retained, QoS 1/2) is refused with 503 `store` and not routed.
 #[tokio::test]
