@@ -965,6 +965,7 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
     broker.terminate();
     let (journal, end) = newest_journal(&data);
     zero(&journal, end / 2, 4096);
+    let damaged = std::fs::read(&journal).unwrap();
 
     let stop = binary_config(&data, "always", "stop");
     let (status, log) = BrokerProcess::run_to_exit(&stop);
@@ -974,6 +975,10 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         "a clear error naming the store:\n{log}"
     );
     assert!(log.contains("on_corruption"), "says what to do:\n{log}");
+    assert!(
+        std::fs::read(&journal).unwrap() == damaged,
+        "the journal is left as it was (fjall cut it while opening)"
+    );
 
     let mut broker = BrokerProcess::start(&recover);
     let addr = broker.addr;
@@ -986,6 +991,7 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         log.contains("the store was damaged"),
         "reported as an error:\n{log}"
     );
+    assert_kept(&data, &journal, &damaged[..end as usize], &log);
     let got = queued_numbers(addr).await;
     assert!(
         !got.is_empty() && got.len() < 60,
@@ -996,6 +1002,58 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         (1..=got.len() as u64).collect::<Vec<_>>(),
         "a prefix, in order"
     );
+    broker.terminate();
+}
+
+/// Asserts that `data` holds one `journal.cut-<time>` directory, named in `log`, with a copy
+/// of `journal` holding `bytes`.
+fn assert_kept(data: &Path, journal: &Path, bytes: &[u8], log: &str) {
+    let kept: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("journal.cut-"))
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}\n{log}");
+    assert!(
+        log.contains(&kept[0].display().to_string()),
+        "the log says where:\n{log}"
+    );
+    let copy = std::fs::read(kept[0].join(journal.file_name().unwrap())).unwrap();
+    assert!(copy == bytes, "the journal's bytes as they were, kept");
+}
+
+/// After a crash a cut journal is taken for a torn write; if it was damage instead (here:
+/// zeros in its middle), what the engine cut is kept all the same.
+#[tokio::test]
+async fn zeros_in_the_journal_after_a_crash_are_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = binary_config(&data, "always", "recover");
+    let mut broker = BrokerProcess::start(&config);
+    queue_numbered(broker.addr, 60).await;
+    broker.kill_9();
+    let (journal, end) = newest_journal(&data);
+    zero(&journal, end / 2, 4096);
+    let damaged = std::fs::read(&journal).unwrap();
+
+    let mut broker = BrokerProcess::start(&config);
+    let log = broker.wait_for_log("the recovery report", |log| {
+        log.lines()
+            .any(|l| l.contains("state restored from the store"))
+            .then(|| log.to_owned())
+    });
+    assert!(
+        logged(&log, "the store was damaged", "discarded_tail_bytes").is_some_and(|n| n > 0),
+        "the cut is reported:\n{log}"
+    );
+    assert_kept(&data, &journal, &damaged[..end as usize], &log);
+    let got = queued_numbers(broker.addr).await;
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>(), "a prefix");
+    assert!(got.len() < 60, "{got:?}");
     broker.terminate();
 }
 
