@@ -4,8 +4,9 @@
 //! The broker describes every change as an [`Op`] and submits them in batches; a store applies
 //! them in order and says through [`Durable`] when a batch is as safe as its durability mode
 //! promises. Nothing in the trait assumes a local file, so that a networked store can stand
-//! behind it later. [`MemStore`] keeps everything in memory (`persistence = false`, tests);
-//! [`DiskStore`] is the crash-safe embedded store (fjall; docs/persistence.md).
+//! behind it later. [`MemStore`] keeps everything in memory: the model the disk store is
+//! tested against. [`DiskStore`] is the crash-safe embedded store (fjall; docs/persistence.md).
+//! With persistence off the broker has no store at all (`session::journal::Journal::off`).
 //!
 //! The types here are plain data, independent of the broker's live types: the session code
 //! converts. Times are wall-clock unix milliseconds, since an `Instant` means nothing after a
