@@ -7,13 +7,13 @@
 //! or an expiry. Ending a session and removing it from the registry is one decision,
 //! taken under the registry entry's lock, which opening a session takes too.
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Level};
 use crate::clock::now;
 use crate::config::Config;
 use crate::listener::ListenerRules;
 use crate::message::Message;
 use crate::observe::clients::Clients;
-use crate::protocol::{ByteStr, SubOptions};
+use crate::protocol::{ByteStr, QoS, SubOptions};
 use crate::router::Router;
 use crate::security::backoff::{Backoff, BackoffConfig};
 use crate::security::enhanced::{AuthMethod, Scram};
@@ -92,6 +92,24 @@ pub trait Peers: Send + Sync {
 
 /// Held while a claimed session is being opened (see `Peers::claim`).
 pub type Claimed = Box<dyn Send>;
+
+/// Why the broker cannot take one more message it would keep (`Broker::no_room`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// The broker's message memory (`limits.max_queued_memory`) is used up.
+    Memory,
+    /// The store is past `persistence.max_disk_bytes`, or a write failed.
+    Store,
+}
+
+impl NoRoom {
+    pub fn why(self) -> &'static str {
+        match self {
+            NoRoom::Memory => "the broker's message memory (max_queued_memory) is used up",
+            NoRoom::Store => "the store cannot take more (max_disk_bytes, or it is failing)",
+        }
+    }
+}
 
 /// Password checks at once: one per core, at most 4 (4 × 19 MiB of argon2id memory);
 /// more clients wait their turn, holding no more than their CONNECT.
@@ -344,6 +362,21 @@ impl Broker {
         }
         session.with_state(conn_id, |s| s.unsubscribe(filter))?;
         Ok(self.unroute(filter, session.id))
+    }
+
+    /// Whether a publish of `qos`/`retain` must be refused before it is acknowledged (MQTT
+    /// and HTTP publishers alike): a message the broker keeps (QoS 1/2 or retained) while
+    /// its message memory or the store is full. QoS 0 is taken: it may be dropped anyway.
+    pub fn no_room(&self, qos: QoS, retain: bool) -> Option<NoRoom> {
+        if qos == QoS::AtMostOnce && !retain {
+            None
+        } else if self.memory.level() == Level::Exhausted {
+            Some(NoRoom::Memory)
+        } else if !self.env.journal.has_room() {
+            Some(NoRoom::Store)
+        } else {
+            None
+        }
     }
 
     /// Routes a message from a client (or a will): stored if retained, then handed to

@@ -320,6 +320,7 @@ fn report(recovery: &RecoveryReport) {
         skipped = recovery.skipped,
         discarded_tail_bytes = recovery.discarded_tail_bytes,
         moved_aside = ?recovery.moved_aside,
+        journals_kept = ?recovery.journals_kept,
         "the store was damaged: started with what could be recovered"
     );
 }

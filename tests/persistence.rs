@@ -15,6 +15,7 @@ use common::rng::Rng;
 use common::binary::BrokerProcess;
 use common::client::*;
 use common::damage::{newest_journal, zero};
+use common::http::request;
 use common::mosquitto::{self, clients_available};
 use common::TestBroker;
 use std::collections::BTreeSet;
@@ -964,6 +965,7 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
     broker.terminate();
     let (journal, end) = newest_journal(&data);
     zero(&journal, end / 2, 4096);
+    let damaged = std::fs::read(&journal).unwrap();
 
     let stop = binary_config(&data, "always", "stop");
     let (status, log) = BrokerProcess::run_to_exit(&stop);
@@ -973,6 +975,10 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         "a clear error naming the store:\n{log}"
     );
     assert!(log.contains("on_corruption"), "says what to do:\n{log}");
+    assert!(
+        std::fs::read(&journal).unwrap() == damaged,
+        "the journal is left as it was (fjall cut it while opening)"
+    );
 
     let mut broker = BrokerProcess::start(&recover);
     let addr = broker.addr;
@@ -985,6 +991,7 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         log.contains("the store was damaged"),
         "reported as an error:\n{log}"
     );
+    assert_kept(&data, &journal, &damaged[..end as usize], &log);
     let got = queued_numbers(addr).await;
     assert!(
         !got.is_empty() && got.len() < 60,
@@ -995,6 +1002,58 @@ async fn zeros_in_the_store_stop_the_broker_or_leave_it_with_what_could_be_read(
         (1..=got.len() as u64).collect::<Vec<_>>(),
         "a prefix, in order"
     );
+    broker.terminate();
+}
+
+/// Asserts that `data` holds one `journal.cut-<time>` directory, named in `log`, with a copy
+/// of `journal` holding `bytes`.
+fn assert_kept(data: &Path, journal: &Path, bytes: &[u8], log: &str) {
+    let kept: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("journal.cut-"))
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}\n{log}");
+    assert!(
+        log.contains(&kept[0].display().to_string()),
+        "the log says where:\n{log}"
+    );
+    let copy = std::fs::read(kept[0].join(journal.file_name().unwrap())).unwrap();
+    assert!(copy == bytes, "the journal's bytes as they were, kept");
+}
+
+/// After a crash a cut journal is taken for a torn write; if it was damage instead (here:
+/// zeros in its middle), what the engine cut is kept all the same.
+#[tokio::test]
+async fn zeros_in_the_journal_after_a_crash_are_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = binary_config(&data, "always", "recover");
+    let mut broker = BrokerProcess::start(&config);
+    queue_numbered(broker.addr, 60).await;
+    broker.kill_9();
+    let (journal, end) = newest_journal(&data);
+    zero(&journal, end / 2, 4096);
+    let damaged = std::fs::read(&journal).unwrap();
+
+    let mut broker = BrokerProcess::start(&config);
+    let log = broker.wait_for_log("the recovery report", |log| {
+        log.lines()
+            .any(|l| l.contains("state restored from the store"))
+            .then(|| log.to_owned())
+    });
+    assert!(
+        logged(&log, "the store was damaged", "discarded_tail_bytes").is_some_and(|n| n > 0),
+        "the cut is reported:\n{log}"
+    );
+    assert_kept(&data, &journal, &damaged[..end as usize], &log);
+    let got = queued_numbers(broker.addr).await;
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>(), "a prefix");
+    assert!(got.len() < 60, "{got:?}");
     broker.terminate();
 }
 
@@ -1076,4 +1135,260 @@ async fn queues_past_the_memory_budget_spill_to_disk() {
         .inspect(|s| (s.queued(), s.spilled()));
     assert_eq!(left, (0, 0));
     b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The disk budget (max_disk_bytes) and HTTP publishers
+// ---------------------------------------------------------------------------------------
+
+/// The smallest disk budget the configuration takes.
+const SMALL_DISK: u64 = 1 << 20;
+
+/// `len` bytes no compression shrinks, so that they take their size on disk.
+fn noise(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.below(256) as u8).collect()
+}
+
+fn seeded() -> Rng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u64)
+        | 1;
+    println!("seed {seed}");
+    Rng(seed)
+}
+
+/// Past `max_disk_bytes` the broker refuses what it would store, before acknowledging it:
+/// 5.0 publishers get 0x97 in the PUBACK / PUBREC, a 3.1.1 publisher (which cannot be told)
+/// is disconnected, QoS 0 is still taken. Every message that was acknowledged reaches the
+/// persistent subscriber it was queued for; none that was refused does.
+#[tokio::test]
+async fn past_the_disk_budget_kept_messages_are_refused_before_acknowledgement() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let b = TestBroker::with(|c| {
+        persistent(c, dir.path(), SyncMode::Interval);
+        c.persistence.max_disk_bytes = SMALL_DISK;
+    })
+    .await;
+    let (mut away, _) = Client::accepted(b.addr, connect_expiry("away", true, 3600)).await;
+    away.subscribe("q/#", QoS::AtLeastOnce).await;
+    away.disconnect().await;
+
+    // Numbered, incompressible 16 KiB messages queued for "away" until the store is full
+    // (its size is measured twice a second: a pause per message lets it catch up).
+    let mut rng = seeded();
+    let mut publisher = Client::connect_v5(b.addr, "pub").await;
+    let mut acked = Vec::new();
+    for n in 0u64..1000 {
+        let mut payload = noise(&mut rng, 16 << 10);
+        payload[..8].copy_from_slice(&n.to_be_bytes());
+        match publisher
+            .publish(plain("q/n", &payload, QoS::AtLeastOnce))
+            .await
+        {
+            ReasonCode::Success => acked.push(n),
+            ReasonCode::QuotaExceeded => break,
+            other => panic!("message {n}: PUBACK {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        acked.len() < 1000,
+        "never refused: {} messages of 16 KiB taken under a 1 MiB disk budget",
+        acked.len()
+    );
+    assert!(acked.len() >= 32, "refused early: {} taken", acked.len());
+    publisher
+        .publish_expect(
+            plain("q/2", b"x", QoS::ExactlyOnce),
+            ReasonCode::QuotaExceeded,
+        )
+        .await;
+    publisher
+        .publish_expect(retained("r", b"x", QoS::AtMostOnce), ReasonCode::Success)
+        .await;
+    assert_eq!(
+        b.broker().router.retained_count(),
+        0,
+        "a retained QoS 0 message is dropped"
+    );
+    publisher
+        .publish_expect(plain("q/0", b"x", QoS::AtMostOnce), ReasonCode::Success)
+        .await;
+    publisher.disconnect().await;
+
+    let mut old = Client::connect_v311(b.addr, "old").await;
+    let pkid = old.pkid();
+    old.send(Packet::Publish(publish_packet(
+        "q/n",
+        b"x",
+        QoS::AtLeastOnce,
+        false,
+        pkid,
+    )))
+    .await;
+    match old.next_event(Duration::from_secs(10)).await {
+        Event::Closed(_) => {}
+        Event::Packet(p) => panic!("3.1.1 publisher: {p:?} instead of being disconnected"),
+        Event::Timeout => panic!("3.1.1 publisher: neither acknowledged nor disconnected"),
+    }
+
+    let (mut away, _) = Client::accepted(b.addr, connect_expiry("away", false, 3600)).await;
+    let got: Vec<u64> = drain(&mut away)
+        .await
+        .iter()
+        .map(|p| {
+            let n: [u8; 8] = p.payload[..8].try_into().expect("numbered");
+            u64::from_be_bytes(n)
+        })
+        .collect();
+    assert_eq!(
+        got, acked,
+        "every acknowledged message, and nothing refused"
+    );
+    away.disconnect().await;
+    b.stop().await;
+}
+
+/// HTTP publish obeys the store as MQTT publishers do: past the disk budget a message the
+/// broker would keep (retained, QoS 1/2) is refused with 503 `store` and not routed.
+#[tokio::test]
+async fn past_the_disk_budget_http_publish_answers_503_and_routes_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let b = TestBroker::with_http(|c| {
+        persistent(c, dir.path(), SyncMode::Interval);
+        c.persistence.max_disk_bytes = SMALL_DISK;
+    })
+    .await;
+    let http = b.http_addr();
+    let mut sub = Client::connect_v5(b.addr, "sub").await;
+    sub.subscribe("fill/#", QoS::AtLeastOnce).await;
+
+    let mut rng = seeded();
+    let mut taken = 0;
+    let mut refused = None;
+    for i in 0..1000 {
+        let path = format!("/publish?topic=fill/{i}&retain=1&qos=1");
+        let r = request(http, "POST", &path, &[], &noise(&mut rng, 16 << 10)).await;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        taken += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = refused.expect("the disk budget refuses at last");
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (503, "store"),
+        "{:?}",
+        r.json()
+    );
+    let r = request(http, "POST", "/publish?topic=fill/q1&qos=1", &[], b"x").await;
+    assert_eq!((r.status, r.error().as_str()), (503, "store"));
+    // QoS 0 is taken (and may be dropped), as from MQTT publishers.
+    let r = request(http, "POST", "/publish?topic=fill/q0", &[], b"x").await;
+    assert_eq!(r.status, 200);
+
+    let got = drain(&mut sub).await;
+    assert_eq!(got.len(), taken + 1, "the taken ones and the QoS 0 one");
+    assert_eq!(got.last().map(|p| &*p.topic), Some("fill/q0"));
+    assert_eq!(b.broker().router.retained_count(), taken);
+    sub.disconnect().await;
+    b.stop().await;
+}
+
+/// POSTs `body` to `path` on a connection of its own: the status, or None if the broker
+/// went away first.
+async fn try_post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(BINARY_WAIT, s.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Under `sync = "always"` an HTTP publish's 200 comes after the message is on disk, as an
+/// MQTT PUBACK does: publishers on 8 connections at once, the broker `kill -9`ed at a random
+/// moment, every number that got its 200 is delivered after the restart.
+#[tokio::test]
+async fn kill_9_under_sync_always_loses_no_http_publish_answered_200() {
+    const ROUNDS: u64 = 3;
+    const PUBLISHERS: u64 = 8;
+    let mut rng = seeded();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = binary_config(&dir.path().join("data"), "always", "recover")
+        + "[[listeners]]\ntype = \"http\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n";
+    let mut broker = BrokerProcess::start(&config);
+    let mut sub = connect_at(broker.addr, persistent_v311("offline"), false).await;
+    sub.subscribe_ok(&[("h", QoS::AtLeastOnce)]).await;
+    sub.disconnect().await;
+    for round in 0..ROUNDS {
+        let http = broker.addrs(ternmq::config::ListenerKind::Http)[0];
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let publishers: Vec<_> = (0..PUBLISHERS)
+            .map(|p| {
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    // Numbers of this round and publisher: round * 1e9 + p + k * PUBLISHERS.
+                    for n in (round * 1_000_000_000 + p..).step_by(PUBLISHERS as usize) {
+                        match try_post(http, "/publish?topic=h&qos=1", n.to_string().as_bytes())
+                            .await
+                        {
+                            Some(200) => acked.push(n),
+                            Some(status) => panic!("publish {n}: {status}"),
+                            None => return acked,
+                        }
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    acked
+                })
+            })
+            .collect();
+        eventually("the first answers", BINARY_WAIT, || {
+            answered.load(Ordering::Relaxed) >= 16
+        })
+        .await;
+        let kill_after = Duration::from_millis(rng.below(300));
+        tokio::time::sleep(kill_after).await;
+        broker.kill_9();
+        let mut acked = Vec::new();
+        for p in publishers {
+            acked.extend(p.await.expect("publisher"));
+        }
+
+        broker = BrokerProcess::start(&config);
+        let mut sub = connect_at(broker.addr, persistent_v311("offline"), true).await;
+        let got: BTreeSet<u64> = drain(&mut sub)
+            .await
+            .iter()
+            .filter_map(|p| text(&p.payload).parse().ok())
+            .collect();
+        sub.disconnect().await;
+        let lost: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round} (killed after {kill_after:?}): {} of {} publishes answered 200 \
+             lost, e.g. {:?}\n{}",
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(10)],
+            broker.log()
+        );
+    }
+    broker.terminate();
 }

@@ -584,6 +584,7 @@ async fn a_torn_journal_tail_is_cut_and_the_rest_kept() {
         .unwrap();
     f.set_len(end - 20).unwrap();
     drop(f);
+    let torn = std::fs::read(&journal).unwrap();
 
     for on_corruption in [OnCorruption::Stop, OnCorruption::Recover] {
         // A torn tail after a crash is what a crash leaves: both modes start.
@@ -603,6 +604,12 @@ async fn a_torn_journal_tail_is_cut_and_the_rest_kept() {
                 "{:?}",
                 snap.recovery
             );
+            // What was cut is kept: the journal as it was (its data: up to its last byte
+            // that is not zero).
+            let kept = snap.recovery.journals_kept.as_ref().expect("journals kept");
+            let copy = std::fs::read(kept.join(journal.file_name().unwrap())).unwrap();
+            let (data, zeros) = torn.split_at(copy.len());
+            assert!(copy == data && zeros.iter().all(|&b| b == 0));
         }
         assert_eq!(snap.recovery.skipped, 0);
     }
@@ -624,6 +631,7 @@ async fn zeros_in_the_journal_after_a_clean_shutdown_are_damage() {
     drop(store);
     let (journal, end) = newest_journal(dir.path());
     zero(&journal, end / 2, 4096);
+    let damaged = std::fs::read(&journal).unwrap();
 
     let stop = PersistenceConfig {
         on_corruption: OnCorruption::Stop,
@@ -635,15 +643,38 @@ async fn zeros_in_the_journal_after_a_clean_shutdown_are_damage() {
         err.to_string().contains("db"),
         "the error names the store: {err}"
     );
-    // And it stays refused: the damage is remembered.
+    // fjall cut the journal while opening it; "stop" put it back as it was.
+    assert!(
+        std::fs::read(&journal).unwrap() == damaged,
+        "the journal as it was"
+    );
+    // And it stays refused: the damage is still there.
     assert!(matches!(
         DiskStore::open(&stop),
         Err(StoreError::Corrupt { .. })
     ));
+    assert!(std::fs::read(&journal).unwrap() == damaged);
+    let entries = |prefix: &str| {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(entries("journal.cut-") + entries("db.journals"), 0);
 
     let store = DiskStore::open(&config(dir.path(), SyncMode::Always)).unwrap();
     let snap = store.load(usize::MAX).await.unwrap();
     store.close().await.unwrap();
+    // The damaged journal is kept, byte for byte up to where its data ended.
+    let kept = snap.recovery.journals_kept.as_ref().expect("journals kept");
+    assert!(kept
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("journal.cut-"));
+    let copy = std::fs::read(kept.join(journal.file_name().unwrap())).unwrap();
+    assert!(copy == damaged[..end as usize], "the damaged bytes, kept");
     let queued = snap.sessions[0].queue.len();
     assert!(queued > 0 && queued < 60, "{queued} of 60 recovered");
     // What was read is a prefix of what was written.

@@ -16,7 +16,6 @@ use super::handshake::Negotiated;
 use super::login::Login;
 use super::subscribe;
 use crate::broker::Broker;
-use crate::budget::Level;
 use crate::message::{Alias, Delivery, DeliveryHeader, Message};
 use crate::metrics::{self, Counter, Dropped};
 use crate::protocol::{
@@ -457,24 +456,16 @@ impl Connection {
             .then_some(ReasonCode::PayloadFormatInvalid)
     }
 
-    /// The limit a PUBLISH is over, if any: its payload size, or the broker's memory
-    /// budget (refused before acknowledging, so nothing acknowledged is dropped).
+    /// The limit a PUBLISH is over, if any: its payload size, or no room for it in the
+    /// broker's memory or the store (refused before acknowledging, so nothing acknowledged
+    /// is dropped).
     fn over_limit(&self, p: &Publish) -> Option<(Dropped, &'static str)> {
         let size_limit = self.broker.config.limits.message_size_limit;
         if size_limit > 0 && p.payload.len() > size_limit {
             return Some((Dropped::TooLarge, "payload larger than message_size_limit"));
         }
-        let kept = p.qos != QoS::AtMostOnce || p.retain;
-        if kept && self.broker.memory.level() == Level::Exhausted {
-            return Some((
-                Dropped::Memory,
-                "the broker's message memory (max_queued_memory) is used up",
-            ));
-        }
-        (kept && !self.broker.journal().has_room()).then_some((
-            Dropped::Memory,
-            "the store cannot take more (max_disk_bytes, or it is failing)",
-        ))
+        let full = self.broker.no_room(p.qos, p.retain)?;
+        Some((Dropped::Memory, full.why()))
     }
 
     /// A PUBLISH the ACL does not allow is not routed: 5.0 QoS 1/2 get 0x87 (Not

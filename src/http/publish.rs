@@ -5,7 +5,7 @@
 
 use super::reply::HttpError;
 use super::request::param;
-use crate::budget::Level;
+use crate::broker::NoRoom;
 use crate::config::Config;
 use crate::protocol::{topic, ByteStr, Properties, QoS};
 use crate::router::within_levels;
@@ -185,17 +185,19 @@ pub fn too_large(limit: usize) -> HttpError {
     )
 }
 
-/// The broker's message memory refuses what it would have to hold (QoS 1/2 or retained)
-/// once it is used up, as for MQTT publishers (0x97 there).
-pub fn memory_refusal(level: Level, qos: QoS, retain: bool) -> Option<HttpError> {
-    (level == Level::Exhausted && (qos != QoS::AtMostOnce || retain)).then(|| {
-        HttpError::new(
+/// A publish the broker has no room to keep (`Broker::no_room`), refused before it is
+/// routed, as MQTT publishers get 0x97.
+pub fn no_room(full: NoRoom) -> HttpError {
+    match full {
+        NoRoom::Memory => HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "memory_exhausted",
-            "the broker's message memory (max_queued_memory) is used up",
+            full.why(),
         )
-        .retry_after(1)
-    })
+        .retry_after(1),
+        // No Retry-After: the disk budget frees only as stored queues are delivered.
+        NoRoom::Store => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "store", full.why()),
+    }
 }
 
 #[cfg(test)]
@@ -274,8 +276,12 @@ mod tests {
             req("a", b"1").check(&config).unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
-        assert!(memory_refusal(Level::Exhausted, QoS::AtLeastOnce, false).is_some());
-        assert!(memory_refusal(Level::Exhausted, QoS::AtMostOnce, false).is_none());
-        assert!(memory_refusal(Level::High, QoS::AtLeastOnce, true).is_none());
+        let full = no_room(NoRoom::Memory);
+        assert_eq!((full.code, full.retry_after), ("memory_exhausted", Some(1)));
+        let full = no_room(NoRoom::Store);
+        assert_eq!(
+            (full.status, full.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "store")
+        );
     }
 }

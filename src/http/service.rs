@@ -16,7 +16,7 @@ use crate::conn::login::{self, Login};
 use crate::conn::{assign_client_id, Peer};
 use crate::message::Message;
 use crate::metrics::{self, Dropped, Tally};
-use crate::protocol::ByteStr;
+use crate::protocol::{ByteStr, QoS};
 use crate::security::acl::Access;
 use crate::security::AuthResult;
 use crate::throttle::Throttle;
@@ -366,11 +366,11 @@ impl HttpService {
                 format!("publishing to {:?} is not allowed", &*request.topic),
             ));
         }
-        if let Some(e) = publish::memory_refusal(broker.memory.level(), request.qos, request.retain)
-        {
+        if let Some(full) = broker.no_room(request.qos, request.retain) {
             metrics::dropped(Dropped::Memory);
-            return Err(e);
+            return Err(publish::no_room(full));
         }
+        let kept = request.qos != QoS::AtMostOnce || request.retain;
         let now = now();
         self.spend(&key, request.payload.len(), now);
         let mut tally = Tally::default();
@@ -386,6 +386,15 @@ impl HttpService {
             now,
         ));
         let receivers = broker.publish(&message);
+        // As an MQTT PUBACK does (`conn::driver::await_disk`): under `sync = "always"` the
+        // 200 promises the message is on disk. If the store failed it was routed but is not
+        // promised: the client may send it again (at least once).
+        if kept && broker.journal().acks_wait() {
+            broker.journal().barrier().await.map_err(|e| {
+                tracing::error!("the store failed: {e}");
+                HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "store", "the store failed")
+            })?;
+        }
         Ok(json(
             StatusCode::OK,
             format!("{{\"ok\":true,\"receivers\":{receivers}}}"),

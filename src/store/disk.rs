@@ -4,13 +4,14 @@
 //! The data directory holds `LOCK` (held while a broker uses it), `db/` (fjall's files) and,
 //! after a clean shutdown, `clean-shutdown`. Start-up reads every record once: it checks each
 //! checksum, rebuilds the message reference counts, and deals with damage (docs/persistence.md):
-//! a torn journal tail is cut by fjall and counted; records failing their checksum are skipped
-//! and removed; a store the engine cannot read through is moved aside as
-//! `db.corrupt-<time>` and what could be read from it is copied into a fresh one.
+//! what fjall cuts from the journals while opening them is counted, and the journals as they
+//! were are kept as `journal.cut-<time>` (copied beforehand: `JournalCopy`); records failing
+//! their checksum are skipped and removed; a store the engine cannot read through is moved
+//! aside as `db.corrupt-<time>` and what could be read from it is copied into a fresh one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,9 +27,10 @@ use crate::protocol::ByteStr;
 const DB_DIR: &str = "db";
 const LOCK_FILE: &str = "LOCK";
 const CLEAN_MARKER: &str = "clean-shutdown";
-/// Left by an `on_corruption = "stop"` start that found a damaged journal: the engine cut it
-/// while opening, so the next start must not take the store for sound.
-const DAMAGED_MARKER: &str = "DAMAGED";
+/// The journals as they were before the engine opened them (`JournalCopy`), while it does.
+const JOURNAL_COPY: &str = "db.journals";
+/// What the copy becomes when the engine cut something: `journal.cut-<UTC time>`.
+const JOURNAL_KEPT: &str = "journal.cut";
 const KEYSPACE: &str = "ternmq";
 /// Memory a keyspace buffers before writing a table file; also what a restart replays.
 const MEMTABLE_BYTES: u64 = 8 << 20;
@@ -386,10 +388,12 @@ impl Backend for Disk {
             .db
             .persist(fjall::PersistMode::SyncAll)
             .map_err(engine_error)?;
-        // Lets the next start tell a torn journal (a crash) from a damaged one.
+        // Lets the next start tell a torn journal (a crash) from a damaged one, and skip
+        // copying journals that are still what was written (`JournalCopy`).
         let marker = self.dir.join(CLEAN_MARKER);
+        let digest = journal_digest(&journal_ends(&self.dir.join(DB_DIR)));
         File::create(&marker)
-            .and_then(|f| f.sync_all())
+            .and_then(|mut f| f.write_all(digest.as_bytes()).and_then(|()| f.sync_all()))
             .and_then(|()| sync_dir(&self.dir))
             .map_err(|e| io_error(&marker, e))
     }
@@ -428,13 +432,91 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 // ---- start-up ----
 
-/// Opens the engine in `dir`, checks every record and deals with damage.
-#[allow(clippy::too_many_lines)] // the recovery's steps in the order they run: open, check, salvage, report
+/// Opens the engine in `dir`, checks every record and deals with damage. The journals are
+/// copied first (`JournalCopy`): what the engine cuts from them while opening is kept as
+/// `journal.cut-<UTC time>`, and a start that `stop` refuses puts them back as they were.
 fn recover(
     dir: &Path,
     on_corruption: OnCorruption,
 ) -> Result<(Engine, Refs, RecoveryReport), StoreError> {
     let db_dir = dir.join(DB_DIR);
+    let stop = on_corruption == OnCorruption::Stop;
+    let journals = journal_ends(&db_dir);
+    // Journals just as a clean shutdown left them are not cut: no copy needed.
+    let intact = std::fs::read_to_string(dir.join(CLEAN_MARKER))
+        .is_ok_and(|digest| digest == journal_digest(&journals));
+    let copy = if intact {
+        None
+    } else {
+        match JournalCopy::take(&db_dir, &journals) {
+            Ok(copy) => copy,
+            Err(e) if stop => {
+                return Err(StoreError::Engine(format!(
+                    "cannot copy the journals aside before opening the store ({e}); \
+                     on_corruption = \"stop\" needs the copy to leave a damaged store as it was"
+                )))
+            }
+            Err(e) => {
+                tracing::warn!("store: cannot copy the journals before opening the store ({e}): what the engine cuts from them is lost");
+                None
+            }
+        }
+    };
+    let result = open_checked(dir, &db_dir, on_corruption, &journals);
+    let Some(copy) = copy else {
+        return result;
+    };
+    match result {
+        Ok((engine, refs, mut report)) if report.discarded_tail_bytes > 0 => {
+            match copy.keep() {
+                Ok(kept) => {
+                    tracing::warn!(
+                        "store: the journals as they were before the engine cut them are kept in {}",
+                        kept.display()
+                    );
+                    report.journals_kept = Some(kept);
+                }
+                Err(e) => tracing::error!("store: cannot keep the journals as they were: {e}"),
+            }
+            Ok((engine, refs, report))
+        }
+        Ok(opened) => {
+            copy.discard();
+            Ok(opened)
+        }
+        // Nothing was moved aside under `stop`: the journals go back where they were.
+        Err(e) if stop => match copy.restore() {
+            Ok(()) => Err(e),
+            Err(restoring) => {
+                tracing::error!("store: cannot put the journals back as they were: {restoring}; they are kept in {}", copy_dir(&db_dir).display());
+                Err(e)
+            }
+        },
+        Err(e) => {
+            if copy.cut() > 0 {
+                if let Ok(kept) = copy.keep() {
+                    tracing::error!(
+                        "store: the journals as they were before opening are kept in {}",
+                        kept.display()
+                    );
+                }
+            } else {
+                copy.discard();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `recover`'s work once the journals are copied (`journals`: where their data ended).
+#[allow(clippy::too_many_lines)] // the recovery's steps in the order they run: open, check, salvage, report
+fn open_checked(
+    dir: &Path,
+    db_dir: &Path,
+    on_corruption: OnCorruption,
+    journals: &HashMap<PathBuf, u64>,
+) -> Result<(Engine, Refs, RecoveryReport), StoreError> {
+    let db_dir = db_dir.to_path_buf();
     let marker = dir.join(CLEAN_MARKER);
     let clean_shutdown = marker.exists();
     let stop = on_corruption == OnCorruption::Stop;
@@ -444,31 +526,13 @@ fn recover(
     };
     let mut report = RecoveryReport::default();
 
-    let damaged_marker = dir.join(DAMAGED_MARKER);
-    if let Ok(detail) = std::fs::read_to_string(&damaged_marker) {
-        if stop {
-            return Err(damaged(format!(
-                "{} (remove {} to start anyway)",
-                detail.trim(),
-                damaged_marker.display()
-            )));
-        }
-        tracing::error!(
-            "store: starting on a store found damaged before: {}",
-            detail.trim()
-        );
-        // The journal was cut when the damage was found (the detail starts with the bytes
-        // lost): this start's report carries them, or it would look like a sound store.
-        report.discarded_tail_bytes = detail
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        std::fs::remove_file(&damaged_marker).map_err(|e| io_error(&damaged_marker, e))?;
-    }
-
-    let journals = journal_ends(&db_dir);
-    let engine = match Engine::open(&db_dir) {
+    let opened = Engine::open(&db_dir);
+    // fjall cuts a journal at its first bad batch: a torn write after a crash, damage otherwise.
+    let bytes: u64 = journals
+        .iter()
+        .map(|(name, end)| end.saturating_sub(data_end(name).unwrap_or(*end)))
+        .sum();
+    let engine = match opened {
         Ok(engine) => engine,
         Err(e) if e.starts_with("not damage") => {
             return Err(StoreError::Engine(format!(
@@ -478,7 +542,7 @@ fn recover(
         }
         Err(e) if stop => return Err(damaged(format!("the engine cannot open it: {e}"))),
         Err(e) => {
-            let aside = move_aside(&db_dir)?;
+            let aside = move_aside(&db_dir, "db.corrupt")?;
             tracing::error!(
                 "store: {} cannot be opened ({e}); moved aside to {}; starting without what it held",
                 db_dir.display(),
@@ -490,22 +554,13 @@ fn recover(
             })?
         }
     };
-    // fjall cuts a journal at its first bad batch: a torn write after a crash, damage otherwise.
-    let after = journal_ends(&db_dir);
-    let bytes: u64 = journals
-        .iter()
-        .map(|(name, end)| end.saturating_sub(after.get(name).copied().unwrap_or(*end)))
-        .sum();
-    report.discarded_tail_bytes += bytes;
+    report.discarded_tail_bytes = bytes;
     if bytes > 0 {
         if clean_shutdown {
             if stop {
-                let detail = format!(
+                return Err(damaged(format!(
                     "{bytes} bytes of its journal could not be read after a clean shutdown"
-                );
-                std::fs::write(&damaged_marker, &detail)
-                    .map_err(|e| io_error(&damaged_marker, e))?;
-                return Err(damaged(detail));
+                )));
             }
             tracing::error!("store: {bytes} bytes of the journal were damaged and are lost");
         } else {
@@ -513,11 +568,6 @@ fn recover(
                 "store: the last write before the crash was torn: {bytes} bytes dropped"
             );
         }
-    }
-    if clean_shutdown {
-        std::fs::remove_file(&marker)
-            .and_then(|()| sync_dir(dir))
-            .map_err(|e| io_error(&marker, e))?;
     }
 
     let check = check(&engine);
@@ -533,6 +583,12 @@ fn recover(
             "{} reads failed, {} records failed their checksum or could not be decoded",
             check.unreadable, check.skipped
         )));
+    }
+    // Past the refusals of `stop`, which leave the store as it was, marker included.
+    if clean_shutdown {
+        std::fs::remove_file(&marker)
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| io_error(&marker, e))?;
     }
     let (engine, check) = if check.unreadable > 0 {
         // Unreadable parts stay unreadable: keep the damaged store, start from a clean copy.
@@ -629,20 +685,157 @@ fn last_extent_end(f: &File, len: u64) -> Option<u64> {
     Some(end.min(len))
 }
 
-/// Renames the damaged `db_dir` to `db.corrupt-<UTC time>` beside it.
-fn move_aside(db_dir: &Path) -> Result<PathBuf, StoreError> {
+/// Each journal holding data (`ends`): its name, where its data ends and the CRC-32 of
+/// the data, a line each. An unreadable journal makes a digest no start takes for intact.
+fn journal_digest(ends: &HashMap<PathBuf, u64>) -> String {
+    let mut journals: Vec<_> = ends.iter().filter(|(_, &end)| end > 0).collect();
+    journals.sort();
+    let mut digest = String::new();
+    for (path, &end) in journals {
+        let mut crc = crc32fast::Hasher::new();
+        let read = File::open(path).and_then(|f| {
+            let mut data = f.take(end);
+            let mut buf = vec![0; 64 << 10];
+            loop {
+                match data.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => crc.update(&buf[..n]),
+                }
+            }
+        });
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        match read {
+            Ok(()) => digest.push_str(&format!("{name} {end} {:08x}\n", crc.finalize())),
+            Err(e) => digest.push_str(&format!("{name} unreadable: {e}\n")),
+        }
+    }
+    digest
+}
+
+/// Renames `path` to `<name>-<UTC time>` beside it (`db.corrupt-...` for a damaged store).
+fn move_aside(path: &Path, name: &str) -> Result<PathBuf, StoreError> {
     let stamp = utc_stamp(super::now_millis() / 1000);
-    let mut aside = db_dir.with_file_name(format!("{DB_DIR}.corrupt-{stamp}"));
+    let mut aside = path.with_file_name(format!("{name}-{stamp}"));
     let mut n = 1;
     while aside.exists() {
-        aside = db_dir.with_file_name(format!("{DB_DIR}.corrupt-{stamp}-{n}"));
+        aside = path.with_file_name(format!("{name}-{stamp}-{n}"));
         n += 1;
     }
-    std::fs::rename(db_dir, &aside).map_err(|e| io_error(db_dir, e))?;
-    if let Some(parent) = db_dir.parent() {
+    std::fs::rename(path, &aside).map_err(|e| io_error(path, e))?;
+    if let Some(parent) = path.parent() {
         sync_dir(parent).map_err(|e| io_error(parent, e))?;
     }
     Ok(aside)
+}
+
+fn copy_dir(db_dir: &Path) -> PathBuf {
+    db_dir.with_file_name(JOURNAL_COPY)
+}
+
+/// The journals of a store as they were before the engine opened it. fjall cuts a journal
+/// at its first bad batch while opening, before ternmq can look at it, and that may be
+/// damage rather than a torn write: so the data of every journal (not the zeros fjall
+/// preallocates after it) is copied first, unless a clean shutdown's digest shows them
+/// intact. Bounded: fjall starts a new journal past 64 MB and flushes the oldest ones'
+/// memtables once they hold `JOURNAL_BYTES`, so journals hold about 128 MB at most.
+struct JournalCopy {
+    dir: PathBuf,
+    /// Each journal copied: its path, its length, where its data ended.
+    files: Vec<(PathBuf, u64, u64)>,
+}
+
+impl JournalCopy {
+    /// Copies the journals of `db_dir` that hold data (`ends`) to `db.journals` beside it;
+    /// None when none does.
+    fn take(
+        db_dir: &Path,
+        ends: &HashMap<PathBuf, u64>,
+    ) -> Result<Option<JournalCopy>, StoreError> {
+        let dir = copy_dir(db_dir);
+        if dir.exists() {
+            // A start ended between copying and checking: its copy may hold what that start
+            // saw cut. Kept, not trusted.
+            let kept = move_aside(&dir, JOURNAL_KEPT)?;
+            tracing::warn!(
+                "store: an interrupted start left a copy of the journals, kept in {}",
+                kept.display()
+            );
+        }
+        let mut files = Vec::new();
+        for (path, &end) in ends.iter().filter(|(_, &end)| end > 0) {
+            let len = std::fs::metadata(path)
+                .map_err(|e| io_error(path, e))?
+                .len();
+            files.push((path.clone(), len, end));
+        }
+        if files.is_empty() {
+            return Ok(None);
+        }
+        std::fs::create_dir(&dir).map_err(|e| io_error(&dir, e))?;
+        let copy = JournalCopy { dir, files };
+        for (path, _, end) in &copy.files {
+            let to = copy.copy_of(path);
+            let copied = File::open(path)
+                .and_then(|from| std::io::copy(&mut from.take(*end), &mut File::create(&to)?));
+            if let Err(e) = copied {
+                copy.discard();
+                return Err(io_error(&to, e));
+            }
+        }
+        Ok(Some(copy))
+    }
+
+    fn copy_of(&self, journal: &Path) -> PathBuf {
+        self.dir.join(journal.file_name().unwrap_or_default())
+    }
+
+    /// Bytes the engine cut from the journals.
+    fn cut(&self) -> u64 {
+        let files = self.files.iter();
+        files
+            .map(|(path, _, end)| end.saturating_sub(data_end(path).unwrap_or(*end)))
+            .sum()
+    }
+
+    /// Makes the copy lasting, as `journal.cut-<UTC time>`; returns where it is.
+    fn keep(self) -> Result<PathBuf, StoreError> {
+        for (path, _, _) in &self.files {
+            let copy = self.copy_of(path);
+            File::open(&copy)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error(&copy, e))?;
+        }
+        move_aside(&self.dir, JOURNAL_KEPT)
+    }
+
+    /// Puts every journal the engine changed back as it was, then drops the copy.
+    fn restore(&self) -> Result<(), StoreError> {
+        for (path, len, end) in &self.files {
+            if data_end(path).ok() == Some(*end) {
+                continue;
+            }
+            let copy = self.copy_of(path);
+            let restored = File::open(&copy).and_then(|mut from| {
+                let mut to = File::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?;
+                std::io::copy(&mut from, &mut to)?;
+                to.set_len(*len)?;
+                to.sync_all()
+            });
+            restored.map_err(|e| io_error(path, e))?;
+        }
+        self.discard();
+        Ok(())
+    }
+
+    fn discard(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("store: cannot remove {}: {e}", self.dir.display());
+        }
+    }
 }
 
 /// Copies every readable record of `engine` into a fresh store that takes the place of
@@ -671,7 +864,7 @@ fn salvage(engine: Engine, db_dir: &Path) -> Result<PathBuf, StoreError> {
     fresh.write(pending, true)?;
     drop(fresh);
     drop(engine);
-    let aside = move_aside(db_dir)?;
+    let aside = move_aside(db_dir, "db.corrupt")?;
     std::fs::rename(&fresh_dir, db_dir).map_err(|e| io_error(&fresh_dir, e))?;
     if let Some(parent) = db_dir.parent() {
         sync_dir(parent).map_err(|e| io_error(parent, e))?;

@@ -1,5 +1,6 @@
-//! The in-memory store: `persistence = false`, and the model the disk store is tested
-//! against. Ops apply at once under a lock; nothing survives the process.
+//! The in-memory store: the model the disk store is tested against (with persistence off
+//! the broker has no store at all). Ops apply at once under a lock; nothing survives the
+//! process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -4,8 +4,9 @@
 //! The broker describes every change as an [`Op`] and submits them in batches; a store applies
 //! them in order and says through [`Durable`] when a batch is as safe as its durability mode
 //! promises. Nothing in the trait assumes a local file, so that a networked store can stand
-//! behind it later. [`MemStore`] keeps everything in memory (`persistence = false`, tests);
-//! [`DiskStore`] is the crash-safe embedded store (fjall; docs/persistence.md).
+//! behind it later. [`MemStore`] keeps everything in memory: the model the disk store is
+//! tested against. [`DiskStore`] is the crash-safe embedded store (fjall; docs/persistence.md).
+//! With persistence off the broker has no store at all (`session::journal::Journal::off`).
 //!
 //! The types here are plain data, independent of the broker's live types: the session code
 //! converts. Times are wall-clock unix milliseconds, since an `Instant` means nothing after a
@@ -282,11 +283,15 @@ pub struct RecoveryReport {
     /// Records that failed their checksum or could not be decoded, and entries that named a
     /// message or a session that was lost: skipped (and removed).
     pub skipped: u64,
-    /// Bytes of the newest log that the engine cut away as a torn write.
+    /// Bytes the engine cut from the journals while opening them: a torn write after a
+    /// crash, damage after a clean shutdown (or hidden by a crash).
     pub discarded_tail_bytes: u64,
     /// Where the damaged store was moved, when it had to be (its records that could be read
     /// were copied into a fresh store and are counted in `recovered`).
     pub moved_aside: Option<PathBuf>,
+    /// Where the journals were kept as they were before the engine cut them (see
+    /// `discarded_tail_bytes`).
+    pub journals_kept: Option<PathBuf>,
 }
 
 impl RecoveryReport {
@@ -322,7 +327,7 @@ pub enum StoreError {
     },
     #[error("the data directory {} is in use by another process (it holds {})", dir.display(), lock.display())]
     Locked { dir: PathBuf, lock: PathBuf },
-    #[error("the store {} is damaged: {detail}. on_corruption = \"stop\" leaves it untouched; with \"recover\" it is moved aside and the broker starts with what can be read from it", path.display())]
+    #[error("the store {} is damaged: {detail}. on_corruption = \"stop\" leaves it as it was; with \"recover\" the broker starts with what can be read from it (docs/persistence.md says what is kept aside)", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("the store {} has format version {found}; this ternmq reads version {supported} (written by a newer ternmq?)", path.display())]
     UnsupportedVersion {
