@@ -724,8 +724,47 @@ fn move_aside(path: &Path, name: &str) -> Result<PathBuf, StoreError> {
     std::fs::rename(path, &aside).map_err(|e| io_error(path, e))?;
     if let Some(parent) = path.parent() {
         sync_dir(parent).map_err(|e| io_error(parent, e))?;
+        prune_aside(parent, name);
     }
     Ok(aside)
+}
+
+/// Copies kept per kind (`db.corrupt-*`, `journal.cut-*`): the newest ones. A device that
+/// keeps losing power would otherwise fill its disk with them.
+const KEEP_ASIDE: usize = 3;
+
+/// Removes all but the newest `KEEP_ASIDE` of `<name>-<UTC time>` in `dir` (the stamps
+/// sort as they were made), saying so in the log.
+fn prune_aside(dir: &Path, name: &str) {
+    let prefix = format!("{name}-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut kept: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    kept.sort();
+    let excess = kept.len().saturating_sub(KEEP_ASIDE);
+    for old in &kept[..excess] {
+        let removed = if old.is_dir() {
+            std::fs::remove_dir_all(old)
+        } else {
+            std::fs::remove_file(old)
+        };
+        match removed {
+            Ok(()) => tracing::warn!(
+                "store: removed {} (only the newest {KEEP_ASIDE} copies set aside are kept)",
+                old.display()
+            ),
+            Err(e) => tracing::warn!("store: cannot remove {}: {e}", old.display()),
+        }
+    }
 }
 
 fn copy_dir(db_dir: &Path) -> PathBuf {
@@ -1150,6 +1189,37 @@ fn utc_stamp(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_the_newest_copies_set_aside_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for stamp in [
+            "2026-01-01T00-00-00Z",
+            "2026-03-01T00-00-00Z",
+            "2026-02-01T00-00-00Z",
+        ] {
+            std::fs::create_dir(dir.path().join(format!("journal.cut-{stamp}"))).unwrap();
+        }
+        std::fs::write(dir.path().join("db.corrupt-2025-01-01T00-00-00Z"), b"x").unwrap();
+        let store = dir.path().join("journal.copy");
+        std::fs::create_dir(&store).unwrap();
+        let aside = move_aside(&store, "journal.cut").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert!(
+            !left.contains(&"journal.cut-2026-01-01T00-00-00Z".to_owned()),
+            "{left:?}"
+        );
+        assert!(
+            left.contains(&"db.corrupt-2025-01-01T00-00-00Z".to_owned()),
+            "{left:?}"
+        );
+        assert!(aside.exists());
+    }
     use super::*;
 
     #[test]
