@@ -184,11 +184,10 @@ fn walk_step(
         });
     }
     let mut found = Vec::new();
-    let (last, done) =
-        router.retained_step(&walk.filter, walk.after.as_deref(), limit, now, &mut found);
+    let next = router.retained_step(&walk.filter, walk.after.as_deref(), limit, now, &mut found);
     let mut unreadable = 0;
     session.with_state(conn_id, |s| {
-        s.walk_stepped(done, last);
+        s.walk_stepped(next);
         for m in found {
             let mut d = Delivery::new(m, QoS::AtMostOnce, true);
             d.qos = d.message.qos.min(walk.qos);

@@ -88,7 +88,8 @@ pub struct RetainedWalk {
     pub filter: ByteStr,
     pub qos: QoS,
     pub sub_id: Option<u32>,
-    /// The last topic passed; None before the first step.
+    /// Where the last step stopped (a node of the retained tree, which may hold no
+    /// message); None before the first step.
     pub after: Option<ByteStr>,
 }
 
@@ -484,18 +485,16 @@ impl SessionState {
         self.rare.as_ref().map_or(&NO_WALKS, |r| &r.walks)
     }
 
-    /// The first walk made a step that ended at `last`, or finished (`done`): it goes,
-    /// or takes its turn behind the next few (round robin, so that a long walk does not
-    /// hold up the retained messages of a later subscription).
-    pub fn walk_stepped(&mut self, done: bool, last: Option<ByteStr>) {
+    /// The first walk made a step: it finished (`next` None) and goes, or takes its turn
+    /// behind the next few to resume after `next` (round robin, so that a long walk does
+    /// not hold up the retained messages of a later subscription).
+    pub fn walk_stepped(&mut self, next: Option<ByteStr>) {
         let Some(rare) = self.rare.as_mut() else {
             return;
         };
         let walks = &mut rare.walks;
-        if done {
-            walks.pop_front();
-        } else if let Some(mut w) = walks.pop_front() {
-            w.after = last;
+        if let (Some(mut w), Some(next)) = (walks.pop_front(), next) {
+            w.after = Some(next);
             walks.insert((MAX_ACTIVE_WALKS - 1).min(walks.len()), w);
         }
         self.tidy();
