@@ -345,7 +345,13 @@ impl Broker {
         }
         let existed = self.route(filter, session, options, id);
         let sub = crate::session::Subscription { options, id };
-        session.with_state(conn_id, |s| s.subscribe(filter.clone(), sub))?;
+        let recorded = session.with_state(conn_id, |s| s.subscribe(filter.clone(), sub));
+        // Cannot fail: under `control` the owner checked above stays the owner (takeover,
+        // discard and release take `control`; expiry ends only offline sessions; the
+        // owner's own detach never overlaps its subscribe), so the route just added
+        // never needs undoing, which could remove a subscription the session had.
+        debug_assert!(recorded.is_ok(), "lost ownership under `control`");
+        recorded?;
         Ok(existed)
     }
 

@@ -768,7 +768,7 @@ fn retained_under(broker: &ternmq::broker::Broker, filter: &str) -> usize {
     let now = ternmq::clock::now();
     broker
         .router
-        .retained_step(filter, None, usize::MAX, now, &mut out);
+        .retained_page(filter, None, usize::MAX, now, &mut out);
     out.len()
 }
 

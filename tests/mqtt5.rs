@@ -1104,18 +1104,10 @@ async fn rumqttc_decodes_server_topic_aliases() {
 // Retained messages
 // =======================================================================================
 
-/// Every retained message reaches a new subscription, however many: here 20,000, far past
-/// the session queue's 1,000, each exactly once and at QoS 1, paced by the client's
-/// Receive Maximum of 5. Live messages on another subscription keep arriving during the
-/// walk, none lost: the walk and the session queue take turns at the in-flight window.
-#[tokio::test]
-async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
-    const RETAINED: u16 = 20_000;
-    const LIVE: usize = 10;
-    let b = TestBroker::start().await;
-    let mut publisher = Client::connect_v5(b.addr, "ret-pub").await;
+/// Retains `ret/1` to `ret/{n}` at QoS 1, in one burst.
+async fn publish_retained(b: &TestBroker, publisher: &mut Client, n: u16) {
     let mut burst = BytesMut::new();
-    for pkid in 1..=RETAINED {
+    for pkid in 1..=n {
         let p = Publish {
             pkid,
             ..retained(&format!("ret/{pkid}"), b"r", QoS::AtLeastOnce)
@@ -1126,10 +1118,23 @@ async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
     let acks = publisher.ping().await;
     assert_eq!(
         acks.len(),
-        usize::from(RETAINED),
+        usize::from(n),
         "every retained PUBLISH acknowledged"
     );
-    assert_eq!(b.broker().router.retained_count(), usize::from(RETAINED));
+    assert_eq!(b.broker().router.retained_count(), usize::from(n));
+}
+
+/// Every retained message reaches a new subscription, however many: here 20,000, far past
+/// the session queue's 1,000, each exactly once and at QoS 1, paced by the client's
+/// Receive Maximum of 5. Live messages on another subscription keep arriving during the
+/// walk, none lost: the walk and the session queue take turns at the in-flight window.
+#[tokio::test]
+async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
+    const RETAINED: u16 = 20_000;
+    const LIVE: usize = 10;
+    let b = TestBroker::start().await;
+    let mut publisher = Client::connect_v5(b.addr, "ret-pub").await;
+    publish_retained(&b, &mut publisher, RETAINED).await;
 
     let connect = Connect {
         properties: Properties {
@@ -1173,6 +1178,26 @@ async fn twenty_thousand_retained_messages_reach_a_new_subscription() {
         "live messages held back by the walk: (payload, retained messages before) {live:?}"
     );
     assert_eq!(received, usize::from(RETAINED) + LIVE, "nothing twice");
+    sub.expect_quiet("after every retained message").await;
+}
+
+/// At QoS 0 too, every retained message reaches a new subscription, past the session
+/// queue's 1,000 (`max_queued_messages`): none is dropped for want of room.
+#[tokio::test]
+async fn more_retained_messages_than_the_queue_holds_reach_a_qos_0_subscription() {
+    const RETAINED: u16 = 1_500;
+    let b = TestBroker::start().await;
+    assert_eq!(b.broker().config.session.max_queued_messages, 1_000);
+    let mut publisher = Client::connect_v5(b.addr, "ret0-pub").await;
+    publish_retained(&b, &mut publisher, RETAINED).await;
+    let mut sub = Client::connect_v5(b.addr, "ret0-sub").await;
+    sub.subscribe("ret/#", QoS::AtMostOnce).await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < usize::from(RETAINED) {
+        let p = sub.receive().await;
+        assert_eq!((p.qos, p.retain), (QoS::AtMostOnce, true), "{p:?}");
+        assert!(seen.insert(p.topic.to_string()), "{} twice", p.topic);
+    }
     sub.expect_quiet("after every retained message").await;
 }
 

@@ -375,6 +375,100 @@ async fn b_an_ended_session_still_registered_is_not_resumed() {
     assert_eq!(text(&c.receive().await.payload), "new");
 }
 
+/// The race as clients meet it, over real sockets and threads: 1,000 5.0 clients, each
+/// with a Session Expiry of 1 s, a subscription and a queued QoS 1 message, reconnect
+/// (Clean Start 0) from 8 ms before to 3 ms after the instant their session expires,
+/// while other clients' expiry timers fire. Every time, all or nothing: Session Present 1
+/// comes with the queued message and a subscription that routes; Session Present 0 with
+/// neither; and either way the session the CONNACK announced is the one the broker keeps,
+/// so the next CONNECT resumes it. (The bug: Session Present 1 on a session already gone,
+/// its queued message never delivered, its subscription routing nothing, and the next
+/// CONNECT answered Session Present 0. This loop also found a message delivered to a
+/// resumed session just as its idle connection was parked left unsent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_reconnects_racing_the_session_expiry_resume_all_or_nothing() {
+    const CLIENTS: u64 = 1000;
+    // Offsets from the expiry instant, in ms: -8 to 3 (a reconnect takes a few ms to
+    // reach the broker).
+    const OFFSETS: u64 = 12;
+    const EARLIEST: u64 = 8;
+    // Clients start this far apart, so that load does not blur their aim.
+    const STAGGER: Duration = Duration::from_millis(2);
+    let rounds = env_number("RACES_ITERATIONS", 1);
+    let b = TestBroker::start().await;
+    let mut outcomes = [[0; OFFSETS as usize]; 2];
+    for round in 0..rounds {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..CLIENTS {
+            let target = b.target();
+            let broker = b.broker().clone();
+            tasks.spawn(async move {
+                tokio::time::sleep(STAGGER * i as u32).await;
+                let offset = i % OFFSETS;
+                let id = format!("b-expiring-{round}-{i}");
+                let topic = format!("b/expiring/{round}/{i}");
+                let (mut c, _) = Client::accepted(target.clone(), connect5(&id, true, 1)).await;
+                c.subscribe(&topic, QoS::AtLeastOnce).await;
+                let mut publisher = Client::connect_v5(target.clone(), &format!("{id}-pub")).await;
+                c.disconnect().await;
+                // Queued, unless a loaded machine took more than the second to get here
+                // (then the session is gone, and the reconnect must get a new one).
+                publisher
+                    .publish(publish(&topic, "queued", QoS::AtLeastOnce))
+                    .await;
+                // Aimed at the broker's own expiry instant: 1 s after it saw the client go.
+                let left = broker
+                    .session(&id)
+                    .and_then(|s| s.inspect(|s| s.offline_since));
+                if let Some(left) = left {
+                    let at = Instant::from_std(left) + Duration::from_secs(1)
+                        - Duration::from_millis(EARLIEST)
+                        + Duration::from_millis(offset);
+                    tokio::time::sleep_until(at).await;
+                }
+                let (mut c, ack) = Client::accepted(target.clone(), connect5(&id, false, 10)).await;
+                let present = ack.session_present;
+                let got = publishes_before_ping(&mut c).await;
+                let routed = publisher
+                    .publish(publish(&topic, "after", QoS::AtLeastOnce))
+                    .await;
+                let what = format!("{id} (Session Present {})", u8::from(present));
+                c.name = format!("{what}, reconnected");
+                if present {
+                    assert_eq!(payloads(&got), ["queued"], "{what}: the queued message");
+                    c.acknowledge(&got[0]).await;
+                    assert_eq!(routed, ReasonCode::Success, "{what}: still subscribed");
+                    assert_eq!(text(&c.receive().await.payload), "after", "{what}");
+                } else {
+                    assert!(got.is_empty(), "{what}: a new session has nothing: {got:?}");
+                    assert_eq!(routed, ReasonCode::NoMatchingSubscribers, "{what}");
+                    c.subscribe(&topic, QoS::AtLeastOnce).await;
+                }
+                c.disconnect().await;
+                let (mut c, ack) = Client::accepted(target, connect5(&id, false, 0)).await;
+                assert!(ack.session_present, "{what}: the session is kept");
+                c.name = format!("{what}, resumed again");
+                let kept = publisher
+                    .publish(publish(&topic, "kept", QoS::AtLeastOnce))
+                    .await;
+                assert_eq!(kept, ReasonCode::Success, "{what}: the session kept routes");
+                assert_eq!(text(&c.receive().await.payload), "kept", "{what}");
+                c.disconnect().await;
+                publisher.disconnect().await;
+                (offset, present)
+            });
+        }
+        while let Some(outcome) = tasks.join_next().await {
+            let (offset, present) = outcome.expect("a client's checks");
+            outcomes[usize::from(present)][offset as usize] += 1;
+        }
+    }
+    println!(
+        "by offset from the expiry instant, -8 to 3 ms: resumed {:?}, new session {:?}",
+        outcomes[1], outcomes[0]
+    );
+}
+
 // =======================================================================================
 // C. Shared subscriptions: what a member keeps, and what goes to another member
 // =======================================================================================

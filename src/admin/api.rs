@@ -199,16 +199,12 @@ impl Api<'_> {
         let after = q.get("after").filter(|a| !a.is_empty());
         let mut found = Vec::new();
         let now = crate::clock::now();
-        let (last, done) = self
+        let next = self
             .broker
             .router
-            .retained_step(filter, after, limit, now, &mut found);
+            .retained_page(filter, after, limit, now, &mut found)
+            .map(|t| t.to_string());
         let messages: Vec<Value> = found.iter().map(|m| retained_json(m)).collect();
-        let next = if done {
-            None
-        } else {
-            last.map(|t| t.to_string())
-        };
         Reply::ok(json!({ "filter": filter, "messages": messages, "next": next }))
     }
 
@@ -224,7 +220,7 @@ impl Api<'_> {
         let now = crate::clock::now();
         self.broker
             .router
-            .retained_step(t, None, 1, now, &mut found);
+            .retained_page(t, None, 1, now, &mut found);
         let existed = found.first().is_some_and(|m| &*m.topic == t);
         let clear = Message::new(
             ByteStr::from(t),

@@ -637,6 +637,14 @@ where
         if broker.shutdown.is_cancelled() {
             return Err(Exit::Shutdown);
         }
+        // The wake-up flag is cleared before the session is looked at for the last time
+        // before parking, never after: a message delivered after the clear sets it again
+        // (and parking sees it, `Wire::watch`); one delivered before is taken below.
+        // Cleared after, a message delivered in between would wait, parked, unsent.
+        let parking = quiet_enough(conn, io, &mut quiet);
+        if parking {
+            conn.wire().clear_woken();
+        }
         if io.wbuf.len() < WRITE_HIGH_WATER {
             conn.poll_transmit(now(), &mut io.wbuf)?;
             if conn.take_wants_refill() {
@@ -644,7 +652,11 @@ where
                 continue;
             }
         }
-        if idle(conn, io, &mut quiet)? {
+        if parking && io.wbuf.is_empty() {
+            // What would wake it again at once is done first: a wake-up seen (a
+            // takeover, a kick: the error) and a timer due.
+            conn.check_owner()?;
+            conn.handle_timeout(now())?;
             return Ok(());
         }
         io.prepare_read();
@@ -713,24 +725,17 @@ where
     }
 }
 
-/// Whether the connection may be parked now (see `QUIET_PERIODS`): nothing to write,
-/// nothing half read, no pause, no message for long enough. What would wake it again at
-/// once is done first: a wake-up seen (a takeover, a kick: the error) and a timer due.
-fn idle<R, W>(conn: &mut Connection, io: &Io<R, W>, quiet: &mut Option<u8>) -> Result<bool, Exit> {
+/// Whether the connection may be parked once its session has nothing more to send (see
+/// `QUIET_PERIODS`): nothing to write, nothing half read, no pause, no message for long
+/// enough.
+fn quiet_enough<R, W>(conn: &mut Connection, io: &Io<R, W>, quiet: &mut Option<u8>) -> bool {
     let Some(q) = quiet.as_mut() else {
-        return Ok(false);
+        return false;
     };
     if conn.take_busy() {
         *q = 0;
     }
-    let idle = io.wbuf.is_empty() && io.rbuf.is_empty() && conn.paused_until().is_none();
-    if *q < QUIET_PERIODS || !idle {
-        return Ok(false);
-    }
-    conn.wire().clear_woken();
-    conn.check_owner()?;
-    conn.handle_timeout(now())?;
-    Ok(true)
+    *q >= QUIET_PERIODS && io.wbuf.is_empty() && io.rbuf.is_empty() && conn.paused_until().is_none()
 }
 
 /// When the connection's timer must fire next: its own deadline, or the end of the

@@ -8,8 +8,11 @@
 //! made through `with_state(conn_id, ..)`, which fails once another connection has taken
 //! the session over. A change that touches both the router and the session state
 //! (subscribe, unsubscribe, ending the session) is made while holding `control()`, which
-//! a change of ownership (attach, discard, expiry) also takes, so the two are atomic with
-//! respect to each other. Lock order: registry entry → `control` → router trie → `inner`.
+//! a change of owner (takeover, discard, release) also takes, so the two are atomic with
+//! respect to each other. Expiry is decided without it, under the registry entry and
+//! `inner` (`Broker::expire`): only an offline session expires, and one without an owner
+//! has no subscription change under way. Lock order: registry entry → `control` →
+//! router trie → `inner`.
 
 pub mod journal;
 pub mod link;

@@ -89,7 +89,8 @@ pub struct RetainedWalk {
     pub filter: ByteStr,
     pub qos: QoS,
     pub sub_id: Option<u32>,
-    /// The last topic passed; None before the first step.
+    /// Where the last step stopped (a node of the retained tree, which may hold no
+    /// message); None before the first step.
     pub after: Option<ByteStr>,
 }
 
@@ -485,18 +486,16 @@ impl SessionState {
         self.rare.as_ref().map_or(&NO_WALKS, |r| &r.walks)
     }
 
-    /// The first walk made a step that ended at `last`, or finished (`done`): it goes,
-    /// or takes its turn behind the next few (round robin, so that a long walk does not
-    /// hold up the retained messages of a later subscription).
-    pub fn walk_stepped(&mut self, done: bool, last: Option<ByteStr>) {
+    /// The first walk made a step: it finished (`next` None) and goes, or takes its turn
+    /// behind the next few to resume after `next` (round robin, so that a long walk does
+    /// not hold up the retained messages of a later subscription).
+    pub fn walk_stepped(&mut self, next: Option<ByteStr>) {
         let Some(rare) = self.rare.as_mut() else {
             return;
         };
         let walks = &mut rare.walks;
-        if done {
-            walks.pop_front();
-        } else if let Some(mut w) = walks.pop_front() {
-            w.after = last;
+        if let (Some(mut w), Some(next)) = (walks.pop_front(), next) {
+            w.after = Some(next);
             walks.insert((MAX_ACTIVE_WALKS - 1).min(walks.len()), w);
         }
         self.tidy();
@@ -904,6 +903,68 @@ mod tests {
             Instant::now(),
         );
         Delivery::new(Arc::new(m), qos, false)
+    }
+
+    /// Steps the first walk as `Outbox::take` does, ending it if `done`; its filter.
+    fn step(s: &mut SessionState, done: bool) -> String {
+        let filter = s.walks().front().expect("a walk").filter.to_string();
+        let next = (!done).then(|| ByteStr::from(format!("{filter}/at")));
+        s.walk_stepped(next);
+        filter
+    }
+
+    #[test]
+    fn at_most_max_active_walks_advance_in_turns() {
+        let mut s = SessionState::new();
+        for i in 0..6 {
+            s.start_walk(ByteStr::from(format!("f{i}")), QoS::AtMostOnce, None);
+        }
+        // The first four take turns; f4 and f5 wait.
+        let turns: Vec<String> = (0..9).map(|_| step(&mut s, false)).collect();
+        assert_eq!(
+            turns,
+            ["f0", "f1", "f2", "f3", "f0", "f1", "f2", "f3", "f0"]
+        );
+        // Each resumes where its last step stopped.
+        let f1 = s.walks().front().unwrap();
+        assert_eq!((&*f1.filter, f1.after.as_deref()), ("f1", Some("f1/at")));
+        // f1 finishes: f4 takes its place in the turns, f5 still waits.
+        assert_eq!(step(&mut s, true), "f1");
+        let turns: Vec<String> = (0..8).map(|_| step(&mut s, false)).collect();
+        assert_eq!(turns, ["f2", "f3", "f0", "f4", "f2", "f3", "f0", "f4"]);
+        assert_eq!(s.walks().len(), 5);
+        assert_eq!(s.walks()[MAX_ACTIVE_WALKS].filter, "f5");
+        // Once every walk is done, nothing of them is left.
+        while !s.walks().is_empty() {
+            step(&mut s, true);
+        }
+        assert!(s.rare.is_none());
+    }
+
+    #[test]
+    fn subscribing_again_restarts_the_walk_of_the_filter() {
+        let mut s = SessionState::new();
+        s.start_walk(ByteStr::from("a/#"), QoS::AtMostOnce, None);
+        s.start_walk(ByteStr::from("b/#"), QoS::AtMostOnce, None);
+        assert_eq!(step(&mut s, false), "a/#");
+        assert_eq!(s.walks()[1].after.as_deref(), Some("a/#/at"));
+        // A client re-subscribing in a loop costs one walk per filter, from the start,
+        // with the latest options.
+        for _ in 0..3 {
+            s.start_walk(ByteStr::from("a/#"), QoS::AtLeastOnce, Some(7));
+        }
+        let walks: Vec<(&str, QoS, Option<u32>, Option<&str>)> = s
+            .walks()
+            .iter()
+            .map(|w| (&*w.filter, w.qos, w.sub_id, w.after.as_deref()))
+            .collect();
+        assert_eq!(
+            walks,
+            [
+                ("b/#", QoS::AtMostOnce, None, None),
+                ("a/#", QoS::AtLeastOnce, Some(7), None)
+            ]
+        );
     }
 
     #[test]
