@@ -21,6 +21,7 @@ use crate::metrics::{self, Counter};
 use crate::observe::clients::LiveClient;
 use crate::protocol::{self, ByteStr, ConnAck, Packet, Protocol, ReasonCode};
 use crate::security::AuthResult;
+use crate::session::outbox::Progress;
 use crate::session::{Link, Wire};
 use bytes::BytesMut;
 use std::future::Future;
@@ -646,9 +647,8 @@ where
             conn.wire().clear_woken();
         }
         if io.wbuf.len() < WRITE_HIGH_WATER {
-            conn.poll_transmit(now(), &mut io.wbuf)?;
-            if conn.take_wants_refill() {
-                Box::pin(refill(conn, broker)).await?;
+            let progress = conn.poll_transmit(now(), &mut io.wbuf)?;
+            if before_more(conn, broker, progress).await? {
                 continue;
             }
         }
@@ -750,6 +750,21 @@ fn next_timer(conn: &Connection, parkable: bool) -> Instant {
     let end = Instant::now() + period;
     conn.poll_timeout()
         .map_or(end, |t| Instant::from_std(t).min(end))
+}
+
+/// Does what `poll_transmit` asked for before it is called again (`Progress::Refill`,
+/// `Progress::Yield`); true if it asked for something.
+async fn before_more(
+    conn: &mut Connection,
+    broker: &Broker,
+    progress: Progress,
+) -> Result<bool, Exit> {
+    match progress {
+        Progress::Refill => Box::pin(refill(conn, broker)).await?,
+        Progress::Yield => tokio::task::yield_now().await,
+        Progress::Idle | Progress::More => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// Reads the next messages of the session's queue back from the store, where they were

@@ -77,9 +77,6 @@ pub struct Connection {
     /// Acknowledgements were written that must not reach the client before the store
     /// has what they promise (`sync = "always"`).
     awaits_disk: bool,
-    /// The session's queue is empty in memory while messages wait on disk: the driver
-    /// reads the next ones back (`refill`).
-    wants_refill: bool,
     /// Messages flowed (a PUBLISH or its acknowledgements, either way) since the driver
     /// last asked: a connection without them may be parked (`take_busy`).
     busy: bool,
@@ -134,7 +131,6 @@ impl Connection {
                 outbox: Outbox::default(),
             }),
             awaits_disk: false,
-            wants_refill: false,
             busy: false,
             broker,
         }
@@ -172,12 +168,6 @@ impl Connection {
     /// Whether the driver must wait for the store before writing (and clears it).
     pub fn take_awaits_disk(&mut self) -> bool {
         std::mem::take(&mut self.awaits_disk)
-    }
-
-    /// Whether the driver must read queued messages back from the store (and clears
-    /// it): then `refill` with what the store returns.
-    pub fn take_wants_refill(&mut self) -> bool {
-        std::mem::take(&mut self.wants_refill)
     }
 
     /// The session this connection owns, and its id as the owner (for `Journal::refill`).
@@ -761,11 +751,14 @@ impl Connection {
     /// Writes what the session has for the client into `out`: in-flight messages not yet
     /// sent on this connection (after a resume), retained messages of new subscriptions,
     /// then the queue, as far as the in-flight window and the write buffer allow.
-    pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), Exit> {
+    /// Returns `Idle` when done for now, else what the driver does before calling again:
+    /// `Refill` (the rest of the queue is on disk: `Journal::refill`) or `Yield` (a
+    /// retained walk found nothing for a while: let other tasks run).
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut BytesMut) -> Result<Progress, Exit> {
         self.refresh_access();
         loop {
             if out.len() >= WRITE_HIGH_WATER {
-                return Ok(());
+                return Ok(Progress::Idle);
             }
             let mut due = std::mem::take(&mut self.held.outbox.due);
             let authorizer = &self.held.access.authorizer;
@@ -809,13 +802,8 @@ impl Connection {
             self.held.outbox.due = due;
             self.forget(too_large)?;
             tally.sent();
-            if progress == Progress::Refill {
-                // The rest is on disk: the driver reads it back, then calls again.
-                self.wants_refill = true;
-                return Ok(());
-            }
-            if progress == Progress::Idle {
-                return Ok(());
+            if progress != Progress::More {
+                return Ok(progress);
             }
         }
     }

@@ -298,6 +298,10 @@ impl HttpService {
                 refill(&sub).await?;
                 continue;
             }
+            if sub.take_yield() {
+                tokio::task::yield_now().await;
+                continue;
+            }
             if written > 0 || tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() {
                 break;
             }
@@ -519,6 +523,10 @@ impl SseState {
             if self.sub.take_refill() && refill(&self.sub).await.is_err() {
                 self.ended = true;
                 return None;
+            }
+            if self.sub.take_yield() && out.is_empty() {
+                tokio::task::yield_now().await;
+                continue;
             }
             match full {
                 Err(Gone) => {

@@ -68,6 +68,8 @@ pub struct Subscriber {
     outbox: Outbox,
     /// Queued messages wait on disk: the service reads them back (`take_refill`).
     refill_due: bool,
+    /// A retained walk found nothing for a while: the service yields (`take_yield`).
+    yield_due: bool,
 }
 
 impl Subscriber {
@@ -108,6 +110,7 @@ impl Subscriber {
             resumed,
             outbox: Outbox::default(),
             refill_due: false,
+            yield_due: false,
         }
     }
 
@@ -283,6 +286,10 @@ impl Subscriber {
                     self.refill_due = true;
                     break;
                 }
+                Progress::Yield => {
+                    self.yield_due = true;
+                    break;
+                }
             }
         }
         tally.sent();
@@ -293,6 +300,12 @@ impl Subscriber {
     /// `Journal::refill` with `session()`, and `fill` again.
     pub fn take_refill(&mut self) -> bool {
         std::mem::take(&mut self.refill_due)
+    }
+
+    /// Whether `fill` stopped to let other tasks run, with more to do (and clears it):
+    /// yield, then `fill` again.
+    pub fn take_yield(&mut self) -> bool {
+        std::mem::take(&mut self.yield_due)
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

@@ -39,7 +39,15 @@ pub enum Progress {
     /// The queue is empty in memory while messages wait on disk: read them back
     /// (`Journal::refill`), then call again.
     Refill,
+    /// A retained walk goes on, but its last `EMPTY_STEPS` steps found nothing to send
+    /// (a sparse filter over a large tree): let other tasks run, then call again, so that
+    /// one walk never holds a worker thread for long.
+    Yield,
 }
+
+/// Steps of a walk in a row that found nothing before `take` says `Progress::Yield`:
+/// with `NODES_PER_STEP` nodes a step, about 16,000 tree nodes between yields.
+const EMPTY_STEPS: u8 = 16;
 
 /// The drain of one session by one connection.
 #[derive(Debug, Default)]
@@ -48,6 +56,8 @@ pub struct Outbox {
     /// the walk takes the window first next time: they take turns, so that neither
     /// starves the other.
     queue_first: bool,
+    /// Walk steps in a row that found nothing (`EMPTY_STEPS`).
+    empty_steps: u8,
     /// Reused between batches.
     batch: Vec<(Delivery, u16)>,
     /// What `take` returned, for callers that keep their outbox boxed (an idle MQTT
@@ -78,6 +88,7 @@ impl Outbox {
         out: &mut Vec<Due>,
     ) -> Result<Progress, NotOwner> {
         let queue_first = self.queue_first;
+        let taken_before = out.len();
         let mut refill = false;
         let mut batch = std::mem::take(&mut self.batch);
         let mut resend = Vec::new();
@@ -142,8 +153,17 @@ impl Outbox {
             dup: false,
         }));
         self.batch = batch;
+        // Rounds that took the queue's turn leave the count as it is.
+        if out.len() > taken_before || unreadable > 0 {
+            self.empty_steps = 0;
+        } else if walked {
+            self.empty_steps += 1;
+        }
         Ok(if refill {
             Progress::Refill
+        } else if self.empty_steps >= EMPTY_STEPS {
+            self.empty_steps = 0;
+            Progress::Yield
         } else if n + unreadable >= BATCH || walked || resent {
             Progress::More
         } else {
@@ -271,6 +291,10 @@ mod tests {
                 assert!(out.is_empty());
                 return batches;
             }
+            if progress == Progress::Yield {
+                assert!(out.is_empty());
+                continue;
+            }
             assert_eq!(progress, Progress::More);
             batches.push(
                 out.iter()
@@ -355,5 +379,43 @@ mod tests {
         let got: Vec<String> = batches.into_iter().flatten().collect();
         // In walk order, level by level.
         assert_eq!(got, ["s/1007/7", "s/2007/7", "s/3007/7", "s/7/7"]);
+    }
+
+    /// A walk whose steps keep finding nothing says `Yield` after `EMPTY_STEPS` of them,
+    /// then goes on where it stopped.
+    #[test]
+    fn a_walk_that_finds_nothing_for_long_yields_and_goes_on() {
+        // Enough topics for more than `EMPTY_STEPS` steps.
+        let n = 2 * (usize::from(EMPTY_STEPS) + 2) * NODES_PER_STEP;
+        let topics = (0..n).map(|i| format!("y/{i}/{}", usize::from(i == n - 1)));
+        let (router, session) = setup(topics);
+        session
+            .with_state(CONN, |s| {
+                s.start_walk(ByteStr::from("y/+/1"), QoS::AtMostOnce, None)
+            })
+            .unwrap();
+        let mut outbox = Outbox::default();
+        let mut seen = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            let progress = outbox
+                .take(
+                    &router,
+                    &session,
+                    CONN,
+                    10,
+                    &|_| true,
+                    Instant::now(),
+                    &mut out,
+                )
+                .unwrap();
+            seen.push(progress);
+            if progress == Progress::Idle {
+                break;
+            }
+        }
+        let first_yield = seen.iter().position(|p| *p == Progress::Yield);
+        assert_eq!(first_yield, Some(usize::from(EMPTY_STEPS) - 1), "{seen:?}");
+        assert_eq!(seen.last(), Some(&Progress::Idle));
     }
 }
