@@ -765,43 +765,59 @@ fn binary_config(data: &Path, sync: &str, on_corruption: &str) -> String {
     )
 }
 
-/// Publishes numbered QoS 1 messages (`first`, `first + 1`, ...) to `topic`, up to 32
-/// unacknowledged at a time, until the connection breaks; returns the numbers whose
-/// PUBACK came, and the highest number sent.
+/// Publishes numbered QoS 1 or 2 messages (`first`, `first + 1`, ...) to `topic`, a
+/// window of them unacknowledged at a time, until the connection breaks; returns the
+/// numbers the broker acknowledged (PUBACK, or PUBREC for QoS 2, which is then released),
+/// and the highest number sent.
 async fn publish_until_broken(
     addr: SocketAddr,
     topic: &str,
+    qos: QoS,
     first: u64,
     flowing: Arc<AtomicBool>,
 ) -> (Vec<u64>, u64) {
-    const WINDOW: usize = 32;
+    // Below ternmq's Receive Maximum (20) for QoS 2, whose exchanges last until PUBCOMP.
+    let window = if qos == QoS::ExactlyOnce { 16 } else { 32 };
     let (mut c, _) = Client::accepted(addr, connect_v5("numbered")).await;
     let mut next = first;
     let mut waiting = std::collections::HashMap::new();
     let mut acked = Vec::new();
+    use tokio::io::AsyncWriteExt;
     loop {
-        while waiting.len() < WINDOW {
+        while waiting.len() < window {
             let pkid = c.pkid();
             let payload = next.to_string();
-            let mut p = plain(topic, payload.as_bytes(), QoS::AtLeastOnce);
+            let mut p = plain(topic, payload.as_bytes(), qos);
             p.pkid = pkid;
             let encoded = encode(&Packet::Publish(p), Protocol::V5);
-            use tokio::io::AsyncWriteExt;
             if c.stream.write_all(&encoded).await.is_err() {
                 return (acked, next - 1);
             }
-            waiting.insert(pkid, next);
+            waiting.insert(pkid, Some(next));
             next += 1;
         }
         match c.next_event(BINARY_WAIT).await {
             Event::Packet(Packet::PubAck(Ack { pkid, reason, .. })) => {
                 assert!(!reason.is_error(), "PUBACK {reason:?}");
-                acked.extend(waiting.remove(&pkid));
+                acked.extend(waiting.remove(&pkid).flatten());
                 flowing.store(true, Ordering::Relaxed);
+            }
+            Event::Packet(Packet::PubRec(Ack { pkid, reason, .. })) => {
+                assert!(!reason.is_error(), "PUBREC {reason:?}");
+                // Acknowledged; the exchange holds its place until PUBCOMP.
+                acked.extend(waiting.get_mut(&pkid).and_then(Option::take));
+                flowing.store(true, Ordering::Relaxed);
+                let pubrel = encode(&Packet::PubRel(ack(pkid)), Protocol::V5);
+                if c.stream.write_all(&pubrel).await.is_err() {
+                    return (acked, next - 1);
+                }
+            }
+            Event::Packet(Packet::PubComp(Ack { pkid, .. })) => {
+                waiting.remove(&pkid);
             }
             Event::Packet(other) => panic!("publisher: unexpected {other:?}"),
             Event::Closed(_) => return (acked, next - 1),
-            Event::Timeout => panic!("publisher: no PUBACK within {BINARY_WAIT:?}"),
+            Event::Timeout => panic!("publisher: no acknowledgement within {BINARY_WAIT:?}"),
         }
     }
 }
@@ -827,7 +843,9 @@ async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
     let mut first = 1;
     for round in 0..ROUNDS {
         let flowing = Arc::new(AtomicBool::new(false));
-        let publisher = tokio::spawn(publish_until_broken(addr, "n", first, flowing.clone()));
+        // QoS 1 and QoS 2 rounds in turn: a PUBREC, like a PUBACK, waits for the disk.
+        let qos = [QoS::AtLeastOnce, QoS::ExactlyOnce][round % 2];
+        let publisher = tokio::spawn(publish_until_broken(addr, "n", qos, first, flowing.clone()));
         // Kill at a random moment once messages flow.
         eventually("the first PUBACK", BINARY_WAIT, || {
             flowing.load(Ordering::Relaxed)
@@ -854,8 +872,8 @@ async fn kill_9_under_sync_always_loses_no_acknowledged_message() {
         let lost: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
         assert!(
             lost.is_empty(),
-            "round {round} (seed {seed}, killed after {kill_after:?}): {} of {} acknowledged \
-             messages lost, e.g. {:?}\n{}",
+            "round {round} ({qos:?}, seed {seed}, killed after {kill_after:?}): {} of {} \
+             acknowledged messages lost, e.g. {:?}\n{}",
             lost.len(),
             acked.len(),
             &lost[..lost.len().min(10)],
