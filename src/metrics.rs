@@ -56,10 +56,15 @@ pub enum Counter {
     SocketsAccepted,
     /// Sessions that expired while their client was away.
     SessionsExpired,
+    /// Damage the store found at start: records skipped (a failed checksum, lost data),
+    /// journal bytes cut (a torn write, or damage), damaged stores moved aside.
+    StoreRecordsSkipped,
+    StoreBytesCut,
+    StoresMovedAside,
 }
 
 /// How many counters there are.
-pub const COUNTERS: usize = Counter::SessionsExpired as usize + 1;
+pub const COUNTERS: usize = Counter::StoresMovedAside as usize + 1;
 
 /// Why a message was not delivered (`ternmq_messages_dropped_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use crate::config::{Config, Listener, ListenerKind};
 use crate::conn::Peer;
 use crate::http::HttpService;
 use crate::listener::ListenerRules;
+use crate::metrics::{self, Counter};
 use crate::recovery;
 use crate::security::enhanced::AuthMethod;
 use crate::security::SecurityError;
@@ -315,6 +316,12 @@ fn report(recovery: &RecoveryReport) {
     if recovery.is_clean() {
         return;
     }
+    metrics::add(Counter::StoreRecordsSkipped, recovery.skipped);
+    metrics::add(Counter::StoreBytesCut, recovery.discarded_tail_bytes);
+    metrics::add(
+        Counter::StoresMovedAside,
+        u64::from(recovery.moved_aside.is_some()),
+    );
     tracing::error!(
         recovered = recovery.recovered,
         skipped = recovery.skipped,

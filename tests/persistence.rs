@@ -951,16 +951,28 @@ async fn a_store_cut_mid_record_after_a_crash_starts_with_the_rest() {
     f.set_len(end - 20).unwrap();
     drop(f);
 
-    let mut broker = BrokerProcess::start(&config);
+    // With an admin listener this time: the cut is counted in /metrics too.
+    let token = "persistence-test-token-0123";
+    let with_admin = format!(
+        "{config}[[listeners]]\ntype = \"admin\"\nbind = \"127.0.0.1:0\"\ntoken = \"{token}\"\n"
+    );
+    let mut broker = BrokerProcess::start(&with_admin);
     let addr = broker.addr;
     let log = broker.wait_for_log("the recovery report", |log| {
         log.lines()
             .any(|l| l.contains("state restored from the store"))
             .then(|| log.to_owned())
     });
+    let cut = logged(&log, "the store was damaged", "discarded_tail_bytes");
+    assert!(cut.is_some_and(|n| n > 0), "the cut is reported:\n{log}");
+    let admin = broker.addrs(ternmq::config::ListenerKind::Admin)[0];
+    let auth = format!("Bearer {token}");
+    let metrics = request(admin, "GET", "/metrics", &[("Authorization", &auth)], b"").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let line = cut.map(|n| format!("ternmq_store_bytes_cut_total {n}"));
     assert!(
-        logged(&log, "the store was damaged", "discarded_tail_bytes").is_some_and(|n| n > 0),
-        "the cut is reported:\n{log}"
+        line.is_some_and(|l| text.lines().any(|t| t == l)),
+        "counted in /metrics:\n{text}"
     );
     assert_eq!(
         logged(&log, "state restored from the store", "sessions"),

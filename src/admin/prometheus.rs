@@ -44,6 +44,25 @@ pub fn render(broker: &Broker, listeners: &[Arc<ListenerRules>]) -> String {
         "SUBSCRIBE filters the ACL refused.",
         c.get(Counter::SubscribeDenied),
     );
+    for (name, help, counter) in [
+        (
+            "ternmq_store_records_skipped_total",
+            "Store records skipped at start: a failed checksum, or naming lost data.",
+            Counter::StoreRecordsSkipped,
+        ),
+        (
+            "ternmq_store_bytes_cut_total",
+            "Journal bytes the store cut at start: a torn write after a crash, or damage.",
+            Counter::StoreBytesCut,
+        ),
+        (
+            "ternmq_stores_moved_aside_total",
+            "Damaged stores moved aside at start (db.corrupt-<time>).",
+            Counter::StoresMovedAside,
+        ),
+    ] {
+        e.counter(name, help, c.get(counter));
+    }
     memory(&mut e, broker);
     process_usage(&mut e, broker);
     e.out
