@@ -270,41 +270,39 @@ mod tests {
         (router, session)
     }
 
-    /// Takes until nothing more is due: the topics of each batch.
-    fn drain(router: &Router<Session>, session: &Session) -> Vec<Vec<String>> {
+    /// Takes until nothing more is due: what each `take` said, with the topics it took.
+    fn takes(router: &Router<Session>, session: &Session) -> Vec<(Progress, Vec<String>)> {
         let mut outbox = Outbox::default();
-        let mut batches = Vec::new();
+        let mut all = Vec::new();
         loop {
             let mut out = Vec::new();
+            let now = Instant::now();
             let progress = outbox
-                .take(
-                    router,
-                    session,
-                    CONN,
-                    10,
-                    &|_| true,
-                    Instant::now(),
-                    &mut out,
-                )
+                .take(router, session, CONN, 10, &|_| true, now, &mut out)
                 .unwrap();
+            if progress != Progress::More {
+                assert!(out.is_empty(), "{progress:?} takes nothing");
+            }
+            let topics = out
+                .iter()
+                .map(|d| match d {
+                    Due::Message { delivery, .. } => delivery.message.topic.to_string(),
+                    Due::Release(_) => unreachable!(),
+                })
+                .collect();
+            all.push((progress, topics));
             if progress == Progress::Idle {
-                assert!(out.is_empty());
-                return batches;
+                return all;
             }
-            if progress == Progress::Yield {
-                assert!(out.is_empty());
-                continue;
-            }
-            assert_eq!(progress, Progress::More);
-            batches.push(
-                out.iter()
-                    .map(|d| match d {
-                        Due::Message { delivery, .. } => delivery.message.topic.to_string(),
-                        Due::Release(_) => unreachable!(),
-                    })
-                    .collect(),
-            );
         }
+    }
+
+    /// Takes until nothing more is due: the topics of each batch.
+    fn drain(router: &Router<Session>, session: &Session) -> Vec<Vec<String>> {
+        let all = takes(router, session).into_iter();
+        all.filter(|(p, _)| *p == Progress::More)
+            .map(|(_, topics)| topics)
+            .collect()
     }
 
     /// The first `MAX_ACTIVE_WALKS` walks take turns a step of `BATCH` at a time; a later
@@ -394,26 +392,7 @@ mod tests {
                 s.start_walk(ByteStr::from("y/+/1"), QoS::AtMostOnce, None)
             })
             .unwrap();
-        let mut outbox = Outbox::default();
-        let mut seen = Vec::new();
-        loop {
-            let mut out = Vec::new();
-            let progress = outbox
-                .take(
-                    &router,
-                    &session,
-                    CONN,
-                    10,
-                    &|_| true,
-                    Instant::now(),
-                    &mut out,
-                )
-                .unwrap();
-            seen.push(progress);
-            if progress == Progress::Idle {
-                break;
-            }
-        }
+        let seen: Vec<Progress> = takes(&router, &session).into_iter().map(|t| t.0).collect();
         let first_yield = seen.iter().position(|p| *p == Progress::Yield);
         assert_eq!(first_yield, Some(usize::from(EMPTY_STEPS) - 1), "{seen:?}");
         assert_eq!(seen.last(), Some(&Progress::Idle));
