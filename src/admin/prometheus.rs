@@ -34,17 +34,17 @@ pub fn render(broker: &Broker, listeners: &[Arc<ListenerRules>]) -> String {
             c.dropped(why),
         );
     }
-    e.counter(
-        "ternmq_auth_failures_total",
-        "Clients refused for their credentials.",
-        c.get(Counter::AuthFailures),
-    );
-    e.counter(
-        "ternmq_subscribe_denied_total",
-        "SUBSCRIBE filters the ACL refused.",
-        c.get(Counter::SubscribeDenied),
-    );
     for (name, help, counter) in [
+        (
+            "ternmq_auth_failures_total",
+            "Clients refused for their credentials.",
+            Counter::AuthFailures,
+        ),
+        (
+            "ternmq_subscribe_denied_total",
+            "SUBSCRIBE filters the ACL refused.",
+            Counter::SubscribeDenied,
+        ),
         (
             "ternmq_store_records_skipped_total",
             "Store records skipped at start: a failed checksum, or naming lost data.",
