@@ -67,8 +67,11 @@ struct Restorer<'a> {
     clock: WallClock,
     now: Instant,
     now_ms: u64,
-    /// One live message for each stored one, however many sessions hold it.
-    messages: FxHashMap<u64, Arc<Message>>,
+    /// One live message for each stored one, however many sessions hold it. Keyed by the
+    /// stored message's address, not its id: the disk store hands every holder of one
+    /// message the same `Arc`, while in a cluster ids are per node, so records written
+    /// by different nodes can carry one id for different messages.
+    messages: FxHashMap<usize, Arc<Message>>,
     done: Recovered,
     /// What expired while the broker was down, to remove from the store, and sessions
     /// that were online when it crashed, to record as offline since the restart.
@@ -98,7 +101,7 @@ impl Restorer<'_> {
     fn message(&mut self, m: &Arc<StoredMessage>) -> Arc<Message> {
         let (journal, now) = (self.broker.journal(), self.now);
         self.messages
-            .entry(m.id)
+            .entry(Arc::as_ptr(m) as usize)
             .or_insert_with(|| Arc::new(journal.restore_message(m, now)))
             .clone()
     }
@@ -225,5 +228,64 @@ impl Restorer<'_> {
         let expires_at = ends_ms.map(|end| self.clock.to_instant(end));
         self.timers.push((session, expires_at, will_at));
         self.done.sessions += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::protocol::QoS;
+    use crate::store::{QueuedEntry, StoredSession};
+    use bytes::Bytes;
+
+    fn delivery(id: u64, topic: &str) -> store::Delivery {
+        store::Delivery {
+            message: Arc::new(StoredMessage {
+                id,
+                topic: topic.into(),
+                payload: Bytes::from_static(b"x"),
+                qos: QoS::AtLeastOnce,
+                ..StoredMessage::default()
+            }),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    /// In a cluster each node numbers its messages, so a session that moved between
+    /// nodes holds records of different messages under one id: each keeps its own.
+    #[tokio::test]
+    async fn messages_with_one_id_from_different_writers_stay_apart() {
+        let broker = Broker::new(Config::default(), Vec::new()).unwrap();
+        let snapshot = Snapshot {
+            sessions: vec![SessionSnapshot {
+                client_id: "c".into(),
+                session: StoredSession {
+                    expiry_interval: 600,
+                    ..StoredSession::default()
+                },
+                queue: vec![
+                    QueuedEntry {
+                        seq: 1,
+                        delivery: delivery(7, "from/a"),
+                    },
+                    QueuedEntry {
+                        seq: 2,
+                        delivery: delivery(7, "from/b"),
+                    },
+                ],
+                queued: 2,
+                last_seq: 2,
+                ..SessionSnapshot::default()
+            }],
+            ..Snapshot::default()
+        };
+        restore(&broker, snapshot, crate::clock::now());
+        let session = broker.session("c").unwrap();
+        let topics: Vec<String> =
+            session.inspect(|s| s.queue().map(|d| d.message.topic.to_string()).collect());
+        assert_eq!(topics, ["from/a", "from/b"]);
     }
 }
