@@ -73,9 +73,10 @@ pub struct Broker {
 /// implementation. The broker tells them what its sessions subscribe to and publish,
 /// and asks them for a client id before it opens that client's session.
 pub trait Peers: Send + Sync {
-    /// A message published on this node: sent to the other nodes whose sessions want it,
-    /// and to one member of each matching shared subscription, wherever it is. Returns
-    /// how many nodes and groups took it.
+    /// A message published on this node: routed to this node's sessions (their plain
+    /// subscriptions), sent to the other nodes whose sessions want it, and to one member
+    /// of each matching shared subscription, wherever it is. Returns how many sessions,
+    /// nodes and groups took it.
     fn publish(&self, message: &Arc<Message>) -> usize;
     /// A session of this node subscribed to `filter` (as written, `$share/..` included).
     fn subscribed(&self, filter: &str);
@@ -407,9 +408,7 @@ impl Broker {
         match self.peers.get() {
             // Shared subscriptions are served cluster-wide: the peers pick the member.
             // $SYS topics are each node's own, never sent to the others.
-            Some(peers) if !message.topic.starts_with("$SYS/") => {
-                self.router.publish_plain(message) + peers.publish(message)
-            }
+            Some(peers) if !message.topic.starts_with("$SYS/") => peers.publish(message),
             _ => self.router.publish(message),
         }
     }

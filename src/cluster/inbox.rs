@@ -166,31 +166,6 @@ pub(super) async fn consume(
     }
 }
 
-/// Waits (briefly) until this node has taken every message its consumer holds: before a
-/// session is handed over, what was sent to it here is in it (and so in the store).
-pub(super) async fn settle(cluster: &Cluster) {
-    const LIMIT: Duration = Duration::from_secs(1);
-    let name = cluster.names.consumer(&cluster.node);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    let Ok(stream) = cluster
-        .js
-        .get_stream_no_info(cluster.names.messages_stream())
-        .await
-    else {
-        return;
-    };
-    while tokio::time::Instant::now() < deadline {
-        let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&name).await else {
-            return;
-        };
-        match consumer.info().await {
-            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_) => return,
-        }
-    }
-}
-
 /// Each message of what one NATS or JetStream message carried (a batch, or one), to `f`;
 /// what cannot be read is dropped with a warning.
 fn each_envelope(payload: &[u8], mut f: impl FnMut(Envelope)) {
@@ -208,32 +183,71 @@ fn each_envelope(payload: &[u8], mut f: impl FnMut(Envelope)) {
 
 /// A message from another node into this node's sessions.
 pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) -> usize {
-    let message = Arc::new(
-        broker
-            .journal()
-            .restore_message(&envelope.message, crate::clock::now()),
-    );
+    if let Some((client_id, _)) = envelope.to.clone() {
+        return match cluster.handover.hold(&client_id, envelope) {
+            // Its session is being claimed here: delivered once it is in.
+            None => 0,
+            Some(envelope) => forwarded(broker, cluster, envelope),
+        };
+    }
+    let message = restore(broker, &envelope);
     match envelope.shared {
-        None => broker.router.publish_plain(&message),
-        Some((group, filter)) => {
-            let key = Arc::new(SharedKey {
-                group: Box::from(&*group),
-                filter: Box::from(&*filter),
-            });
-            usize::from(deliver_shared(broker, cluster, &message, key))
+        None => {
+            let mut via: Vec<&str> = envelope.via.iter().map(String::as_str).collect();
+            via.push(&envelope.origin);
+            cluster.route_here(broker, &message, &via)
+        }
+        Some((group, filter)) => deliver_shared(broker, cluster, &message, &group, &filter),
+    }
+}
+
+/// A message forwarded by a node a session left (handover.rs): to that session alone
+/// if it is here, else on along its hops.
+pub(super) fn forwarded(broker: &Broker, cluster: &Cluster, envelope: Envelope) -> usize {
+    let Some((client_id, hop)) = &envelope.to else {
+        return 0;
+    };
+    let message = restore(broker, &envelope);
+    if let Some((group, filter)) = &envelope.shared {
+        // To one member of the group: any member here will do.
+        return deliver_shared(broker, cluster, &message, group, filter);
+    }
+    if let Some(session) = broker.session(client_id) {
+        let id = session.id;
+        return broker.router.publish_plain_if(&message, |s| s.id == id);
+    }
+    match cluster.handover.next(client_id, *hop) {
+        Some(node) => {
+            let to = (&**client_id, hop + 1);
+            usize::from(cluster.forward(broker, &message, &node, to, None))
+        }
+        None => {
+            // The session ended meanwhile (a clean start, an expiry).
+            tracing::debug!(%client_id, "a message forwarded for a session no longer here");
+            0
         }
     }
+}
+
+fn restore(broker: &Broker, envelope: &Envelope) -> Arc<Message> {
+    let now = crate::clock::now();
+    Arc::new(broker.journal().restore_message(&envelope.message, now))
 }
 
 fn deliver_shared(
     broker: &Broker,
     cluster: &Cluster,
     message: &Arc<Message>,
-    key: Arc<SharedKey>,
-) -> bool {
+    group: &str,
+    filter: &str,
+) -> usize {
+    let key = Arc::new(SharedKey {
+        group: Box::from(group),
+        filter: Box::from(filter),
+    });
     let taken = cluster.deliver_shared_here(broker, message, key);
     if !taken {
         crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
     }
-    taken
+    usize::from(taken)
 }

@@ -21,13 +21,13 @@ use super::{Cluster, ClusterError};
 use crate::broker::Broker;
 use crate::config::ClusterConfig;
 use crate::protocol::ByteStr;
-use crate::router::{is_shared, Router};
 use crate::session::Session;
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::kv::{Entry, Operation};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -329,7 +329,7 @@ pub(super) async fn take_back_own_sessions(
 ) -> Result<usize, ClusterError> {
     let mine = owned_by(cluster, &cluster.node).await?;
     for client_id in &mine {
-        ownership::load(cluster, broker, client_id)
+        ownership::load(cluster, broker, client_id, Vec::new())
             .await
             .map_err(ClusterError::Nats)?;
     }
@@ -346,13 +346,22 @@ async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u6
         node = dead,
         "node is gone: adopting its sessions and messages"
     );
-    match adopt_claimed(cluster, broker, dead).await {
-        Ok(sessions) => {
+    let until = std::time::Instant::now() + super::handover::GRACE;
+    match adopt_claimed(cluster, broker, dead, until).await {
+        Ok(drain) => {
             let done = encode(&State::Adopted(cluster.node.clone()));
             if let Err(e) = cluster.nodes.put(dead.to_owned(), done).await {
                 tracing::error!(node = dead, "adoption done but not recorded: {e}");
             }
-            tracing::warn!(node = dead, sessions, "node adopted");
+            tracing::warn!(node = dead, sessions = drain.adopted.len(), "node adopted");
+            // Its clients can take their sessions back now; messages that other nodes'
+            // lagging mirrors still send it keep being taken for a while.
+            if let Some(cluster) = cluster.this() {
+                let broker = broker.clone();
+                broker.clone().tasks.spawn(async move {
+                    drain.tail(&cluster, &broker, until).await;
+                });
+            }
         }
         Err(e) => {
             tracing::error!(node = dead, "adoption failed: {e}; another node will try");
@@ -371,11 +380,18 @@ async fn adopt_claimed(
     cluster: &Cluster,
     broker: &Arc<Broker>,
     dead: &str,
-) -> Result<usize, ClusterError> {
-    let adopted = adopt_sessions(cluster, broker, dead).await?;
+    until: std::time::Instant,
+) -> Result<Drain, ClusterError> {
+    let adopted = adopt_sessions(cluster, broker, dead, until).await?;
     forget_interest(cluster, dead).await?;
-    drain(cluster, broker, dead, &adopted).await?;
-    Ok(adopted.len())
+    cluster.interest.flush().await;
+    let drain = Drain {
+        dead: Arc::from(dead),
+        adopted: adopted.iter().map(|s| s.client_id.clone()).collect(),
+        consumer: inbox::fresh_consumer(cluster, dead).await?,
+    };
+    drain.run(cluster, broker).await;
+    Ok(drain)
 }
 
 /// Adoption, first: the dead node's sessions, each by CAS on its owner entry, loaded here.
@@ -383,7 +399,10 @@ async fn adopt_sessions(
     cluster: &Cluster,
     broker: &Arc<Broker>,
     dead: &str,
+    until: std::time::Instant,
 ) -> Result<Vec<Arc<Session>>, ClusterError> {
+    // Adopted sessions get what was sent to the dead node through its stream only
+    // (an arrived entry from it: handover.rs).
     let mut adopted: Vec<Arc<Session>> = Vec::new();
     for client_id in owned_by(cluster, dead).await? {
         let key = super::names::token(&client_id);
@@ -397,7 +416,13 @@ async fn adopt_sessions(
         let Ok(revision) = cluster.owners.update(&key, value, entry.revision).await else {
             continue;
         };
-        ownership::load(cluster, broker, &client_id)
+        // Its messages come from the dead node's stream, as if forwarded from hop 0 there.
+        let hop = super::handover::Link {
+            node: Arc::from(dead),
+            hop: 0,
+            until,
+        };
+        ownership::load(cluster, broker, &client_id, vec![hop])
             .await
             .map_err(ClusterError::Nats)?;
         match broker.session(&client_id) {
@@ -435,27 +460,41 @@ async fn forget_interest(cluster: &Cluster, dead: &str) -> Result<(), ClusterErr
     Ok(())
 }
 
-/// Adoption, last: what is left in its consumer, into the adopted sessions only (they were its
-/// sessions; the others had their copy). Once the deletes above are written, the other
-/// nodes stop sending to it within the time their watchers take: the consumer is read
-/// until nothing more comes for a moment, then deleted.
-async fn drain(
-    cluster: &Cluster,
-    broker: &Arc<Broker>,
-    dead: &str,
-    adopted: &[Arc<Session>],
-) -> Result<(), ClusterError> {
-    cluster.interest.flush().await;
-    let router: Router<Session> = Router::default();
-    for session in adopted {
-        for (filter, sub) in session.inspect(|s| s.subscriptions().clone()) {
-            if !is_shared(&filter) {
-                router.subscribe(&filter, session, sub.options, sub.id);
-            }
+/// Adoption, last: what is left in the dead node's consumer, into the adopted sessions
+/// only (they were its sessions; the others had their copy), or on to where they went
+/// since. Once the deletes above are written, the other nodes stop sending to it within
+/// the time their watchers take: the consumer is read until nothing came for a moment
+/// (`run`), the node is marked adopted, and the consumer is read on until the adopted
+/// sessions' arrived entries end (`tail`: a lagging mirror's messages), then deleted.
+struct Drain {
+    dead: Arc<str>,
+    adopted: FxHashSet<ByteStr>,
+    consumer: PullConsumer,
+}
+
+impl Drain {
+    async fn run(&self, cluster: &Cluster, broker: &Arc<Broker>) {
+        let deliver = |envelope| self.deliver(cluster, broker, envelope);
+        inbox::consume(broker, self.consumer.clone(), &deliver, Some(DRAIN_IDLE)).await;
+    }
+
+    async fn tail(self, cluster: &Cluster, broker: &Arc<Broker>, until: std::time::Instant) {
+        while std::time::Instant::now() < until && !broker.shutdown.is_cancelled() {
+            self.run(cluster, broker).await;
+        }
+        let _ = broker.journal().barrier().await;
+        if let Ok(stream) = cluster
+            .js
+            .get_stream_no_info(cluster.names.messages_stream())
+            .await
+        {
+            let _ = stream
+                .delete_consumer(&cluster.names.consumer(&self.dead))
+                .await;
         }
     }
-    let consumer = inbox::fresh_consumer(cluster, dead).await?;
-    let deliver = |envelope: super::wire::Envelope| {
+
+    fn deliver(&self, cluster: &Cluster, broker: &Arc<Broker>, envelope: super::wire::Envelope) {
         let message = Arc::new(
             broker
                 .journal()
@@ -470,22 +509,20 @@ async fn drain(
                         .is_some_and(|k| *k.group == *group && *k.filter == *filter)
                 };
                 let targets = cluster.interest.targets(&message);
-                let shared = targets.into_iter().filter(|(_, k)| same(k)).collect();
-                cluster.send(broker, &message, shared);
+                let shared: Vec<_> = targets.into_iter().filter(|(_, k)| same(k)).collect();
+                cluster.send(broker, &message, &shared, &[]);
             }
             None => {
-                router.publish_plain(&message);
+                let adopted = &self.adopted;
+                broker
+                    .router
+                    .publish_plain_if(&message, |s| adopted.contains(&s.client_id));
+                // Those that moved on since: as forwarded from hop 0 on the dead node.
+                let (dead, now) = (&*self.dead, crate::clock::now());
+                let mut forwards = cluster.handover.forwards(&message, &[], now);
+                forwards.retain(|f| f.chain.first().is_some_and(|l| *l.node == *dead));
+                cluster.forward_each(broker, &message, forwards);
             }
         }
-    };
-    inbox::consume(broker, consumer, &deliver, Some(DRAIN_IDLE)).await;
-    let _ = broker.journal().barrier().await;
-    if let Ok(stream) = cluster
-        .js
-        .get_stream_no_info(cluster.names.messages_stream())
-        .await
-    {
-        let _ = stream.delete_consumer(&cluster.names.consumer(dead)).await;
     }
-    Ok(())
 }

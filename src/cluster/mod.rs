@@ -9,11 +9,13 @@
 //! - `inbox`: taking the messages sent to this node into its sessions.
 //! - `mirror`: keeping the interest and retained buckets and their local copies in step.
 //! - `ownership`: one owner per client id (claim, hand-over).
+//! - `handover`: what reaches a session that moved lately, and through which node.
 //! - `liveness`: heartbeats, and adopting the sessions and messages of a dead node.
 //! - `js`: JetStream set-up and reads.
 //!
 //! The broker knows the cluster only through `broker::Peers`.
 
+mod handover;
 mod inbox;
 mod interest;
 mod js;
@@ -185,8 +187,11 @@ pub struct Cluster {
     /// NATS's largest message (the servers' `max_payload`, 1 MiB by default).
     max_payload: usize,
     claims: ownership::Claims,
+    handover: handover::Handover,
     liveness: liveness::Liveness,
     broker: OnceLock<Weak<Broker>>,
+    /// This node itself, for the tasks it starts.
+    this: OnceLock<Weak<Cluster>>,
 }
 
 /// Joins `broker` (made with `connected.journal()`) to its cluster: mirrors the other
@@ -244,9 +249,12 @@ pub async fn start(
         live,
         max_payload,
         claims: ownership::Claims::default(),
+        handover: handover::Handover::default(),
         broker: OnceLock::new(),
+        this: OnceLock::new(),
     });
     let _ = cluster.broker.set(Arc::downgrade(broker));
+    let _ = cluster.this.set(Arc::downgrade(&cluster));
     broker.join(cluster.clone());
 
     js::patiently(|| cluster.liveness.announce(&cluster)).await?;
@@ -261,6 +269,7 @@ pub async fn start(
     js::patiently(|| inbox::spawn(broker, &cluster)).await?;
     js::patiently(|| ownership::spawn_responder(broker, &cluster)).await?;
     liveness::spawn(broker, &cluster);
+    spawn_sweeper(broker, &cluster);
     spawn_live_sender(broker, cluster.client.clone(), live_rx);
     tracing::info!(
         cluster = %cluster.config.name,
@@ -297,14 +306,79 @@ impl Cluster {
         self.broker.get().and_then(Weak::upgrade)
     }
 
+    fn this(&self) -> Option<Arc<Cluster>> {
+        self.this.get().and_then(Weak::upgrade)
+    }
+
+    /// Routes `message`, sent to the nodes `via` (this one among them), into this node's
+    /// sessions, but for those that made a hop on one of these nodes lately (it reaches
+    /// them through there), and forwards it to the sessions that left this node lately
+    /// and want it (handover.rs).
+    fn route_here(&self, broker: &Broker, message: &Arc<Message>, via: &[&str]) -> usize {
+        let now = crate::clock::now();
+        let here = if self.handover.has_arrivals() {
+            let topic = &*message.topic;
+            broker.router.publish_plain_if(message, |s| {
+                !self.handover.skips(&s.client_id, via, topic, now)
+            })
+        } else {
+            broker.router.publish_plain(message)
+        };
+        let forwards = self.handover.forwards(message, via, now);
+        here + self.forward_each(broker, message, forwards)
+    }
+
+    /// Sends `message` on to each departed session of `forwards`.
+    fn forward_each(
+        &self,
+        broker: &Broker,
+        message: &Arc<Message>,
+        forwards: Vec<handover::Forward>,
+    ) -> usize {
+        let sent = forwards.iter().filter(|f| {
+            let to = (&*f.client_id, f.hop);
+            self.forward(broker, message, &f.to, to, None)
+        });
+        sent.count()
+    }
+
+    /// Sends `message` to `node` for one session there, `(client id, hop)` (a member of
+    /// the group `shared`, if given): that session left this node for `node`.
+    fn forward(
+        &self,
+        broker: &Broker,
+        message: &Arc<Message>,
+        node: &str,
+        to: (&str, u64),
+        shared: Option<(&str, &str)>,
+    ) -> bool {
+        let Some(body) = self.body(broker, message) else {
+            return false;
+        };
+        let header = wire::Header {
+            origin: &self.node,
+            shared,
+            via: &[],
+            to: Some(to),
+        };
+        self.ship(node, message, wire::frame(header, &body))
+    }
+
     /// Hands a message taken for a shared group to one local member (the group's pick
-    /// was this node). False if no member took it.
+    /// was this node); with none here but one that left lately, forwards it there.
+    /// False if no member took it.
     fn deliver_shared_here(
         &self,
         broker: &Broker,
         message: &Arc<Message>,
         key: Arc<crate::message::SharedKey>,
     ) -> bool {
+        if !broker.router.has_shared_members(&key) {
+            if let Some((client_id, node, hop)) = self.handover.departed_member(&key) {
+                let shared = Some((&*key.group, &*key.filter));
+                return self.forward(broker, message, &node, (&client_id, hop), shared);
+            }
+        }
         let delivery = Delivery {
             shared: Some(key),
             ..Delivery::new(message.clone(), message.qos, message.retain)
@@ -313,26 +387,59 @@ impl Cluster {
         broker.router.redeliver_shared(delivery, 0, max)
     }
 
-    /// Sends `message` to the nodes and groups `targets` name.
+    /// The bytes of `message` every node it goes to shares.
+    fn body(&self, broker: &Broker, message: &Arc<Message>) -> Option<Bytes> {
+        let stored = broker.journal().message(message);
+        wire::body(&stored)
+            .inspect_err(
+                |e| tracing::warn!(topic = %message.topic, "cannot send to other nodes: {e}"),
+            )
+            .ok()
+    }
+
+    /// Sends `frame` (of `message`) to `node`: QoS 0 over core NATS, QoS 1/2 through the
+    /// store's writer into the messages stream. False if it could not go.
+    fn ship(&self, node: &str, message: &Message, frame: Bytes) -> bool {
+        if frame.len() > self.max_payload {
+            tracing::warn!(
+                topic = %message.topic,
+                size = frame.len(),
+                "message larger than NATS's max_payload: not sent to other nodes"
+            );
+            crate::metrics::dropped(Dropped::TooLarge);
+            return false;
+        }
+        if message.qos == crate::protocol::QoS::AtMostOnce {
+            if self
+                .live
+                .try_send((self.names.live_subject(node), frame))
+                .is_err()
+            {
+                crate::metrics::dropped(Dropped::QueueFull);
+                return false;
+            }
+        } else {
+            self.store.forward(self.names.node_subject(node), frame);
+        }
+        true
+    }
+
+    /// Sends `message` to the nodes and groups `targets` name (`via`: those nodes).
     fn send(
         &self,
         broker: &Broker,
         message: &Arc<Message>,
-        targets: Vec<interest::Target>,
+        targets: &[interest::Target],
+        via: &[&str],
     ) -> usize {
-        let stored = broker.journal().message(message);
-        let body = match wire::body(&stored) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(topic = %message.topic, "cannot send to other nodes: {e}");
-                return 0;
-            }
+        let Some(body) = self.body(broker, message) else {
+            return 0;
         };
         let mut taken = 0;
         for (node, shared) in targets {
-            if *node == *self.node {
+            if **node == *self.node {
                 if let Some(key) = shared {
-                    if self.deliver_shared_here(broker, message, key) {
+                    if self.deliver_shared_here(broker, message, key.clone()) {
                         taken += 1;
                     } else {
                         crate::metrics::dropped(Dropped::QueueFull);
@@ -340,30 +447,15 @@ impl Cluster {
                 }
                 continue;
             }
-            let shared_names = shared.as_ref().map(|k| (&*k.group, &*k.filter));
-            let frame = wire::frame(&self.node, shared_names, &body);
-            if frame.len() > self.max_payload {
-                tracing::warn!(
-                    topic = %message.topic,
-                    size = frame.len(),
-                    "message larger than NATS's max_payload: not sent to other nodes"
-                );
-                crate::metrics::dropped(Dropped::TooLarge);
-                continue;
+            let header = wire::Header {
+                origin: &self.node,
+                shared: shared.as_ref().map(|k| (&*k.group, &*k.filter)),
+                via,
+                to: None,
+            };
+            if self.ship(node, message, wire::frame(header, &body)) {
+                taken += 1;
             }
-            if message.qos == crate::protocol::QoS::AtMostOnce {
-                if self
-                    .live
-                    .try_send((self.names.live_subject(&node), frame))
-                    .is_err()
-                {
-                    crate::metrics::dropped(Dropped::QueueFull);
-                    continue;
-                }
-            } else {
-                self.store.forward(self.names.node_subject(&node), frame);
-            }
-            taken += 1;
         }
         taken
     }
@@ -371,14 +463,22 @@ impl Cluster {
 
 impl Peers for Cluster {
     fn publish(&self, message: &Arc<Message>) -> usize {
-        let targets = self.interest.targets(message);
-        if targets.is_empty() {
-            return 0;
-        }
         let Some(broker) = self.broker() else {
             return 0;
         };
-        self.send(&broker, message, targets)
+        let targets = self.interest.targets(message);
+        let mut via: Vec<&str> = vec![&self.node];
+        for (node, _) in &targets {
+            if !via.contains(&&**node) {
+                via.push(node);
+            }
+        }
+        let here = self.route_here(&broker, message, &via);
+        if targets.is_empty() {
+            return here;
+        }
+        // The receivers add the origin, this node, to `via` themselves.
+        here + self.send(&broker, message, &targets, &via[1..])
     }
 
     fn subscribed(&self, filter: &str) {
@@ -396,6 +496,22 @@ impl Peers for Cluster {
     fn session_ended(&self, client_id: &ByteStr) {
         ownership::session_ended(self, client_id);
     }
+}
+
+/// Lets go of hand-over entries past their time (handover.rs).
+fn spawn_sweeper(broker: &Arc<Broker>, cluster: &Arc<Cluster>) {
+    let (shutdown, cluster) = (broker.shutdown.clone(), Arc::downgrade(cluster));
+    broker.tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let Some(c) = cluster.upgrade() else { return };
+            c.handover.sweep(&c.interest, crate::clock::now());
+        }
+    });
 }
 
 /// Sends QoS 0 messages to other nodes over core NATS (no JetStream, no wait).

@@ -4,9 +4,11 @@
 //!
 //! A CONNECT on node B for a client owned by A: B asks A (a request on A's control
 //! subject) to give the session up; A ends the connection (5.0 DISCONNECT 0x8E, as a local
-//! takeover), waits until everything the session recorded is in JetStream, lets the
-//! session go and answers. B then sets itself as owner (on the revision it read: if
-//! another node got there first, B starts over) and loads the session from the store.
+//! takeover), lets the session go (forwarding what still reaches it there: handover.rs),
+//! waits until everything the session recorded is in JetStream and answers. B then sets
+//! itself as owner (on the revision it read: if another node got there first, B starts
+//! over) and loads the session from the store; forwards from A that came meanwhile wait
+//! until it is in.
 //! If A does not answer and its heartbeat has stopped, A's sessions are adopted first
 //! (liveness.rs) and B starts over, asking the adopter.
 //!
@@ -14,6 +16,7 @@
 //! id this node is busy with is answered "busy", and the asking node tries again shortly;
 //! two nodes claiming the same client id from each other cannot wait on each other.
 
+use super::handover::Link;
 use super::names::token;
 use super::{inbox, Cluster};
 use crate::broker::Claimed;
@@ -30,7 +33,7 @@ use std::time::Duration;
 /// electing new leaders: 4 to 9 s with nats-server 2.9) before the CONNECT is refused.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(20);
 const RELEASE: &str = "release";
-const RELEASED: &[u8] = b"ok";
+const RELEASED: &str = "ok";
 const BUSY: &[u8] = b"busy";
 
 /// The client ids this node is claiming or handing over right now.
@@ -81,6 +84,20 @@ enum Attempt {
 /// into the broker. The returned guard keeps hand-over requests for the client id waiting
 /// until the connection has opened the session.
 pub(super) async fn claim(cluster: &Cluster, client_id: &ByteStr) -> Result<Claimed, String> {
+    cluster.handover.begin_pending(client_id);
+    let claimed = claim_from_owner(cluster, client_id).await;
+    let broker = cluster.broker();
+    cluster.handover.end_pending(client_id, |envelope| {
+        if let (Ok(_), Some(broker)) = (&claimed, &broker) {
+            inbox::forwarded(broker, cluster, envelope);
+        } else {
+            crate::metrics::dropped(crate::metrics::Dropped::QueueFull);
+        }
+    });
+    claimed
+}
+
+async fn claim_from_owner(cluster: &Cluster, client_id: &ByteStr) -> Result<Claimed, String> {
     let mut delay = Duration::from_millis(5);
     let deadline = std::time::Instant::now() + CLAIM_PATIENCE;
     while std::time::Instant::now() < deadline {
@@ -116,10 +133,12 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
             e.revision,
         ),
     };
+    // The hops the session made before coming here (handover.rs).
+    let mut chain = Vec::new();
     if let Some(other) = owner.filter(|o| *o != cluster.node) {
         match ask_release(cluster, &other, client_id).await {
-            Ok(true) => {}
-            Ok(false) => return Attempt::Again,
+            Ok(Some(hops)) => chain = hops,
+            Ok(None) => return Attempt::Again,
             Err(why) => {
                 // Not answering: adopted once its heartbeat has stopped, then asked again.
                 return match cluster.liveness.wait_gone(cluster, &other).await {
@@ -159,7 +178,7 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
     if broker.session(client_id).is_some() {
         return Attempt::Done;
     }
-    match load(cluster, &broker, client_id).await {
+    match load(cluster, &broker, client_id, chain).await {
         Ok(()) => Attempt::Done,
         Err(e) => {
             // Owned here now: the next attempt finds it so and loads again.
@@ -169,11 +188,14 @@ async fn attempt(cluster: &Cluster, client_id: &ByteStr) -> Attempt {
     }
 }
 
-/// Loads the stored session of `client_id` (if any) into the broker, offline.
+/// Loads the stored session of `client_id` (if any) into the broker, offline. It made the
+/// hops `chain` before (none at start), whose nodes forward what still reaches them for
+/// it.
 pub(super) async fn load(
     cluster: &Cluster,
     broker: &Arc<crate::Broker>,
     client_id: &ByteStr,
+    chain: Vec<Link>,
 ) -> Result<(), String> {
     let head = broker.config.session.max_queued_messages;
     let snapshot = cluster
@@ -182,6 +204,14 @@ pub(super) async fn load(
         .await
         .map_err(|e| format!("loading the session: {e}"))?;
     if let Some(session) = snapshot {
+        // Before the session is in the router: no direct delivery may come first.
+        if let Some(last) = chain.last() {
+            let hop = last.hop + 1;
+            let filters = session.subscriptions.iter();
+            let filters = filters.map(|(f, _)| f.to_string()).collect();
+            let now = crate::clock::now();
+            cluster.handover.arrive(client_id, hop, chain, filters, now);
+        }
         let snapshot = Snapshot {
             sessions: vec![session],
             ..Snapshot::default()
@@ -192,17 +222,52 @@ pub(super) async fn load(
     Ok(())
 }
 
-/// Asks `node` to give up `client_id`: Ok(true) once it has, Ok(false) if it is busy
-/// with it, Err if it does not answer.
-async fn ask_release(cluster: &Cluster, node: &str, client_id: &ByteStr) -> Result<bool, String> {
+/// Asks `node` to give up `client_id` to this node: Ok(Some(the session's hops so far))
+/// once it has, Ok(None) if it is busy with it, Err if it does not answer.
+async fn ask_release(
+    cluster: &Cluster,
+    node: &str,
+    client_id: &ByteStr,
+) -> Result<Option<Vec<Link>>, String> {
     let subject = cluster.names.control_subject(node);
-    let payload = Bytes::from(format!("{RELEASE}\n{client_id}"));
+    let payload = Bytes::from(format!("{RELEASE} {}\n{client_id}", cluster.node));
     let request = cluster.client.request(subject, payload);
     match tokio::time::timeout(cluster.config.takeover_timeout(), request).await {
-        Ok(Ok(answer)) => Ok(&answer.payload[..] == RELEASED),
+        Ok(Ok(answer)) => Ok(parse_released(&answer.payload)),
         Ok(Err(e)) => Err(format!("does not answer ({e})")),
         Err(_) => Err("does not answer".into()),
     }
+}
+
+/// `ok\n<node>:<hop>:<ms left>,...`: the session's hops so far, the releasing node's
+/// last; anything else is "busy".
+fn parse_released(answer: &[u8]) -> Option<Vec<Link>> {
+    let text = std::str::from_utf8(answer).ok()?;
+    let (RELEASED, hops) = text.split_once('\n')? else {
+        return None;
+    };
+    let now = crate::clock::now();
+    let link = |l: &str| {
+        let mut parts = l.split(':');
+        let (node, hop, left) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Link {
+            node: Arc::from(node),
+            hop: hop.parse().ok()?,
+            until: now + Duration::from_millis(left.parse().ok()?),
+        })
+    };
+    Some(hops.split(',').filter_map(link).collect())
+}
+
+fn format_released(chain: &[Link], now: std::time::Instant) -> Bytes {
+    let hops: Vec<String> = chain
+        .iter()
+        .map(|l| {
+            let left = l.until.saturating_duration_since(now).as_millis();
+            format!("{}:{}:{left}", l.node, l.hop)
+        })
+        .collect();
+    Bytes::from(format!("{RELEASED}\n{}", hops.join(",")))
 }
 
 /// `Peers::session_ended`: the owners entry goes, if this node still owns the client id
@@ -251,37 +316,55 @@ pub(super) async fn spawn_responder(
                 continue;
             };
             let text = String::from_utf8_lossy(&request.payload).into_owned();
-            let Some((RELEASE, client_id)) = text.split_once('\n') else {
+            let Some((head, client_id)) = text.split_once('\n') else {
                 tracing::warn!("unknown control request; ignored");
                 continue;
             };
-            let client_id = ByteStr::from(client_id);
+            let Some((RELEASE, to)) = head.split_once(' ') else {
+                tracing::warn!("unknown control request; ignored");
+                continue;
+            };
+            let (client_id, to) = (ByteStr::from(client_id), to.to_owned());
             let (b, c) = (b.clone(), c.clone());
             b.clone().tasks.spawn(async move {
-                let answer = release(&b, &c, &client_id).await;
-                let _ = c.client.publish(reply, Bytes::from_static(answer)).await;
+                let answer = release(&b, &c, &client_id, &to).await;
+                let _ = c.client.publish(reply, answer).await;
             });
         }
     });
     Ok(())
 }
 
-/// Gives up `client_id` here, once its state is in JetStream.
-async fn release(broker: &crate::Broker, cluster: &Cluster, client_id: &ByteStr) -> &'static [u8] {
+/// Gives up `client_id` here for the node `to`, once its state is in JetStream; what
+/// still reaches this node for it is forwarded there for a while (handover.rs). Answers
+/// with the session's hops so far.
+async fn release(
+    broker: &crate::Broker,
+    cluster: &Cluster,
+    client_id: &ByteStr,
+    to: &str,
+) -> Bytes {
     let Some(_busy) = cluster.claims.take(client_id) else {
-        return BUSY;
+        return Bytes::from_static(BUSY);
     };
-    if broker.session(client_id).is_some() {
-        inbox::settle(cluster).await;
+    let now = crate::clock::now();
+    let mut chain = Vec::new();
+    if let Some(session) = broker.session(client_id) {
+        let filters =
+            session.inspect(|s| s.subscriptions().keys().map(|f| f.to_string()).collect());
+        let (me, interest) = (&cluster.node, &cluster.interest);
+        chain = cluster
+            .handover
+            .depart(client_id, me, to, filters, interest, now);
     }
     if broker.release(client_id) {
-        tracing::info!(%client_id, "session handed over to another node");
+        tracing::info!(%client_id, to, "session handed over to another node");
     }
     if let Err(e) = broker.journal().barrier().await {
         tracing::error!(%client_id, "the session's state may not all be stored: {e}");
     }
     cluster.store.forget(&cluster.names, client_id);
-    RELEASED
+    format_released(&chain, now)
 }
 
 /// A little randomness without a generator of our own.

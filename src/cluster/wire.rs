@@ -1,10 +1,13 @@
 //! A message on its way from one node to another, as bytes: the origin node, the shared
-//! subscription group it is for (if any), then the message as the store records it
-//! (topic, payload, QoS, retain, MQTT 5 properties through the codec, absolute expiry).
+//! subscription group it is for (if any), the nodes it was sent to, the one session it is
+//! forwarded to (if any: src/cluster/handover.rs), then the message as the store records
+//! it (topic, payload, QoS, retain, MQTT 5 properties through the codec, absolute expiry).
 //! No I/O here.
 //!
 //! `[version: u8][origin: u8 length, bytes][shared: u8 0|1, then group and filter, each
-//! u16 LE length and bytes][message: store::codec's message body]`
+//! u16 LE length and bytes][via: u8 count, each node u8 length and bytes][to: u8 0|1,
+//! then the client id, u16 LE length and bytes, and its hop, u64 LE][message:
+//! store::codec's message body]`
 //!
 //! QoS 1/2 messages for one node travel in batches, one JetStream message each:
 //! `[BATCH: u8][count: u32 LE]` then each message as `[length: u32 LE][message]`.
@@ -14,7 +17,7 @@ use crate::store::codec;
 use crate::store::StoredMessage;
 use bytes::{BufMut, Bytes, BytesMut};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// The first byte of a batch (never a message's version).
 const BATCH: u8 = 0xB1;
 
@@ -25,7 +28,21 @@ pub struct Envelope {
     pub origin: String,
     /// `(group, filter)` when sent to one member of a shared subscription.
     pub shared: Option<(ByteStr, ByteStr)>,
+    /// The nodes the origin sent it to (this one among them).
+    pub via: Vec<String>,
+    /// The client whose session it is forwarded to by a node that session left, and the
+    /// hop of its moves it is for (handover.rs).
+    pub to: Option<(ByteStr, u64)>,
     pub message: StoredMessage,
+}
+
+/// What `frame` puts before the message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header<'a> {
+    pub origin: &'a str,
+    pub shared: Option<(&'a str, &'a str)>,
+    pub via: &'a [&'a str],
+    pub to: Option<(&'a str, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,22 +61,40 @@ pub fn body(message: &StoredMessage) -> Result<Bytes, WireError> {
 }
 
 /// The whole message for one node: its header, then `body`.
-pub fn frame(origin: &str, shared: Option<(&str, &str)>, body: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(8 + origin.len() + body.len());
+pub fn frame(header: Header<'_>, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + 33 * header.via.len() + body.len());
     out.put_u8(VERSION);
     // Node names are at most 32 bytes (config).
-    out.put_u8(origin.len().min(255) as u8);
-    out.put_slice(&origin.as_bytes()[..origin.len().min(255)]);
-    match shared {
+    let short = |out: &mut BytesMut, s: &str| {
+        out.put_u8(s.len().min(255) as u8);
+        out.put_slice(&s.as_bytes()[..s.len().min(255)]);
+    };
+    // MQTT strings are at most 65535 bytes.
+    let long = |out: &mut BytesMut, s: &str| {
+        let n = s.len().min(u16::MAX as usize);
+        out.put_u16_le(n as u16);
+        out.put_slice(&s.as_bytes()[..n]);
+    };
+    short(&mut out, header.origin);
+    match header.shared {
         None => out.put_u8(0),
         Some((group, filter)) => {
             out.put_u8(1);
-            for s in [group, filter] {
-                // Topic filters are at most 65535 bytes (MQTT strings).
-                let n = s.len().min(u16::MAX as usize);
-                out.put_u16_le(n as u16);
-                out.put_slice(&s.as_bytes()[..n]);
-            }
+            long(&mut out, group);
+            long(&mut out, filter);
+        }
+    }
+    let via = &header.via[..header.via.len().min(255)];
+    out.put_u8(via.len() as u8);
+    for node in via {
+        short(&mut out, node);
+    }
+    match header.to {
+        None => out.put_u8(0),
+        Some((client, hop)) => {
+            out.put_u8(1);
+            long(&mut out, client);
+            out.put_u64_le(hop);
         }
     }
     out.put_slice(body);
@@ -72,21 +107,42 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
     if version != VERSION {
         return Err(WireError::Version(version));
     }
-    let n = take(&mut r, 1)?[0] as usize;
-    let origin = std::str::from_utf8(take(&mut r, n)?)
-        .map_err(|_| WireError::Malformed("origin"))?
-        .to_owned();
+    let origin = short(&mut r)?;
     let shared = match take(&mut r, 1)?[0] {
         0 => None,
         1 => Some((string(&mut r)?, string(&mut r)?)),
         _ => return Err(WireError::Malformed("shared flag")),
     };
+    let n = take(&mut r, 1)?[0];
+    let via = (0..n).map(|_| short(&mut r)).collect::<Result<_, _>>()?;
+    let to = match take(&mut r, 1)?[0] {
+        0 => None,
+        1 => {
+            let client = string(&mut r)?;
+            let hop = take(&mut r, 8)?;
+            Some((
+                client,
+                u64::from_le_bytes(hop.try_into().unwrap_or_default()),
+            ))
+        }
+        _ => return Err(WireError::Malformed("forward flag")),
+    };
     let message = codec::decode_message(r).map_err(|_| WireError::Malformed("message"))?;
     Ok(Envelope {
         origin,
         shared,
+        via,
+        to,
         message,
     })
+}
+
+/// A node name: u8 length, bytes.
+fn short(r: &mut &[u8]) -> Result<String, WireError> {
+    let n = take(r, 1)?[0] as usize;
+    std::str::from_utf8(take(r, n)?)
+        .map(str::to_owned)
+        .map_err(|_| WireError::Malformed("node name"))
 }
 
 /// The messages in `frames` (from `frame`) as batches of about `max_bytes` each, in order.
@@ -175,23 +231,42 @@ mod tests {
     fn round_trips_plain_and_shared() {
         let m = message();
         let body = body(&m).unwrap();
-        let plain = decode(&frame("node-a", None, &body)).unwrap();
+        let header = Header {
+            origin: "node-a",
+            via: &["b", "c"],
+            ..Header::default()
+        };
+        let plain = decode(&frame(header, &body)).unwrap();
         assert_eq!(
             plain,
             Envelope {
                 origin: "node-a".into(),
                 shared: None,
+                via: vec!["b".into(), "c".into()],
+                to: None,
                 message: m.clone()
             }
         );
-        let shared = decode(&frame("b", Some(("g", "s/+")), &body)).unwrap();
+        let header = Header {
+            origin: "b",
+            shared: Some(("g", "s/+")),
+            to: Some(("client 1", 3)),
+            ..Header::default()
+        };
+        let shared = decode(&frame(header, &body)).unwrap();
         assert_eq!(shared.shared, Some(("g".into(), "s/+".into())));
+        assert_eq!(shared.to, Some(("client 1".into(), 3)));
+        assert!(shared.via.is_empty());
         assert_eq!(shared.message, m);
     }
 
     #[test]
     fn batches_keep_order_and_size() {
-        let frames: Vec<Bytes> = (0..10u8).map(|i| frame("n", None, &[i; 100])).collect();
+        let header = Header {
+            origin: "n",
+            ..Header::default()
+        };
+        let frames: Vec<Bytes> = (0..10u8).map(|i| frame(header, &[i; 100])).collect();
         let sent = batches(&frames, 350);
         assert!(sent.len() > 1 && sent.iter().all(|b| b.len() <= 350));
         let back: Vec<&[u8]> = sent.iter().flat_map(|b| split(b).unwrap()).collect();
@@ -207,7 +282,13 @@ mod tests {
 
     #[test]
     fn bad_bytes_are_errors_not_panics() {
-        let full = frame("n", Some(("g", "f")), &body(&message()).unwrap());
+        let header = Header {
+            origin: "n",
+            shared: Some(("g", "f")),
+            via: &["a", "b"],
+            to: Some(("c", 1)),
+        };
+        let full = frame(header, &body(&message()).unwrap());
         for cut in 0..full.len() {
             assert!(decode(&full[..cut]).is_err(), "cut at {cut}");
         }

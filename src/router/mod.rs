@@ -112,16 +112,27 @@ impl<M: Mailbox> Router<M> {
     /// of their QoS, carrying all their identifiers (mosquitto's choice, which the
     /// standard allows). Each matching shared group gives one more copy to one member.
     pub fn publish(&self, message: &Arc<Message>) -> usize {
-        self.publish_with(message, true)
+        self.publish_with(message, true, |_| true)
     }
 
     /// `publish` to plain subscriptions only: in a cluster, the member of a shared
     /// subscription is picked cluster-wide (src/cluster), not here.
     pub fn publish_plain(&self, message: &Arc<Message>) -> usize {
-        self.publish_with(message, false)
+        self.publish_with(message, false, |_| true)
     }
 
-    fn publish_with(&self, message: &Arc<Message>, shared: bool) -> usize {
+    /// `publish_plain` to the mailboxes `keep` accepts only: in a cluster, a session
+    /// that moved lately gets some messages through the node it left (src/cluster).
+    pub fn publish_plain_if(&self, message: &Arc<Message>, keep: impl Fn(&M) -> bool) -> usize {
+        self.publish_with(message, false, keep)
+    }
+
+    fn publish_with(
+        &self,
+        message: &Arc<Message>,
+        shared: bool,
+        keep: impl Fn(&M) -> bool,
+    ) -> usize {
         let trie = self.subscriptions.read();
         let mut matches: Vec<&Subscriber<M>> = Vec::new();
         let mut groups: Vec<&SharedGroup<M>> = Vec::new();
@@ -129,7 +140,7 @@ impl<M: Mailbox> Router<M> {
             &message.topic,
             &mut |s| {
                 // No Local: not back to the publisher's own session [MQTT-3.8.3-3].
-                if !(s.options.no_local && s.mailbox.id() == message.origin) {
+                if !(s.options.no_local && s.mailbox.id() == message.origin) && keep(&s.mailbox) {
                     matches.push(s)
                 }
             },
@@ -168,6 +179,12 @@ impl<M: Mailbox> Router<M> {
             }
         }
         delivered
+    }
+
+    /// Whether the shared subscription `key` has a member here.
+    pub fn has_shared_members(&self, key: &SharedKey) -> bool {
+        let trie = self.subscriptions.read();
+        trie.group(key).is_some_and(|g| g.has_members())
     }
 
     /// Gives a shared-subscription delivery whose member's session ended before

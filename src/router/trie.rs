@@ -176,6 +176,15 @@ impl<M: Mailbox> Trie<M> {
         visitor.nodes
     }
 
+    /// The shared group `key` names, if it exists.
+    pub(super) fn group(&self, key: &SharedKey) -> Option<&SharedGroup<M>> {
+        let mut node = &self.root;
+        for level in key.filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.shared.get(&key.group)
+    }
+
     /// The shared group `key` names, creating it if `create` (to hold waiting messages).
     pub(super) fn group_mut(
         &mut self,
