@@ -123,6 +123,10 @@ struct Arrived {
 
 #[derive(Default)]
 pub(super) struct Handover {
+    /// Held (shared) while a message is routed here and forwarded, and (exclusively) while
+    /// a session leaves: a message sees it either in the router or departed, never both
+    /// nor neither.
+    gate: RwLock<()>,
     arrived: RwLock<FxHashMap<ByteStr, Arrived>>,
     departed: Router<Departed>,
     by_client: Mutex<FxHashMap<ByteStr, Vec<Arc<Departed>>>>,
@@ -131,6 +135,16 @@ pub(super) struct Handover {
 }
 
 impl Handover {
+    /// Held while a message is routed to this node's sessions and forwarded.
+    pub(super) fn routing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gate.read_recursive()
+    }
+
+    /// Held while a session leaves: from its `depart` until it is out of the router.
+    pub(super) fn leaving(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.gate.write()
+    }
+
     /// Whether any session arrived lately (else `skips` is always false).
     pub(super) fn has_arrivals(&self) -> bool {
         !self.arrived.read().is_empty()

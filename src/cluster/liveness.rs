@@ -513,6 +513,7 @@ impl Drain {
                 cluster.send(broker, &message, &shared, &[]);
             }
             None => {
+                let _routing = cluster.handover.routing();
                 let adopted = &self.adopted;
                 broker
                     .router

@@ -315,6 +315,7 @@ impl Cluster {
     /// them through there), and forwards it to the sessions that left this node lately
     /// and want it (handover.rs).
     fn route_here(&self, broker: &Broker, message: &Arc<Message>, via: &[&str]) -> usize {
+        let _routing = self.handover.routing();
         let now = crate::clock::now();
         let here = if self.handover.has_arrivals() {
             let topic = &*message.topic;

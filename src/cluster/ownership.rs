@@ -349,6 +349,8 @@ async fn release(
     };
     let now = crate::clock::now();
     let mut chain = Vec::new();
+    // No message routed here in between may find the session both gone and not departed.
+    let leaving = cluster.handover.leaving();
     if let Some(session) = broker.session(client_id) {
         let filters =
             session.inspect(|s| s.subscriptions().keys().map(|f| f.to_string()).collect());
@@ -357,7 +359,9 @@ async fn release(
             .handover
             .depart(client_id, me, to, filters, interest, now);
     }
-    if broker.release(client_id) {
+    let released = broker.release(client_id);
+    drop(leaving);
+    if released {
         tracing::info!(%client_id, to, "session handed over to another node");
     }
     if let Err(e) = broker.journal().barrier().await {
