@@ -27,7 +27,7 @@ pub(super) async fn spawn(
     cluster: &Arc<Cluster>,
 ) -> Result<(), ClusterError> {
     let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("inbox: {e}"));
-    let consumer = fresh_consumer(cluster, &cluster.node).await?;
+    let consumer = fresh_consumer(cluster, &cluster.node, false).await?;
     let mut live = cluster
         .client
         .subscribe(cluster.names.live_subject(&cluster.node))
@@ -56,29 +56,39 @@ pub(super) async fn spawn(
     Ok(())
 }
 
-/// The durable consumer of `node`'s messages, made afresh: no instance of `node` runs
-/// (this one starts, or adopts it). Messages the old consumer handed to a pull of a
-/// node that died would wait out their ack wait (a minute) there; the stream is a work
-/// queue, so what it holds for `node` is exactly what no one acknowledged, and the new
-/// consumer has all of it at once. (A message the dead node had taken into its sessions
-/// but not yet acknowledged comes again: at least once across a crash.)
+/// The durable consumer of `node`'s messages, made afresh (for its `adopter`, under the
+/// adopter's name): no instance of `node` runs (this one starts, or adopts it), and no
+/// adoption of it either (`liveness` waits it out). Messages the old consumers handed to
+/// a pull of a node that died would wait out their ack wait (a minute) there; the stream
+/// is a work queue, so what it holds for `node` is exactly what no one acknowledged, and
+/// the new consumer has all of it at once. (A message the dead node had taken into its
+/// sessions but not yet acknowledged comes again: at least once across a crash.)
 pub(super) async fn fresh_consumer(
     cluster: &Cluster,
     node: &str,
+    adopter: bool,
 ) -> Result<PullConsumer, ClusterError> {
-    let name = cluster.names.consumer(node);
+    let names = &cluster.names;
     let stream = cluster
         .js
-        .get_stream_no_info(cluster.names.messages_stream())
+        .get_stream_no_info(names.messages_stream())
         .await
         .map_err(|e| ClusterError::Nats(format!("messages stream: {e}")))?;
-    match stream.delete_consumer(&name).await {
-        Ok(_) => {}
-        Err(e)
-            if matches!(e.kind(), ConsumerErrorKind::JetStream(ref j)
-                if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
-        Err(e) => return Err(ClusterError::Nats(format!("consumer {name}: {e}"))),
+    // A work queue takes one consumer per subject: the node's own, or an adopter's
+    // (one that died in the middle leaves its consumer behind).
+    for old in [names.consumer(node), names.adopter_consumer(node)] {
+        match stream.delete_consumer(&old).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), ConsumerErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
+            Err(e) => return Err(ClusterError::Nats(format!("consumer {old}: {e}"))),
+        }
     }
+    let name = match adopter {
+        false => names.consumer(node),
+        true => names.adopter_consumer(node),
+    };
     stream
         .get_or_create_consumer(
             &name,

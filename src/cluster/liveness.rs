@@ -41,7 +41,8 @@ const ADOPTION_WAIT: Duration = Duration::from_secs(60);
 enum State {
     Alive(String),
     Adopting(String),
-    Adopted(String),
+    /// By that node; its messages taken until then (unix ms, `Drain::tail`).
+    Adopted(String, u64),
 }
 
 fn parse(value: &[u8]) -> Option<State> {
@@ -50,7 +51,10 @@ fn parse(value: &[u8]) -> Option<State> {
     Some(match kind {
         "alive" => State::Alive(rest.into()),
         "adopting" => State::Adopting(rest.into()),
-        "adopted" => State::Adopted(rest.into()),
+        "adopted" => {
+            let (node, until) = rest.split_once(' ').unwrap_or((rest, "0"));
+            State::Adopted(node.into(), until.parse().unwrap_or(0))
+        }
         _ => return None,
     })
 }
@@ -59,7 +63,7 @@ fn encode(state: &State) -> Bytes {
     Bytes::from(match state {
         State::Alive(i) => format!("alive {i}"),
         State::Adopting(n) => format!("adopting {n}"),
-        State::Adopted(n) => format!("adopted {n}"),
+        State::Adopted(n, until) => format!("adopted {n} {until}"),
     })
 }
 
@@ -110,8 +114,8 @@ impl Liveness {
     }
 
     /// Puts this node's heartbeat, after waiting out a fresh one of an earlier instance
-    /// (a quick restart after a crash) or an adoption of this node under way. Fails if
-    /// another instance keeps it fresh.
+    /// (a quick restart after a crash) or an adoption of this node under way (with its
+    /// tail). Fails if another instance keeps it fresh.
     pub(super) async fn announce(&self, cluster: &Cluster) -> Result<(), ClusterError> {
         let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(format!("nodes bucket: {e}"));
         let started = std::time::Instant::now();
@@ -130,6 +134,8 @@ impl Liveness {
             let busy = match parse(&entry.value) {
                 Some(State::Alive(_)) => age < self.timeout,
                 Some(State::Adopting(_)) => age < ADOPTION_WAIT,
+                // Its adopter still takes what lagging senders send it (`Drain::tail`).
+                Some(State::Adopted(_, until)) => now_ms() < until,
                 _ => false,
             };
             if !busy {
@@ -196,7 +202,7 @@ impl Liveness {
                 let stale = match seen.state {
                     State::Alive(_) => age > timeout,
                     State::Adopting(_) => age > ADOPTION_WAIT.as_millis() as u64,
-                    State::Adopted(_) => false,
+                    State::Adopted(..) => false,
                 };
                 name.as_str() != me
                     && stale
@@ -221,7 +227,7 @@ impl Liveness {
             };
             let age = Duration::from_millis(now_ms().saturating_sub(created_ms(&entry)));
             match parse(&entry.value) {
-                Some(State::Adopted(_)) | None => return Ok(()),
+                Some(State::Adopted(..)) | None => return Ok(()),
                 Some(State::Alive(_)) if age > self.timeout => {
                     if let Some(broker) = cluster.broker() {
                         adopt(cluster, &broker, node, entry.revision).await;
@@ -349,7 +355,8 @@ async fn adopt(cluster: &Cluster, broker: &Arc<Broker>, dead: &str, revision: u6
     let until = std::time::Instant::now() + super::handover::GRACE;
     match adopt_claimed(cluster, broker, dead, until).await {
         Ok(drain) => {
-            let done = encode(&State::Adopted(cluster.node.clone()));
+            let tail_ms = now_ms() + super::handover::GRACE.as_millis() as u64;
+            let done = encode(&State::Adopted(cluster.node.clone(), tail_ms));
             if let Err(e) = cluster.nodes.put(dead.to_owned(), done).await {
                 tracing::error!(node = dead, "adoption done but not recorded: {e}");
             }
@@ -388,7 +395,7 @@ async fn adopt_claimed(
     let drain = Drain {
         dead: Arc::from(dead),
         adopted: adopted.iter().map(|s| s.client_id.clone()).collect(),
-        consumer: inbox::fresh_consumer(cluster, dead).await?,
+        consumer: inbox::fresh_consumer(cluster, dead, true).await?,
     };
     drain.run(cluster, broker).await;
     Ok(drain)
@@ -525,5 +532,24 @@ impl Drain {
                 cluster.forward_each(broker, &message, forwards);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip() {
+        for state in [
+            State::Alive("1-ab".into()),
+            State::Adopting("b".into()),
+            State::Adopted("b".into(), 1_700_000_000_000),
+        ] {
+            assert_eq!(parse(&encode(&state)), Some(state));
+        }
+        // As an earlier version wrote it: no tail to wait for.
+        assert_eq!(parse(b"adopted b"), Some(State::Adopted("b".into(), 0)));
+        assert_eq!(parse(b"gone b"), None);
     }
 }

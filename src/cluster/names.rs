@@ -93,6 +93,12 @@ impl Names {
         format!("node-{node}")
     }
 
+    /// The durable consumer through which an adopter of `node` takes what is left for
+    /// it (liveness.rs): another name, so that `node` starting again never reads it.
+    pub fn adopter_consumer(&self, node: &str) -> String {
+        format!("adopter-{node}")
+    }
+
     /// The sessions' state (the `Store`): one subject per record.
     pub fn state_stream(&self) -> String {
         format!("{}-state", self.stem)

@@ -377,3 +377,34 @@ fn rand_u16() -> u16 {
     let _ = getrandom::fill(&mut b);
     u16::from_le_bytes(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hops_cross_in_the_answer() {
+        let now = crate::clock::now();
+        let chain = vec![
+            Link {
+                node: Arc::from("a"),
+                hop: 4,
+                until: now + Duration::from_millis(1500),
+            },
+            Link {
+                node: Arc::from("node-b_2"),
+                hop: 5,
+                until: now + Duration::from_secs(10),
+            },
+        ];
+        let back = parse_released(&format_released(&chain, now)).unwrap();
+        assert_eq!(back.len(), 2);
+        for (l, b) in chain.iter().zip(&back) {
+            assert_eq!((&l.node, l.hop), (&b.node, b.hop));
+            // Time left, read back on the asking node's clock.
+            assert!(b.until >= l.until - Duration::from_millis(5));
+        }
+        assert_eq!(parse_released(b"ok\n"), Some(Vec::new()), "no hops");
+        assert_eq!(parse_released(BUSY), None);
+    }
+}
