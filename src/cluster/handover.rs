@@ -35,7 +35,7 @@ use crate::router::{is_shared, Mailbox, Router};
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,11 +57,13 @@ pub(super) struct Link {
     pub until: Instant,
 }
 
-/// Whether one of `chain`'s hops, still forwarding at `now`, was on a node in `via`.
-fn went_earlier(chain: &[Link], via: &[&str], now: Instant) -> bool {
-    chain
-        .iter()
-        .any(|l| l.until > now && via.contains(&&*l.node))
+/// Which nodes a message went to (sent there, or published there).
+pub(super) type Went<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Whether one of `chain`'s hops, still forwarding at `now`, was on a node the message
+/// went to.
+fn went_earlier(chain: &[Link], went: Went<'_>, now: Instant) -> bool {
+    chain.iter().any(|l| l.until > now && went(&l.node))
 }
 
 /// A session that left this node: its hop here, where it went, what it subscribed to.
@@ -126,39 +128,80 @@ pub(super) struct Handover {
     /// Held (shared) while a message is routed here and forwarded, and (exclusively) while
     /// a session leaves: a message sees it either in the router or departed, never both
     /// nor neither.
-    gate: RwLock<()>,
+    gate: Gate,
     arrived: RwLock<FxHashMap<ByteStr, Arrived>>,
+    /// `arrived.len()`, read without a lock on every message.
+    arrivals: AtomicUsize,
     departed: Router<Departed>,
     by_client: Mutex<FxHashMap<ByteStr, Vec<Arc<Departed>>>>,
+    /// How many departed entries there are, read without a lock on every message.
+    departures: AtomicUsize,
     pending: Mutex<FxHashMap<ByteStr, Vec<Envelope>>>,
     next_id: AtomicU64,
+}
+
+/// A read-write lock taken shared on every routed message and exclusively on a session's
+/// rare departure: one lock per worker thread slot, so that readers on different threads
+/// do not write one cache line (a writer takes them all).
+struct Gate {
+    slots: Box<[CachePadded<RwLock<()>>]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct CachePadded<T>(T);
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate {
+            slots: (0..GATE_SLOTS).map(|_| CachePadded::default()).collect(),
+        }
+    }
+}
+
+const GATE_SLOTS: usize = 16;
+
+thread_local! {
+    /// This thread's slot of every `Gate`.
+    static SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % GATE_SLOTS
+    };
 }
 
 impl Handover {
     /// Held while a message is routed to this node's sessions and forwarded.
     pub(super) fn routing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.gate.read_recursive()
+        let slot = SLOT.with(|s| *s);
+        self.gate.slots[slot].0.read_recursive()
     }
 
     /// Held while a session leaves: from its `depart` until it is out of the router.
-    pub(super) fn leaving(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.gate.write()
+    pub(super) fn leaving(&self) -> Vec<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.gate.slots.iter().map(|s| s.0.write()).collect()
     }
 
-    /// Whether any session arrived lately (else `skips` is always false).
+    /// Whether any session arrived lately (else `skips` is always false). Read while
+    /// the router's lock is held, after the arrived session was found there: its entry,
+    /// made before it was put in the router, is seen.
     pub(super) fn has_arrivals(&self) -> bool {
-        !self.arrived.read().is_empty()
+        self.arrivals.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether any session departed lately (else `forwards` is always empty).
+    pub(super) fn has_departures(&self) -> bool {
+        self.departures.load(Ordering::Acquire) > 0
     }
 
     /// Whether the session of `client_id` must not take directly a message on `topic`
-    /// that went to the nodes `via`: one of its earlier hops was there, and forwards it.
-    pub(super) fn skips(&self, client_id: &str, via: &[&str], topic: &str, now: Instant) -> bool {
+    /// that `went` to some nodes: one of its earlier hops was there, and forwards it.
+    pub(super) fn skips(&self, client_id: &str, went: Went<'_>, topic: &str, now: Instant) -> bool {
         let arrived = self.arrived.read();
         let Some(a) = arrived.get(client_id) else {
             return false;
         };
         a.until > now
-            && went_earlier(&a.chain, via, now)
+            && went_earlier(&a.chain, went, now)
             && a.filters.iter().any(|f| topic::matches(f, topic))
     }
 
@@ -178,7 +221,9 @@ impl Handover {
             filters,
             until: now + GRACE,
         };
-        self.arrived.write().insert(client_id.clone(), arrived);
+        let mut all = self.arrived.write();
+        all.insert(client_id.clone(), arrived);
+        self.arrivals.store(all.len(), Ordering::Release);
     }
 
     /// The session of `client_id` on node `me`, with `filters`, leaves for `to`: this
@@ -194,10 +239,13 @@ impl Handover {
         interest: &Interest,
         now: Instant,
     ) -> Vec<Link> {
-        let (hop, mut chain) = match self.arrived.write().remove(client_id) {
+        let mut arrived = self.arrived.write();
+        let (hop, mut chain) = match arrived.remove(client_id) {
             Some(a) if a.until > now => (a.hop, a.chain),
             _ => (0, Vec::new()),
         };
+        self.arrivals.store(arrived.len(), Ordering::Release);
+        drop(arrived);
         chain.retain(|l| l.until > now);
         for f in &filters {
             interest.subscribed(f);
@@ -221,6 +269,7 @@ impl Handover {
         if let Some(i) = entries.iter().position(|d| d.hop == hop) {
             self.forget(&entries.swap_remove(i), interest);
         }
+        self.departures.fetch_add(1, Ordering::Release);
         entries.push(departed);
         chain.push(Link {
             node: Arc::from(me),
@@ -230,21 +279,21 @@ impl Handover {
         chain
     }
 
-    /// The departed sessions `message` must be forwarded to, if it went to the nodes
-    /// `via` (this one among them): those none of whose earlier hops it also went to.
+    /// The departed sessions `message` must be forwarded to, given the nodes it `went`
+    /// to (this one among them): those none of whose earlier hops it also went to.
     pub(super) fn forwards(
         &self,
         message: &Arc<Message>,
-        via: &[&str],
+        went: Went<'_>,
         now: Instant,
     ) -> Vec<Forward> {
-        if self.by_client.lock().is_empty() {
+        if !self.has_departures() {
             return Vec::new();
         }
         MATCHED.with(|m| m.borrow_mut().clear());
         self.departed.publish_plain(message);
         let mut matched = MATCHED.with(|m| std::mem::take(&mut *m.borrow_mut()));
-        matched.retain(|f| !went_earlier(&f.chain, via, now));
+        matched.retain(|f| !went_earlier(&f.chain, went, now));
         matched
     }
 
@@ -299,7 +348,10 @@ impl Handover {
     /// Lets go of what has outlived its time: interest holds after `HOLD`, entries after
     /// `GRACE`.
     pub(super) fn sweep(&self, interest: &Interest, now: Instant) {
-        self.arrived.write().retain(|_, a| a.until > now);
+        let mut arrived = self.arrived.write();
+        arrived.retain(|_, a| a.until > now);
+        self.arrivals.store(arrived.len(), Ordering::Release);
+        drop(arrived);
         let mut gone = Vec::new();
         self.by_client.lock().retain(|_, entries| {
             entries.retain(|d| {
@@ -320,6 +372,7 @@ impl Handover {
     }
 
     fn forget(&self, d: &Departed, interest: &Interest) {
+        self.departures.fetch_sub(1, Ordering::Release);
         release_hold(d, interest);
         for f in d.filters.iter().filter(|f| !is_shared(f)) {
             self.departed.unsubscribe(f, d.id);
@@ -411,11 +464,12 @@ mod tests {
                     continue;
                 }
                 let h = &self.handovers[i];
+                let went = |n: &str| via.contains(&n);
                 let here = i == self.at && topic::matches("t/#", topic);
-                if here && !h.skips("m", via, topic, self.now) {
+                if here && !h.skips("m", &went, topic, self.now) {
                     n += 1;
                 }
-                for f in h.forwards(&message, via, self.now) {
+                for f in h.forwards(&message, &went, self.now) {
                     n += self.follow(&f.to, f.hop);
                 }
             }
@@ -483,13 +537,14 @@ mod tests {
         h.sweep(&interest, now + HOLD);
         assert_eq!(interest.local_count(), 0, "the hold ends after HOLD");
         assert_eq!(
-            h.forwards(&message("t/1"), &["a"], now).len(),
+            h.forwards(&message("t/1"), &|n: &str| n == "a", now).len(),
             1,
             "forwarding goes on"
         );
         h.sweep(&interest, now + GRACE);
         assert!(
-            h.forwards(&message("t/1"), &["a"], now).is_empty(),
+            h.forwards(&message("t/1"), &|n: &str| n == "a", now)
+                .is_empty(),
             "and ends after GRACE"
         );
         let changes: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
@@ -506,10 +561,11 @@ mod tests {
             until: now + GRACE,
         };
         h.arrive(&"m".into(), 1, vec![link], vec!["t/#".into()], now);
-        assert!(h.skips("m", &["a"], "t/1", now));
-        assert!(!h.skips("m", &["b"], "t/1", now));
-        assert!(!h.skips("other", &["a"], "t/1", now));
-        assert!(!h.skips("m", &["a"], "t/1", now + GRACE));
+        let (a, b) = (|n: &str| n == "a", |n: &str| n == "b");
+        assert!(h.skips("m", &a, "t/1", now));
+        assert!(!h.skips("m", &b, "t/1", now));
+        assert!(!h.skips("other", &a, "t/1", now));
+        assert!(!h.skips("m", &a, "t/1", now + GRACE));
     }
 
     #[test]

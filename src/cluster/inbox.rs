@@ -203,9 +203,11 @@ pub(super) fn deliver(broker: &Broker, cluster: &Cluster, envelope: Envelope) ->
     let message = restore(broker, &envelope);
     match envelope.shared {
         None => {
-            let mut via: Vec<&str> = envelope.via.iter().map(String::as_str).collect();
-            via.push(&envelope.origin);
-            cluster.route_here(broker, &message, &via)
+            // Here, from its origin, and to the other nodes its frame names.
+            let went = |n: &str| {
+                n == cluster.node() || n == envelope.origin || envelope.via.iter().any(|v| v == n)
+            };
+            cluster.route_here(broker, &message, &went)
         }
         Some((group, filter)) => deliver_shared(broker, cluster, &message, &group, &filter),
     }

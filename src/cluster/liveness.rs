@@ -517,7 +517,7 @@ impl Drain {
                 };
                 let targets = cluster.interest.targets(&message);
                 let shared: Vec<_> = targets.into_iter().filter(|(_, k)| same(k)).collect();
-                cluster.send(broker, &message, &shared, &[]);
+                cluster.send(broker, &message, &shared);
             }
             None => {
                 let _routing = cluster.handover.routing();
@@ -527,7 +527,7 @@ impl Drain {
                     .publish_plain_if(&message, |s| adopted.contains(&s.client_id));
                 // Those that moved on since: as forwarded from hop 0 on the dead node.
                 let (dead, now) = (&*self.dead, crate::clock::now());
-                let mut forwards = cluster.handover.forwards(&message, &[], now);
+                let mut forwards = cluster.handover.forwards(&message, &|_| false, now);
                 forwards.retain(|f| f.chain.first().is_some_and(|l| *l.node == *dead));
                 cluster.forward_each(broker, &message, forwards);
             }

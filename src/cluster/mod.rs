@@ -36,6 +36,7 @@ use crate::session::journal::Journal;
 use crate::store::{BoxFuture, Store};
 use async_nats::jetstream::{self, kv, Context};
 use bytes::Bytes;
+use handover::Went;
 use interest::Interest;
 use names::Names;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -310,22 +311,24 @@ impl Cluster {
         self.this.get().and_then(Weak::upgrade)
     }
 
-    /// Routes `message`, sent to the nodes `via` (this one among them), into this node's
-    /// sessions, but for those that made a hop on one of these nodes lately (it reaches
-    /// them through there), and forwards it to the sessions that left this node lately
-    /// and want it (handover.rs).
-    fn route_here(&self, broker: &Broker, message: &Arc<Message>, via: &[&str]) -> usize {
-        let _routing = self.handover.routing();
-        let now = crate::clock::now();
-        let here = if self.handover.has_arrivals() {
-            let topic = &*message.topic;
-            broker.router.publish_plain_if(message, |s| {
-                !self.handover.skips(&s.client_id, via, topic, now)
-            })
-        } else {
-            broker.router.publish_plain(message)
-        };
-        let forwards = self.handover.forwards(message, via, now);
+    /// Routes `message`, which `went` to some nodes (this one among them), into this
+    /// node's sessions, but for those that made a hop on one of these nodes lately (it
+    /// reaches them through there), and forwards it to the sessions that left this node
+    /// lately and want it (handover.rs).
+    fn route_here(&self, broker: &Broker, message: &Arc<Message>, went: Went<'_>) -> usize {
+        let handover = &self.handover;
+        let _routing = handover.routing();
+        // The clock is read only when a session moved lately.
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(crate::clock::now);
+        let topic = &*message.topic;
+        let here = broker.router.publish_plain_if(message, |s| {
+            !(handover.has_arrivals() && handover.skips(&s.client_id, went, topic, now()))
+        });
+        if !handover.has_departures() {
+            return here;
+        }
+        let forwards = handover.forwards(message, went, now());
         here + self.forward_each(broker, message, forwards)
     }
 
@@ -425,17 +428,21 @@ impl Cluster {
         true
     }
 
-    /// Sends `message` to the nodes and groups `targets` name (`via`: those nodes).
-    fn send(
-        &self,
-        broker: &Broker,
-        message: &Arc<Message>,
-        targets: &[interest::Target],
-        via: &[&str],
-    ) -> usize {
+    /// Sends `message` to the nodes and groups `targets` name; each frame names the other
+    /// nodes it went to (handover.rs).
+    fn send(&self, broker: &Broker, message: &Arc<Message>, targets: &[interest::Target]) -> usize {
         let Some(body) = self.body(broker, message) else {
             return 0;
         };
+        let mut nodes: Vec<&str> = Vec::new();
+        if targets.len() > 1 {
+            for (node, _) in targets {
+                if **node != *self.node && !nodes.contains(&&**node) {
+                    nodes.push(node);
+                }
+            }
+        }
+        let mut via: Vec<&str> = Vec::with_capacity(nodes.len());
         let mut taken = 0;
         for (node, shared) in targets {
             if **node == *self.node {
@@ -448,10 +455,12 @@ impl Cluster {
                 }
                 continue;
             }
+            via.clear();
+            via.extend(nodes.iter().filter(|n| ***n != **node));
             let header = wire::Header {
                 origin: &self.node,
                 shared: shared.as_ref().map(|k| (&*k.group, &*k.filter)),
-                via,
+                via: &via,
                 to: None,
             };
             if self.ship(node, message, wire::frame(header, &body)) {
@@ -468,18 +477,12 @@ impl Peers for Cluster {
             return 0;
         };
         let targets = self.interest.targets(message);
-        let mut via: Vec<&str> = vec![&self.node];
-        for (node, _) in &targets {
-            if !via.contains(&&**node) {
-                via.push(node);
-            }
-        }
-        let here = self.route_here(&broker, message, &via);
+        let went = |n: &str| n == &*self.node || targets.iter().any(|(t, _)| **t == *n);
+        let here = self.route_here(&broker, message, &went);
         if targets.is_empty() {
             return here;
         }
-        // The receivers add the origin, this node, to `via` themselves.
-        here + self.send(&broker, message, &targets, &via[1..])
+        here + self.send(&broker, message, &targets)
     }
 
     fn subscribed(&self, filter: &str) {

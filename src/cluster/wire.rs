@@ -28,7 +28,7 @@ pub struct Envelope {
     pub origin: String,
     /// `(group, filter)` when sent to one member of a shared subscription.
     pub shared: Option<(ByteStr, ByteStr)>,
-    /// The nodes the origin sent it to (this one among them).
+    /// The other nodes the origin sent it to (not this one, nor the origin).
     pub via: Vec<String>,
     /// The client whose session it is forwarded to by a node that session left, and the
     /// hop of its moves it is for (handover.rs).
