@@ -22,15 +22,16 @@
 //! (A, then B, then C, maybe back to A) is reached through the first of its *hops* the
 //! message went to: each hop is numbered, a node knows the hops before its own (their
 //! `Link`s come with the hand-over), B does not forward what also went to A's earlier
-//! hop, and a forward names the hop it is for, to be passed along the chain. An adopter (liveness.rs) keeps arrived entries
-//! for the sessions of a dead node, whose messages it takes from that node's stream.
-//! Forwards that reach B while it is still loading the session wait in `pending` until
-//! the session is in.
+//! hop, and a forward names the hop it is for, to be passed along the chain.
+//!
+//! An adopter (liveness.rs) keeps arrived entries for the sessions of a dead node, whose
+//! messages it takes from that node's stream. Forwards that reach B while it is still
+//! loading the session wait in `pending` until the session is in.
 
-use super::interest::Interest;
+use super::interest::{all_qos, Interest};
 use super::wire::Envelope;
 use crate::message::{Delivery, Message, SharedKey};
-use crate::protocol::{topic, ByteStr, SubOptions};
+use crate::protocol::{topic, ByteStr};
 use crate::router::{is_shared, Mailbox, Router};
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
@@ -385,13 +386,6 @@ fn release_hold(d: &Departed, interest: &Interest) {
         for f in &d.filters {
             interest.unsubscribed(f);
         }
-    }
-}
-
-fn all_qos() -> SubOptions {
-    SubOptions {
-        qos: crate::protocol::QoS::ExactlyOnce,
-        ..SubOptions::default()
     }
 }
 

@@ -78,7 +78,7 @@ pub(super) struct Interest {
 }
 
 /// Subscribed at the highest QoS: a delivery to a node keeps the message's own QoS.
-fn all_qos() -> SubOptions {
+pub(super) fn all_qos() -> SubOptions {
     SubOptions {
         qos: QoS::ExactlyOnce,
         ..SubOptions::default()
