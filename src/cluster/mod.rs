@@ -332,16 +332,22 @@ impl Cluster {
         here + self.forward_each(broker, message, forwards)
     }
 
-    /// Sends `message` on to each departed session of `forwards`.
+    /// Sends `message` on to each departed session of `forwards` (its bytes made once).
     fn forward_each(
         &self,
         broker: &Broker,
         message: &Arc<Message>,
         forwards: Vec<handover::Forward>,
     ) -> usize {
+        if forwards.is_empty() {
+            return 0;
+        }
+        let Some(body) = self.body(broker, message) else {
+            return 0;
+        };
         let sent = forwards.iter().filter(|f| {
             let to = (&*f.client_id, f.hop);
-            self.forward(broker, message, &f.to, to, None)
+            self.ship_to_session(message, &body, &f.to, to, None)
         });
         sent.count()
     }
@@ -356,16 +362,26 @@ impl Cluster {
         to: (&str, u64),
         shared: Option<(&str, &str)>,
     ) -> bool {
-        let Some(body) = self.body(broker, message) else {
-            return false;
-        };
+        self.body(broker, message)
+            .is_some_and(|body| self.ship_to_session(message, &body, node, to, shared))
+    }
+
+    /// `forward` with the message's bytes (`body`) already made.
+    fn ship_to_session(
+        &self,
+        message: &Message,
+        body: &[u8],
+        node: &str,
+        to: (&str, u64),
+        shared: Option<(&str, &str)>,
+    ) -> bool {
         let header = wire::Header {
             origin: &self.node,
             shared,
             via: &[],
             to: Some(to),
         };
-        self.ship(node, message, wire::frame(header, &body))
+        self.ship(node, message, wire::frame(header, body))
     }
 
     /// Hands a message taken for a shared group to one local member (the group's pick
